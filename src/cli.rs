@@ -1,0 +1,463 @@
+//! The command line (DESIGN.md §3): flag definitions and the commands that need no server.
+
+use crate::config::{KvSharing, ModelConfig};
+use crate::kv::{CapacityReport, KvLayout, KvManager};
+use crate::model::{self, ChatMessage, LoadOptions, ModelSource};
+use crate::runner::{self, GenerateOptions, Runner, SamplingParams};
+use crate::units::{format_bytes, parse_size};
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crosskv",
+    version,
+    about = "LLM inference built around Cross-Layer Attention (shared KV cache across layers)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, streamed to stdout as it is produced.
+    Generate(GenerateArgs),
+    /// Print the model's KV layout and capacity with and without sharing, side by side.
+    Capacity(CapacityArgs),
+    /// Turn a checkpoint into a CLA one (consumers' k_proj/v_proj dropped, config written).
+    Convert(ConvertArgs),
+    /// Measure prompt and decode speed of a model on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// `--cla-share-factor F | --kv-source LIST`: re-share a model at load.
+#[derive(Args, Debug, Clone, Default)]
+pub struct SharingArgs {
+    /// Re-share K/V at load: layer i uses layer i - i % F (F=1: no sharing).
+    #[arg(long, conflicts_with = "kv_source")]
+    pub cla_share_factor: Option<usize>,
+    /// Re-share K/V at load with an explicit list, e.g. 0,0,2,2 (kv_source[i] = producer of layer i).
+    #[arg(long)]
+    pub kv_source: Option<String>,
+}
+
+impl SharingArgs {
+    pub fn sharing(&self) -> anyhow::Result<Option<KvSharing>> {
+        Ok(match (&self.cla_share_factor, &self.kv_source) {
+            (Some(f), _) => Some(KvSharing::ShareFactor(*f)),
+            (None, Some(list)) => Some(KvSharing::Explicit(KvSharing::parse_list(list)?)),
+            (None, None) => None,
+        })
+    }
+}
+
+/// Model source and how to load it.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A HF model directory, a .gguf file, or a Hugging Face repo id (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Device: cpu (cuda needs the `cuda` build feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute and KV dtype (default: f32 on CPU).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+}
+
+impl ModelArgs {
+    pub fn device(&self) -> anyhow::Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            d if d.starts_with("cuda") => {
+                bail!("--device {d}: this build has no CUDA support (build with --features cuda)")
+            }
+            d => bail!("--device {d}: expected cpu or cuda[:N]"),
+        }
+    }
+    pub fn load(&self) -> anyhow::Result<model::LoadedModel> {
+        let source = model::resolve_source(self.model.as_deref())?;
+        let opts = LoadOptions {
+            dtype: self.dtype.map(DtypeArg::dtype),
+            device: self.device()?,
+            sharing: self.sharing.sharing()?,
+        };
+        Ok(model::load(source, &opts)?)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 = no top-k cut.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Print prompt/decode speed to stderr at the end.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CapacityArgs {
+    /// A HF model directory, a .gguf file, or a Hugging Face repo id.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    pub model: Option<String>,
+    /// A config.json (no weights needed).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// KV cache budget, e.g. 4GiB.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub kv_cache_memory: u64,
+    /// Sequence length for max concurrency (default: the model's context length).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// KV dtype (default: the checkpoint's torch_dtype, else f16).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// A HF safetensors directory or repo id.
+    #[arg(long)]
+    pub model: String,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    pub prompt_tokens: usize,
+    /// Tokens to decode (greedy, EOS ignored).
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Rounds; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn check_block_size(bs: usize) -> anyhow::Result<()> {
+    if bs == 0 || bs > 1024 {
+        bail!("--block-size {bs}: expected 1..=1024");
+    }
+    Ok(())
+}
+
+/// A runner and manager with exactly enough blocks for `tokens` tokens of one sequence.
+fn runner_for(
+    loaded: model::LoadedModel,
+    tokens: usize,
+    block_size: usize,
+) -> anyhow::Result<(Runner, KvManager, model::Tok)> {
+    let layout = loaded.model.layout().clone();
+    let num_blocks = tokens.div_ceil(block_size) * layout.kv_layers();
+    let runner = Runner::new(loaded.model, num_blocks, block_size)?;
+    Ok((
+        runner,
+        KvManager::new(layout, num_blocks, block_size),
+        loaded.tokenizer,
+    ))
+}
+
+pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
+    check_block_size(args.block_size)?;
+    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
+    }
+    let loaded = args.model.load()?;
+    let tok = &loaded.tokenizer;
+    let text = if args.chat {
+        tok.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }],
+            true,
+        )?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tok.encode(&text, !args.chat)?;
+    if prompt.is_empty() {
+        bail!("--prompt is empty after tokenization");
+    }
+    let max_pos = loaded.model.max_positions();
+    let total = (prompt.len() + args.max_tokens).min(max_pos);
+    let (runner, mut mgr, tok) = runner_for(loaded, total, args.block_size)?;
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+        stop_at_eos: true,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = runner::generate(&runner, &mut mgr, &tok, &prompt, &opts, |piece| {
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    if args.stats {
+        eprintln!(
+            "prompt {} tokens, {:.1} tok/s; generated {} tokens, {:.1} tok/s",
+            stats.prompt_tokens,
+            stats.prompt_tok_per_s(),
+            stats.generated_tokens,
+            stats.decode_tok_per_s()
+        );
+    }
+    Ok(())
+}
+
+/// The config of a source without loading its weights.
+fn config_only(src: &str) -> anyhow::Result<ModelConfig> {
+    match model::resolve_source(Some(src))? {
+        ModelSource::Dir(d) => Ok(ModelConfig::from_file(&d.join("config.json"))?),
+        ModelSource::Gguf(p) => {
+            let mut f = std::fs::File::open(&p).with_context(|| p.display().to_string())?;
+            let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", p.display()))?;
+            Ok(model::gguf_config::config_from_gguf(&ct)?.0)
+        }
+    }
+}
+
+pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, CapacityReport)> {
+    check_block_size(args.block_size)?;
+    let mut cfg = match (&args.model, &args.config) {
+        (_, Some(path)) => ModelConfig::from_file(path)?,
+        (Some(src), None) => config_only(src)?,
+        (None, None) => bail!("give --model or --config"),
+    };
+    if let Some(s) = args.sharing.sharing()? {
+        cfg.reshare(&s)?;
+    }
+    let dtype_bytes = match args.dtype {
+        Some(d) => d.dtype().size_in_bytes(),
+        None => match cfg.torch_dtype.as_deref() {
+            Some("float32") => 4,
+            _ => 2,
+        },
+    };
+    let seq_len = args.seq_len.unwrap_or(cfg.max_position_embeddings);
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let layout = KvLayout::new(
+        cfg.kv_source.clone(),
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        dtype_bytes,
+    );
+    let report = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
+    Ok((cfg, report))
+}
+
+pub fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
+    let (_, r) = capacity_report(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", capacity_table(&r));
+    }
+    Ok(())
+}
+
+pub fn capacity_table(r: &CapacityReport) -> String {
+    let src: Vec<String> = r.kv_source.iter().map(|s| s.to_string()).collect();
+    let gain = r.capacity_tokens as f64 / r.non_cla_capacity_tokens.max(1) as f64;
+    let rows = [
+        (
+            "layers / KV layers",
+            format!("{} / {}", r.layers, r.kv_layers),
+            format!("{} / {}", r.layers, r.layers),
+        ),
+        (
+            "KV heads × head_dim × bytes",
+            format!(
+                "{} × {} × {}",
+                r.num_key_value_heads, r.head_dim, r.dtype_bytes
+            ),
+            format!(
+                "{} × {} × {}",
+                r.num_key_value_heads, r.head_dim, r.dtype_bytes
+            ),
+        ),
+        (
+            "KV bytes per token",
+            r.kv_bytes_per_token.to_string(),
+            r.non_cla_kv_bytes_per_token.to_string(),
+        ),
+        (
+            "KV cache budget",
+            format_bytes(r.kv_cache_bytes),
+            format_bytes(r.kv_cache_bytes),
+        ),
+        (
+            &*format!("blocks of {} tokens", r.block_size),
+            r.num_blocks.to_string(),
+            r.num_blocks.to_string(),
+        ),
+        (
+            "capacity (tokens)",
+            r.capacity_tokens.to_string(),
+            r.non_cla_capacity_tokens.to_string(),
+        ),
+        (
+            &*format!("max concurrency @ {} tokens", r.seq_len),
+            r.max_concurrency.to_string(),
+            r.non_cla_max_concurrency.to_string(),
+        ),
+    ]
+    .map(|(a, b, c)| (a.to_string(), b, c));
+    let mut s = format!("kv_source: [{}]\n", src.join(", "));
+    s += &format!(
+        "{:<34}{:>18}{:>18}\n",
+        "", "with sharing", "without sharing"
+    );
+    for (a, b, c) in rows {
+        s += &format!("{a:<34}{b:>18}{c:>18}\n");
+    }
+    s += &format!(
+        "{:<34}{:>18}\n",
+        "capacity gain from sharing",
+        format!("{gain:.2}×")
+    );
+    s
+}
+
+pub fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
+    let sharing = args
+        .sharing
+        .sharing()?
+        .context("convert needs --cla-share-factor F or --kv-source LIST")?;
+    let source = model::resolve_source(Some(&args.model))?;
+    let (n, layers, kv_layers) = crate::convert::convert(source, &sharing, &args.out)?;
+    println!(
+        "wrote {} ({n} tensors; {layers} layers, {kv_layers} KV layers)",
+        args.out.display()
+    );
+    Ok(())
+}
+
+pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    check_block_size(args.block_size)?;
+    if args.prompt_tokens == 0 || args.decode_tokens == 0 || args.rounds == 0 {
+        bail!("--prompt-tokens, --decode-tokens and --rounds must be at least 1");
+    }
+    let loaded = args.model.load()?;
+    let source = loaded.source.path().display().to_string();
+    // A fixed, deterministic prompt of exactly `prompt_tokens` tokens.
+    let text = "The quick brown fox jumps over the lazy dog while the river runs to the sea. "
+        .repeat(args.prompt_tokens / 8 + 1);
+    let mut prompt = loaded.tokenizer.encode(&text, false)?;
+    prompt.truncate(args.prompt_tokens);
+    let (runner, mut mgr, tok) = runner_for(
+        loaded,
+        args.prompt_tokens + args.decode_tokens,
+        args.block_size,
+    )?;
+    let opts = GenerateOptions {
+        max_tokens: args.decode_tokens,
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+    };
+    let mut prompt_speeds = Vec::new();
+    let mut decode_speeds = Vec::new();
+    for round in 0..args.rounds {
+        let (_, st) = runner::generate(&runner, &mut mgr, &tok, &prompt, &opts, |_| {})?;
+        eprintln!(
+            "round {round}: prompt {:.1} tok/s, decode {:.1} tok/s",
+            st.prompt_tok_per_s(),
+            st.decode_tok_per_s()
+        );
+        prompt_speeds.push(st.prompt_tok_per_s());
+        decode_speeds.push(st.decode_tok_per_s());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (p, d) = (median(&mut prompt_speeds), median(&mut decode_speeds));
+    let threads = rayon::current_num_threads();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": source, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
+                "threads": threads, "prompt_tok_per_s": p, "decode_tok_per_s": d})
+        );
+    } else {
+        println!(
+            "model {source}, {threads} threads, prompt {} tokens, decode {} tokens",
+            args.prompt_tokens, args.decode_tokens
+        );
+        println!(
+            "prompt {p:.1} tok/s, decode {d:.1} tok/s (median of {})",
+            args.rounds
+        );
+    }
+    Ok(())
+}

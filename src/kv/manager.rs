@@ -1,0 +1,155 @@
+//! Per-sequence block tables: one table per KV slot; a consumer layer aliases its
+//! producer's table. The whole interface is a handful of verbs (allocate, free,
+//! can_allocate, tables); it never sees a tensor or a request's text.
+
+use super::block_pool::{BlockId, BlockPool, PoolError};
+use super::layout::KvLayout;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub type SeqId = u64;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum KvError {
+    #[error("KV cache is full: {needed} blocks needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+    #[error("sequence {0} has no KV blocks")]
+    UnknownSequence(SeqId),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+/// The blocks of one sequence: `tables[slot]` lists the blocks of that KV slot.
+#[derive(Debug, Clone, Default)]
+struct SeqBlocks {
+    tables: Vec<Vec<BlockId>>,
+    /// Tokens the tables have room for, rounded up to whole blocks.
+    num_tokens: usize,
+}
+
+#[derive(Debug)]
+pub struct KvManager {
+    pool: BlockPool,
+    layout: Arc<KvLayout>,
+    block_size: usize,
+    seqs: HashMap<SeqId, SeqBlocks>,
+}
+
+impl KvManager {
+    pub fn new(layout: Arc<KvLayout>, num_blocks: usize, block_size: usize) -> Self {
+        assert!(block_size > 0);
+        KvManager {
+            pool: BlockPool::new(num_blocks),
+            layout,
+            block_size,
+            seqs: HashMap::new(),
+        }
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.pool.num_blocks()
+    }
+    pub fn num_free_blocks(&self) -> usize {
+        self.pool.num_free()
+    }
+    pub fn num_used_blocks(&self) -> usize {
+        self.pool.num_blocks() - self.pool.num_free()
+    }
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Blocks needed so that `seq` can hold `total_tokens` tokens in every slot.
+    pub fn blocks_needed(&self, seq: SeqId, total_tokens: usize) -> usize {
+        let have = self
+            .seqs
+            .get(&seq)
+            .map_or(0, |s| s.tables.first().map_or(0, |t| t.len()));
+        let want = total_tokens.div_ceil(self.block_size);
+        want.saturating_sub(have) * self.layout.kv_layers()
+    }
+
+    /// Admission check: can `seq` grow to `total_tokens` tokens now?
+    pub fn can_allocate(&self, seq: SeqId, total_tokens: usize) -> bool {
+        self.blocks_needed(seq, total_tokens) <= self.pool.num_free()
+    }
+
+    /// Grows `seq`'s tables (creating them on first use) to hold `total_tokens`
+    /// tokens. All or nothing: on `OutOfBlocks` nothing was taken.
+    pub fn allocate(&mut self, seq: SeqId, total_tokens: usize) -> Result<(), KvError> {
+        let needed = self.blocks_needed(seq, total_tokens);
+        if needed > self.pool.num_free() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.pool.num_free(),
+            });
+        }
+        let kv_layers = self.layout.kv_layers();
+        let entry = self.seqs.entry(seq).or_insert_with(|| SeqBlocks {
+            tables: vec![Vec::new(); kv_layers],
+            num_tokens: 0,
+        });
+        let want = total_tokens.div_ceil(self.block_size);
+        for table in entry.tables.iter_mut() {
+            while table.len() < want {
+                table.push(
+                    self.pool
+                        .allocate()
+                        .expect("free blocks were counted above"),
+                );
+            }
+        }
+        entry.num_tokens = entry.num_tokens.max(want * self.block_size);
+        Ok(())
+    }
+
+    /// Returns every block of `seq` to the pool; returns how many were freed.
+    pub fn free(&mut self, seq: SeqId) -> Result<usize, KvError> {
+        let s = self
+            .seqs
+            .remove(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
+        let mut n = 0;
+        for id in s.tables.into_iter().flatten() {
+            self.pool.free(id)?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    /// The per-slot block tables of `seq` (index = KV slot).
+    pub fn tables(&self, seq: SeqId) -> Result<&[Vec<BlockId>], KvError> {
+        self.seqs
+            .get(&seq)
+            .map(|s| s.tables.as_slice())
+            .ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// The table layer `layer` reads: its producer's slot table (aliased, not copied).
+    pub fn table_for_layer(&self, seq: SeqId, layer: usize) -> Result<&[BlockId], KvError> {
+        let slot = self.layout.slot_of_layer(layer);
+        Ok(&self.tables(seq)?[slot])
+    }
+
+    /// Cache position (block * block_size + offset) of token `pos` of `seq` in `slot`.
+    pub fn cache_position(&self, seq: SeqId, slot: usize, pos: usize) -> Result<u32, KvError> {
+        let table = &self.tables(seq)?[slot];
+        let block = table
+            .get(pos / self.block_size)
+            .ok_or(KvError::OutOfBlocks {
+                needed: pos / self.block_size + 1 - table.len(),
+                free: self.pool.num_free(),
+            })?;
+        Ok(block * self.block_size as u32 + (pos % self.block_size) as u32)
+    }
+}

@@ -1,0 +1,12 @@
+//! crosskv: an LLM inference engine built around Cross-Layer Attention (CLA).
+//! Layers that share K/V share one paged KV cache slot, so a device holds
+//! `layers / kv_layers` times more tokens. See DESIGN.md for the contracts.
+
+pub mod cli;
+pub mod config;
+pub mod convert;
+pub mod kv;
+pub mod model;
+pub mod ops;
+pub mod runner;
+pub mod units;

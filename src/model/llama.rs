@@ -1,0 +1,387 @@
+//! The llama-family model (llama, mistral, qwen2) with Cross-Layer Attention.
+//! Producers compute K/V and write their slot of the paged cache; consumers have no
+//! K/V projections and read their producer's slot through the same block table.
+
+use super::rope::Rope;
+use super::weights::{Linear, Weights, WeightsError};
+use crate::config::ModelConfig;
+use crate::kv::{KvCache, KvLayout};
+use crate::ops::{paged_attention, reshape_and_cache, SeqSpan};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The model's view of one batched step, built by the runner: flat tokens of all
+/// sequences, their positions, where each KV slot writes them, and the slots' tables.
+#[derive(Debug)]
+pub struct StepInput {
+    /// `[tokens]` u32.
+    pub input_ids: Tensor,
+    /// `[tokens]` u32, absolute positions.
+    pub positions: Tensor,
+    /// Per KV slot, `[tokens]` u32: the cache row (`block * block_size + offset`) of each token.
+    pub cache_rows: Vec<Tensor>,
+    pub seqs: Vec<SeqSpan>,
+    /// Per KV slot, `[seqs.len() * max_blocks]` row-major block tables.
+    pub block_tables: Vec<Vec<u32>>,
+    pub max_blocks: usize,
+    /// `[outputs]` u32: which token rows produce logits (the last of each sequence).
+    pub logits_rows: Tensor,
+}
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(
+        w: &Weights,
+        name: &str,
+        size: usize,
+        eps: f64,
+    ) -> std::result::Result<Self, WeightsError> {
+        Ok(RmsNorm {
+            weight: w.tensor(name, &[size])?,
+            eps: eps as f32,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct KvProj {
+    k: Linear,
+    v: Linear,
+    /// The paper's separately learnt norm for the K/V input, when the checkpoint has one.
+    norm: Option<RmsNorm>,
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q: Linear,
+    o: Linear,
+    /// `Some` for producers only.
+    kv: Option<KvProj>,
+    slot: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    layout: std::sync::Arc<KvLayout>,
+    cfg: ModelConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Layer {
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(g * self.up.forward(x)?)?)
+    }
+}
+
+impl Attention {
+    /// Q, and for producers K and V, rotated: `[tokens, heads, head_dim]`.
+    fn project(
+        &self,
+        normed: &Tensor,
+        residual: &Tensor,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let t = normed.dim(0)?;
+        let q = self
+            .q
+            .forward(normed)?
+            .reshape((t, self.heads, self.head_dim))?;
+        let q = rope.apply(&q, cos, sin)?;
+        let kv = match &self.kv {
+            None => None,
+            Some(p) => {
+                let kv_in = match &p.norm {
+                    Some(n) => n.forward(residual)?,
+                    None => normed.clone(),
+                };
+                let k =
+                    p.k.forward(&kv_in)?
+                        .reshape((t, self.kv_heads, self.head_dim))?;
+                let v =
+                    p.v.forward(&kv_in)?
+                        .reshape((t, self.kv_heads, self.head_dim))?;
+                Some((rope.apply(&k, cos, sin)?, v))
+            }
+        };
+        Ok((q, kv))
+    }
+}
+
+impl Model {
+    pub fn load(
+        cfg: &ModelConfig,
+        w: &Weights,
+        rope_interleaved: bool,
+    ) -> std::result::Result<Self, WeightsError> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let layout = std::sync::Arc::new(KvLayout::new(
+            cfg.kv_source.clone(),
+            nkv,
+            d,
+            w.dtype().size_in_bytes(),
+        ));
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let a = format!("{p}.self_attn");
+            let kv = if layout.is_producer(i) {
+                let missing = |e: WeightsError| {
+                    match e {
+                    WeightsError::Missing { name, .. } => WeightsError::Missing {
+                        name,
+                        hint: format!(" (layer {i} is a K/V producer under this sharing, so it needs k_proj/v_proj)"),
+                    },
+                    e => e,
+                }
+                };
+                let knorm = format!("{a}.kv_layernorm.weight");
+                Some(KvProj {
+                    k: w.linear(&format!("{a}.k_proj"), nkv * d, h, cfg.attention_bias)
+                        .map_err(missing)?,
+                    v: w.linear(&format!("{a}.v_proj"), nkv * d, h, cfg.attention_bias)
+                        .map_err(missing)?,
+                    norm: if w.contains(&knorm) {
+                        Some(RmsNorm::load(w, &knorm, h, cfg.rms_norm_eps)?)
+                    } else {
+                        None
+                    },
+                })
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: RmsNorm::load(
+                    w,
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                attn: Attention {
+                    q: w.linear(&format!("{a}.q_proj"), nh * d, h, cfg.attention_bias)?,
+                    o: w.linear(&format!("{a}.o_proj"), h, nh * d, false)?,
+                    kv,
+                    slot: layout.slot_of_layer(i),
+                    heads: nh,
+                    kv_heads: nkv,
+                    head_dim: d,
+                },
+                post_norm: RmsNorm::load(
+                    w,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    cfg.rms_norm_eps,
+                )?,
+                gate: w.linear(
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    false,
+                )?,
+                up: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
+                down: w.linear(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    false,
+                )?,
+            });
+        }
+        // Tied embeddings: checkpoints that tie them usually store no lm_head.
+        let lm_head = if w.contains("lm_head.weight") {
+            w.linear("lm_head", cfg.vocab_size, h, false)?
+        } else {
+            w.linear("model.embed_tokens", cfg.vocab_size, h, false)?
+        };
+        let rope = Rope::new(
+            cfg,
+            cfg.max_position_embeddings,
+            rope_interleaved,
+            w.dtype(),
+            w.device(),
+        )
+        .map_err(|e| WeightsError::Load {
+            name: "rope".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Model {
+            embed: w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
+            layers,
+            norm: RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps)?,
+            lm_head,
+            rope,
+            layout,
+            cfg: cfg.clone(),
+            dtype: w.dtype(),
+            device: w.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+    pub fn layout(&self) -> &std::sync::Arc<KvLayout> {
+        &self.layout
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn max_positions(&self) -> usize {
+        self.rope.max_positions()
+    }
+
+    fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(x)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    /// One batched step through the paged cache. Returns f32 logits `[outputs, vocab]`.
+    pub fn forward(&self, step: &StepInput, cache: &KvCache) -> Result<Tensor> {
+        let mut x = self.embed.index_select(&step.input_ids, 0)?;
+        let (cos, sin) = self.rope.tables(&step.positions)?;
+        let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
+        for layer in &self.layers {
+            let a = &layer.attn;
+            let normed = layer.input_norm.forward(&x)?;
+            let (q, kv) = a.project(&normed, &x, &self.rope, &cos, &sin)?;
+            if let Some((k, v)) = kv {
+                reshape_and_cache(cache.k(), &k, &step.cache_rows[a.slot])?;
+                reshape_and_cache(cache.v(), &v, &step.cache_rows[a.slot])?;
+            }
+            let o = paged_attention(
+                &q,
+                cache.k(),
+                cache.v(),
+                &step.seqs,
+                &step.block_tables[a.slot],
+                step.max_blocks,
+                scale,
+            )?;
+            let t = o.dim(0)?;
+            x = (x + a.o.forward(&o.reshape((t, a.heads * a.head_dim))?)?)?;
+            x = (&x + layer.mlp(&layer.post_norm.forward(&x)?)?)?;
+        }
+        let last = x.index_select(&step.logits_rows, 0)?;
+        self.logits(&last)
+    }
+
+    /// The reference path: one full causal forward of one sequence with no cache.
+    /// Consumers use the K/V their producer computed in this same pass. f32 logits `[tokens, vocab]`.
+    pub fn forward_dense(&self, tokens: &[u32]) -> Result<Tensor> {
+        let t = tokens.len();
+        let ids = Tensor::new(tokens, &self.device)?;
+        let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+        let (cos, sin) = self.rope.tables(&positions)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
+        let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.attn;
+            let normed = layer.input_norm.forward(&x)?;
+            let (q, kv) = a.project(&normed, &x, &self.rope, &cos, &sin)?;
+            if kv.is_some() {
+                produced[i] = kv;
+            }
+            let (k, v) = produced[self.layout.producer_of_slot(a.slot)]
+                .clone()
+                .expect("producers run before their consumers");
+            let group = a.heads / a.kv_heads;
+            // [kv_heads, t, d] → [heads, t, d], each KV head serving `group` query heads.
+            let expand = |m: &Tensor| -> Result<Tensor> {
+                let m = m.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+                let (kvh, tt, dd) = m.dims3()?;
+                m.unsqueeze(1)?
+                    .expand((kvh, group, tt, dd))?
+                    .reshape((kvh * group, tt, dd))
+            };
+            let (k, v) = (expand(&k)?, expand(&v)?);
+            let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
+            let scores =
+                (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (a.head_dim as f64).sqrt())?;
+            let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            let o = p
+                .matmul(&v)?
+                .transpose(0, 1)?
+                .reshape((t, a.heads * a.head_dim))?
+                .to_dtype(self.dtype)?;
+            x = (x + a.o.forward(&o)?)?;
+            x = (&x + layer.mlp(&layer.post_norm.forward(&x)?)?)?;
+        }
+        self.logits(&x)
+    }
+
+    /// Dense weights of every tensor, by HF name, for `convert` (consumers' K/V dropped).
+    pub fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let a = format!("model.layers.{i}.self_attn");
+            out.push((format!("{a}.q_proj"), &l.attn.q));
+            out.push((format!("{a}.o_proj"), &l.attn.o));
+            if let Some(kv) = &l.attn.kv {
+                out.push((format!("{a}.k_proj"), &kv.k));
+                out.push((format!("{a}.v_proj"), &kv.v));
+            }
+            let m = format!("model.layers.{i}.mlp");
+            out.push((format!("{m}.gate_proj"), &l.gate));
+            out.push((format!("{m}.up_proj"), &l.up));
+            out.push((format!("{m}.down_proj"), &l.down));
+        }
+        out.push(("lm_head".into(), &self.lm_head));
+        out
+    }
+
+    /// Every non-linear tensor (norms, embedding), by HF name, for `convert`.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![
+            ("model.embed_tokens.weight".to_string(), &self.embed),
+            ("model.norm.weight".into(), &self.norm.weight),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &l.input_norm.weight));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &l.post_norm.weight,
+            ));
+            if let Some(n) = l.attn.kv.as_ref().and_then(|kv| kv.norm.as_ref()) {
+                out.push((format!("{p}.self_attn.kv_layernorm.weight"), &n.weight));
+            }
+        }
+        out
+    }
+}

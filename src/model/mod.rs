@@ -1,0 +1,137 @@
+//! The llama-family model with CLA, and the loaders: a HF safetensors directory,
+//! a GGUF file, or a Hugging Face repo id (through hf-hub and its cache).
+
+pub mod gguf_config;
+pub mod llama;
+pub mod rope;
+pub mod source;
+pub mod tokenizer;
+pub mod weights;
+
+pub use llama::{Model, StepInput};
+pub use source::{resolve_source, ModelSource};
+pub use tokenizer::{ChatMessage, StreamDecoder, Tok};
+
+use crate::config::{ConfigError, KvSharing, ModelConfig};
+use candle_core::{DType, Device};
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error("{0}")]
+    Source(String),
+}
+
+/// How to load: dtype, device, and an optional re-sharing of K/V at load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: Option<DType>,
+    pub device: Device,
+    pub sharing: Option<KvSharing>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            dtype: None,
+            device: Device::Cpu,
+            sharing: None,
+        }
+    }
+}
+
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: Tok,
+    pub source: ModelSource,
+}
+
+fn safetensor_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, LoadError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| LoadError::Source(format!("{}: {e}", index.display())))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LoadError::Source(format!("{}: not valid JSON: {e}", index.display())))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LoadError::Source(format!("{}: no `weight_map`", index.display())))?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| LoadError::Source(format!("{}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(LoadError::Source(format!(
+            "{}: no *.safetensors files",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+fn dtype_from_torch(s: Option<&str>) -> DType {
+    match s {
+        Some("float16") => DType::F16,
+        Some("bfloat16") => DType::BF16,
+        _ => DType::F32,
+    }
+}
+
+/// Loads config, weights and tokenizer from a resolved source.
+pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    let (model, tokenizer) = match &source {
+        ModelSource::Dir(dir) => {
+            let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+            if let Some(s) = &opts.sharing {
+                cfg.reshare(s)?;
+            }
+            // CPU default f32: candle's CPU f16/bf16 matmuls are slower than f32.
+            let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() {
+                DType::F32
+            } else {
+                dtype_from_torch(cfg.torch_dtype.as_deref())
+            });
+            let w = weights::Weights::safetensors(&safetensor_files(dir)?, dtype, &opts.device)?;
+            let model = Model::load(&cfg, &w, false)?;
+            let tok = Tok::from_dir(dir, &cfg.eos_token_ids)?;
+            (model, tok)
+        }
+        ModelSource::Gguf(path) => {
+            let dtype = opts.dtype.unwrap_or(DType::F32);
+            let w = weights::Weights::gguf(path, dtype, &opts.device)?;
+            let content = w.gguf_content().expect("a GGUF source");
+            let (mut cfg, interleaved) = gguf_config::config_from_gguf(content)?;
+            if let Some(s) = &opts.sharing {
+                cfg.reshare(s)?;
+            }
+            let tok = Tok::from_gguf(content)?;
+            (Model::load(&cfg, &w, interleaved)?, tok)
+        }
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        source,
+    })
+}

@@ -1,0 +1,101 @@
+//! Rotary position embeddings: `rope_theta`, llama3 and linear `rope_scaling`.
+//! Positions are gathered per token, so one batch can mix sequences at any position.
+
+use crate::config::{ModelConfig, RopeScaling};
+use candle_core::{DType, Device, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    /// llama.cpp's GGUF llama checkpoints permute Q/K for interleaved pairs;
+    /// Hugging Face checkpoints rotate the two halves.
+    interleaved: bool,
+    max_positions: usize,
+}
+
+fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
+    let d = cfg.head_dim;
+    let base: Vec<f64> = (0..d / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
+        .collect();
+    match &cfg.rope_scaling {
+        None => base,
+        Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+        Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) => {
+            let old = *original_max_position_embeddings as f64;
+            let low_wavelen = old / low_freq_factor;
+            let high_wavelen = old / high_freq_factor;
+            base.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl Rope {
+    pub fn new(
+        cfg: &ModelConfig,
+        max_positions: usize,
+        interleaved: bool,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
+        let inv = inv_freqs(cfg);
+        let half = inv.len();
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(Rope {
+            cos: Tensor::from_vec(cos, (max_positions, half), dev)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (max_positions, half), dev)?.to_dtype(dtype)?,
+            interleaved,
+            max_positions,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// cos/sin rows for `positions` (u32 `[tokens]`), shaped `[tokens, 1, head_dim/2]`.
+    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
+        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
+        Ok((cos, sin))
+    }
+
+    /// Rotates `x` (`[tokens, heads, head_dim]`) by the tables from `tables`.
+    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (t, h, d) = x.dims3()?;
+        let x4 = x.contiguous()?.reshape((t, h, 1, d))?;
+        let y = if self.interleaved {
+            candle_nn::rotary_emb::rope_i(&x4, cos, sin)?
+        } else {
+            candle_nn::rotary_emb::rope(&x4, cos, sin)?
+        };
+        y.reshape((t, h, d))
+    }
+}

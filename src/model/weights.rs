@@ -1,0 +1,289 @@
+//! Where a model's tensors come from: a HF safetensors directory (one file or sharded)
+//! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
+//! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("tensor `{name}` is missing from the checkpoint{hint}")]
+    Missing { name: String, hint: String },
+    #[error("tensor `{name}` has shape {got:?}, expected {want:?}")]
+    Shape {
+        name: String,
+        got: Vec<usize>,
+        want: Vec<usize>,
+    },
+    #[error("tensor `{name}`: {reason}")]
+    Load { name: String, reason: String },
+}
+
+/// A linear layer: dense or quantized weight (`[out, in]`), optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+    /// The weight as a dense tensor (for `convert`).
+    pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&q.device()),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.clone()),
+        }
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+pub enum Weights {
+    Safetensors {
+        st: MmapedSafetensors,
+        dtype: DType,
+        device: Device,
+    },
+    Gguf {
+        content: gguf_file::Content,
+        path: PathBuf,
+        dtype: DType,
+        device: Device,
+    },
+}
+
+/// llama.cpp's name for a Hugging Face tensor name.
+pub fn gguf_name(hf: &str) -> String {
+    let top = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = top.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    if let Some(rest) = hf.strip_prefix("model.layers.") {
+        let (layer, rest) = rest.split_once('.').unwrap_or((rest, ""));
+        let map = [
+            ("input_layernorm.", "attn_norm."),
+            ("post_attention_layernorm.", "ffn_norm."),
+            ("self_attn.q_proj.", "attn_q."),
+            ("self_attn.k_proj.", "attn_k."),
+            ("self_attn.v_proj.", "attn_v."),
+            ("self_attn.o_proj.", "attn_output."),
+            ("self_attn.kv_layernorm.", "attn_kv_norm."),
+            ("mlp.gate_proj.", "ffn_gate."),
+            ("mlp.up_proj.", "ffn_up."),
+            ("mlp.down_proj.", "ffn_down."),
+        ];
+        for (h, g) in map {
+            if let Some(suffix) = rest.strip_prefix(h) {
+                return format!("blk.{layer}.{g}{suffix}");
+            }
+        }
+    }
+    hf.to_string()
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> WeightsError {
+    WeightsError::File {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl Weights {
+    pub fn safetensors(
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        for f in files {
+            // Validate each file's header and length up front, for an error that names the file.
+            let bytes = std::fs::File::open(f).map_err(|e| file_err(f, e))?;
+            let mmap = unsafe { memmap2::Mmap::map(&bytes) }.map_err(|e| file_err(f, e))?;
+            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                file_err(
+                    f,
+                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
+                )
+            })?;
+        }
+        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
+            file_err(
+                files.first().map(|p| p.as_path()).unwrap_or(Path::new("?")),
+                e,
+            )
+        })?;
+        Ok(Weights::Safetensors {
+            st,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self, WeightsError> {
+        let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+        let content = gguf_file::Content::read(&mut f).map_err(|e| {
+            file_err(
+                path,
+                format!("not a valid GGUF file (truncated or corrupt?): {e}"),
+            )
+        })?;
+        let file_len = f.metadata().map_err(|e| file_err(path, e))?.len();
+        for (name, info) in &content.tensor_infos {
+            let elems: usize = info.shape.elem_count();
+            let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+            let end = content.tensor_data_offset + info.offset + bytes as u64;
+            if end > file_len {
+                return Err(file_err(
+                    path,
+                    format!("truncated: tensor `{name}` ends at byte {end} but the file has {file_len} bytes"),
+                ));
+            }
+        }
+        Ok(Weights::Gguf {
+            content,
+            path: path.to_path_buf(),
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
+        match self {
+            Weights::Gguf { content, .. } => Some(content),
+            _ => None,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Weights::Safetensors { dtype, .. } | Weights::Gguf { dtype, .. } => *dtype,
+        }
+    }
+    pub fn device(&self) -> &Device {
+        match self {
+            Weights::Safetensors { device, .. } | Weights::Gguf { device, .. } => device,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        match self {
+            Weights::Safetensors { st, .. } => st.get(name).is_ok(),
+            Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(name)),
+        }
+    }
+
+    fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), WeightsError> {
+        if got != want {
+            return Err(WeightsError::Shape {
+                name: name.into(),
+                got: got.to_vec(),
+                want: want.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    fn missing(name: &str) -> WeightsError {
+        WeightsError::Missing {
+            name: name.into(),
+            hint: String::new(),
+        }
+    }
+
+    fn qtensor(&self, name: &str) -> Result<QTensor, WeightsError> {
+        let Weights::Gguf {
+            content,
+            path,
+            device,
+            ..
+        } = self
+        else {
+            unreachable!()
+        };
+        let gname = gguf_name(name);
+        if !content.tensor_infos.contains_key(&gname) {
+            return Err(Self::missing(name));
+        }
+        let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
+        content
+            .tensor(&mut f, &gname, device)
+            .map_err(|e| WeightsError::Load {
+                name: name.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// A dense tensor in the model dtype. GGUF stores dims reversed (ggml order);
+    /// candle's reader already gives them in row-major order.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, WeightsError> {
+        let load = |e: candle_core::Error| WeightsError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        };
+        let t = match self {
+            Weights::Safetensors { st, dtype, device } => {
+                if st.get(name).is_err() {
+                    return Err(Self::missing(name));
+                }
+                st.load(name, device)
+                    .and_then(|t| t.to_dtype(*dtype))
+                    .map_err(load)?
+            }
+            Weights::Gguf { dtype, device, .. } => self
+                .qtensor(name)?
+                .dequantize(device)
+                .and_then(|t| t.to_dtype(*dtype))
+                .map_err(load)?,
+        };
+        Self::check_shape(name, t.dims(), shape)?;
+        Ok(t)
+    }
+
+    /// A linear layer `[out, in]` with an optional bias `name.bias`. GGUF quantized
+    /// weights stay quantized when the model runs in f32.
+    pub fn linear(
+        &self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        with_bias: bool,
+    ) -> Result<Linear, WeightsError> {
+        let wname = format!("{prefix}.weight");
+        let weight = match self {
+            Weights::Gguf {
+                dtype: DType::F32, ..
+            } => {
+                let q = self.qtensor(&wname)?;
+                Self::check_shape(&wname, q.shape().dims(), &[out_dim, in_dim])?;
+                QMatMul::from_arc(Arc::new(q)).map_err(|e| WeightsError::Load {
+                    name: wname.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+            _ => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
+        };
+        let bname = format!("{prefix}.bias");
+        let bias = if with_bias {
+            Some(self.tensor(&bname, &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+}

@@ -1,0 +1,65 @@
+//! One custom candle op per kernel. Each op's CPU path is the plain-Rust reference
+//! that the CUDA kernel (feature `cuda`, issue 4) must match.
+
+pub mod paged_attention;
+pub mod reshape_and_cache;
+
+pub use paged_attention::{paged_attention, SeqSpan};
+pub use reshape_and_cache::reshape_and_cache;
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// Element types the reference ops accept; they compute in f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+impl Elem for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+impl Elem for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+/// The contiguous slice a layout covers, or an error naming the op.
+pub(crate) fn contiguous<'a, T>(
+    data: &'a [T],
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+pub(crate) fn u32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+    what: &str,
+) -> Result<&'a [u32]> {
+    match s {
+        CpuStorage::U32(d) => contiguous(d, l, op, what),
+        _ => candle_core::bail!("{op}: {what} must be u32"),
+    }
+}

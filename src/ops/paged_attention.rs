@@ -1,0 +1,218 @@
+//! Paged attention over a batch of sequences at different positions: prompts being
+//! prefilled and sequences decoding one token, mixed in one call. Queries are flat
+//! (`[tokens, heads, head_dim]`, each sequence's tokens contiguous); K/V are read from
+//! the cache through the block table of the layer's KV slot. A query at absolute
+//! position `p` attends causally to cached positions `0..=p`, so the step's own K/V
+//! must have been written with `reshape_and_cache` first. GQA/MQA: query head `h`
+//! reads KV head `h / (heads / kv_heads)`.
+
+use super::{contiguous, Elem};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Where one sequence's queries sit in the flat batch, and how long its context is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqSpan {
+    /// Index of the sequence's first query token in the batch.
+    pub q_start: u32,
+    /// Number of query tokens this step (1 when decoding).
+    pub q_len: u32,
+    /// Tokens in the cache after this step's write (positions `0..ctx_len`).
+    pub ctx_len: u32,
+}
+
+struct PagedAttention<'a> {
+    seqs: &'a [SeqSpan],
+    /// `[num_seqs, max_blocks]`, row-major.
+    block_table: &'a [u32],
+    max_blocks: usize,
+    scale: f32,
+}
+
+impl PagedAttention<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: Elem>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        tokens: usize,
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        block_size: usize,
+    ) -> Result<Vec<T>> {
+        // token → (sequence, absolute position)
+        let mut owner = vec![(usize::MAX, 0usize); tokens];
+        for (s, span) in self.seqs.iter().enumerate() {
+            let (q0, ql, ctx) = (
+                span.q_start as usize,
+                span.q_len as usize,
+                span.ctx_len as usize,
+            );
+            if q0 + ql > tokens || ql > ctx {
+                candle_core::bail!(
+                    "paged_attention: sequence {s} span {span:?} does not fit {tokens} tokens"
+                );
+            }
+            if ctx.div_ceil(block_size) > self.max_blocks {
+                candle_core::bail!(
+                    "paged_attention: sequence {s} needs more blocks than its table has"
+                );
+            }
+            for i in 0..ql {
+                owner[q0 + i] = (s, ctx - ql + i);
+            }
+        }
+        let cache_rows = k.len() / (kv_heads * d);
+        let group = heads / kv_heads;
+        let mut out = vec![T::from_f32(0.0); tokens * heads * d];
+        out.par_chunks_mut(heads * d)
+            .enumerate()
+            .try_for_each(|(t, out_t)| -> Result<()> {
+                let (s, pos) = owner[t];
+                if s == usize::MAX {
+                    return Ok(()); // a padding token no sequence owns
+                }
+                let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
+                let n = pos + 1;
+                let mut rows = Vec::with_capacity(n);
+                for j in 0..n {
+                    let row = table[j / block_size] as usize * block_size + j % block_size;
+                    if row >= cache_rows {
+                        candle_core::bail!("paged_attention: block table points outside the cache");
+                    }
+                    rows.push(row);
+                }
+                let mut scores = vec![0f32; n];
+                let mut acc = vec![0f32; d];
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let qv: Vec<f32> = q[(t * heads + h) * d..(t * heads + h + 1) * d]
+                        .iter()
+                        .map(|x| x.to_f32())
+                        .collect();
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, &row) in rows.iter().enumerate() {
+                        let kr = &k[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
+                        let dot: f32 = qv.iter().zip(kr).map(|(a, b)| a * b.to_f32()).sum();
+                        scores[j] = dot * self.scale;
+                        max = max.max(scores[j]);
+                    }
+                    let mut sum = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        sum += *sc;
+                    }
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    for (j, &row) in rows.iter().enumerate() {
+                        let w = scores[j] / sum;
+                        let vr = &v[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
+                        acc.iter_mut()
+                            .zip(vr)
+                            .for_each(|(a, b)| *a += w * b.to_f32());
+                    }
+                    out_t[h * d..(h + 1) * d]
+                        .iter_mut()
+                        .zip(&acc)
+                        .for_each(|(o, a)| *o = T::from_f32(*a));
+                }
+                Ok(())
+            })?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for PagedAttention<'_> {
+    fn name(&self) -> &'static str {
+        "paged_attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tokens, heads, d) = ql.shape().dims3()?;
+        let (_, block_size, kv_heads, kd) = kl.shape().dims4()?;
+        if kd != d || heads % kv_heads != 0 || kl.shape() != vl.shape() {
+            candle_core::bail!(
+                "paged_attention: q {:?} does not match cache {:?}",
+                ql.shape(),
+                kl.shape()
+            );
+        }
+        let n = self.name();
+        let out = match (qs, ks, vs) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.run(
+                    contiguous(q, ql, n, "q")?,
+                    contiguous(k, kl, n, "k cache")?,
+                    contiguous(v, vl, n, "v cache")?,
+                    tokens,
+                    heads,
+                    kv_heads,
+                    d,
+                    block_size,
+                )?)
+            }
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
+                CpuStorage::F16(self.run(
+                    contiguous(q, ql, n, "q")?,
+                    contiguous(k, kl, n, "k cache")?,
+                    contiguous(v, vl, n, "v cache")?,
+                    tokens,
+                    heads,
+                    kv_heads,
+                    d,
+                    block_size,
+                )?)
+            }
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
+                CpuStorage::BF16(self.run(
+                    contiguous(q, ql, n, "q")?,
+                    contiguous(k, kl, n, "k cache")?,
+                    contiguous(v, vl, n, "v cache")?,
+                    tokens,
+                    heads,
+                    kv_heads,
+                    d,
+                    block_size,
+                )?)
+            }
+            _ => candle_core::bail!("paged_attention: q and cache must share one of f32/f16/bf16"),
+        };
+        Ok((out, ql.shape().clone()))
+    }
+}
+
+/// `q`: `[tokens, heads, head_dim]`; caches: `[num_blocks, block_size, kv_heads, head_dim]`;
+/// `block_table`: `[seqs.len(), max_blocks]` row-major, the KV slot's tables.
+pub fn paged_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    if block_table.len() != seqs.len() * max_blocks {
+        candle_core::bail!(
+            "paged_attention: block table has {} entries, want {} × {max_blocks}",
+            block_table.len(),
+            seqs.len()
+        );
+    }
+    let op = PagedAttention {
+        seqs,
+        block_table,
+        max_blocks,
+        scale,
+    };
+    q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
+}
