@@ -212,11 +212,7 @@ fn runner_for(
     let layout = loaded.model.layout().clone();
     let num_blocks = tokens.div_ceil(block_size) * layout.kv_layers();
     let runner = Runner::new(loaded.model, num_blocks, block_size)?;
-    Ok((
-        runner,
-        KvManager::new(layout, num_blocks, block_size),
-        loaded.tokenizer,
-    ))
+    Ok((runner, KvManager::new(layout, num_blocks, block_size), loaded.tokenizer))
 }
 
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
@@ -337,14 +333,8 @@ pub fn capacity_table(r: &CapacityReport) -> String {
         ),
         (
             "KV heads × head_dim × bytes",
-            format!(
-                "{} × {} × {}",
-                r.num_key_value_heads, r.head_dim, r.dtype_bytes
-            ),
-            format!(
-                "{} × {} × {}",
-                r.num_key_value_heads, r.head_dim, r.dtype_bytes
-            ),
+            format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),
+            format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),
         ),
         (
             "KV bytes per token",
@@ -374,18 +364,11 @@ pub fn capacity_table(r: &CapacityReport) -> String {
     ]
     .map(|(a, b, c)| (a.to_string(), b, c));
     let mut s = format!("kv_source: [{}]\n", src.join(", "));
-    s += &format!(
-        "{:<34}{:>18}{:>18}\n",
-        "", "with sharing", "without sharing"
-    );
+    s += &format!("{:<34}{:>18}{:>18}\n", "", "with sharing", "without sharing");
     for (a, b, c) in rows {
         s += &format!("{a:<34}{b:>18}{c:>18}\n");
     }
-    s += &format!(
-        "{:<34}{:>18}\n",
-        "capacity gain from sharing",
-        format!("{gain:.2}×")
-    );
+    s += &format!("{:<34}{:>18}\n", "capacity gain from sharing", format!("{gain:.2}×"));
     s
 }
 
@@ -415,11 +398,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .repeat(args.prompt_tokens / 8 + 1);
     let mut prompt = loaded.tokenizer.encode(&text, false)?;
     prompt.truncate(args.prompt_tokens);
-    let (runner, mut mgr, tok) = runner_for(
-        loaded,
-        args.prompt_tokens + args.decode_tokens,
-        args.block_size,
-    )?;
+    let (runner, mut mgr, tok) = runner_for(loaded, args.prompt_tokens + args.decode_tokens, args.block_size)?;
     let opts = GenerateOptions {
         max_tokens: args.decode_tokens,
         sampling: SamplingParams::default(),
@@ -454,10 +433,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             "model {source}, {threads} threads, prompt {} tokens, decode {} tokens",
             args.prompt_tokens, args.decode_tokens
         );
-        println!(
-            "prompt {p:.1} tok/s, decode {d:.1} tok/s (median of {})",
-            args.rounds
-        );
+        println!("prompt {p:.1} tok/s, decode {d:.1} tok/s (median of {})", args.rounds);
     }
     Ok(())
 }

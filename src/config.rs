@@ -60,6 +60,10 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (qwen2, or llama's `attention_bias`).
     pub attention_bias: bool,
+    /// o_proj carries a bias (llama's `attention_bias`; qwen2 has none there).
+    pub o_proj_bias: bool,
+    /// gate/up/down carry a bias (llama's `mlp_bias`).
+    pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     /// `kv_source[i]` is the layer whose K/V layer `i` uses; `kv_source[i] == i` for producers.
@@ -94,6 +98,8 @@ struct RawConfig {
     #[serde(default)]
     attention_bias: Option<bool>,
     #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
     bos_token_id: Option<Value>,
     #[serde(default)]
     eos_token_id: Option<Value>,
@@ -126,13 +132,8 @@ impl KvSharing {
             .filter(|p| !p.is_empty())
             .enumerate()
             .map(|(i, p)| {
-                p.parse::<usize>().map_err(|_| {
-                    ConfigError::invalid(
-                        "kv_source",
-                        Some(i),
-                        format!("`{p}` is not a layer index"),
-                    )
-                })
+                p.parse::<usize>()
+                    .map_err(|_| ConfigError::invalid("kv_source", Some(i), format!("`{p}` is not a layer index")))
             })
             .collect()
     }
@@ -149,11 +150,7 @@ impl KvSharing {
 
 fn share_factor_source(f: usize, layers: usize, key: &str) -> Result<Vec<usize>, ConfigError> {
     if f == 0 {
-        return Err(ConfigError::invalid(
-            key,
-            None,
-            "the share factor must be at least 1",
-        ));
+        return Err(ConfigError::invalid(key, None, "the share factor must be at least 1"));
     }
     Ok((0..layers).map(|i| i - i % f).collect())
 }
@@ -164,10 +161,7 @@ pub fn validate_kv_source(src: &[usize], layers: usize, key: &str) -> Result<(),
         return Err(ConfigError::invalid(
             key,
             None,
-            format!(
-                "has {} entries but the model has {layers} layers",
-                src.len()
-            ),
+            format!("has {} entries but the model has {layers} layers", src.len()),
         ));
     }
     for (i, &s) in src.iter().enumerate() {
@@ -208,15 +202,10 @@ fn as_index(v: &Value, key: &str, layer: Option<usize>) -> Result<usize, ConfigE
 
 /// Normalises every accepted CLA key form (DESIGN.md §2) to one `kv_source` list.
 pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, ConfigError> {
-    let present: Vec<&str> = [
-        "kv_source",
-        "cla_share_factor",
-        "layer_types",
-        "kv_sharing_map",
-    ]
-    .into_iter()
-    .filter(|k| raw.get(*k).is_some_and(|v| !v.is_null()))
-    .collect();
+    let present: Vec<&str> = ["kv_source", "cla_share_factor", "layer_types", "kv_sharing_map"]
+        .into_iter()
+        .filter(|k| raw.get(*k).is_some_and(|v| !v.is_null()))
+        .collect();
     // `layer_types` is also a list of attention kinds in newer transformers configs
     // ("full_attention", ...): only the LCKV string form is a sharing scheme.
     let present: Vec<&str> = present
@@ -235,11 +224,7 @@ pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, Con
         Some("cla_share_factor") => {
             let v = &raw["cla_share_factor"];
             let f = v.as_u64().ok_or_else(|| {
-                ConfigError::invalid(
-                    "cla_share_factor",
-                    None,
-                    format!("`{v}` is not a positive integer"),
-                )
+                ConfigError::invalid("cla_share_factor", None, format!("`{v}` is not a positive integer"))
             })? as usize;
             let use_cla = match raw.get("use_cla") {
                 None | Some(Value::Null) => true,
@@ -260,9 +245,9 @@ pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, Con
             }
         }
         Some("kv_source") => {
-            let arr = raw["kv_source"].as_array().ok_or_else(|| {
-                ConfigError::invalid("kv_source", None, "must be a list of layer indices")
-            })?;
+            let arr = raw["kv_source"]
+                .as_array()
+                .ok_or_else(|| ConfigError::invalid("kv_source", None, "must be a list of layer indices"))?;
             arr.iter()
                 .enumerate()
                 .map(|(i, v)| as_index(v, "kv_source", Some(i)))
@@ -274,39 +259,25 @@ pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, Con
                 .enumerate()
                 .map(|(i, p)| {
                     p.trim().parse::<usize>().map_err(|_| {
-                        ConfigError::invalid(
-                            "layer_types",
-                            Some(i),
-                            format!("`{p}` is not a layer index"),
-                        )
+                        ConfigError::invalid("layer_types", Some(i), format!("`{p}` is not a layer index"))
                     })
                 })
                 .collect::<Result<_, _>>()?
         }
         Some("kv_sharing_map") => {
             let map = raw["kv_sharing_map"].as_object().ok_or_else(|| {
-                ConfigError::invalid(
-                    "kv_sharing_map",
-                    None,
-                    "must be an object {consumer: producer}",
-                )
+                ConfigError::invalid("kv_sharing_map", None, "must be an object {consumer: producer}")
             })?;
             let mut src: Vec<usize> = (0..layers).collect();
             for (k, v) in map {
                 let consumer: usize = k.trim().parse().map_err(|_| {
-                    ConfigError::invalid(
-                        "kv_sharing_map",
-                        None,
-                        format!("key `{k}` is not a layer index"),
-                    )
+                    ConfigError::invalid("kv_sharing_map", None, format!("key `{k}` is not a layer index"))
                 })?;
                 if consumer >= layers {
                     return Err(ConfigError::invalid(
                         "kv_sharing_map",
                         Some(consumer),
-                        format!(
-                            "consumer {consumer} is out of range (the model has {layers} layers)"
-                        ),
+                        format!("consumer {consumer} is out of range (the model has {layers} layers)"),
                     ));
                 }
                 src[consumer] = as_index(v, "kv_sharing_map", Some(consumer))?;
@@ -315,21 +286,14 @@ pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, Con
         }
         Some(_) => unreachable!("only the keys listed above are collected"),
     };
-    validate_kv_source(
-        &src,
-        layers,
-        present.first().copied().unwrap_or("kv_source"),
-    )?;
+    validate_kv_source(&src, layers, present.first().copied().unwrap_or("kv_source"))?;
     Ok(src)
 }
 
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
         _ => vec![],
     }
 }
@@ -345,13 +309,9 @@ fn parse_rope_scaling(raw: &Value) -> Result<Option<RopeScaling>, ConfigError> {
         .and_then(|v| v.as_str())
         .unwrap_or("default");
     let num = |k: &str| -> Result<f64, ConfigError> {
-        rs.get(k).and_then(|v| v.as_f64()).ok_or_else(|| {
-            ConfigError::invalid(
-                "rope_scaling",
-                None,
-                format!("`{k}` is missing or not a number"),
-            )
-        })
+        rs.get(k)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| ConfigError::invalid("rope_scaling", None, format!("`{k}` is missing or not a number")))
     };
     match kind {
         "default" => Ok(None),
@@ -361,9 +321,7 @@ fn parse_rope_scaling(raw: &Value) -> Result<Option<RopeScaling>, ConfigError> {
             high_freq_factor: num("high_freq_factor")?,
             original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
         })),
-        "linear" => Ok(Some(RopeScaling::Linear {
-            factor: num("factor")?,
-        })),
+        "linear" => Ok(Some(RopeScaling::Linear { factor: num("factor")? })),
         other => Err(ConfigError::invalid(
             "rope_scaling",
             None,
@@ -408,10 +366,7 @@ impl ModelConfig {
         };
         let layers = pos("num_hidden_layers", rc.num_hidden_layers)?;
         let heads = pos("num_attention_heads", rc.num_attention_heads)?;
-        let kv_heads = pos(
-            "num_key_value_heads",
-            rc.num_key_value_heads.unwrap_or(heads),
-        )?;
+        let kv_heads = pos("num_key_value_heads", rc.num_key_value_heads.unwrap_or(heads))?;
         if heads % kv_heads != 0 {
             return Err(ConfigError::invalid(
                 "num_key_value_heads",
@@ -433,15 +388,13 @@ impl ModelConfig {
             }
         };
         if head_dim % 2 != 0 {
-            return Err(ConfigError::invalid(
-                "head_dim",
-                None,
-                "must be even for RoPE",
-            ));
+            return Err(ConfigError::invalid("head_dim", None, "must be even for RoPE"));
         }
         let kv_source = kv_source_from_json(&raw, layers)?;
         Ok(ModelConfig {
             attention_bias: rc.attention_bias.unwrap_or(model_type == "qwen2"),
+            o_proj_bias: model_type != "qwen2" && rc.attention_bias.unwrap_or(false),
+            mlp_bias: rc.mlp_bias,
             model_type,
             vocab_size: pos("vocab_size", rc.vocab_size)?,
             hidden_size: pos("hidden_size", rc.hidden_size)?,
@@ -470,11 +423,7 @@ impl ModelConfig {
     }
 
     pub fn kv_layers(&self) -> usize {
-        self.kv_source
-            .iter()
-            .enumerate()
-            .filter(|(i, s)| *i == **s)
-            .count()
+        self.kv_source.iter().enumerate().filter(|(i, s)| *i == **s).count()
     }
 
     /// The config as JSON with the sharing written as an explicit `kv_source` list

@@ -18,11 +18,7 @@ const TOKENIZER_FILES: [&str; 5] = [
 ];
 
 /// Returns (tensors written, layers, kv_layers).
-pub fn convert(
-    source: ModelSource,
-    sharing: &KvSharing,
-    out: &Path,
-) -> anyhow::Result<(usize, usize, usize)> {
+pub fn convert(source: ModelSource, sharing: &KvSharing, out: &Path) -> anyhow::Result<(usize, usize, usize)> {
     let ModelSource::Dir(dir) = &source else {
         bail!(
             "convert reads a Hugging Face safetensors directory; {} is a GGUF file",
@@ -58,13 +54,9 @@ pub fn convert(
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))
-        .context("writing model.safetensors")?;
+    candle_core::safetensors::save(&tensors, out.join("model.safetensors")).context("writing model.safetensors")?;
     let config = m.config().to_json_with_kv_source();
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )?;
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     for f in TOKENIZER_FILES {
         let src = dir.join(f);
         if src.exists() {

@@ -43,22 +43,14 @@ impl BlockPool {
                 ref_count: 0,
                 hash: None,
                 prev: if i == 0 { NIL } else { i - 1 },
-                next: if i + 1 == num_blocks as u32 {
-                    NIL
-                } else {
-                    i + 1
-                },
+                next: if i + 1 == num_blocks as u32 { NIL } else { i + 1 },
                 in_free_list: true,
             })
             .collect();
         BlockPool {
             blocks,
             free_head: if num_blocks == 0 { NIL } else { 0 },
-            free_tail: if num_blocks == 0 {
-                NIL
-            } else {
-                num_blocks as u32 - 1
-            },
+            free_tail: if num_blocks == 0 { NIL } else { num_blocks as u32 - 1 },
             num_free: num_blocks,
             cached: HashMap::new(),
         }
@@ -133,10 +125,7 @@ impl BlockPool {
     /// Drops one reference; at zero the block goes to the back of the free list,
     /// keeping its hash so a prefix-cache hit can still take it back.
     pub fn free(&mut self, id: BlockId) -> Result<(), PoolError> {
-        let b = self
-            .blocks
-            .get_mut(id as usize)
-            .ok_or(PoolError::OutOfRange(id))?;
+        let b = self.blocks.get_mut(id as usize).ok_or(PoolError::OutOfRange(id))?;
         if b.ref_count == 0 {
             return Err(PoolError::NotAllocated(id));
         }

@@ -18,15 +18,8 @@ pub struct KvLayout {
 
 impl KvLayout {
     /// `kv_source` must already be valid (see `config::validate_kv_source`).
-    pub fn new(
-        kv_source: Vec<usize>,
-        num_kv_heads: usize,
-        head_dim: usize,
-        dtype_bytes: usize,
-    ) -> Self {
-        let producers: Vec<usize> = (0..kv_source.len())
-            .filter(|&i| kv_source[i] == i)
-            .collect();
+    pub fn new(kv_source: Vec<usize>, num_kv_heads: usize, head_dim: usize, dtype_bytes: usize) -> Self {
+        let producers: Vec<usize> = (0..kv_source.len()).filter(|&i| kv_source[i] == i).collect();
         let mut slot_of_producer = vec![usize::MAX; kv_source.len()];
         for (slot, &layer) in producers.iter().enumerate() {
             slot_of_producer[layer] = slot;
@@ -63,12 +56,7 @@ impl KvLayout {
 
     /// The share factor when the pattern is the uniform `i - i % f` one, else `None`.
     pub fn uniform_share_factor(&self) -> Option<usize> {
-        (1..=self.layers().max(1)).find(|&f| {
-            self.kv_source
-                .iter()
-                .enumerate()
-                .all(|(i, &s)| s == i - i % f)
-        })
+        (1..=self.layers().max(1)).find(|&f| self.kv_source.iter().enumerate().all(|(i, &s)| s == i - i % f))
     }
 
     /// Bytes one token of one slot takes: K and V, every KV head.
@@ -86,12 +74,7 @@ impl KvLayout {
     }
 
     /// The capacity figures for a KV budget of `kv_cache_bytes`, with and without sharing.
-    pub fn capacity(
-        &self,
-        kv_cache_bytes: u64,
-        block_size: usize,
-        seq_len: usize,
-    ) -> CapacityReport {
+    pub fn capacity(&self, kv_cache_bytes: u64, block_size: usize, seq_len: usize) -> CapacityReport {
         let block_bytes = self.block_bytes(block_size) as u64;
         let num_blocks = (kv_cache_bytes / block_bytes) as usize;
         let blocks_per_seq = seq_len.div_ceil(block_size).max(1);

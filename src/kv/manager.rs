@@ -98,11 +98,7 @@ impl KvManager {
         let want = total_tokens.div_ceil(self.block_size);
         for table in entry.tables.iter_mut() {
             while table.len() < want {
-                table.push(
-                    self.pool
-                        .allocate()
-                        .expect("free blocks were counted above"),
-                );
+                table.push(self.pool.allocate().expect("free blocks were counted above"));
             }
         }
         entry.num_tokens = entry.num_tokens.max(want * self.block_size);
@@ -111,10 +107,7 @@ impl KvManager {
 
     /// Returns every block of `seq` to the pool; returns how many were freed.
     pub fn free(&mut self, seq: SeqId) -> Result<usize, KvError> {
-        let s = self
-            .seqs
-            .remove(&seq)
-            .ok_or(KvError::UnknownSequence(seq))?;
+        let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let mut n = 0;
         for id in s.tables.into_iter().flatten() {
             self.pool.free(id)?;
@@ -144,12 +137,10 @@ impl KvManager {
     /// Cache position (block * block_size + offset) of token `pos` of `seq` in `slot`.
     pub fn cache_position(&self, seq: SeqId, slot: usize, pos: usize) -> Result<u32, KvError> {
         let table = &self.tables(seq)?[slot];
-        let block = table
-            .get(pos / self.block_size)
-            .ok_or(KvError::OutOfBlocks {
-                needed: pos / self.block_size + 1 - table.len(),
-                free: self.pool.num_free(),
-            })?;
+        let block = table.get(pos / self.block_size).ok_or(KvError::OutOfBlocks {
+            needed: pos / self.block_size + 1 - table.len(),
+            free: self.pool.num_free(),
+        })?;
         Ok(block * self.block_size as u32 + (pos % self.block_size) as u32)
     }
 }

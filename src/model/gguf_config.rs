@@ -11,8 +11,7 @@ fn get<'a>(ct: &'a Content, key: &str) -> Option<&'a Value> {
 }
 
 fn num(ct: &Content, key: &str) -> Result<u64, ConfigError> {
-    let v = get(ct, key)
-        .ok_or_else(|| ConfigError::invalid(key, None, "missing from the GGUF metadata"))?;
+    let v = get(ct, key).ok_or_else(|| ConfigError::invalid(key, None, "missing from the GGUF metadata"))?;
     v.to_u64()
         .or_else(|_| v.to_u32().map(u64::from))
         .or_else(|_| v.to_i32().map(|x| x as u64))
@@ -29,13 +28,7 @@ pub fn config_from_gguf(ct: &Content) -> Result<(ModelConfig, bool), ConfigError
     let arch = get(ct, "general.architecture")
         .and_then(|v| v.to_string().ok())
         .cloned()
-        .ok_or_else(|| {
-            ConfigError::invalid(
-                "general.architecture",
-                None,
-                "missing from the GGUF metadata",
-            )
-        })?;
+        .ok_or_else(|| ConfigError::invalid("general.architecture", None, "missing from the GGUF metadata"))?;
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
         return Err(ConfigError::invalid(
             "general.architecture",
@@ -54,9 +47,7 @@ pub fn config_from_gguf(ct: &Content) -> Result<(ModelConfig, bool), ConfigError
         Err(_) => get(ct, "tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
             .map(|v| v.len() as u64)
-            .ok_or_else(|| {
-                ConfigError::invalid("vocab_size", None, "missing from the GGUF metadata")
-            })?,
+            .ok_or_else(|| ConfigError::invalid("vocab_size", None, "missing from the GGUF metadata"))?,
     };
     let kv_source: Vec<usize> = match get(ct, "crosskv.kv_source").and_then(|v| v.to_vec().ok()) {
         Some(list) => list
@@ -67,10 +58,7 @@ pub fn config_from_gguf(ct: &Content) -> Result<(ModelConfig, bool), ConfigError
             let mut last = 0;
             (0..layers)
                 .map(|i| {
-                    if ct
-                        .tensor_infos
-                        .contains_key(&format!("blk.{i}.attn_k.weight"))
-                    {
+                    if ct.tensor_infos.contains_key(&format!("blk.{i}.attn_k.weight")) {
                         last = i;
                     }
                     last

@@ -34,12 +34,7 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(
-        w: &Weights,
-        name: &str,
-        size: usize,
-        eps: f64,
-    ) -> std::result::Result<Self, WeightsError> {
+    fn load(w: &Weights, name: &str, size: usize, eps: f64) -> std::result::Result<Self, WeightsError> {
         Ok(RmsNorm {
             weight: w.tensor(name, &[size])?,
             eps: eps as f32,
@@ -111,10 +106,7 @@ impl Attention {
         sin: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let t = normed.dim(0)?;
-        let q = self
-            .q
-            .forward(normed)?
-            .reshape((t, self.heads, self.head_dim))?;
+        let q = self.q.forward(normed)?.reshape((t, self.heads, self.head_dim))?;
         let q = rope.apply(&q, cos, sin)?;
         let kv = match &self.kv {
             None => None,
@@ -123,12 +115,8 @@ impl Attention {
                     Some(n) => n.forward(residual)?,
                     None => normed.clone(),
                 };
-                let k =
-                    p.k.forward(&kv_in)?
-                        .reshape((t, self.kv_heads, self.head_dim))?;
-                let v =
-                    p.v.forward(&kv_in)?
-                        .reshape((t, self.kv_heads, self.head_dim))?;
+                let k = p.k.forward(&kv_in)?.reshape((t, self.kv_heads, self.head_dim))?;
+                let v = p.v.forward(&kv_in)?.reshape((t, self.kv_heads, self.head_dim))?;
                 Some((rope.apply(&k, cos, sin)?, v))
             }
         };
@@ -137,32 +125,21 @@ impl Attention {
 }
 
 impl Model {
-    pub fn load(
-        cfg: &ModelConfig,
-        w: &Weights,
-        rope_interleaved: bool,
-    ) -> std::result::Result<Self, WeightsError> {
+    pub fn load(cfg: &ModelConfig, w: &Weights, rope_interleaved: bool) -> std::result::Result<Self, WeightsError> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let layout = std::sync::Arc::new(KvLayout::new(
-            cfg.kv_source.clone(),
-            nkv,
-            d,
-            w.dtype().size_in_bytes(),
-        ));
+        let layout = std::sync::Arc::new(KvLayout::new(cfg.kv_source.clone(), nkv, d, w.dtype().size_in_bytes()));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
             let kv = if layout.is_producer(i) {
-                let missing = |e: WeightsError| {
-                    match e {
+                let missing = |e: WeightsError| match e {
                     WeightsError::Missing { name, .. } => WeightsError::Missing {
                         name,
                         hint: format!(" (layer {i} is a K/V producer under this sharing, so it needs k_proj/v_proj)"),
                     },
                     e => e,
-                }
                 };
                 let knorm = format!("{a}.kv_layernorm.weight");
                 Some(KvProj {
@@ -180,40 +157,20 @@ impl Model {
                 None
             };
             layers.push(Layer {
-                input_norm: RmsNorm::load(
-                    w,
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
+                input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 attn: Attention {
                     q: w.linear(&format!("{a}.q_proj"), nh * d, h, cfg.attention_bias)?,
-                    o: w.linear(&format!("{a}.o_proj"), h, nh * d, false)?,
+                    o: w.linear(&format!("{a}.o_proj"), h, nh * d, cfg.o_proj_bias)?,
                     kv,
                     slot: layout.slot_of_layer(i),
                     heads: nh,
                     kv_heads: nkv,
                     head_dim: d,
                 },
-                post_norm: RmsNorm::load(
-                    w,
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                gate: w.linear(
-                    &format!("{p}.mlp.gate_proj"),
-                    cfg.intermediate_size,
-                    h,
-                    false,
-                )?,
-                up: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, false)?,
-                down: w.linear(
-                    &format!("{p}.mlp.down_proj"),
-                    h,
-                    cfg.intermediate_size,
-                    false,
-                )?,
+                post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
+                gate: w.linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+                up: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
+                down: w.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
             });
         }
         // Tied embeddings: checkpoints that tie them usually store no lm_head.
@@ -331,8 +288,7 @@ impl Model {
             };
             let (k, v) = (expand(&k)?, expand(&v)?);
             let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
-            let scores =
-                (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (a.head_dim as f64).sqrt())?;
+            let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (a.head_dim as f64).sqrt())?;
             let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
             let o = p
                 .matmul(&v)?
@@ -374,10 +330,7 @@ impl Model {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.input_layernorm.weight"), &l.input_norm.weight));
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                &l.post_norm.weight,
-            ));
+            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_norm.weight));
             if let Some(n) = l.attn.kv.as_ref().and_then(|kv| kv.norm.as_ref()) {
                 out.push((format!("{p}.self_attn.kv_layernorm.weight"), &n.weight));
             }

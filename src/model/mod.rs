@@ -55,18 +55,15 @@ pub struct LoadedModel {
 fn safetensor_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|e| LoadError::Source(format!("{}: {e}", index.display())))?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|e| LoadError::Source(format!("{}: {e}", index.display())))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| LoadError::Source(format!("{}: not valid JSON: {e}", index.display())))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| LoadError::Source(format!("{}: no `weight_map`", index.display())))?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|f| f.as_str().map(String::from))
-            .collect();
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -82,10 +79,7 @@ fn safetensor_files(dir: &std::path::Path) -> Result<Vec<PathBuf>, LoadError> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(LoadError::Source(format!(
-            "{}: no *.safetensors files",
-            dir.display()
-        )));
+        return Err(LoadError::Source(format!("{}: no *.safetensors files", dir.display())));
     }
     Ok(files)
 }
@@ -96,6 +90,18 @@ fn dtype_from_torch(s: Option<&str>) -> DType {
         Some("bfloat16") => DType::BF16,
         _ => DType::F32,
     }
+}
+
+/// Loads only the model (config + weights) of a HF safetensors directory: no tokenizer
+/// needed, which is what tests of tiny random checkpoints want.
+pub fn load_model_dir(dir: &std::path::Path, opts: &LoadOptions) -> Result<Model, LoadError> {
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if let Some(s) = &opts.sharing {
+        cfg.reshare(s)?;
+    }
+    let dtype = opts.dtype.unwrap_or(DType::F32);
+    let w = weights::Weights::safetensors(&safetensor_files(dir)?, dtype, &opts.device)?;
+    Ok(Model::load(&cfg, &w, false)?)
 }
 
 /// Loads config, weights and tokenizer from a resolved source.

@@ -39,8 +39,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
                     } else if wavelen > low_wavelen {
                         f / factor
                     } else {
-                        let smooth = (old / wavelen - low_freq_factor)
-                            / (high_freq_factor - low_freq_factor);
+                        let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                         (1.0 - smooth) * f / factor + smooth * f
                     }
                 })
@@ -50,13 +49,7 @@ fn inv_freqs(cfg: &ModelConfig) -> Vec<f64> {
 }
 
 impl Rope {
-    pub fn new(
-        cfg: &ModelConfig,
-        max_positions: usize,
-        interleaved: bool,
-        dtype: DType,
-        dev: &Device,
-    ) -> Result<Self> {
+    pub fn new(cfg: &ModelConfig, max_positions: usize, interleaved: bool, dtype: DType, dev: &Device) -> Result<Self> {
         let inv = inv_freqs(cfg);
         let half = inv.len();
         let mut cos = Vec::with_capacity(max_positions * half);

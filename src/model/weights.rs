@@ -106,28 +106,16 @@ fn file_err(path: &Path, e: impl std::fmt::Display) -> WeightsError {
 }
 
 impl Weights {
-    pub fn safetensors(
-        files: &[PathBuf],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, WeightsError> {
+    pub fn safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self, WeightsError> {
         for f in files {
             // Validate each file's header and length up front, for an error that names the file.
             let bytes = std::fs::File::open(f).map_err(|e| file_err(f, e))?;
             let mmap = unsafe { memmap2::Mmap::map(&bytes) }.map_err(|e| file_err(f, e))?;
-            safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
-                file_err(
-                    f,
-                    format!("not a valid safetensors file (truncated or corrupt?): {e}"),
-                )
-            })?;
+            safetensors::SafeTensors::deserialize(&mmap)
+                .map_err(|e| file_err(f, format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
         }
-        let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| {
-            file_err(
-                files.first().map(|p| p.as_path()).unwrap_or(Path::new("?")),
-                e,
-            )
-        })?;
+        let st = unsafe { MmapedSafetensors::multi(files) }
+            .map_err(|e| file_err(files.first().map(|p| p.as_path()).unwrap_or(Path::new("?")), e))?;
         Ok(Weights::Safetensors {
             st,
             dtype,
@@ -137,12 +125,8 @@ impl Weights {
 
     pub fn gguf(path: &Path, dtype: DType, device: &Device) -> Result<Self, WeightsError> {
         let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
-        let content = gguf_file::Content::read(&mut f).map_err(|e| {
-            file_err(
-                path,
-                format!("not a valid GGUF file (truncated or corrupt?): {e}"),
-            )
-        })?;
+        let content = gguf_file::Content::read(&mut f)
+            .map_err(|e| file_err(path, format!("not a valid GGUF file (truncated or corrupt?): {e}")))?;
         let file_len = f.metadata().map_err(|e| file_err(path, e))?.len();
         for (name, info) in &content.tensor_infos {
             let elems: usize = info.shape.elem_count();
@@ -208,10 +192,7 @@ impl Weights {
 
     fn qtensor(&self, name: &str) -> Result<QTensor, WeightsError> {
         let Weights::Gguf {
-            content,
-            path,
-            device,
-            ..
+            content, path, device, ..
         } = self
         else {
             unreachable!()
@@ -221,12 +202,10 @@ impl Weights {
             return Err(Self::missing(name));
         }
         let mut f = std::fs::File::open(path).map_err(|e| file_err(path, e))?;
-        content
-            .tensor(&mut f, &gname, device)
-            .map_err(|e| WeightsError::Load {
-                name: name.into(),
-                reason: e.to_string(),
-            })
+        content.tensor(&mut f, &gname, device).map_err(|e| WeightsError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        })
     }
 
     /// A dense tensor in the model dtype. GGUF stores dims reversed (ggml order);
@@ -241,9 +220,7 @@ impl Weights {
                 if st.get(name).is_err() {
                     return Err(Self::missing(name));
                 }
-                st.load(name, device)
-                    .and_then(|t| t.to_dtype(*dtype))
-                    .map_err(load)?
+                st.load(name, device).and_then(|t| t.to_dtype(*dtype)).map_err(load)?
             }
             Weights::Gguf { dtype, device, .. } => self
                 .qtensor(name)?
@@ -257,18 +234,10 @@ impl Weights {
 
     /// A linear layer `[out, in]` with an optional bias `name.bias`. GGUF quantized
     /// weights stay quantized when the model runs in f32.
-    pub fn linear(
-        &self,
-        prefix: &str,
-        out_dim: usize,
-        in_dim: usize,
-        with_bias: bool,
-    ) -> Result<Linear, WeightsError> {
+    pub fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Linear, WeightsError> {
         let wname = format!("{prefix}.weight");
         let weight = match self {
-            Weights::Gguf {
-                dtype: DType::F32, ..
-            } => {
+            Weights::Gguf { dtype: DType::F32, .. } => {
                 let q = self.qtensor(&wname)?;
                 Self::check_shape(&wname, q.shape().dims(), &[out_dim, in_dim])?;
                 QMatMul::from_arc(Arc::new(q)).map_err(|e| WeightsError::Load {

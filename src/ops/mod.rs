@@ -40,24 +40,14 @@ impl Elem for half::bf16 {
 }
 
 /// The contiguous slice a layout covers, or an error naming the op.
-pub(crate) fn contiguous<'a, T>(
-    data: &'a [T],
-    l: &Layout,
-    op: &str,
-    what: &str,
-) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T>(data: &'a [T], l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
         None => candle_core::bail!("{op}: {what} must be contiguous"),
     }
 }
 
-pub(crate) fn u32_slice<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-    what: &str,
-) -> Result<&'a [u32]> {
+pub(crate) fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [u32]> {
     match s {
         CpuStorage::U32(d) => contiguous(d, l, op, what),
         _ => candle_core::bail!("{op}: {what} must be u32"),

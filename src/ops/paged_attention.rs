@@ -45,20 +45,12 @@ impl PagedAttention<'_> {
         // token → (sequence, absolute position)
         let mut owner = vec![(usize::MAX, 0usize); tokens];
         for (s, span) in self.seqs.iter().enumerate() {
-            let (q0, ql, ctx) = (
-                span.q_start as usize,
-                span.q_len as usize,
-                span.ctx_len as usize,
-            );
+            let (q0, ql, ctx) = (span.q_start as usize, span.q_len as usize, span.ctx_len as usize);
             if q0 + ql > tokens || ql > ctx {
-                candle_core::bail!(
-                    "paged_attention: sequence {s} span {span:?} does not fit {tokens} tokens"
-                );
+                candle_core::bail!("paged_attention: sequence {s} span {span:?} does not fit {tokens} tokens");
             }
             if ctx.div_ceil(block_size) > self.max_blocks {
-                candle_core::bail!(
-                    "paged_attention: sequence {s} needs more blocks than its table has"
-                );
+                candle_core::bail!("paged_attention: sequence {s} needs more blocks than its table has");
             }
             for i in 0..ql {
                 owner[q0 + i] = (s, ctx - ql + i);
@@ -108,9 +100,7 @@ impl PagedAttention<'_> {
                     for (j, &row) in rows.iter().enumerate() {
                         let w = scores[j] / sum;
                         let vr = &v[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
-                        acc.iter_mut()
-                            .zip(vr)
-                            .for_each(|(a, b)| *a += w * b.to_f32());
+                        acc.iter_mut().zip(vr).for_each(|(a, b)| *a += w * b.to_f32());
                     }
                     out_t[h * d..(h + 1) * d]
                         .iter_mut()
@@ -148,42 +138,36 @@ impl CustomOp3 for PagedAttention<'_> {
         }
         let n = self.name();
         let out = match (qs, ks, vs) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.run(
-                    contiguous(q, ql, n, "q")?,
-                    contiguous(k, kl, n, "k cache")?,
-                    contiguous(v, vl, n, "v cache")?,
-                    tokens,
-                    heads,
-                    kv_heads,
-                    d,
-                    block_size,
-                )?)
-            }
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-                CpuStorage::F16(self.run(
-                    contiguous(q, ql, n, "q")?,
-                    contiguous(k, kl, n, "k cache")?,
-                    contiguous(v, vl, n, "v cache")?,
-                    tokens,
-                    heads,
-                    kv_heads,
-                    d,
-                    block_size,
-                )?)
-            }
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-                CpuStorage::BF16(self.run(
-                    contiguous(q, ql, n, "q")?,
-                    contiguous(k, kl, n, "k cache")?,
-                    contiguous(v, vl, n, "v cache")?,
-                    tokens,
-                    heads,
-                    kv_heads,
-                    d,
-                    block_size,
-                )?)
-            }
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(self.run(
+                contiguous(q, ql, n, "q")?,
+                contiguous(k, kl, n, "k cache")?,
+                contiguous(v, vl, n, "v cache")?,
+                tokens,
+                heads,
+                kv_heads,
+                d,
+                block_size,
+            )?),
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => CpuStorage::F16(self.run(
+                contiguous(q, ql, n, "q")?,
+                contiguous(k, kl, n, "k cache")?,
+                contiguous(v, vl, n, "v cache")?,
+                tokens,
+                heads,
+                kv_heads,
+                d,
+                block_size,
+            )?),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => CpuStorage::BF16(self.run(
+                contiguous(q, ql, n, "q")?,
+                contiguous(k, kl, n, "k cache")?,
+                contiguous(v, vl, n, "v cache")?,
+                tokens,
+                heads,
+                kv_heads,
+                d,
+                block_size,
+            )?),
             _ => candle_core::bail!("paged_attention: q and cache must share one of f32/f16/bf16"),
         };
         Ok((out, ql.shape().clone()))

@@ -7,24 +7,16 @@ use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
 struct ReshapeAndCache;
 
-fn write_rows<T: Elem>(
-    cache: &mut [T],
-    cl: &Layout,
-    new: &[T],
-    row: usize,
-    pos: &[u32],
-) -> Result<()> {
-    let (start, end) = cl.contiguous_offsets().ok_or_else(|| {
-        candle_core::Error::Msg("reshape_and_cache: the cache must be contiguous".into())
-    })?;
+fn write_rows<T: Elem>(cache: &mut [T], cl: &Layout, new: &[T], row: usize, pos: &[u32]) -> Result<()> {
+    let (start, end) = cl
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("reshape_and_cache: the cache must be contiguous".into()))?;
     let cache = &mut cache[start..end];
     let rows = cache.len() / row;
     for (t, &p) in pos.iter().enumerate() {
         let p = p as usize;
         if p >= rows {
-            candle_core::bail!(
-                "reshape_and_cache: position {p} is outside the cache ({rows} rows)"
-            );
+            candle_core::bail!("reshape_and_cache: position {p} is outside the cache ({rows} rows)");
         }
         cache[p * row..(p + 1) * row].copy_from_slice(&new[t * row..(t + 1) * row]);
     }
@@ -49,11 +41,7 @@ impl InplaceOp3 for ReshapeAndCache {
         let row: usize = dims[1..].iter().product();
         let pos = u32_slice(pos, pl, self.name(), "positions")?;
         if pos.len() != dims[0] {
-            candle_core::bail!(
-                "reshape_and_cache: {} positions for {} rows",
-                pos.len(),
-                dims[0]
-            );
+            candle_core::bail!("reshape_and_cache: {} positions for {} rows", pos.len(), dims[0]);
         }
         match (cache, new) {
             (CpuStorage::F32(c), CpuStorage::F32(n)) => {
@@ -65,9 +53,7 @@ impl InplaceOp3 for ReshapeAndCache {
             (CpuStorage::BF16(c), CpuStorage::BF16(n)) => {
                 write_rows(c, cl, contiguous(n, nl, self.name(), "new rows")?, row, pos)
             }
-            _ => candle_core::bail!(
-                "reshape_and_cache: cache and rows must share one of f32/f16/bf16"
-            ),
+            _ => candle_core::bail!("reshape_and_cache: cache and rows must share one of f32/f16/bf16"),
         }
     }
 }
@@ -77,9 +63,7 @@ pub fn reshape_and_cache(cache: &Tensor, new: &Tensor, positions: &Tensor) -> Re
     let (_, _, kv_heads, head_dim) = cache.dims4()?;
     let (_, nh, nd) = new.dims3()?;
     if (nh, nd) != (kv_heads, head_dim) {
-        candle_core::bail!(
-            "reshape_and_cache: rows are [_, {nh}, {nd}], cache wants [_, {kv_heads}, {head_dim}]"
-        );
+        candle_core::bail!("reshape_and_cache: rows are [_, {nh}, {nd}], cache wants [_, {kv_heads}, {head_dim}]");
     }
     let new = new.contiguous()?;
     cache.inplace_op3(&new, positions, &ReshapeAndCache)

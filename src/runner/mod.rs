@@ -98,8 +98,7 @@ impl Runner {
         for (i, s) in steps.iter().enumerate() {
             let tables = mgr.tables(s.seq).map_err(kv_err)?;
             for (slot, table) in tables.iter().enumerate() {
-                block_tables[slot][i * max_blocks..i * max_blocks + table.len()]
-                    .copy_from_slice(table);
+                block_tables[slot][i * max_blocks..i * max_blocks + table.len()].copy_from_slice(table);
             }
         }
         let n = ids.len();
