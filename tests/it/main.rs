@@ -1,0 +1,8 @@
+//! Integration tests, one binary (linking candle once keeps CI fast).
+
+mod cli;
+mod common;
+mod config_errors;
+mod golden;
+mod kv;
+mod paged_vs_dense;
