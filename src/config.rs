@@ -89,8 +89,8 @@ struct RawConfig {
     head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    rope_theta: f64,
+    #[serde(default)]
+    rope_theta: Option<f64>,
     #[serde(default)]
     max_position_embeddings: Option<usize>,
     #[serde(default)]
@@ -298,10 +298,29 @@ fn token_ids(v: &Option<Value>) -> Vec<u32> {
     }
 }
 
+/// transformers 5 writes RoPE settings as one `rope_parameters` object (`rope_theta`,
+/// `rope_type` and the scaling keys) in place of 4.x's `rope_theta` + `rope_scaling`.
+fn rope_parameters(raw: &Value) -> Option<&Value> {
+    raw.get("rope_parameters").filter(|v| v.is_object())
+}
+
+fn parse_rope_theta(rc: &RawConfig, raw: &Value) -> f64 {
+    rc.rope_theta
+        .or_else(|| {
+            rope_parameters(raw)
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(|v| v.as_f64())
+        })
+        .unwrap_or_else(default_theta)
+}
+
 fn parse_rope_scaling(raw: &Value) -> Result<Option<RopeScaling>, ConfigError> {
-    let rs = match raw.get("rope_scaling") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(v) => v,
+    let (key, rs) = match raw.get("rope_scaling") {
+        Some(v) if !v.is_null() => ("rope_scaling", v),
+        _ => match rope_parameters(raw) {
+            Some(v) => ("rope_parameters", v),
+            None => return Ok(None),
+        },
     };
     let kind = rs
         .get("rope_type")
@@ -311,7 +330,7 @@ fn parse_rope_scaling(raw: &Value) -> Result<Option<RopeScaling>, ConfigError> {
     let num = |k: &str| -> Result<f64, ConfigError> {
         rs.get(k)
             .and_then(|v| v.as_f64())
-            .ok_or_else(|| ConfigError::invalid("rope_scaling", None, format!("`{k}` is missing or not a number")))
+            .ok_or_else(|| ConfigError::invalid(key, None, format!("`{k}` is missing or not a number")))
     };
     match kind {
         "default" => Ok(None),
@@ -323,7 +342,7 @@ fn parse_rope_scaling(raw: &Value) -> Result<Option<RopeScaling>, ConfigError> {
         })),
         "linear" => Ok(Some(RopeScaling::Linear { factor: num("factor")? })),
         other => Err(ConfigError::invalid(
-            "rope_scaling",
+            key,
             None,
             format!("rope_type `{other}` is not supported (llama3, linear)"),
         )),
@@ -404,7 +423,7 @@ impl ModelConfig {
             num_key_value_heads: kv_heads,
             head_dim,
             rms_norm_eps: rc.rms_norm_eps,
-            rope_theta: rc.rope_theta,
+            rope_theta: parse_rope_theta(&rc, &raw),
             rope_scaling: parse_rope_scaling(&raw)?,
             max_position_embeddings: rc.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: rc.tie_word_embeddings,
