@@ -2,7 +2,8 @@
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use crate::ops::{q4_1_matmul, Q4_1Matrix};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::{Path, PathBuf};
@@ -24,16 +25,27 @@ pub enum WeightsError {
     Load { name: String, reason: String },
 }
 
-/// A linear layer: dense or quantized weight (`[out, in]`), optional bias.
+/// A linear layer's weight (`[out, in]`): dense or candle-quantized, or Q4_1 through
+/// our own kernel (candle's Q4_1 dot product is scalar).
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    Candle(QMatMul),
+    Q4_1(Arc<Q4_1Matrix>),
+}
+
+/// A linear layer: weight and optional bias.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            LinearWeight::Candle(w) => w.forward(x)?,
+            LinearWeight::Q4_1(w) => q4_1_matmul(x, w, true)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -42,8 +54,9 @@ impl Linear {
     /// The weight as a dense tensor (for `convert`).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device()),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.clone()),
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.clone()),
+            LinearWeight::Q4_1(w) => w.dequantize(),
         }
     }
     pub fn bias(&self) -> Option<&Tensor> {
@@ -240,12 +253,18 @@ impl Weights {
             Weights::Gguf { dtype: DType::F32, .. } => {
                 let q = self.qtensor(&wname)?;
                 Self::check_shape(&wname, q.shape().dims(), &[out_dim, in_dim])?;
-                QMatMul::from_arc(Arc::new(q)).map_err(|e| WeightsError::Load {
+                let load = |e: candle_core::Error| WeightsError::Load {
                     name: wname.clone(),
                     reason: e.to_string(),
-                })?
+                };
+                if q.dtype() == GgmlDType::Q4_1 && self.device().is_cpu() {
+                    let bytes = q.data().map_err(load)?.to_vec();
+                    LinearWeight::Q4_1(Arc::new(Q4_1Matrix::from_bytes(bytes, out_dim, in_dim).map_err(load)?))
+                } else {
+                    LinearWeight::Candle(QMatMul::from_arc(Arc::new(q)).map_err(load)?)
+                }
             }
-            _ => QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?),
+            _ => LinearWeight::Candle(QMatMul::Tensor(self.tensor(&wname, &[out_dim, in_dim])?)),
         };
         let bname = format!("{prefix}.bias");
         let bias = if with_bias {
