@@ -90,8 +90,8 @@ pub struct Model {
 
 impl Layer {
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+        let gu = Linear::forward_many(x, &[&self.gate, &self.up])?;
+        self.down.forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)
     }
 }
 
@@ -106,19 +106,28 @@ impl Attention {
         sin: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let t = normed.dim(0)?;
-        let q = self.q.forward(normed)?.reshape((t, self.heads, self.head_dim))?;
-        let q = rope.apply(&q, cos, sin)?;
-        let kv = match &self.kv {
-            None => None,
-            Some(p) => {
-                let kv_in = match &p.norm {
-                    Some(n) => n.forward(residual)?,
-                    None => normed.clone(),
-                };
-                let k = p.k.forward(&kv_in)?.reshape((t, self.kv_heads, self.head_dim))?;
-                let v = p.v.forward(&kv_in)?.reshape((t, self.kv_heads, self.head_dim))?;
-                Some((rope.apply(&k, cos, sin)?, v))
+        let (q, kv) = match &self.kv {
+            None => (self.q.forward(normed)?, None),
+            // Q, K and V from one input: one fused call.
+            Some(p) if p.norm.is_none() => {
+                let mut qkv = Linear::forward_many(normed, &[&self.q, &p.k, &p.v])?.into_iter();
+                let (q, k, v) = (qkv.next(), qkv.next(), qkv.next());
+                (q.expect("three outputs"), Some((k.expect("three outputs"), v.expect("three outputs"))))
             }
+            // The paper's separate K/V norm: K/V come from the residual normed with it.
+            Some(p) => {
+                let kv_in = p.norm.as_ref().expect("matched above").forward(residual)?;
+                let kv = Linear::forward_many(&kv_in, &[&p.k, &p.v])?;
+                (self.q.forward(normed)?, Some((kv[0].clone(), kv[1].clone())))
+            }
+        };
+        let q = rope.apply(&q.reshape((t, self.heads, self.head_dim))?, cos, sin)?;
+        let kv = match kv {
+            None => None,
+            Some((k, v)) => Some((
+                rope.apply(&k.reshape((t, self.kv_heads, self.head_dim))?, cos, sin)?,
+                v.reshape((t, self.kv_heads, self.head_dim))?,
+            )),
         };
         Ok((q, kv))
     }

@@ -2,7 +2,7 @@
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
-use crate::ops::{q4_1_matmul, Q4_1Matrix};
+use crate::ops::{q4_1_matmul, q4_1_matmul_many, Q4_1Matrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -51,6 +51,29 @@ impl Linear {
             None => Ok(y),
         }
     }
+    /// Applies several linears to one input (q/k/v, gate/up). Q4_1 weights share one
+    /// activation quantization and one parallel region; others run one by one.
+    pub fn forward_many(x: &Tensor, ls: &[&Linear]) -> candle_core::Result<Vec<Tensor>> {
+        let q4: Option<Vec<&Q4_1Matrix>> = ls
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Q4_1(w) => Some(w.as_ref()),
+                LinearWeight::Candle(_) => None,
+            })
+            .collect();
+        match q4 {
+            Some(ws) if ls.len() > 1 && x.dtype() == DType::F32 => q4_1_matmul_many(x, &ws)?
+                .into_iter()
+                .zip(ls)
+                .map(|(y, l)| match &l.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                })
+                .collect(),
+            _ => ls.iter().map(|l| l.forward(x)).collect(),
+        }
+    }
+
     /// The weight as a dense tensor (for `convert`).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {

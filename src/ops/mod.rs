@@ -6,7 +6,7 @@ pub mod q4_1;
 pub mod reshape_and_cache;
 
 pub use paged_attention::{paged_attention, SeqSpan};
-pub use q4_1::{q4_1_matmul, Q4_1Matrix};
+pub use q4_1::{q4_1_matmul, q4_1_matmul_many, Q4_1Matrix};
 pub use reshape_and_cache::reshape_and_cache;
 
 use candle_core::{CpuStorage, Layout, Result};

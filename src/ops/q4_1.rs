@@ -145,24 +145,36 @@ impl Q4_1Matrix {
 
     /// `x` is `[m, cols]` row-major; returns `[m, rows]`.
     pub fn matmul(&self, x: &[f32], use_simd: bool) -> Vec<f32> {
-        let m = x.len() / self.cols;
-        let qx = quantize_rows(x, self.cols);
-        let nb = self.cols / QK;
+        Self::matmul_many(&[self], x, use_simd).pop().expect("one matrix, one output")
+    }
+
+    /// Several matrices with the same `cols` applied to one `x` (q/k/v, gate/up):
+    /// one activation quantization and one parallel region for all of them.
+    pub fn matmul_many(ws: &[&Q4_1Matrix], x: &[f32], use_simd: bool) -> Vec<Vec<f32>> {
+        let cols = ws[0].cols;
+        assert!(ws.iter().all(|w| w.cols == cols), "matmul_many: matrices must share cols");
+        let m = x.len() / cols;
+        let qx = quantize_rows(x, cols);
+        let nb = cols / QK;
         let simd = use_simd && has_avx2();
-        // Each task owns a run of weight rows for every token ([rows, m] order), so a
-        // weight row is read from memory once per call, whatever m is.
-        const CHUNK: usize = 16;
-        let mut out_t = vec![0f32; self.rows * m];
-        out_t.par_chunks_mut(CHUNK * m).enumerate().for_each(|(c, chunk)| {
-            for (i, r) in (c * CHUNK..(c * CHUNK + chunk.len() / m)).enumerate() {
-                let row = self.row(r);
+        // Tasks own a run of weight rows for every token ([rows, m] order), so a weight
+        // row is read from memory once per call whatever m is. Rows per task: enough
+        // tasks to balance the threads, few enough to keep scheduling cheap.
+        let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+        let chunk = (total_rows / (8 * rayon::current_num_threads())).clamp(8, 256);
+        let mut outs_t: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        let mut tasks: Vec<(&Q4_1Matrix, usize, &mut [f32])> = Vec::new();
+        for (w, out) in ws.iter().zip(outs_t.iter_mut()) {
+            for (c, piece) in out.chunks_mut(chunk * m).enumerate() {
+                tasks.push((w, c * chunk, piece));
+            }
+        }
+        tasks.into_par_iter().for_each(|(w, r0, piece)| {
+            for (i, r) in (r0..r0 + piece.len() / m).enumerate() {
+                let row = w.row(r);
                 for t in 0..m {
-                    let (q, d, s) = (
-                        &qx.q[t * self.cols..(t + 1) * self.cols],
-                        &qx.d[t * nb..(t + 1) * nb],
-                        &qx.s[t * nb..(t + 1) * nb],
-                    );
-                    chunk[i * m + t] = if simd {
+                    let (q, d, s) = (&qx.q[t * cols..(t + 1) * cols], &qx.d[t * nb..(t + 1) * nb], &qx.s[t * nb..(t + 1) * nb]);
+                    piece[i * m + t] = if simd {
                         #[cfg(target_arch = "x86_64")]
                         unsafe {
                             dot_row_avx2(row, q, d, s)
@@ -176,15 +188,21 @@ impl Q4_1Matrix {
             }
         });
         if m == 1 {
-            return out_t;
+            return outs_t;
         }
-        let mut out = vec![0f32; m * self.rows];
-        for r in 0..self.rows {
-            for t in 0..m {
-                out[t * self.rows + r] = out_t[r * m + t];
-            }
-        }
-        out
+        outs_t
+            .into_iter()
+            .zip(ws)
+            .map(|(out_t, w)| {
+                let mut out = vec![0f32; m * w.rows];
+                for r in 0..w.rows {
+                    for t in 0..m {
+                        out[t * w.rows + r] = out_t[r * m + t];
+                    }
+                }
+                out
+            })
+            .collect()
     }
 }
 
@@ -213,6 +231,25 @@ impl CustomOp1 for Q4_1MatMul<'_> {
         *dims.last_mut().expect("checked") = self.w.rows;
         Ok((CpuStorage::F32(self.w.matmul(x, self.simd)), Shape::from(dims)))
     }
+}
+
+/// `x · Wᵢᵀ` for each of `ws` (sharing `cols`), one quantization of `x`; f32 `x` `[.., cols]`.
+pub fn q4_1_matmul_many(x: &Tensor, ws: &[&Q4_1Matrix]) -> Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&ws[0].cols) || ws.iter().any(|w| w.cols != ws[0].cols) {
+        candle_core::bail!("q4_1_matmul_many: x is {dims:?}, weights have {} cols", ws[0].cols);
+    }
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    Q4_1Matrix::matmul_many(ws, &data, true)
+        .into_iter()
+        .zip(ws)
+        .map(|(out, w)| {
+            let mut shape = dims.clone();
+            *shape.last_mut().expect("checked") = w.rows;
+            Tensor::from_vec(out, shape, x.device())
+        })
+        .collect()
 }
 
 /// `x · Wᵀ` for f32 `x` `[.., cols]`; `simd: false` forces the scalar reference.
