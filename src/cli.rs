@@ -86,6 +86,9 @@ pub struct ModelArgs {
     pub dtype: Option<DtypeArg>,
     #[command(flatten)]
     pub sharing: SharingArgs,
+    /// GGUF: dequantize weights to dense f32 at load (exact f32 arithmetic; more memory).
+    #[arg(long)]
+    pub dequantize: bool,
 }
 
 impl ModelArgs {
@@ -104,6 +107,7 @@ impl ModelArgs {
             dtype: self.dtype.map(DtypeArg::dtype),
             device: self.device()?,
             sharing: self.sharing.sharing()?,
+            dequantize: self.dequantize,
         };
         Ok(model::load(source, &opts)?)
     }

@@ -34,6 +34,8 @@ pub struct LoadOptions {
     pub dtype: Option<DType>,
     pub device: Device,
     pub sharing: Option<KvSharing>,
+    /// GGUF: dequantize quantized linears to dense weights at load.
+    pub dequantize: bool,
 }
 
 impl Default for LoadOptions {
@@ -42,6 +44,7 @@ impl Default for LoadOptions {
             dtype: None,
             device: Device::Cpu,
             sharing: None,
+            dequantize: false,
         }
     }
 }
@@ -125,7 +128,10 @@ pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, Load
         }
         ModelSource::Gguf(path) => {
             let dtype = opts.dtype.unwrap_or(DType::F32);
-            let w = weights::Weights::gguf(path, dtype, &opts.device)?;
+            let mut w = weights::Weights::gguf(path, dtype, &opts.device)?;
+            if opts.dequantize {
+                w = w.dequantized();
+            }
             let content = w.gguf_content().expect("a GGUF source");
             let (mut cfg, interleaved) = gguf_config::config_from_gguf(content)?;
             if let Some(s) = &opts.sharing {

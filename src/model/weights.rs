@@ -98,6 +98,8 @@ pub enum Weights {
         path: PathBuf,
         dtype: DType,
         device: Device,
+        /// Keep quantized linears quantized (f32 runs only); `false` dequantizes them.
+        keep_quantized: bool,
     },
 }
 
@@ -176,11 +178,21 @@ impl Weights {
             }
         }
         Ok(Weights::Gguf {
+            keep_quantized: true,
             content,
             path: path.to_path_buf(),
             dtype,
             device: device.clone(),
         })
+    }
+
+    /// Linears load as dense tensors in the model dtype: exact f32 arithmetic, for
+    /// comparisons against the quantized path (activation quantization drifts).
+    pub fn dequantized(mut self) -> Self {
+        if let Weights::Gguf { keep_quantized, .. } = &mut self {
+            *keep_quantized = false;
+        }
+        self
     }
 
     pub fn gguf_content(&self) -> Option<&gguf_file::Content> {
@@ -273,7 +285,11 @@ impl Weights {
     pub fn linear(&self, prefix: &str, out_dim: usize, in_dim: usize, with_bias: bool) -> Result<Linear, WeightsError> {
         let wname = format!("{prefix}.weight");
         let weight = match self {
-            Weights::Gguf { dtype: DType::F32, .. } => {
+            Weights::Gguf {
+                dtype: DType::F32,
+                keep_quantized: true,
+                ..
+            } => {
                 let q = self.qtensor(&wname)?;
                 Self::check_shape(&wname, q.shape().dims(), &[out_dim, in_dim])?;
                 let load = |e: candle_core::Error| WeightsError::Load {

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod config_errors;
+mod default_model;
 mod golden;
 mod kv;
 mod paged_vs_dense;
