@@ -2,7 +2,7 @@
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
-use crate::ops::{q4_1_matmul, q4_1_matmul_many, Q4_1Matrix};
+use crate::ops::{qmatmul, qmatmul_many, QFormat, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -25,12 +25,12 @@ pub enum WeightsError {
     Load { name: String, reason: String },
 }
 
-/// A linear layer's weight (`[out, in]`): dense or candle-quantized, or Q4_1 through
-/// our own kernel (candle's Q4_1 dot product is scalar).
+/// A linear layer's weight (`[out, in]`): dense or candle-quantized, or Q4_1/Q8_0
+/// through our own kernels (`ops::qmatmul`: candle's Q4_1 dot product is scalar).
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Candle(QMatMul),
-    Q4_1(Arc<Q4_1Matrix>),
+    Quant(Arc<QMatrix>),
 }
 
 /// A linear layer: weight and optional bias.
@@ -44,25 +44,25 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Q4_1(w) => q4_1_matmul(x, w, true)?,
+            LinearWeight::Quant(w) => qmatmul(x, w, true)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         }
     }
-    /// Applies several linears to one input (q/k/v, gate/up). Q4_1 weights share one
+    /// Applies several linears to one input (q/k/v, gate/up). Our quantized weights share one
     /// activation quantization and one parallel region; others run one by one.
     pub fn forward_many(x: &Tensor, ls: &[&Linear]) -> candle_core::Result<Vec<Tensor>> {
-        let q4: Option<Vec<&Q4_1Matrix>> = ls
+        let quant: Option<Vec<&QMatrix>> = ls
             .iter()
             .map(|l| match &l.weight {
-                LinearWeight::Q4_1(w) => Some(w.as_ref()),
+                LinearWeight::Quant(w) => Some(w.as_ref()),
                 LinearWeight::Candle(_) => None,
             })
             .collect();
-        match q4 {
-            Some(ws) if ls.len() > 1 && x.dtype() == DType::F32 => q4_1_matmul_many(x, &ws)?
+        match quant {
+            Some(ws) if ls.len() > 1 && x.dtype() == DType::F32 => qmatmul_many(x, &ws)?
                 .into_iter()
                 .zip(ls)
                 .map(|(y, l)| match &l.bias {
@@ -79,7 +79,7 @@ impl Linear {
         match &self.weight {
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device()),
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.clone()),
-            LinearWeight::Q4_1(w) => w.dequantize(),
+            LinearWeight::Quant(w) => w.dequantize(),
         }
     }
     pub fn bias(&self) -> Option<&Tensor> {
@@ -296,9 +296,16 @@ impl Weights {
                     name: wname.clone(),
                     reason: e.to_string(),
                 };
-                if q.dtype() == GgmlDType::Q4_1 && self.device().is_cpu() {
+                let format = match q.dtype() {
+                    GgmlDType::Q4_1 => Some(QFormat::Q4_1),
+                    GgmlDType::Q8_0 => Some(QFormat::Q8_0),
+                    _ => None,
+                };
+                if let (Some(format), true) = (format, self.device().is_cpu() && in_dim % 32 == 0) {
                     let bytes = q.data().map_err(load)?.to_vec();
-                    LinearWeight::Q4_1(Arc::new(Q4_1Matrix::from_bytes(bytes, out_dim, in_dim).map_err(load)?))
+                    LinearWeight::Quant(Arc::new(
+                        QMatrix::from_bytes(format, bytes, out_dim, in_dim).map_err(load)?,
+                    ))
                 } else {
                     LinearWeight::Candle(QMatMul::from_arc(Arc::new(q)).map_err(load)?)
                 }

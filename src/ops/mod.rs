@@ -2,11 +2,11 @@
 //! that the CUDA kernel (feature `cuda`, issue 4) must match.
 
 pub mod paged_attention;
-pub mod q4_1;
+pub mod qmatmul;
 pub mod reshape_and_cache;
 
 pub use paged_attention::{paged_attention, SeqSpan};
-pub use q4_1::{q4_1_matmul, q4_1_matmul_many, Q4_1Matrix};
+pub use qmatmul::{qmatmul, qmatmul_many, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 
 use candle_core::{CpuStorage, Layout, Result};

@@ -1,0 +1,411 @@
+//! `qmatmul`: `x · Wᵀ` with W in a GGUF block format, for CPU decode speed.
+//! - Q4_1 (blocks of 32: f16 scale `d`, f16 min `m`, 16 bytes of nibbles; element j is
+//!   the low nibble of byte j, element j+16 the high one). candle 0.11's Q4_1 dot
+//!   product is scalar, and the default model is Q4_1.
+//! - Q8_0 (f16 scale, 32 i8): the default model's tied embedding / lm_head; having it
+//!   here puts it in the same fused, low-overhead parallel region as the rest.
+//! Activations are quantized per block of 32 to i8 with an f32 scale (llama.cpp's
+//! Q8_1), so a Q4_1 block's dot product is `d_w·d_x·Σ q_w q_x + m_w·d_x·Σ q_x` and a
+//! Q8_0 one `d_w·d_x·Σ q_w q_x`. AVX2 (maddubs) where the CPU has it; the scalar paths
+//! are the reference.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::f16;
+use rayon::prelude::*;
+
+const QK: usize = 32;
+
+/// The GGUF block formats this op reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    Q4_1,
+    Q8_0,
+}
+
+impl QFormat {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q4_1 => 20,
+            QFormat::Q8_0 => 34,
+        }
+    }
+}
+
+/// A quantized weight `[rows, cols]`, row-major, raw GGUF blocks.
+#[derive(Debug)]
+pub struct QMatrix {
+    format: QFormat,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+/// Activations quantized per block of 32: scales, scale × Σq, and the i8 values.
+struct QuantizedRows {
+    d: Vec<f32>,
+    s: Vec<f32>,
+    q: Vec<i8>,
+}
+
+fn quantize_rows(x: &[f32], cols: usize) -> QuantizedRows {
+    let nb = x.len() / QK;
+    let mut out = QuantizedRows {
+        d: vec![0.0; nb],
+        s: vec![0.0; nb],
+        q: vec![0; x.len()],
+    };
+    debug_assert_eq!(x.len() % cols, 0);
+    for b in 0..nb {
+        let xs = &x[b * QK..(b + 1) * QK];
+        let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in out.q[b * QK..(b + 1) * QK].iter_mut().zip(xs) {
+            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            sum += *q as i32;
+        }
+        out.d[b] = d;
+        out.s[b] = d * sum as f32;
+    }
+    out
+}
+
+fn block_scales(blk: &[u8]) -> (f32, f32) {
+    (
+        f16::from_le_bytes([blk[0], blk[1]]).to_f32(),
+        f16::from_le_bytes([blk[2], blk[3]]).to_f32(),
+    )
+}
+
+/// The Q8_0 reference: one weight row against one quantized activation row.
+fn dot_row_q8_0_scalar(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for (b, blk) in row.chunks_exact(34).enumerate() {
+        let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let qa = &q[b * QK..(b + 1) * QK];
+        let isum: i32 = blk[2..].iter().zip(qa).map(|(&w, &a)| w as i8 as i32 * a as i32).sum();
+        sum += dw * d[b] * isum as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_row_q8_0_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 34;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * 34);
+        let dw = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let a = _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i);
+        // maddubs wants unsigned × signed: |w| × (a · sign(w)).
+        let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
+        let p = _mm256_madd_epi16(p, ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.get_unchecked(b)), _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let hi = _mm256_extractf128_ps(acc, 1);
+    let v = _mm_add_ps(_mm256_castps256_ps128(acc), hi);
+    let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    let v = _mm_add_ss(v, _mm_shuffle_ps(v, v, 1));
+    _mm_cvtss_f32(v)
+}
+
+/// The Q4_1 reference: one weight row against one quantized activation row.
+fn dot_row_scalar(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    let mut sum = 0f32;
+    for (b, blk) in row.chunks_exact(20).enumerate() {
+        let (dw, mw) = block_scales(blk);
+        let qa = &q[b * QK..(b + 1) * QK];
+        let mut isum = 0i32;
+        for j in 0..QK / 2 {
+            isum += (blk[4 + j] & 0x0F) as i32 * qa[j] as i32 + (blk[4 + j] >> 4) as i32 * qa[j + QK / 2] as i32;
+        }
+        sum += dw * d[b] * isum as f32 + mw * s[b];
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 20;
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut min_acc = 0f32;
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * 20);
+        let (dw, mw) = block_scales(std::slice::from_raw_parts(blk, 4));
+        let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+        let a = _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i);
+        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * *d.get_unchecked(b)), _mm256_cvtepi32_ps(p), acc);
+        min_acc += mw * *s.get_unchecked(b);
+    }
+    hsum(acc) + min_acc
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl QMatrix {
+    /// From raw GGUF bytes of a `[rows, cols]` tensor.
+    pub fn from_bytes(format: QFormat, data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
+        if cols % QK != 0 || data.len() != rows * cols / QK * format.block_bytes() {
+            candle_core::bail!(
+                "qmatmul: {} bytes do not make a [{rows}, {cols}] {format:?} matrix",
+                data.len()
+            );
+        }
+        Ok(QMatrix {
+            format,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn format(&self) -> QFormat {
+        self.format
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The dense f32 weight `[rows, cols]`.
+    pub fn dequantize(&self) -> Result<Tensor> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for blk in self.data.chunks_exact(self.format.block_bytes()) {
+            match self.format {
+                QFormat::Q4_1 => {
+                    let (d, m) = block_scales(blk);
+                    out.extend(blk[4..].iter().map(|b| (b & 0x0F) as f32 * d + m));
+                    out.extend(blk[4..].iter().map(|b| (b >> 4) as f32 * d + m));
+                }
+                QFormat::Q8_0 => {
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    out.extend(blk[2..].iter().map(|&b| b as i8 as f32 * d));
+                }
+            }
+        }
+        Tensor::from_vec(out, (self.rows, self.cols), &candle_core::Device::Cpu)
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let n = self.cols / QK * self.format.block_bytes();
+        &self.data[r * n..(r + 1) * n]
+    }
+
+    fn dot_row(&self, row: &[u8], q: &[i8], d: &[f32], s: &[f32], simd: bool) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is only true where AVX2 and FMA were detected.
+            return unsafe {
+                match self.format {
+                    QFormat::Q4_1 => dot_row_avx2(row, q, d, s),
+                    QFormat::Q8_0 => dot_row_q8_0_avx2(row, q, d),
+                }
+            };
+        }
+        let _ = simd;
+        match self.format {
+            QFormat::Q4_1 => dot_row_scalar(row, q, d, s),
+            QFormat::Q8_0 => dot_row_q8_0_scalar(row, q, d),
+        }
+    }
+
+    /// `x` is `[m, cols]` row-major; returns `[m, rows]`.
+    pub fn matmul(&self, x: &[f32], use_simd: bool) -> Vec<f32> {
+        Self::matmul_many(&[self], x, use_simd)
+            .pop()
+            .expect("one matrix, one output")
+    }
+
+    /// Several matrices with the same `cols` applied to one `x` (q/k/v, gate/up):
+    /// one activation quantization and one parallel region for all of them.
+    pub fn matmul_many(ws: &[&QMatrix], x: &[f32], use_simd: bool) -> Vec<Vec<f32>> {
+        let cols = ws[0].cols;
+        assert!(
+            ws.iter().all(|w| w.cols == cols),
+            "matmul_many: matrices must share cols"
+        );
+        let m = x.len() / cols;
+        let qx = quantize_rows(x, cols);
+        let nb = cols / QK;
+        let simd = use_simd && has_avx2();
+        // Tasks own a run of weight rows for every token ([rows, m] order), so a weight
+        // row is read from memory once per call whatever m is. Rows per task: enough
+        // tasks to balance the threads, few enough to keep scheduling cheap.
+        let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+        let chunk = (total_rows / (8 * rayon::current_num_threads())).clamp(8, 256);
+        let mut outs_t: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows * m]).collect();
+        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
+        for (w, out) in ws.iter().zip(outs_t.iter_mut()) {
+            for (c, piece) in out.chunks_mut(chunk * m).enumerate() {
+                tasks.push((w, c * chunk, piece));
+            }
+        }
+        tasks.into_par_iter().for_each(|(w, r0, piece)| {
+            for (i, r) in (r0..r0 + piece.len() / m).enumerate() {
+                let row = w.row(r);
+                for t in 0..m {
+                    let (q, d, s) = (
+                        &qx.q[t * cols..(t + 1) * cols],
+                        &qx.d[t * nb..(t + 1) * nb],
+                        &qx.s[t * nb..(t + 1) * nb],
+                    );
+                    piece[i * m + t] = w.dot_row(row, q, d, s, simd);
+                }
+            }
+        });
+        if m == 1 {
+            return outs_t;
+        }
+        outs_t
+            .into_iter()
+            .zip(ws)
+            .map(|(out_t, w)| {
+                let mut out = vec![0f32; m * w.rows];
+                for r in 0..w.rows {
+                    for t in 0..m {
+                        out[t * w.rows + r] = out_t[r * m + t];
+                    }
+                }
+                out
+            })
+            .collect()
+    }
+}
+
+struct QMatMulOp<'a> {
+    w: &'a QMatrix,
+    simd: bool,
+}
+
+impl CustomOp1 for QMatMulOp<'_> {
+    fn name(&self) -> &'static str {
+        "qmatmul"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(x) = s else {
+            candle_core::bail!("qmatmul: activations must be f32")
+        };
+        let x = super::contiguous(x, l, self.name(), "x")?;
+        let mut dims = l.dims().to_vec();
+        if dims.last() != Some(&self.w.cols) {
+            candle_core::bail!("qmatmul: x is {dims:?}, weight is [{}, {}]", self.w.rows, self.w.cols);
+        }
+        *dims.last_mut().expect("checked") = self.w.rows;
+        Ok((CpuStorage::F32(self.w.matmul(x, self.simd)), Shape::from(dims)))
+    }
+}
+
+/// `x · Wᵢᵀ` for each of `ws` (sharing `cols`), one quantization of `x`; f32 `x` `[.., cols]`.
+pub fn qmatmul_many(x: &Tensor, ws: &[&QMatrix]) -> Result<Vec<Tensor>> {
+    let x = x.contiguous()?;
+    let dims = x.dims().to_vec();
+    if dims.last() != Some(&ws[0].cols) || ws.iter().any(|w| w.cols != ws[0].cols) {
+        candle_core::bail!("qmatmul_many: x is {dims:?}, weights have {} cols", ws[0].cols);
+    }
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    QMatrix::matmul_many(ws, &data, true)
+        .into_iter()
+        .zip(ws)
+        .map(|(out, w)| {
+            let mut shape = dims.clone();
+            *shape.last_mut().expect("checked") = w.rows;
+            Tensor::from_vec(out, shape, x.device())
+        })
+        .collect()
+}
+
+/// `x · Wᵀ` for f32 `x` `[.., cols]`; `simd: false` forces the scalar reference.
+pub fn qmatmul(x: &Tensor, w: &QMatrix, simd: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&QMatMulOp { w, simd })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::Device;
+
+    fn check(dtype: GgmlDType, format: QFormat) {
+        let (rows, cols, m) = (40, 96, 3);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 104729 % 997) as f32 / 498.0 - 1.0))
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wt, dtype).unwrap();
+        let deq = q.dequantize(&Device::Cpu).unwrap();
+        let mat = QMatrix::from_bytes(format, q.data().unwrap().to_vec(), rows, cols).unwrap();
+        let ours: Vec<f32> = mat.dequantize().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            ours,
+            deq.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{format:?} dequantize"
+        );
+        let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+        let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let want = flat(xt.matmul(&deq.t().unwrap()).unwrap());
+        let scalar = flat(qmatmul(&xt, &mat, false).unwrap());
+        let simd = flat(qmatmul(&xt, &mat, true).unwrap());
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for i in 0..want.len() {
+            // Activation quantization to i8 costs ~1% of the output scale.
+            assert!(
+                (want[i] - scalar[i]).abs() <= 0.02 * scale,
+                "{format:?} {i}: {} vs {}",
+                want[i],
+                scalar[i]
+            );
+            assert!(
+                (simd[i] - scalar[i]).abs() <= 1e-4 * scale,
+                "{format:?} {i}: simd {} vs scalar {}",
+                simd[i],
+                scalar[i]
+            );
+        }
+        // Fused calls give each matrix exactly what a lone call gives.
+        let many = qmatmul_many(&xt, &[&mat, &mat]).unwrap();
+        assert_eq!(flat(many[1].clone()), simd);
+    }
+
+    #[test]
+    fn q4_1_simd_matches_scalar_and_dense_reference() {
+        check(GgmlDType::Q4_1, QFormat::Q4_1);
+    }
+
+    #[test]
+    fn q8_0_simd_matches_scalar_and_dense_reference() {
+        check(GgmlDType::Q8_0, QFormat::Q8_0);
+    }
+}
