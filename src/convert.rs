@@ -37,8 +37,8 @@ pub fn convert(source: ModelSource, sharing: &KvSharing, out: &Path) -> anyhow::
         sharing: Some(sharing.clone()),
         ..Default::default()
     };
-    let loaded = model::load(source.clone(), &opts)?;
-    let m = &loaded.model;
+    // The model only: a checkpoint without tokenizer files converts too (they are copied when present).
+    let m = &model::load_model_dir(dir, &opts)?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in m.named_tensors() {
         tensors.insert(name, t.clone());

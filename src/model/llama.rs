@@ -112,7 +112,10 @@ impl Attention {
             Some(p) if p.norm.is_none() => {
                 let mut qkv = Linear::forward_many(normed, &[&self.q, &p.k, &p.v])?.into_iter();
                 let (q, k, v) = (qkv.next(), qkv.next(), qkv.next());
-                (q.expect("three outputs"), Some((k.expect("three outputs"), v.expect("three outputs"))))
+                (
+                    q.expect("three outputs"),
+                    Some((k.expect("three outputs"), v.expect("three outputs"))),
+                )
             }
             // The paper's separate K/V norm: K/V come from the residual normed with it.
             Some(p) => {

@@ -158,6 +158,67 @@ unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     hsum(acc) + min_acc
 }
 
+/// Four activation rows against one Q4_1 weight row: each weight block is decoded once
+/// for the four (prefill is compute-bound, so this is where its time goes).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 20;
+    let ones = _mm256_set1_epi16(1);
+    let low = _mm_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut min_acc = [0f32; 4];
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * 20);
+        let (dw, mw) = block_scales(std::slice::from_raw_parts(blk, 4));
+        let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
+        for j in 0..4 {
+            let a = _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), ones);
+            acc[j] = _mm256_fmadd_ps(
+                _mm256_set1_ps(dw * *d[j].get_unchecked(b)),
+                _mm256_cvtepi32_ps(p),
+                acc[j],
+            );
+            min_acc[j] += mw * *s[j].get_unchecked(b);
+        }
+    }
+    [
+        hsum(acc[0]) + min_acc[0],
+        hsum(acc[1]) + min_acc[1],
+        hsum(acc[2]) + min_acc[2],
+        hsum(acc[3]) + min_acc[3],
+    ]
+}
+
+/// Four activation rows against one Q8_0 weight row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_row_q8_0_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 34;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..nb {
+        let blk = row.as_ptr().add(b * 34);
+        let dw = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+        let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        let aw = _mm256_sign_epi8(w, w);
+        for j in 0..4 {
+            let a = _mm256_loadu_si256(q[j].as_ptr().add(b * QK) as *const __m256i);
+            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(a, w)), ones);
+            acc[j] = _mm256_fmadd_ps(
+                _mm256_set1_ps(dw * *d[j].get_unchecked(b)),
+                _mm256_cvtepi32_ps(p),
+                acc[j],
+            );
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+}
+
 fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -273,13 +334,32 @@ impl QMatrix {
         tasks.into_par_iter().for_each(|(w, r0, piece)| {
             for (i, r) in (r0..r0 + piece.len() / m).enumerate() {
                 let row = w.row(r);
-                for t in 0..m {
-                    let (q, d, s) = (
+                let act = |t: usize| {
+                    (
                         &qx.q[t * cols..(t + 1) * cols],
                         &qx.d[t * nb..(t + 1) * nb],
                         &qx.s[t * nb..(t + 1) * nb],
-                    );
-                    piece[i * m + t] = w.dot_row(row, q, d, s, simd);
+                    )
+                };
+                let out = &mut piece[i * m..(i + 1) * m];
+                let mut t = 0;
+                #[cfg(target_arch = "x86_64")]
+                while simd && t + 4 <= m {
+                    let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+                    let (q, d, s) = (a.map(|x| x.0), a.map(|x| x.1), a.map(|x| x.2));
+                    // SAFETY: `simd` is only true where AVX2 and FMA were detected.
+                    let r4 = unsafe {
+                        match w.format {
+                            QFormat::Q4_1 => dot_row_x4_avx2(row, q, d, s),
+                            QFormat::Q8_0 => dot_row_q8_0_x4_avx2(row, q, d),
+                        }
+                    };
+                    out[t..t + 4].copy_from_slice(&r4);
+                    t += 4;
+                }
+                for (t, o) in out.iter_mut().enumerate().skip(t) {
+                    let (q, d, s) = act(t);
+                    *o = w.dot_row(row, q, d, s, simd);
                 }
             }
         });
@@ -356,7 +436,7 @@ mod tests {
     use candle_core::Device;
 
     fn check(dtype: GgmlDType, format: QFormat) {
-        let (rows, cols, m) = (40, 96, 3);
+        let (rows, cols, m) = (40, 96, 7);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
