@@ -132,12 +132,12 @@ impl Tiny {
         w(&mut t, "model.embed_tokens.weight".into(), &[self.vocab, h]);
         w(&mut t, "lm_head.weight".into(), &[self.vocab, h]);
         let mut norms = Vec::new();
-        for l in 0..self.layers {
+        for (l, &source) in src.iter().enumerate() {
             let a = format!("model.layers.{l}.self_attn");
             let m = format!("model.layers.{l}.mlp");
             w(&mut t, format!("{a}.q_proj.weight"), &[q_out, h]);
             w(&mut t, format!("{a}.o_proj.weight"), &[h, q_out]);
-            if src[l] == l {
+            if source == l {
                 w(&mut t, format!("{a}.k_proj.weight"), &[kv_out, h]);
                 w(&mut t, format!("{a}.v_proj.weight"), &[kv_out, h]);
             }

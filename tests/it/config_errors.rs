@@ -177,9 +177,7 @@ fn loading_a_checkpoint_with_a_bad_cla_key_names_key_and_layer() {
     let ck = Tiny::new(4, 4, 2, 8, 32, 61)
         .cla("kv_source", json!([0, 2, 2, 2]))
         .write();
-    let e = model::load_model_dir(ck.path(), &LoadOptions::default())
-        .err()
-        .expect("a forward source");
+    let e = model::load_model_dir(ck.path(), &LoadOptions::default()).expect_err("a forward source");
     assert_names(&e.to_string(), &["`kv_source`", "layer 1", "forward"]);
     // A bad re-sharing at load is refused the same way.
     let ok = Tiny::new(4, 4, 2, 8, 32, 61).write();
@@ -187,9 +185,7 @@ fn loading_a_checkpoint_with_a_bad_cla_key_names_key_and_layer() {
         sharing: Some(KvSharing::Explicit(vec![0, 0, 1, 1])),
         ..Default::default()
     };
-    let e = model::load_model_dir(ok.path(), &opts)
-        .err()
-        .expect("a consumer of a consumer");
+    let e = model::load_model_dir(ok.path(), &opts).expect_err("a consumer of a consumer");
     assert_names(&e.to_string(), &["`kv_source`", "layer 2", "consumer"]);
 }
 
@@ -201,8 +197,7 @@ fn a_missing_producer_k_proj_names_the_tensor_and_layer() {
     ck.tensors.remove("model.layers.2.self_attn.k_proj.weight");
     ck.save();
     let e = model::load_model_dir(ck.path(), &LoadOptions::default())
-        .err()
-        .expect("k_proj of producer 2 is missing")
+        .expect_err("k_proj of producer 2 is missing")
         .to_string();
     assert_names(&e, &["model.layers.2.self_attn.k_proj.weight", "missing", "layer 2"]);
     // Re-sharing a CLA checkpoint so that a weightless consumer becomes a producer fails the same way.
@@ -216,8 +211,7 @@ fn a_missing_producer_k_proj_names_the_tensor_and_layer() {
         ..Default::default()
     };
     let e = model::load_model_dir(ck.path(), &opts)
-        .err()
-        .expect("layer 1 has no k_proj")
+        .expect_err("layer 1 has no k_proj")
         .to_string();
     assert_names(&e, &["model.layers.1.self_attn.k_proj.weight", "layer 1"]);
 }
