@@ -9,3 +9,4 @@ mod golden;
 mod kv;
 mod paged_vs_dense;
 mod sources;
+mod tokenizer;
