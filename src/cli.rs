@@ -221,7 +221,8 @@ fn runner_for(
 
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     check_block_size(args.block_size)?;
-    if !(args.temperature >= 0.0) || !(args.top_p > 0.0 && args.top_p <= 1.0) {
+    let temperature_ok = args.temperature.is_finite() && args.temperature >= 0.0;
+    if !temperature_ok || args.top_p.is_nan() || args.top_p <= 0.0 || args.top_p > 1.0 {
         bail!("--temperature must be ≥ 0 and --top-p in (0, 1]");
     }
     let loaded = args.model.load()?;

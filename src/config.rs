@@ -396,7 +396,7 @@ impl ModelConfig {
         let head_dim = match rc.head_dim {
             Some(d) => pos("head_dim", d)?,
             None => {
-                if rc.hidden_size % heads != 0 {
+                if !rc.hidden_size.is_multiple_of(heads) {
                     return Err(ConfigError::invalid(
                         "head_dim",
                         None,

@@ -301,7 +301,7 @@ impl Weights {
                     GgmlDType::Q8_0 => Some(QFormat::Q8_0),
                     _ => None,
                 };
-                if let (Some(format), true) = (format, self.device().is_cpu() && in_dim % 32 == 0) {
+                if let (Some(format), true) = (format, self.device().is_cpu() && in_dim.is_multiple_of(32)) {
                     let bytes = q.data().map_err(load)?.to_vec();
                     LinearWeight::Quant(Arc::new(
                         QMatrix::from_bytes(format, bytes, out_dim, in_dim).map_err(load)?,

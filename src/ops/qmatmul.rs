@@ -4,6 +4,7 @@
 //!   product is scalar, and the default model is Q4_1.
 //! - Q8_0 (f16 scale, 32 i8): the default model's tied embedding / lm_head; having it
 //!   here puts it in the same fused, low-overhead parallel region as the rest.
+//!
 //! Activations are quantized per block of 32 to i8 with an f32 scale (llama.cpp's
 //! Q8_1), so a Q4_1 block's dot product is `d_w·d_x·Σ q_w q_x + m_w·d_x·Σ q_x` and a
 //! Q8_0 one `d_w·d_x·Σ q_w q_x`. AVX2 (maddubs) where the CPU has it; the scalar paths
@@ -233,7 +234,7 @@ fn has_avx2() -> bool {
 impl QMatrix {
     /// From raw GGUF bytes of a `[rows, cols]` tensor.
     pub fn from_bytes(format: QFormat, data: Vec<u8>, rows: usize, cols: usize) -> Result<Self> {
-        if cols % QK != 0 || data.len() != rows * cols / QK * format.block_bytes() {
+        if !cols.is_multiple_of(QK) || data.len() != rows * cols / QK * format.block_bytes() {
             candle_core::bail!(
                 "qmatmul: {} bytes do not make a [{rows}, {cols}] {format:?} matrix",
                 data.len()
@@ -440,9 +441,7 @@ mod tests {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
             .collect();
-        let x: Vec<f32> = (0..m * cols)
-            .map(|i| ((i * 104729 % 997) as f32 / 498.0 - 1.0))
-            .collect();
+        let x: Vec<f32> = (0..m * cols).map(|i| (i * 104729 % 997) as f32 / 498.0 - 1.0).collect();
         let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&wt, dtype).unwrap();
         let deq = q.dequantize(&Device::Cpu).unwrap();

@@ -106,11 +106,11 @@ fn paged_max_diff(name: &str) -> f32 {
         start_pos: 0,
     };
     check(half - 1, runner.step(&mgr, &[prefill]).unwrap(), "prefill");
-    for pos in half..ids.len() {
+    for (pos, &id) in ids.iter().enumerate().skip(half) {
         mgr.allocate(seq, pos + 1).unwrap();
         let step = SeqStep {
             seq,
-            tokens: vec![ids[pos]],
+            tokens: vec![id],
             start_pos: pos,
         };
         check(pos, runner.step(&mgr, &[step]).unwrap(), "decode");
