@@ -2,6 +2,7 @@
 //! that the CUDA kernel (feature `cuda`, issue 4) must match.
 
 pub mod paged_attention;
+mod parallel;
 pub mod qmatmul;
 pub mod reshape_and_cache;
 

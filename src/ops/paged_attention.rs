@@ -6,9 +6,9 @@
 //! must have been written with `reshape_and_cache` first. GQA/MQA: query head `h`
 //! reads KV head `h / (heads / kv_heads)`.
 
+use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Where one sequence's queries sit in the flat batch, and how long its context is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,9 @@ impl PagedAttention<'_> {
         d: usize,
         block_size: usize,
     ) -> Result<Vec<T>> {
-        // token → (sequence, absolute position)
+        let num_blocks = k.len() / (block_size * kv_heads * d);
+        // token → (sequence, absolute position); every table entry in use is checked
+        // here, so the parallel part below cannot fail.
         let mut owner = vec![(usize::MAX, 0usize); tokens];
         for (s, span) in self.seqs.iter().enumerate() {
             let (q0, ql, ctx) = (span.q_start as usize, span.q_len as usize, span.ctx_len as usize);
@@ -68,63 +70,63 @@ impl PagedAttention<'_> {
             if ctx.div_ceil(block_size) > self.max_blocks {
                 candle_core::bail!("paged_attention: sequence {s} needs more blocks than its table has");
             }
+            let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
+            if let Some(b) = table[..ctx.div_ceil(block_size)]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                candle_core::bail!(
+                    "paged_attention: sequence {s}'s block table holds block {b}, past the cache's {num_blocks}"
+                );
+            }
             for i in 0..ql {
                 owner[q0 + i] = (s, ctx - ql + i);
             }
         }
-        let cache_rows = k.len() / (kv_heads * d);
         let group = heads / kv_heads;
         let mut out = vec![T::from_f32(0.0); tokens * heads * d];
-        out.par_chunks_mut(heads * d)
-            .enumerate()
-            .try_for_each(|(t, out_t)| -> Result<()> {
-                let (s, pos) = owner[t];
-                if s == usize::MAX {
-                    return Ok(()); // a padding token no sequence owns
+        for_each_chunk_mut(&mut out, heads * d, |t, out_t| {
+            let (s, pos) = owner[t];
+            if s == usize::MAX {
+                return; // a padding token no sequence owns
+            }
+            let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
+            let n = pos + 1;
+            let rows: Vec<usize> = (0..n)
+                .map(|j| table[j / block_size] as usize * block_size + j % block_size)
+                .collect();
+            let mut scores = vec![0f32; n];
+            let mut acc = vec![0f32; d];
+            for h in 0..heads {
+                let kvh = h / group;
+                let qv: Vec<f32> = q[(t * heads + h) * d..(t * heads + h + 1) * d]
+                    .iter()
+                    .map(|x| x.to_f32())
+                    .collect();
+                let mut max = f32::NEG_INFINITY;
+                for (j, &row) in rows.iter().enumerate() {
+                    let kr = &k[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
+                    let dot = dot(&qv, kr);
+                    scores[j] = dot * self.scale;
+                    max = max.max(scores[j]);
                 }
-                let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
-                let n = pos + 1;
-                let mut rows = Vec::with_capacity(n);
-                for j in 0..n {
-                    let row = table[j / block_size] as usize * block_size + j % block_size;
-                    if row >= cache_rows {
-                        candle_core::bail!("paged_attention: block table points outside the cache");
-                    }
-                    rows.push(row);
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
                 }
-                let mut scores = vec![0f32; n];
-                let mut acc = vec![0f32; d];
-                for h in 0..heads {
-                    let kvh = h / group;
-                    let qv: Vec<f32> = q[(t * heads + h) * d..(t * heads + h + 1) * d]
-                        .iter()
-                        .map(|x| x.to_f32())
-                        .collect();
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, &row) in rows.iter().enumerate() {
-                        let kr = &k[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
-                        let dot = dot(&qv, kr);
-                        scores[j] = dot * self.scale;
-                        max = max.max(scores[j]);
-                    }
-                    let mut sum = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        sum += *sc;
-                    }
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (j, &row) in rows.iter().enumerate() {
-                        let w = scores[j] / sum;
-                        let vr = &v[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
-                        acc.iter_mut().zip(vr).for_each(|(a, b)| *a += w * b.to_f32());
-                    }
-                    out_t[h * d..(h + 1) * d]
-                        .iter_mut()
-                        .zip(&acc)
-                        .for_each(|(o, a)| *o = T::from_f32(*a));
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (j, &row) in rows.iter().enumerate() {
+                    let w = scores[j] / sum;
+                    let vr = &v[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
+                    acc.iter_mut().zip(vr).for_each(|(a, b)| *a += w * b.to_f32());
                 }
-                Ok(())
-            })?;
+                out_t[h * d..(h + 1) * d]
+                    .iter_mut()
+                    .zip(&acc)
+                    .for_each(|(o, a)| *o = T::from_f32(*a));
+            }
+        });
         Ok(out)
     }
 }

@@ -10,9 +10,9 @@
 //! Q8_0 one `d_w·d_x·Σ q_w q_x`. AVX2 (maddubs) where the CPU has it; the scalar paths
 //! are the reference.
 
+use super::parallel::for_each_piece_mut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
-use rayon::prelude::*;
 
 const QK: usize = 32;
 
@@ -321,18 +321,19 @@ impl QMatrix {
         let nb = cols / QK;
         let simd = use_simd && has_avx2();
         // Tasks own a run of weight rows for every token ([rows, m] order), so a weight
-        // row is read from memory once per call whatever m is. Rows per task: enough
-        // tasks to balance the threads, few enough to keep scheduling cheap.
-        let total_rows: usize = ws.iter().map(|w| w.rows).sum();
-        let chunk = (total_rows / (8 * rayon::current_num_threads())).clamp(8, 256);
+        // row is read from memory once per call whatever m is. Small tasks: the pool
+        // hands them out in batches to balance the threads.
+        const CHUNK: usize = 16;
         let mut outs_t: Vec<Vec<f32>> = ws.iter().map(|w| vec![0f32; w.rows * m]).collect();
-        let mut tasks: Vec<(&QMatrix, usize, &mut [f32])> = Vec::new();
-        for (w, out) in ws.iter().zip(outs_t.iter_mut()) {
-            for (c, piece) in out.chunks_mut(chunk * m).enumerate() {
-                tasks.push((w, c * chunk, piece));
+        let mut tasks: Vec<(usize, usize, usize)> = Vec::new();
+        for (wi, w) in ws.iter().enumerate() {
+            for r0 in (0..w.rows).step_by(CHUNK) {
+                tasks.push((wi, r0 * m, (CHUNK.min(w.rows - r0)) * m));
             }
         }
-        tasks.into_par_iter().for_each(|(w, r0, piece)| {
+        for_each_piece_mut(&mut outs_t, &tasks, |i, piece| {
+            let (wi, start, _) = tasks[i];
+            let (w, r0) = (ws[wi], start / m);
             for (i, r) in (r0..r0 + piece.len() / m).enumerate() {
                 let row = w.row(r);
                 let act = |t: usize| {
