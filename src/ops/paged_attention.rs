@@ -85,47 +85,40 @@ impl PagedAttention<'_> {
         }
         let group = heads / kv_heads;
         let mut out = vec![T::from_f32(0.0); tokens * heads * d];
-        for_each_chunk_mut(&mut out, heads * d, |t, out_t| {
+        // One task per (token, query head): decode steps have one token, so the
+        // parallelism has to come from the heads.
+        for_each_chunk_mut(&mut out, d, |i, out_h| {
+            let (t, h) = (i / heads, i % heads);
             let (s, pos) = owner[t];
             if s == usize::MAX {
                 return; // a padding token no sequence owns
             }
             let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
             let n = pos + 1;
-            let rows: Vec<usize> = (0..n)
-                .map(|j| table[j / block_size] as usize * block_size + j % block_size)
+            let kvh = h / group;
+            let qv: Vec<f32> = q[i * d..(i + 1) * d].iter().map(|x| x.to_f32()).collect();
+            let kv_row = |j: usize| {
+                let row = table[j / block_size] as usize * block_size + j % block_size;
+                (row * kv_heads + kvh) * d
+            };
+            let mut scores: Vec<f32> = (0..n)
+                .map(|j| dot(&qv, &k[kv_row(j)..kv_row(j) + d]) * self.scale)
                 .collect();
-            let mut scores = vec![0f32; n];
-            let mut acc = vec![0f32; d];
-            for h in 0..heads {
-                let kvh = h / group;
-                let qv: Vec<f32> = q[(t * heads + h) * d..(t * heads + h + 1) * d]
-                    .iter()
-                    .map(|x| x.to_f32())
-                    .collect();
-                let mut max = f32::NEG_INFINITY;
-                for (j, &row) in rows.iter().enumerate() {
-                    let kr = &k[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
-                    let dot = dot(&qv, kr);
-                    scores[j] = dot * self.scale;
-                    max = max.max(scores[j]);
-                }
-                let mut sum = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for (j, &row) in rows.iter().enumerate() {
-                    let w = scores[j] / sum;
-                    let vr = &v[(row * kv_heads + kvh) * d..(row * kv_heads + kvh + 1) * d];
-                    acc.iter_mut().zip(vr).for_each(|(a, b)| *a += w * b.to_f32());
-                }
-                out_t[h * d..(h + 1) * d]
-                    .iter_mut()
-                    .zip(&acc)
-                    .for_each(|(o, a)| *o = T::from_f32(*a));
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
             }
+            let mut acc = vec![0f32; d];
+            for (j, sc) in scores.iter().enumerate() {
+                let w = sc / sum;
+                let off = kv_row(j);
+                acc.iter_mut()
+                    .zip(&v[off..off + d])
+                    .for_each(|(a, b)| *a += w * b.to_f32());
+            }
+            out_h.iter_mut().zip(&acc).for_each(|(o, a)| *o = T::from_f32(*a));
         });
         Ok(out)
     }
