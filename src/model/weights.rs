@@ -2,7 +2,7 @@
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
-use crate::ops::{qmatmul, qmatmul_many, QFormat, QMatrix};
+use crate::ops::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -44,7 +44,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::Quant(w) => qmatmul(x, w, true)?,
+            LinearWeight::Quant(w) => qmatmul(x, w, Isa::best())?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),

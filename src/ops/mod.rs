@@ -7,7 +7,7 @@ pub mod qmatmul;
 pub mod reshape_and_cache;
 
 pub use paged_attention::{paged_attention, SeqSpan};
-pub use qmatmul::{qmatmul, qmatmul_many, QFormat, QMatrix};
+pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 
 use candle_core::{CpuStorage, Layout, Result};

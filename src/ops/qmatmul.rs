@@ -15,6 +15,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 
 const QK: usize = 32;
+/// How far ahead of the current block the kernels prefetch weights.
+const PREFETCH_BYTES: usize = 1024;
 
 /// The GGUF block formats this op reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,15 +222,126 @@ unsafe fn dot_row_q8_0_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4]) -> [f3
     [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }
 
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+/// Which kernels this CPU can run, best last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best this CPU has (detected once), capped by `CROSSKV_ISA` (scalar, avx2,
+    /// avx512vnni) when set, to compare kernels.
+    pub fn best() -> Isa {
+        static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let best = *Isa::available().last().expect("scalar is always there");
+            let cap = match std::env::var("CROSSKV_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512Vnni,
+            };
+            best.min(cap)
+        })
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// Every level this CPU can run, for tests that compare them.
+    pub fn available() -> Vec<Isa> {
+        let mut out = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if has!("avx2") && has!("fma") {
+                out.push(Isa::Avx2);
+                if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                    out.push(Isa::Avx512Vnni);
+                }
+            }
+        }
+        out
     }
+}
+
+/// Q4_1 with AVX-512 VNNI: two blocks per step, `vpdpbusd` (u8 nibbles × i8 activations).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn dot_row_q4_1_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 20;
+    let low = _mm_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    let mut min_acc = 0f32;
+    let nibbles = |blk: *const u8| {
+        let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
+        _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low))
+    };
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (b0, b1) = (row.as_ptr().add(b * 20), row.as_ptr().add((b + 1) * 20));
+        // Decode streams the weights once: fetch well ahead (rows are contiguous).
+        _mm_prefetch(b0.add(PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
+        let (dw0, mw0) = block_scales(std::slice::from_raw_parts(b0, 4));
+        let (dw1, mw1) = block_scales(std::slice::from_raw_parts(b1, 4));
+        let w = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles(b0)), nibbles(b1), 1);
+        let a = _mm512_loadu_si512(q.as_ptr().add(b * QK) as *const _);
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+        let scale = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(dw0 * *d.get_unchecked(b)),
+            _mm512_set1_ps(dw1 * *d.get_unchecked(b + 1)),
+        );
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
+        min_acc += mw0 * *s.get_unchecked(b) + mw1 * *s.get_unchecked(b + 1);
+        b += 2;
+    }
+    let mut total = _mm512_reduce_add_ps(acc) + min_acc;
+    if b < nb {
+        let tail = b * 20;
+        total += dot_row_avx2(&row[tail..], &q[b * QK..], &d[b..], &s[b..]);
+    }
+    total
+}
+
+/// Q8_0 with AVX-512 VNNI: `vpdpbusd` wants one unsigned side, so the weights are
+/// offset to `w + 128` and `128·Σq_x` (known from the activation block sums) taken off.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = row.len() / 34;
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = _mm512_setzero_ps();
+    let mut offset = 0f32;
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (b0, b1) = (row.as_ptr().add(b * 34), row.as_ptr().add((b + 1) * 34));
+        _mm_prefetch(b0.add(PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
+        _mm_prefetch(b0.add(PREFETCH_BYTES + 64) as *const i8, _MM_HINT_T0);
+        let dw0 = f16::from_le_bytes([*b0, *b0.add(1)]).to_f32();
+        let dw1 = f16::from_le_bytes([*b1, *b1.add(1)]).to_f32();
+        let w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
+            _mm256_loadu_si256(b1.add(2) as *const __m256i),
+            1,
+        );
+        let a = _mm512_loadu_si512(q.as_ptr().add(b * QK) as *const _);
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(w, flip), a);
+        let scale = _mm512_mask_blend_ps(
+            0xFF00,
+            _mm512_set1_ps(dw0 * *d.get_unchecked(b)),
+            _mm512_set1_ps(dw1 * *d.get_unchecked(b + 1)),
+        );
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
+        // s[b] = d_x·Σq_x, so 128·d_w·d_x·Σq_x = 128·d_w·s[b].
+        offset += 128.0 * (dw0 * *s.get_unchecked(b) + dw1 * *s.get_unchecked(b + 1));
+        b += 2;
+    }
+    let mut total = _mm512_reduce_add_ps(acc) - offset;
+    if b < nb {
+        total += dot_row_q8_0_avx2(&row[b * 34..], &q[b * QK..], &d[b..]);
+    }
+    total
 }
 
 impl QMatrix {
@@ -283,18 +396,16 @@ impl QMatrix {
         &self.data[r * n..(r + 1) * n]
     }
 
-    fn dot_row(&self, row: &[u8], q: &[i8], d: &[f32], s: &[f32], simd: bool) -> f32 {
+    fn dot_row(&self, row: &[u8], q: &[i8], d: &[f32], s: &[f32], isa: Isa) -> f32 {
+        // SAFETY (each arm): `isa` never names more than `Isa::available()` found.
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is only true where AVX2 and FMA were detected.
-            return unsafe {
-                match self.format {
-                    QFormat::Q4_1 => dot_row_avx2(row, q, d, s),
-                    QFormat::Q8_0 => dot_row_q8_0_avx2(row, q, d),
-                }
-            };
+        match (isa, self.format) {
+            (Isa::Avx512Vnni, QFormat::Q4_1) => return unsafe { dot_row_q4_1_vnni(row, q, d, s) },
+            (Isa::Avx512Vnni, QFormat::Q8_0) => return unsafe { dot_row_q8_0_vnni(row, q, d, s) },
+            (Isa::Avx2, QFormat::Q4_1) => return unsafe { dot_row_avx2(row, q, d, s) },
+            (Isa::Avx2, QFormat::Q8_0) => return unsafe { dot_row_q8_0_avx2(row, q, d) },
+            (Isa::Scalar, _) => {}
         }
-        let _ = simd;
         match self.format {
             QFormat::Q4_1 => dot_row_scalar(row, q, d, s),
             QFormat::Q8_0 => dot_row_q8_0_scalar(row, q, d),
@@ -302,15 +413,15 @@ impl QMatrix {
     }
 
     /// `x` is `[m, cols]` row-major; returns `[m, rows]`.
-    pub fn matmul(&self, x: &[f32], use_simd: bool) -> Vec<f32> {
-        Self::matmul_many(&[self], x, use_simd)
+    pub fn matmul(&self, x: &[f32], isa: Isa) -> Vec<f32> {
+        Self::matmul_many(&[self], x, isa)
             .pop()
             .expect("one matrix, one output")
     }
 
     /// Several matrices with the same `cols` applied to one `x` (q/k/v, gate/up):
     /// one activation quantization and one parallel region for all of them.
-    pub fn matmul_many(ws: &[&QMatrix], x: &[f32], use_simd: bool) -> Vec<Vec<f32>> {
+    pub fn matmul_many(ws: &[&QMatrix], x: &[f32], isa: Isa) -> Vec<Vec<f32>> {
         let cols = ws[0].cols;
         assert!(
             ws.iter().all(|w| w.cols == cols),
@@ -319,7 +430,7 @@ impl QMatrix {
         let m = x.len() / cols;
         let qx = quantize_rows(x, cols);
         let nb = cols / QK;
-        let simd = use_simd && has_avx2();
+        let isa = isa.min(Isa::best());
         // Tasks own a run of weight rows for every token ([rows, m] order), so a weight
         // row is read from memory once per call whatever m is. Small tasks: the pool
         // hands them out in batches to balance the threads.
@@ -346,10 +457,10 @@ impl QMatrix {
                 let out = &mut piece[i * m..(i + 1) * m];
                 let mut t = 0;
                 #[cfg(target_arch = "x86_64")]
-                while simd && t + 4 <= m {
+                while isa >= Isa::Avx2 && t + 4 <= m {
                     let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
                     let (q, d, s) = (a.map(|x| x.0), a.map(|x| x.1), a.map(|x| x.2));
-                    // SAFETY: `simd` is only true where AVX2 and FMA were detected.
+                    // SAFETY: `isa` is at most what `Isa::available()` found, here ≥ AVX2.
                     let r4 = unsafe {
                         match w.format {
                             QFormat::Q4_1 => dot_row_x4_avx2(row, q, d, s),
@@ -361,7 +472,7 @@ impl QMatrix {
                 }
                 for (t, o) in out.iter_mut().enumerate().skip(t) {
                     let (q, d, s) = act(t);
-                    *o = w.dot_row(row, q, d, s, simd);
+                    *o = w.dot_row(row, q, d, s, isa);
                 }
             }
         });
@@ -386,7 +497,7 @@ impl QMatrix {
 
 struct QMatMulOp<'a> {
     w: &'a QMatrix,
-    simd: bool,
+    isa: Isa,
 }
 
 impl CustomOp1 for QMatMulOp<'_> {
@@ -403,7 +514,7 @@ impl CustomOp1 for QMatMulOp<'_> {
             candle_core::bail!("qmatmul: x is {dims:?}, weight is [{}, {}]", self.w.rows, self.w.cols);
         }
         *dims.last_mut().expect("checked") = self.w.rows;
-        Ok((CpuStorage::F32(self.w.matmul(x, self.simd)), Shape::from(dims)))
+        Ok((CpuStorage::F32(self.w.matmul(x, self.isa)), Shape::from(dims)))
     }
 }
 
@@ -415,7 +526,7 @@ pub fn qmatmul_many(x: &Tensor, ws: &[&QMatrix]) -> Result<Vec<Tensor>> {
         candle_core::bail!("qmatmul_many: x is {dims:?}, weights have {} cols", ws[0].cols);
     }
     let data = x.flatten_all()?.to_vec1::<f32>()?;
-    QMatrix::matmul_many(ws, &data, true)
+    QMatrix::matmul_many(ws, &data, Isa::best())
         .into_iter()
         .zip(ws)
         .map(|(out, w)| {
@@ -426,9 +537,10 @@ pub fn qmatmul_many(x: &Tensor, ws: &[&QMatrix]) -> Result<Vec<Tensor>> {
         .collect()
 }
 
-/// `x · Wᵀ` for f32 `x` `[.., cols]`; `simd: false` forces the scalar reference.
-pub fn qmatmul(x: &Tensor, w: &QMatrix, simd: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op1_no_bwd(&QMatMulOp { w, simd })
+/// `x · Wᵀ` for f32 `x` `[.., cols]` with the kernels of `isa` (capped at what the CPU
+/// has); `Isa::Scalar` is the reference.
+pub fn qmatmul(x: &Tensor, w: &QMatrix, isa: Isa) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&QMatMulOp { w, isa })
 }
 
 #[cfg(test)]
@@ -456,8 +568,7 @@ mod tests {
         let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
         let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
         let want = flat(xt.matmul(&deq.t().unwrap()).unwrap());
-        let scalar = flat(qmatmul(&xt, &mat, false).unwrap());
-        let simd = flat(qmatmul(&xt, &mat, true).unwrap());
+        let scalar = flat(qmatmul(&xt, &mat, Isa::Scalar).unwrap());
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         for i in 0..want.len() {
             // Activation quantization to i8 costs ~1% of the output scale.
@@ -467,16 +578,24 @@ mod tests {
                 want[i],
                 scalar[i]
             );
-            assert!(
-                (simd[i] - scalar[i]).abs() <= 1e-4 * scale,
-                "{format:?} {i}: simd {} vs scalar {}",
-                simd[i],
-                scalar[i]
-            );
         }
+        // Every kernel this CPU has (AVX2, AVX-512 VNNI; rows of 3 blocks exercise the
+        // odd-block tails, 7 tokens the 4-row and 1-row paths) matches the scalar one.
+        for isa in Isa::available() {
+            let got = flat(qmatmul(&xt, &mat, isa).unwrap());
+            for i in 0..want.len() {
+                assert!(
+                    (got[i] - scalar[i]).abs() <= 1e-4 * scale,
+                    "{format:?} {isa:?} {i}: {} vs {}",
+                    got[i],
+                    scalar[i]
+                );
+            }
+        }
+        let best = flat(qmatmul(&xt, &mat, Isa::best()).unwrap());
         // Fused calls give each matrix exactly what a lone call gives.
         let many = qmatmul_many(&xt, &[&mat, &mat]).unwrap();
-        assert_eq!(flat(many[1].clone()), simd);
+        assert_eq!(flat(many[1].clone()), best);
     }
 
     #[test]
