@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod config_errors;
 mod default_model;
+mod dtypes;
 mod gguf;
 mod golden;
 mod kv;
