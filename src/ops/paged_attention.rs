@@ -45,19 +45,25 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Shapes of one call: `q` `[tokens, heads, d]`, caches `[_, block_size, kv_heads, d]`.
+#[derive(Clone, Copy)]
+struct Dims {
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    block_size: usize,
+}
+
 impl PagedAttention<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn run<T: Elem>(
-        &self,
-        q: &[T],
-        k: &[T],
-        v: &[T],
-        tokens: usize,
-        heads: usize,
-        kv_heads: usize,
-        d: usize,
-        block_size: usize,
-    ) -> Result<Vec<T>> {
+    fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T], dims: &Dims) -> Result<Vec<T>> {
+        let Dims {
+            tokens,
+            heads,
+            kv_heads,
+            d,
+            block_size,
+        } = *dims;
         let num_blocks = k.len() / (block_size * kv_heads * d);
         // token → (sequence, absolute position); every table entry in use is checked
         // here, so the parallel part below cannot fail.
@@ -148,37 +154,28 @@ impl CustomOp3 for PagedAttention<'_> {
             );
         }
         let n = self.name();
+        let dims = Dims {
+            tokens,
+            heads,
+            kv_heads,
+            d,
+            block_size,
+        };
+        // The same reference for each element type.
+        macro_rules! run {
+            ($variant:ident, $q:ident, $k:ident, $v:ident) => {
+                CpuStorage::$variant(self.run(
+                    contiguous($q, ql, n, "q")?,
+                    contiguous($k, kl, n, "k cache")?,
+                    contiguous($v, vl, n, "v cache")?,
+                    &dims,
+                )?)
+            };
+        }
         let out = match (qs, ks, vs) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => CpuStorage::F32(self.run(
-                contiguous(q, ql, n, "q")?,
-                contiguous(k, kl, n, "k cache")?,
-                contiguous(v, vl, n, "v cache")?,
-                tokens,
-                heads,
-                kv_heads,
-                d,
-                block_size,
-            )?),
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => CpuStorage::F16(self.run(
-                contiguous(q, ql, n, "q")?,
-                contiguous(k, kl, n, "k cache")?,
-                contiguous(v, vl, n, "v cache")?,
-                tokens,
-                heads,
-                kv_heads,
-                d,
-                block_size,
-            )?),
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => CpuStorage::BF16(self.run(
-                contiguous(q, ql, n, "q")?,
-                contiguous(k, kl, n, "k cache")?,
-                contiguous(v, vl, n, "v cache")?,
-                tokens,
-                heads,
-                kv_heads,
-                d,
-                block_size,
-            )?),
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => run!(F32, q, k, v),
+            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => run!(F16, q, k, v),
+            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => run!(BF16, q, k, v),
             _ => candle_core::bail!("paged_attention: q and cache must share one of f32/f16/bf16"),
         };
         Ok((out, ql.shape().clone()))
