@@ -2,10 +2,13 @@
 //! Layers that share K/V share one paged KV cache slot, so a device holds
 //! `layers / kv_layers` times more tokens. See DESIGN.md for the contracts.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod engine;
 pub mod kv;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod runner;

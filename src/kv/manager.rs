@@ -25,6 +25,24 @@ struct SeqBlocks {
     tables: Vec<Vec<BlockId>>,
     /// Tokens the tables have room for, rounded up to whole blocks.
     num_tokens: usize,
+    /// Leading blocks whose content hash is recorded (prefix caching).
+    hashed_blocks: usize,
+    /// Chain hash of the last hashed block.
+    last_hash: u64,
+}
+
+/// Chain hash of one full block: its tokens and everything before it (the parent).
+pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    tokens.hash(&mut h);
+    h.finish()
+}
+
+/// A block's cache key: the same tokens hold different K/V in each slot.
+fn slot_key(chain: u64, slot: usize) -> u64 {
+    chain_hash(chain, &[slot as u32, u32::MAX])
 }
 
 #[derive(Debug)]
@@ -93,7 +111,7 @@ impl KvManager {
         let kv_layers = self.layout.kv_layers();
         let entry = self.seqs.entry(seq).or_insert_with(|| SeqBlocks {
             tables: vec![Vec::new(); kv_layers],
-            num_tokens: 0,
+            ..Default::default()
         });
         let want = total_tokens.div_ceil(self.block_size);
         for table in entry.tables.iter_mut() {
@@ -114,6 +132,79 @@ impl KvManager {
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Starts `seq` on the longest run of leading full blocks of `tokens` that every KV
+    /// slot still has cached, sharing those blocks (ref-counted). The last token is never
+    /// covered, so its logits are always computed. Returns the tokens covered (0 on a
+    /// miss); `seq` must not exist yet.
+    pub fn start_with_prefix(&mut self, seq: SeqId, tokens: &[u32]) -> usize {
+        debug_assert!(!self.seqs.contains_key(&seq));
+        let bs = self.block_size;
+        let kv_layers = self.layout.kv_layers();
+        let usable = tokens.len().saturating_sub(1) / bs;
+        let mut chain = 0u64;
+        let mut hits: Vec<Vec<BlockId>> = vec![Vec::new(); kv_layers];
+        for b in 0..usable {
+            let h = chain_hash(chain, &tokens[b * bs..(b + 1) * bs]);
+            let found: Option<Vec<BlockId>> = (0..kv_layers)
+                .map(|slot| self.pool.cached_block(slot_key(h, slot)))
+                .collect();
+            let Some(found) = found else { break };
+            for (slot, id) in found.into_iter().enumerate() {
+                hits[slot].push(id);
+            }
+            chain = h;
+        }
+        let n = hits[0].len();
+        if n == 0 {
+            return 0;
+        }
+        for &id in hits.iter().flatten() {
+            self.pool.touch(id).expect("cached blocks exist");
+        }
+        self.seqs.insert(
+            seq,
+            SeqBlocks {
+                tables: hits,
+                num_tokens: n * bs,
+                hashed_blocks: n,
+                last_hash: chain,
+            },
+        );
+        n * bs
+    }
+
+    /// Records the content hash of every block of `seq` that the first `computed` of
+    /// `tokens` fill, so later requests with the same prefix can share them.
+    pub fn cache_full_blocks(&mut self, seq: SeqId, tokens: &[u32], computed: usize) {
+        let bs = self.block_size;
+        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let full = (computed.min(tokens.len()) / bs).min(s.tables.first().map_or(0, |t| t.len()));
+        while s.hashed_blocks < full {
+            let b = s.hashed_blocks;
+            let h = chain_hash(s.last_hash, &tokens[b * bs..(b + 1) * bs]);
+            for (slot, table) in s.tables.iter().enumerate() {
+                self.pool.set_hash(table[b], slot_key(h, slot));
+            }
+            s.last_hash = h;
+            s.hashed_blocks += 1;
+        }
+    }
+
+    /// Distinct blocks in use per KV slot (a prefix block shared by several
+    /// sequences counts once).
+    pub fn used_blocks_per_slot(&self) -> Vec<usize> {
+        (0..self.layout.kv_layers())
+            .map(|slot| {
+                let ids: std::collections::HashSet<BlockId> = self
+                    .seqs
+                    .values()
+                    .flat_map(|s| s.tables[slot].iter().copied())
+                    .collect();
+                ids.len()
+            })
+            .collect()
     }
 
     pub fn contains(&self, seq: SeqId) -> bool {

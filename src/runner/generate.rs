@@ -69,6 +69,7 @@ pub fn generate(
                 seq: SEQ,
                 tokens: prompt.to_vec(),
                 start_pos: 0,
+                all_logits: false,
             }],
         )?;
         let mut next = sampler.sample(&logits.get(0)?.to_vec1::<f32>()?);
@@ -93,6 +94,7 @@ pub fn generate(
                     seq: SEQ,
                     tokens: vec![next],
                     start_pos: pos,
+                    all_logits: false,
                 }],
             )?;
             next = sampler.sample(&logits.get(0)?.to_vec1::<f32>()?);

@@ -19,6 +19,8 @@ pub struct SeqStep {
     pub seq: SeqId,
     pub tokens: Vec<u32>,
     pub start_pos: usize,
+    /// Logits for every token of this step (prompt log-probs), not just the last.
+    pub all_logits: bool,
 }
 
 pub struct Runner {
@@ -83,7 +85,11 @@ impl Runner {
             });
             ids.extend_from_slice(&s.tokens);
             positions.extend((s.start_pos..end).map(|p| p as u32));
-            logits_rows.push(ids.len() as u32 - 1);
+            if s.all_logits {
+                logits_rows.extend(ids.len() as u32 - s.tokens.len() as u32..ids.len() as u32);
+            } else {
+                logits_rows.push(ids.len() as u32 - 1);
+            }
             let tables = mgr.tables(s.seq).map_err(kv_err)?;
             for (slot, slot_rows) in rows.iter_mut().enumerate() {
                 for p in s.start_pos..end {
@@ -112,11 +118,12 @@ impl Runner {
             seqs,
             block_tables,
             max_blocks,
-            logits_rows: Tensor::from_vec(logits_rows, steps.len(), dev)?,
+            logits_rows: Tensor::new(logits_rows.as_slice(), dev)?,
         })
     }
 
-    /// Runs one step; returns f32 logits `[steps.len(), vocab]` (last token of each).
+    /// Runs one step; returns f32 logits, one row per step (its last token), or one
+    /// per token for steps with `all_logits`, in step order.
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
         let input = self.step_input(mgr, steps)?;
         self.model.forward(&input, &self.cache)

@@ -43,6 +43,7 @@ fn paged_logits(m: LoadedModel, ids: &[u32], split: usize) -> Vec<Vec<f32>> {
                 seq: 7,
                 tokens: ids[..split].to_vec(),
                 start_pos: 0,
+                all_logits: false,
             }],
         )
         .unwrap()];
@@ -56,6 +57,7 @@ fn paged_logits(m: LoadedModel, ids: &[u32], split: usize) -> Vec<Vec<f32>> {
                         seq: 7,
                         tokens: vec![id],
                         start_pos: pos,
+                        all_logits: false,
                     }],
                 )
                 .unwrap(),

@@ -71,6 +71,7 @@ fn half_precision_models_track_the_f32_logits_in_both_paths() {
                     seq: 0,
                     tokens: ids[..5].to_vec(),
                     start_pos: 0,
+                    all_logits: false,
                 }],
             )
             .unwrap()];
@@ -84,6 +85,7 @@ fn half_precision_models_track_the_f32_logits_in_both_paths() {
                             seq: 0,
                             tokens: vec![id],
                             start_pos: pos,
+                            all_logits: false,
                         }],
                     )
                     .unwrap(),

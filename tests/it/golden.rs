@@ -104,6 +104,7 @@ fn paged_max_diff(name: &str) -> f32 {
         seq,
         tokens: ids[..half].to_vec(),
         start_pos: 0,
+        all_logits: false,
     };
     check(half - 1, runner.step(&mgr, &[prefill]).unwrap(), "prefill");
     for (pos, &id) in ids.iter().enumerate().skip(half) {
@@ -112,6 +113,7 @@ fn paged_max_diff(name: &str) -> f32 {
             seq,
             tokens: vec![id],
             start_pos: pos,
+            all_logits: false,
         };
         check(pos, runner.step(&mgr, &[step]).unwrap(), "decode");
     }

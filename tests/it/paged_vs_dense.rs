@@ -83,6 +83,7 @@ fn step(runner: &Runner, mgr: &KvManager, steps: &[(u64, &[u32], usize)]) -> Vec
             seq: *seq,
             tokens: tokens.to_vec(),
             start_pos: *start_pos,
+            all_logits: false,
         })
         .collect();
     rows(&runner.step(mgr, &steps).unwrap())

@@ -1,0 +1,9 @@
+//! The front ends: the OpenAI-compatible HTTP API and the gRPC API. Both validate a
+//! request once into an `engine::GenerateRequest` and talk to the engine only through
+//! its `EngineHandle`.
+
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod openai;
+pub mod validate;

@@ -1,0 +1,608 @@
+//! The engine (DESIGN.md §1): one thread owns the model, the KV cache, the scheduler
+//! and the KV manager, and runs steps synchronously: schedule → run → update. Front
+//! ends talk to it only through a cloneable `EngineHandle`: commands in, and per
+//! request an output channel. A request whose receiver is dropped (client gone) is
+//! aborted at the next step and its blocks are freed.
+
+pub mod output;
+pub mod request;
+pub mod scheduler;
+
+pub use request::{EngineEvent, FinishReason, GenerateOptions, GenerateRequest, RequestId, TokenLogprob, Usage};
+pub use scheduler::{AdmitError, Scheduled, Scheduler, SchedulerConfig};
+
+use crate::kv::{CapacityReport, KvManager};
+use crate::metrics::{KvCacheInfo, Metrics};
+use crate::model::{Model, Tok};
+use crate::runner::{Runner, Sampler, SeqStep};
+use output::OutputText;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// How the engine is sized (the server's flags).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub kv_cache_bytes: u64,
+    pub block_size: usize,
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_queued_requests: usize,
+    pub prefix_caching: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "max_model_len {max_model_len} needs {need_bytes} bytes of KV cache ({need_blocks} blocks), but the budget of {have_bytes} bytes holds {have_blocks} blocks; raise --kv-cache-memory or lower --max-model-len"
+    )]
+    MaxModelLenDoesNotFit {
+        max_model_len: usize,
+        need_blocks: usize,
+        have_blocks: usize,
+        need_bytes: u64,
+        have_bytes: u64,
+    },
+    #[error("the engine is shutting down")]
+    ShutDown,
+    #[error("too many requests queued ({0}); retry later")]
+    QueueFull(usize),
+    #[error("{0}")]
+    Start(String),
+}
+
+/// The live state front ends can read without asking the engine thread.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EngineStatus {
+    pub num_running: usize,
+    pub num_waiting: usize,
+    pub blocks_used: usize,
+    pub blocks_free: usize,
+    /// Blocks in use per KV slot (distinct blocks: shared prefix blocks count once).
+    pub blocks_used_per_slot: Vec<usize>,
+}
+
+enum Command {
+    Add {
+        id: RequestId,
+        req: GenerateRequest,
+        events: UnboundedSender<EngineEvent>,
+        arrival: Instant,
+    },
+    Abort(RequestId),
+    Shutdown,
+}
+
+struct HandleInner {
+    tx: Mutex<mpsc::Sender<Command>>,
+    next_id: AtomicU64,
+    in_flight: AtomicUsize,
+    tokenizer: Arc<Tok>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<EngineStatus>>,
+    capacity: CapacityReport,
+    config: EngineConfig,
+    vocab_size: usize,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The front ends' side of the engine. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<HandleInner>,
+}
+
+/// One request's outputs. Dropping it aborts the request.
+pub struct RequestStream {
+    id: RequestId,
+    rx: UnboundedReceiver<EngineEvent>,
+    handle: Arc<HandleInner>,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+    /// The next event; `None` once the engine has dropped the request.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        self.rx.recv().await
+    }
+    /// Blocking variant for non-async callers.
+    pub fn blocking_next(&mut self) -> Option<EngineEvent> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.handle.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(tx) = self.handle.tx.lock() {
+            let _ = tx.send(Command::Abort(self.id));
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Sizes the cache, checks `max_model_len` fits, logs the layout and starts the
+    /// engine thread.
+    pub fn start(model: Model, tokenizer: Tok, config: EngineConfig) -> Result<Self, EngineError> {
+        let layout = model.layout().clone();
+        let cap = layout.capacity(config.kv_cache_bytes, config.block_size, config.max_model_len);
+        let need_blocks = config.max_model_len.div_ceil(config.block_size) * layout.kv_layers();
+        if cap.num_blocks < need_blocks {
+            return Err(EngineError::MaxModelLenDoesNotFit {
+                max_model_len: config.max_model_len,
+                need_blocks,
+                have_blocks: cap.num_blocks,
+                need_bytes: (need_blocks * cap.block_bytes) as u64,
+                have_bytes: config.kv_cache_bytes,
+            });
+        }
+        tracing::info!(
+            "KV cache: {} blocks of {} tokens, {} tokens ({} bytes); {} bytes/token with sharing ({} of {} layers produce K/V), {} without; max concurrency at max_model_len {}: {} (without sharing: {})",
+            cap.num_blocks,
+            cap.block_size,
+            cap.capacity_tokens,
+            cap.num_blocks * cap.block_bytes,
+            cap.kv_bytes_per_token,
+            cap.kv_layers,
+            cap.layers,
+            cap.non_cla_kv_bytes_per_token,
+            config.max_model_len,
+            cap.max_concurrency,
+            cap.non_cla_max_concurrency,
+        );
+        let metrics = Arc::new(Metrics::new(KvCacheInfo {
+            layers: cap.layers,
+            kv_layers: cap.kv_layers,
+            cla_share_factor: cap.cla_share_factor,
+            block_size: cap.block_size,
+            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            kv_bytes_per_token: cap.kv_bytes_per_token,
+            non_cla_kv_bytes_per_token: cap.non_cla_kv_bytes_per_token,
+            num_blocks: cap.num_blocks,
+            block_bytes: cap.block_bytes,
+            capacity_tokens: cap.capacity_tokens,
+        }));
+        let vocab_size = model.config().vocab_size;
+        let runner =
+            Runner::new(model, cap.num_blocks, config.block_size).map_err(|e| EngineError::Start(e.to_string()))?;
+        let kv = KvManager::new(layout, cap.num_blocks, config.block_size);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+                prefix_caching: config.prefix_caching,
+            },
+            kv,
+        );
+        let tokenizer = Arc::new(tokenizer);
+        let status = Arc::new(Mutex::new(EngineStatus {
+            blocks_free: cap.num_blocks,
+            ..Default::default()
+        }));
+        let (tx, rx) = mpsc::channel();
+        let engine = Engine {
+            runner,
+            scheduler,
+            requests: HashMap::new(),
+            tokenizer: tokenizer.clone(),
+            metrics: metrics.clone(),
+            status: status.clone(),
+            max_model_len: config.max_model_len,
+        };
+        let thread = std::thread::Builder::new()
+            .name("crosskv-engine".into())
+            .spawn(move || engine.run(rx))
+            .map_err(|e| EngineError::Start(e.to_string()))?;
+        Ok(EngineHandle {
+            inner: Arc::new(HandleInner {
+                tx: Mutex::new(tx),
+                next_id: AtomicU64::new(1),
+                in_flight: AtomicUsize::new(0),
+                tokenizer,
+                metrics,
+                status,
+                capacity: cap,
+                config,
+                vocab_size,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Queues a request; its events arrive on the returned stream.
+    pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
+        let inner = &self.inner;
+        let queued = inner.in_flight.fetch_add(1, Ordering::Relaxed);
+        if queued >= inner.config.max_queued_requests {
+            inner.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::QueueFull(queued));
+        }
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (events, rx) = unbounded_channel();
+        let stream = RequestStream {
+            id,
+            rx,
+            handle: inner.clone(),
+        };
+        let sent = inner.tx.lock().map_err(|_| EngineError::ShutDown)?.send(Command::Add {
+            id,
+            req,
+            events,
+            arrival: Instant::now(),
+        });
+        sent.map_err(|_| EngineError::ShutDown)?;
+        Ok(stream)
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tok> {
+        &self.inner.tokenizer
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+    pub fn capacity(&self) -> &CapacityReport {
+        &self.inner.capacity
+    }
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+    pub fn vocab_size(&self) -> usize {
+        self.inner.vocab_size
+    }
+    pub fn status(&self) -> EngineStatus {
+        self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops the engine: running requests are aborted, then the thread exits.
+    pub fn shutdown(&self) {
+        if let Ok(tx) = self.inner.tx.lock() {
+            let _ = tx.send(Command::Shutdown);
+        }
+        if let Some(t) = self.inner.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One request's engine-side state.
+struct Live {
+    events: UnboundedSender<EngineEvent>,
+    options: GenerateOptions,
+    sampler: Sampler,
+    text: OutputText,
+    prompt_len: usize,
+    generated: Vec<u32>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    last_token: Option<Instant>,
+    cached_tokens: usize,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+}
+
+struct Engine {
+    runner: Runner,
+    scheduler: Scheduler,
+    requests: HashMap<RequestId, Live>,
+    tokenizer: Arc<Tok>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<EngineStatus>>,
+    max_model_len: usize,
+}
+
+/// Log-softmax of `logits` at `token`, with the `top` best alternatives.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let pos = best.partition_point(|&(_, y)| y >= x);
+                best.insert(pos, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| x - lse),
+        top: best.into_iter().map(|(i, x)| (i, x - lse)).collect(),
+    }
+}
+
+impl Engine {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            // Idle: block for work. Busy: take what arrived and go on stepping.
+            let first = if self.scheduler.has_work() {
+                rx.try_recv().ok()
+            } else {
+                match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return,
+                }
+            };
+            let mut stop = false;
+            for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                match cmd {
+                    Command::Add {
+                        id,
+                        req,
+                        events,
+                        arrival,
+                    } => self.add(id, req, events, arrival),
+                    Command::Abort(id) => self.finish(id, FinishReason::Abort),
+                    Command::Shutdown => stop = true,
+                }
+            }
+            if stop {
+                let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+                for id in ids {
+                    self.finish(id, FinishReason::Abort);
+                }
+                self.publish();
+                return;
+            }
+            // Clients that went away since the last step.
+            let gone: Vec<RequestId> = self
+                .requests
+                .iter()
+                .filter(|(_, r)| r.events.is_closed())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in gone {
+                self.finish(id, FinishReason::Abort);
+            }
+            if self.scheduler.has_work() {
+                self.step();
+            }
+            self.publish();
+        }
+    }
+
+    fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineEvent>, arrival: Instant) {
+        let o = req.options;
+        let prompt_len = req.prompt_ids.len();
+        let max_total = (prompt_len + o.max_tokens).min(self.max_model_len.max(prompt_len));
+        if prompt_len == 0 {
+            let _ = events.send(EngineEvent::Error("the prompt is empty".into()));
+            return;
+        }
+        // Prompt log-probs need logits at every prompt position: no prefix-cache skip.
+        if let Err(e) = self
+            .scheduler
+            .add(id, req.prompt_ids, max_total, o.prompt_logprobs.is_none())
+        {
+            let _ = events.send(EngineEvent::Error(e.to_string()));
+            return;
+        }
+        self.metrics.prompt_tokens_total.inc_by(prompt_len as u64);
+        self.requests.insert(
+            id,
+            Live {
+                events,
+                sampler: Sampler::new(o.sampling.clone()),
+                text: OutputText::new(o.stop.clone()),
+                prompt_logprobs: o.prompt_logprobs.map(|_| vec![None]),
+                options: o,
+                prompt_len,
+                generated: Vec::new(),
+                arrival,
+                first_scheduled: None,
+                last_token: None,
+                cached_tokens: 0,
+            },
+        );
+    }
+
+    fn step(&mut self) {
+        let out = self.scheduler.schedule();
+        self.metrics.num_preemptions_total.inc_by(out.preempted.len() as u64);
+        self.metrics
+            .prefix_cache_queries_total
+            .inc_by(out.prefix_queries as u64);
+        self.metrics.prefix_cache_hits_total.inc_by(out.prefix_hits as u64);
+        if out.scheduled.is_empty() {
+            // Nothing fits this step (e.g. --max-num-seqs reached by requests being
+            // aborted); wait briefly rather than spin.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return;
+        }
+        let now = Instant::now();
+        let steps: Vec<SeqStep> = out
+            .scheduled
+            .iter()
+            .map(|s| {
+                let live = self.requests.get_mut(&s.id);
+                let all_logits = live.as_ref().is_some_and(|l| {
+                    l.prompt_logprobs.as_ref().is_some_and(|p| p.len() < l.prompt_len) && s.start < l.prompt_len
+                });
+                if let Some(l) = live {
+                    if l.first_scheduled.is_none() {
+                        l.first_scheduled = Some(now);
+                        l.cached_tokens = s.cached_tokens;
+                        self.metrics
+                            .request_queue_time_seconds
+                            .observe((now - l.arrival).as_secs_f64());
+                    }
+                }
+                SeqStep {
+                    seq: s.id,
+                    tokens: s.tokens.clone(),
+                    start_pos: s.start,
+                    all_logits,
+                }
+            })
+            .collect();
+        let logits = self
+            .runner
+            .step(self.scheduler.kv(), &steps)
+            .and_then(|l| l.to_vec2::<f32>());
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("step failed: {e}");
+                for s in &out.scheduled {
+                    if let Some(l) = self.requests.get(&s.id) {
+                        let _ = l.events.send(EngineEvent::Error(format!("inference failed: {e}")));
+                    }
+                    self.finish(s.id, FinishReason::Abort);
+                }
+                return;
+            }
+        };
+        let mut row = 0;
+        for (s, step) in out.scheduled.iter().zip(&steps) {
+            let rows = if step.all_logits { step.tokens.len() } else { 1 };
+            let my_rows = &logits[row..row + rows];
+            row += rows;
+            self.scheduler.computed(s);
+            if step.all_logits {
+                self.collect_prompt_logprobs(s, my_rows);
+            }
+            if s.samples {
+                self.sample(s.id, my_rows.last().expect("at least one row"));
+            }
+        }
+    }
+
+    /// Prompt log-probs: the logits at position p score the prompt token at p + 1.
+    fn collect_prompt_logprobs(&mut self, s: &Scheduled, rows: &[Vec<f32>]) {
+        let Some(tokens) = self.scheduler.tokens(s.id).map(|t| t.to_vec()) else {
+            return;
+        };
+        let Some(l) = self.requests.get_mut(&s.id) else { return };
+        let top = l.options.prompt_logprobs.unwrap_or(0);
+        let Some(acc) = l.prompt_logprobs.as_mut() else { return };
+        for (i, r) in rows.iter().enumerate() {
+            let next = s.start + i + 1;
+            if next < l.prompt_len && acc.len() == next {
+                acc.push(Some(token_logprob(r, tokens[next], top)));
+            }
+        }
+        if acc.len() == l.prompt_len {
+            let done = std::mem::take(acc);
+            let _ = l.events.send(EngineEvent::PromptLogprobs(done.clone()));
+            // Keep a full-length marker so they are not sent again after a preemption.
+            *acc = done;
+        }
+    }
+
+    fn sample(&mut self, id: RequestId, logits: &[f32]) {
+        let Some(l) = self.requests.get_mut(&id) else { return };
+        let o = &l.options;
+        let mut masked;
+        let mut scores = logits;
+        // Before min_tokens, EOS and stop tokens cannot be picked.
+        if l.generated.len() < o.min_tokens {
+            masked = logits.to_vec();
+            let eos = if o.ignore_eos {
+                None
+            } else {
+                Some(&self.tokenizer.eos_ids)
+            };
+            for &t in o.stop_token_ids.iter().chain(eos.into_iter().flatten()) {
+                if let Some(x) = masked.get_mut(t as usize) {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+            scores = &masked;
+        }
+        let token = l.sampler.sample(scores);
+        let logprob = o.logprobs.map(|top| token_logprob(logits, token, top));
+        let now = Instant::now();
+        match l.last_token {
+            None => self
+                .metrics
+                .time_to_first_token_seconds
+                .observe((now - l.arrival).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .inter_token_latency_seconds
+                .observe((now - t).as_secs_f64()),
+        }
+        l.last_token = Some(now);
+        l.generated.push(token);
+        self.metrics.generation_tokens_total.inc();
+        let is_eos = !o.ignore_eos && self.tokenizer.eos_ids.contains(&token);
+        let is_stop_token = o.stop_token_ids.contains(&token);
+        let (text, stop_string) = if is_eos || is_stop_token {
+            (String::new(), false)
+        } else {
+            match l.text.push(&self.tokenizer, token) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = l.events.send(EngineEvent::Error(e.to_string()));
+                    self.finish(id, FinishReason::Abort);
+                    return;
+                }
+            }
+        };
+        let total = l.prompt_len + l.generated.len();
+        let reason = if is_eos || is_stop_token || stop_string {
+            Some(FinishReason::Stop)
+        } else if l.generated.len() >= o.max_tokens || total >= self.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        // Text held back as a possible stop-string start goes out when the request
+        // ends any other way.
+        let text = if reason.is_some() && !stop_string {
+            text + &l.text.flush()
+        } else {
+            text
+        };
+        let _ = l.events.send(EngineEvent::Token {
+            id: token,
+            text,
+            logprob,
+        });
+        match reason {
+            Some(r) => self.finish(id, r),
+            None => self.scheduler.append_token(id, token),
+        }
+    }
+
+    /// Ends a request: frees its blocks and sends `Finished`.
+    fn finish(&mut self, id: RequestId, reason: FinishReason) {
+        if let Err(e) = self.scheduler.remove(id) {
+            tracing::error!("freeing request {id}: {e}");
+        }
+        let Some(l) = self.requests.remove(&id) else { return };
+        self.metrics
+            .e2e_request_latency_seconds
+            .observe(l.arrival.elapsed().as_secs_f64());
+        let usage = Usage {
+            prompt_tokens: l.prompt_len,
+            completion_tokens: l.generated.len(),
+            cached_tokens: l.cached_tokens,
+        };
+        let _ = l.events.send(EngineEvent::Finished { reason, usage });
+    }
+
+    fn publish(&self) {
+        let kv = self.scheduler.kv();
+        let status = EngineStatus {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            blocks_used: kv.num_used_blocks(),
+            blocks_free: kv.num_free_blocks(),
+            blocks_used_per_slot: kv.used_blocks_per_slot(),
+        };
+        self.metrics.num_requests_running.set(status.num_running as i64);
+        self.metrics.num_requests_waiting.set(status.num_waiting as i64);
+        self.metrics
+            .set_kv_usage(status.blocks_used, self.scheduler.cached_tokens());
+        if let Ok(mut s) = self.status.lock() {
+            *s = status;
+        }
+    }
+}

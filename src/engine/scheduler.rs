@@ -1,0 +1,249 @@
+//! The scheduler, in the vLLM V1 manner: no prefill/decode phases. Each request has
+//! `num_computed` tokens catching up with its `tokens` under a per-step token budget,
+//! so chunked prefill falls out for free. Running requests go first, then waiting ones
+//! in arrival order while blocks allow; when blocks run out the newest running request
+//! is preempted (its blocks freed, recomputed later). It never builds a tensor.
+
+use crate::kv::{KvError, KvManager, SeqId};
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub prefix_caching: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AdmitError {
+    #[error("the request needs {needed} KV blocks at its longest but the cache has only {total}")]
+    NeverFits { needed: usize, total: usize },
+    #[error("request {0} already exists")]
+    Duplicate(SeqId),
+}
+
+#[derive(Debug)]
+struct SchedRequest {
+    id: SeqId,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    num_computed: usize,
+    /// Prefix-cache lookups are skipped (e.g. prompt log-probs need every position).
+    use_prefix_cache: bool,
+}
+
+/// One request's share of a step: compute `tokens[start..start + len]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scheduled {
+    pub id: SeqId,
+    pub start: usize,
+    pub tokens: Vec<u32>,
+    /// This chunk reaches the end of the request's tokens: its last logits are sampled.
+    pub samples: bool,
+    /// Tokens of the prompt covered by the prefix cache when first scheduled (0 else).
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct SchedulerOutput {
+    pub scheduled: Vec<Scheduled>,
+    /// Requests preempted this step, newest first; they wait to be recomputed.
+    pub preempted: Vec<SeqId>,
+    /// Prompt tokens looked up in / served from the prefix cache this step.
+    pub prefix_queries: usize,
+    pub prefix_hits: usize,
+}
+
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    kv: KvManager,
+    waiting: VecDeque<SchedRequest>,
+    running: Vec<SchedRequest>,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, kv: KvManager) -> Self {
+        Scheduler {
+            cfg,
+            kv,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    pub fn kv(&self) -> &KvManager {
+        &self.kv
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+    /// Tokens held in the cache per KV slot, over every running request.
+    pub fn cached_tokens(&self) -> usize {
+        self.running.iter().map(|r| r.num_computed).sum()
+    }
+
+    /// Queues a request. `max_total_tokens` (prompt + the most it may generate) must fit
+    /// the whole cache, or it could never finish and would starve the queue.
+    pub fn add(
+        &mut self,
+        id: SeqId,
+        prompt: Vec<u32>,
+        max_total_tokens: usize,
+        use_prefix_cache: bool,
+    ) -> Result<(), AdmitError> {
+        let needed = max_total_tokens.div_ceil(self.kv.block_size()) * self.kv.layout().kv_layers();
+        if needed > self.kv.num_blocks() {
+            return Err(AdmitError::NeverFits {
+                needed,
+                total: self.kv.num_blocks(),
+            });
+        }
+        if self.find(id).is_some() {
+            return Err(AdmitError::Duplicate(id));
+        }
+        let prompt_len = prompt.len();
+        self.waiting.push_back(SchedRequest {
+            id,
+            tokens: prompt,
+            prompt_len,
+            num_computed: 0,
+            use_prefix_cache: use_prefix_cache && self.cfg.prefix_caching,
+        });
+        Ok(())
+    }
+
+    fn find(&self, id: SeqId) -> Option<&SchedRequest> {
+        self.running.iter().chain(self.waiting.iter()).find(|r| r.id == id)
+    }
+    fn find_mut(&mut self, id: SeqId) -> Option<&mut SchedRequest> {
+        self.running
+            .iter_mut()
+            .chain(self.waiting.iter_mut())
+            .find(|r| r.id == id)
+    }
+
+    pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
+        self.find(id).map(|r| r.tokens.as_slice())
+    }
+    pub fn prompt_len(&self, id: SeqId) -> Option<usize> {
+        self.find(id).map(|r| r.prompt_len)
+    }
+
+    /// Picks this step's work and allocates its blocks.
+    pub fn schedule(&mut self) -> SchedulerOutput {
+        let mut out = SchedulerOutput::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let (id, computed, len) = {
+                let r = &self.running[i];
+                (r.id, r.num_computed, r.tokens.len())
+            };
+            let want = (len - computed).min(budget);
+            // Make room by preempting the newest running requests, possibly this one.
+            let mut fits = self.kv.allocate(id, computed + want).is_ok();
+            while !fits {
+                let victim = self.running.pop().expect("the request itself is running");
+                self.preempt(victim, &mut out);
+                if self.running.len() <= i {
+                    break;
+                }
+                fits = self.kv.allocate(id, computed + want).is_ok();
+            }
+            if !fits {
+                break;
+            }
+            let r = &self.running[i];
+            out.scheduled.push(Scheduled {
+                id,
+                start: computed,
+                tokens: r.tokens[computed..computed + want].to_vec(),
+                samples: computed + want == len,
+                cached_tokens: 0,
+            });
+            budget -= want;
+            i += 1;
+        }
+        // New work only when nothing had to be preempted: admitting would just thrash.
+        while out.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(r) = self.waiting.front() else { break };
+            let (id, len) = (r.id, r.tokens.len());
+            let (mut cached, lookup) = (0, r.use_prefix_cache && r.num_computed == 0);
+            if lookup {
+                cached = self.kv.start_with_prefix(id, &r.tokens);
+            }
+            let start = cached;
+            let want = (len - start).min(budget);
+            if !self.kv.can_allocate(id, start + want) {
+                if self.kv.contains(id) {
+                    self.kv.free(id).expect("just started");
+                }
+                break;
+            }
+            self.kv.allocate(id, start + want).expect("checked above");
+            if lookup {
+                out.prefix_queries += len;
+                out.prefix_hits += cached;
+            }
+            let mut r = self.waiting.pop_front().expect("peeked");
+            r.num_computed = start;
+            out.scheduled.push(Scheduled {
+                id,
+                start,
+                tokens: r.tokens[start..start + want].to_vec(),
+                samples: start + want == len,
+                cached_tokens: cached,
+            });
+            budget -= want;
+            self.running.push(r);
+        }
+        out
+    }
+
+    fn preempt(&mut self, mut victim: SchedRequest, out: &mut SchedulerOutput) {
+        if self.kv.contains(victim.id) {
+            self.kv.free(victim.id).expect("running requests hold blocks");
+        }
+        victim.num_computed = 0;
+        out.preempted.push(victim.id);
+        self.waiting.push_front(victim);
+    }
+
+    /// After a step ran: `scheduled` tokens are in the cache now; full blocks become
+    /// shareable through the prefix cache.
+    pub fn computed(&mut self, s: &Scheduled) {
+        let prefix_caching = self.cfg.prefix_caching;
+        let Some(r) = self.running.iter_mut().find(|r| r.id == s.id) else {
+            return;
+        };
+        r.num_computed = s.start + s.tokens.len();
+        if prefix_caching {
+            // Generated tokens are cached too: a recomputed or repeated conversation reuses them.
+            self.kv.cache_full_blocks(r.id, &r.tokens, r.num_computed);
+        }
+    }
+
+    /// Appends a sampled token to a running request.
+    pub fn append_token(&mut self, id: SeqId, token: u32) {
+        if let Some(r) = self.find_mut(id) {
+            r.tokens.push(token);
+        }
+    }
+
+    /// Removes a request (finished or aborted) and frees its blocks.
+    pub fn remove(&mut self, id: SeqId) -> Result<(), KvError> {
+        self.running.retain(|r| r.id != id);
+        self.waiting.retain(|r| r.id != id);
+        if self.kv.contains(id) {
+            self.kv.free(id)?;
+        }
+        Ok(())
+    }
+}
