@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod config_errors;
+mod dashboard;
 mod default_model;
 mod dtypes;
 mod gguf;
