@@ -256,7 +256,12 @@ impl Generation for GrpcService {
             non_cla_max_concurrency: c.non_cla_max_concurrency as u64,
             blocks_used: s.blocks_used as u64,
             blocks_free: s.blocks_free as u64,
-            blocks_used_per_slot: s.blocks_used_per_slot.iter().map(|&x| x as u64).collect(),
+            // Empty until the engine's first step: then nothing is in use in any slot.
+            blocks_used_per_slot: if s.blocks_used_per_slot.is_empty() {
+                vec![0; c.kv_layers]
+            } else {
+                s.blocks_used_per_slot.iter().map(|&x| x as u64).collect()
+            },
             num_running: s.num_running as u32,
             num_waiting: s.num_waiting as u32,
         }))

@@ -8,6 +8,7 @@ mod default_model;
 mod dtypes;
 mod gguf;
 mod golden;
+mod grpc;
 mod kv;
 mod paged_vs_dense;
 mod sources;

@@ -1,0 +1,364 @@
+//! The gRPC API against a real server: the engine runs a tiny random llama (the
+//! default model's vocabulary and tokenizer, hidden 32, 2 layers) in-process, tonic
+//! serves it on an ephemeral loopback port, and a generated tonic client calls it.
+
+use crate::common::Tiny;
+use candle_core::quantized::gguf_file;
+use crosskv::api::grpc::{self, pb};
+use crosskv::engine::{EngineConfig, EngineHandle};
+use crosskv::model::{self, ModelSource, Tok};
+use pb::generation_client::GenerationClient;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const VOCAB: usize = 49152;
+const MAX_MODEL_LEN: usize = 4096;
+
+/// The default model's GGUF path (fetched once for every test of the binary).
+fn default_gguf() -> std::path::PathBuf {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    static FETCH: Mutex<()> = Mutex::new(());
+    PATH.get_or_init(|| {
+        let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+        match model::resolve_source(None).expect("the default model can be fetched") {
+            ModelSource::Gguf(p) => p,
+            other => panic!(
+                "the default model is expected as a GGUF, got {}",
+                other.path().display()
+            ),
+        }
+    })
+    .clone()
+}
+
+fn tokenizer() -> Tok {
+    let mut f = std::fs::File::open(default_gguf()).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    Tok::from_gguf(&ct).unwrap()
+}
+
+struct Server {
+    handle: EngineHandle,
+    client: GenerationClient<Channel>,
+    channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Stops the server and checks `serve` returned cleanly.
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        drop(self.client);
+        drop(self.channel);
+        let res = tokio::time::timeout(Duration::from_secs(30), self.served)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap();
+        res.expect("serve ends with Ok");
+        self.handle.shutdown();
+    }
+}
+
+async fn start_with(max_queued_requests: usize) -> Server {
+    let mut tiny = Tiny::new(2, 4, 2, 8, 32, VOCAB);
+    tiny.intermediate = 64;
+    let mut ck = tiny.write();
+    ck.config["max_position_embeddings"] = serde_json::json!(MAX_MODEL_LEN);
+    ck.save();
+    let model = ck.load();
+    let handle = EngineHandle::start(
+        model,
+        tokenizer(),
+        EngineConfig {
+            kv_cache_bytes: 8 << 20,
+            block_size: 16,
+            max_model_len: MAX_MODEL_LEN,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 512,
+            max_queued_requests,
+            prefix_caching: true,
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(grpc::serve_with_listener(handle.clone(), listener, async move {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Server {
+        handle,
+        client: GenerationClient::new(channel.clone()),
+        channel,
+        stop: Some(stop),
+        served,
+    }
+}
+
+async fn start() -> Server {
+    start_with(64).await
+}
+
+fn greedy(prompt: &str, max_tokens: u32) -> pb::GenerateRequest {
+    pb::GenerateRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn grpc_generate_returns_max_tokens_ids_text_and_length() {
+    let mut s = start().await;
+    let r = s
+        .client
+        .generate(greedy("The capital of France is", 7))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.token_ids.len(), 7);
+    assert_eq!(r.finish_reason, "length");
+    assert!(r.token_ids.iter().all(|&t| (t as usize) < VOCAB));
+    let tok = s.handle.tokenizer().clone();
+    assert_eq!(
+        r.text,
+        tok.decode(&r.token_ids, true).unwrap(),
+        "text is the decoded ids"
+    );
+    // Token-id prompts work too, and max_tokens 0 means 16.
+    let ids = tok.encode("Hello there", true).unwrap();
+    let req = pb::GenerateRequest {
+        prompt_ids: ids,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let r = s.client.generate(req).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 16);
+    assert_eq!(r.finish_reason, "length");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_stream_concatenates_to_the_unary_result_and_ends_with_finish_reason() {
+    let mut s = start().await;
+    let req = greedy("Once upon a time", 24);
+    let whole = s.client.generate(req.clone()).await.unwrap().into_inner();
+    let mut stream = s.client.generate_stream(req).await.unwrap().into_inner();
+    let mut msgs = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        msgs.push(m);
+    }
+    assert!(msgs.len() >= 2, "streamed in pieces: {msgs:?}");
+    let (last, rest) = msgs.split_last().unwrap();
+    assert_eq!(last.finish_reason, "length");
+    assert!(
+        rest.iter().all(|m| m.finish_reason.is_empty()),
+        "only the last carries finish_reason"
+    );
+    assert!(
+        rest.iter().all(|m| !m.text.is_empty()),
+        "each message before the last is a new piece of text"
+    );
+    let text: String = msgs.iter().map(|m| m.text.as_str()).collect();
+    let ids: Vec<u32> = msgs.iter().flat_map(|m| m.token_ids.iter().copied()).collect();
+    assert_eq!(text, whole.text);
+    assert_eq!(ids, whole.token_ids);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_tokenize_matches_the_tokenizer() {
+    let mut s = start().await;
+    let tok = s.handle.tokenizer().clone();
+    for (text, special) in [("Hello, world! ünïcödé", true), ("Hello, world!", false), ("", false)] {
+        let r = s
+            .client
+            .tokenize(pb::TokenizeRequest {
+                text: text.into(),
+                add_special_tokens: special,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let want = tok.encode(text, special).unwrap();
+        assert_eq!(r.token_ids, want, "{text:?} special={special}");
+        assert_eq!(r.count as usize, want.len());
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_kv_status_reports_the_engine_capacity_and_usage() {
+    let mut s = start().await;
+    let r = s.client.kv_status(pb::KvStatusRequest {}).await.unwrap().into_inner();
+    let c = s.handle.capacity().clone();
+    assert_eq!(r.layers as usize, c.layers);
+    assert_eq!(r.kv_layers as usize, c.kv_layers);
+    assert_eq!(r.kv_source.iter().map(|&x| x as usize).collect::<Vec<_>>(), c.kv_source);
+    assert_eq!(r.kv_bytes_per_token as usize, c.kv_bytes_per_token);
+    assert_eq!(r.non_cla_kv_bytes_per_token as usize, c.non_cla_kv_bytes_per_token);
+    assert_eq!(r.block_size as usize, c.block_size);
+    assert_eq!(r.num_blocks as usize, c.num_blocks);
+    assert_eq!(r.capacity_tokens as usize, c.capacity_tokens);
+    assert_eq!(r.max_concurrency as usize, c.max_concurrency);
+    assert_eq!(r.non_cla_capacity_tokens as usize, c.non_cla_capacity_tokens);
+    assert_eq!(r.non_cla_max_concurrency as usize, c.non_cla_max_concurrency);
+    assert_eq!((r.layers, r.kv_layers, r.block_size), (2, 2, 16));
+    assert_eq!(r.blocks_used, 0);
+    assert_eq!(r.blocks_free, r.num_blocks);
+    assert_eq!(r.blocks_used_per_slot.len(), 2);
+    assert_eq!((r.num_running, r.num_waiting), (0, 0));
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_bad_requests_are_invalid_argument_naming_the_field() {
+    let mut s = start().await;
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (pb::GenerateRequest::default(), "prompt"),
+        (
+            pb::GenerateRequest {
+                prompt_ids: vec![1, VOCAB as u32],
+                ..Default::default()
+            },
+            "prompt_ids",
+        ),
+        (
+            pb::GenerateRequest {
+                prompt_ids: vec![1, u32::MAX],
+                ..Default::default()
+            },
+            "prompt_ids",
+        ),
+        (greedy("Hi", MAX_MODEL_LEN as u32), "max_tokens"),
+        (
+            pb::GenerateRequest {
+                prompt_ids: vec![1; MAX_MODEL_LEN],
+                max_tokens: 1,
+                ..Default::default()
+            },
+            "max_tokens",
+        ),
+        (
+            pb::GenerateRequest {
+                temperature: -0.5,
+                ..greedy("Hi", 2)
+            },
+            "temperature",
+        ),
+        (
+            pb::GenerateRequest {
+                temperature: f32::NAN,
+                ..greedy("Hi", 2)
+            },
+            "temperature",
+        ),
+        (
+            pb::GenerateRequest {
+                top_p: 1.5,
+                ..greedy("Hi", 2)
+            },
+            "top_p",
+        ),
+        (
+            pb::GenerateRequest {
+                top_p: -0.1,
+                ..greedy("Hi", 2)
+            },
+            "top_p",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = s.client.generate(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+        let e = s.client.generate_stream(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "stream {field}: {e:?}");
+    }
+    // Sampling knobs in range are accepted.
+    let req = pb::GenerateRequest {
+        temperature: 0.8,
+        top_p: 0.9,
+        top_k: 20,
+        seed: Some(7),
+        ..greedy("Hi", 3)
+    };
+    let r = s.client.generate(req).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 3);
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_full_queue_is_resource_exhausted() {
+    let mut s = start_with(0).await;
+    let e = s.client.generate(greedy("Hi", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    let e = s.client.generate_stream(greedy("Hi", 2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_health_reports_serving() {
+    let s = start().await;
+    let mut health = HealthClient::new(s.channel.clone());
+    for service in ["", "crosskv.v1.Generation"] {
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    s.shutdown().await;
+}
+
+#[tokio::test]
+async fn grpc_cancelled_stream_is_aborted_and_frees_its_blocks() {
+    let mut s = start().await;
+    let max_tokens = (MAX_MODEL_LEN - 64) as u32;
+    let before = s.handle.metrics().generation_tokens_total.get();
+    let mut stream = s
+        .client
+        .generate_stream(greedy("Tell me a long story", max_tokens))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().expect("a first piece");
+    assert!(first.finish_reason.is_empty());
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = s.client.kv_status(pb::KvStatusRequest {}).await.unwrap().into_inner();
+        if r.blocks_used == 0 && r.num_running == 0 && r.num_waiting == 0 {
+            assert_eq!(r.blocks_free, r.num_blocks);
+            break;
+        }
+        assert!(Instant::now() < deadline, "blocks still used after the cancel: {r:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let generated = s.handle.metrics().generation_tokens_total.get() - before;
+    assert!(
+        generated < max_tokens as u64,
+        "the request was aborted, not run to the end ({generated} tokens)"
+    );
+    // The server goes on serving.
+    let r = s.client.generate(greedy("Hi", 2)).await.unwrap().into_inner();
+    assert_eq!(r.token_ids.len(), 2);
+    s.shutdown().await;
+}
