@@ -13,3 +13,4 @@ mod kv;
 mod paged_vs_dense;
 mod sources;
 mod tokenizer;
+mod engine;

@@ -1,0 +1,226 @@
+//! The engine thread end to end with a tiny random model and the default model's
+//! real tokenizer: events, stop conditions, aborts, preemption and prefix caching.
+
+use crate::common::Tiny;
+use candle_core::quantized::gguf_file;
+use crosskv::engine::{EngineConfig, EngineEvent, EngineHandle, FinishReason, GenerateOptions, GenerateRequest};
+use crosskv::model::{resolve_source, ModelSource, Tok};
+use crosskv::runner::SamplingParams;
+
+const VOCAB: usize = 49152;
+
+fn tokenizer() -> Tok {
+    let ModelSource::Gguf(path) = resolve_source(None).expect("default model") else {
+        panic!("the default model is a GGUF here")
+    };
+    let mut f = std::fs::File::open(path).unwrap();
+    Tok::from_gguf(&gguf_file::Content::read(&mut f).unwrap()).unwrap()
+}
+
+struct TestEngine {
+    handle: EngineHandle,
+    _dir: crate::common::Checkpoint,
+}
+
+fn engine(kv_tokens: usize, max_num_seqs: usize, budget: usize) -> TestEngine {
+    let ckpt = Tiny::new(2, 4, 2, 8, 32, VOCAB).seed(42).write();
+    let model = ckpt.load();
+    let layout = model.layout().clone();
+    let block_bytes = layout.block_bytes(4) as u64;
+    let kv_cache_bytes = kv_tokens.div_ceil(4) as u64 * layout.kv_layers() as u64 * block_bytes;
+    let config = EngineConfig {
+        kv_cache_bytes,
+        block_size: 4,
+        max_model_len: kv_tokens.min(128),
+        max_num_seqs,
+        max_num_batched_tokens: budget,
+        max_queued_requests: 64,
+        prefix_caching: true,
+    };
+    TestEngine { handle: EngineHandle::start(model, tokenizer(), config).unwrap(), _dir: ckpt }
+}
+
+fn greedy(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_tokens, ignore_eos: true, ..Default::default() }
+}
+
+/// Collects a request's events: generated ids, text, finish reason.
+fn collect(stream: &mut crosskv::engine::RequestStream) -> (Vec<u32>, String, FinishReason) {
+    let (mut ids, mut text) = (Vec::new(), String::new());
+    loop {
+        match stream.blocking_next().expect("a request ends with Finished") {
+            EngineEvent::Token { id, text: t, .. } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            EngineEvent::Finished { reason, .. } => return (ids, text, reason),
+            EngineEvent::Error(e) => panic!("engine error: {e}"),
+            EngineEvent::PromptLogprobs(_) => {}
+        }
+    }
+}
+
+fn run(h: &EngineHandle, prompt: &[u32], o: GenerateOptions) -> (Vec<u32>, String, FinishReason) {
+    let mut s = h.submit(GenerateRequest { prompt_ids: prompt.to_vec(), options: o }).unwrap();
+    collect(&mut s)
+}
+
+fn wait_for_free_blocks(h: &EngineHandle) -> usize {
+    for _ in 0..200 {
+        let s = h.status();
+        if s.blocks_used == 0 && s.num_running == 0 && s.num_waiting == 0 {
+            return 0;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    h.status().blocks_used
+}
+
+#[test]
+fn a_request_streams_max_tokens_tokens_and_frees_its_blocks() {
+    let e = engine(256, 8, 64);
+    let (ids, text, reason) = run(&e.handle, &[10, 20, 30, 40, 50], greedy(7));
+    assert_eq!(ids.len(), 7);
+    assert_eq!(reason, FinishReason::Length);
+    assert_eq!(text, e.handle.tokenizer().decode(&ids, true).unwrap());
+    assert_eq!(wait_for_free_blocks(&e.handle), 0);
+    e.handle.shutdown();
+}
+
+#[test]
+fn stop_strings_end_the_output_before_them_even_across_tokens() {
+    let e = engine(256, 8, 64);
+    let prompt = [5, 6, 7, 8, 9];
+    let (_, full, _) = run(&e.handle, &prompt, greedy(12));
+    // A stop string that starts inside one token's text and ends in a later one.
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    assert!(chars.len() > 8, "need some text: {full:?}");
+    let (a, b) = (chars[3].0, chars[7].0);
+    let stop = full[a..b].to_string();
+    let first = full.find(&stop).unwrap();
+    let o = GenerateOptions { stop: vec![stop.clone()], ..greedy(12) };
+    let (_, text, reason) = run(&e.handle, &prompt, o);
+    assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(text, full[..first], "output stops right before {stop:?}");
+    e.handle.shutdown();
+}
+
+#[test]
+fn stop_token_ids_and_min_tokens() {
+    let e = engine(256, 8, 64);
+    let prompt = [100, 200, 300];
+    let (ids, _, _) = run(&e.handle, &prompt, greedy(10));
+    let o = GenerateOptions { stop_token_ids: vec![ids[2]], ..greedy(10) };
+    let (got, _, reason) = run(&e.handle, &prompt, o);
+    assert_eq!((got.len(), reason), (3, FinishReason::Stop));
+    // min_tokens: the stop token cannot be picked before 5 tokens.
+    let o = GenerateOptions { stop_token_ids: vec![ids[2]], min_tokens: 5, ..greedy(10) };
+    let (got, _, _) = run(&e.handle, &prompt, o);
+    assert!(got.len() >= 5);
+    assert!(!got[..5].contains(&ids[2]));
+    e.handle.shutdown();
+}
+
+#[test]
+fn dropping_the_stream_aborts_the_request_and_frees_its_blocks() {
+    let e = engine(256, 8, 64);
+    let mut s = e.handle.submit(GenerateRequest { prompt_ids: vec![1, 2, 3, 4, 5, 6], options: greedy(100) }).unwrap();
+    // Wait for the first token, then walk away.
+    loop {
+        if let Some(EngineEvent::Token { .. }) = s.blocking_next() {
+            break;
+        }
+    }
+    drop(s);
+    assert_eq!(wait_for_free_blocks(&e.handle), 0);
+    e.handle.shutdown();
+}
+
+#[test]
+fn concurrent_requests_give_the_same_output_as_alone_even_under_preemption() {
+    // Room for about two requests at a time: the rest queue or get preempted.
+    let e = engine(48, 16, 64);
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| (0..6).map(|j| 1000 + 37 * i + 11 * j).collect()).collect();
+    let alone: Vec<Vec<u32>> = prompts.iter().map(|p| run(&e.handle, p, greedy(14)).0).collect();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| e.handle.submit(GenerateRequest { prompt_ids: p.clone(), options: greedy(14) }).unwrap())
+        .collect();
+    let together: Vec<Vec<u32>> = streams.into_iter().map(|mut s| collect(&mut s).0).collect();
+    assert_eq!(together, alone);
+    let preemptions = e.handle.metrics().num_preemptions_total.get();
+    assert!(preemptions > 0, "the budget was meant to force preemption");
+    assert_eq!(wait_for_free_blocks(&e.handle), 0);
+    e.handle.shutdown();
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_across_batches() {
+    let e = engine(512, 8, 64);
+    let o = |seed| GenerateOptions {
+        sampling: SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed) },
+        ..greedy(10)
+    };
+    let a = run(&e.handle, &[9, 8, 7], o(3)).0;
+    let streams: Vec<_> = [3, 4, 3]
+        .iter()
+        .map(|&seed| e.handle.submit(GenerateRequest { prompt_ids: vec![9, 8, 7], options: o(seed) }).unwrap())
+        .collect();
+    let outs: Vec<Vec<u32>> = streams.into_iter().map(|mut s| collect(&mut s).0).collect();
+    assert_eq!(outs[0], a);
+    assert_eq!(outs[2], a);
+    e.handle.shutdown();
+}
+
+#[test]
+fn a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_output() {
+    let e = engine(256, 8, 64);
+    let prompt: Vec<u32> = (0..13).map(|i| 300 + i).collect();
+    let first = run(&e.handle, &prompt, greedy(5));
+    let mut s = e.handle.submit(GenerateRequest { prompt_ids: prompt.clone(), options: greedy(5) }).unwrap();
+    let mut cached = 0;
+    let mut ids = Vec::new();
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            EngineEvent::Token { id, .. } => ids.push(id),
+            EngineEvent::Finished { usage, .. } => {
+                cached = usage.cached_tokens;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(ids, first.0);
+    assert_eq!(cached, 12, "three full blocks of the 13-token prompt");
+    assert!(e.handle.metrics().prefix_cache_hits_total.get() >= 12);
+    e.handle.shutdown();
+}
+
+#[test]
+fn prompt_logprobs_match_a_full_forward() {
+    let ckpt = Tiny::new(2, 4, 2, 8, 32, VOCAB).seed(42).write();
+    let reference = ckpt.load();
+    let e = engine(256, 8, 64);
+    let prompt: Vec<u32> = vec![11, 22, 33, 44, 55, 66, 77];
+    let dense: Vec<Vec<f32>> = reference.forward_dense(&prompt).unwrap().to_vec2().unwrap();
+    let o = GenerateOptions { prompt_logprobs: Some(2), ..greedy(1) };
+    let mut s = e.handle.submit(GenerateRequest { prompt_ids: prompt.clone(), options: o }).unwrap();
+    let lps = loop {
+        match s.blocking_next().unwrap() {
+            EngineEvent::PromptLogprobs(l) => break l,
+            EngineEvent::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    assert_eq!(lps.len(), prompt.len());
+    assert!(lps[0].is_none());
+    for p in 1..prompt.len() {
+        let lp = lps[p].as_ref().unwrap();
+        let want = crosskv::engine::token_logprob(&dense[p - 1], prompt[p], 2);
+        assert_eq!(lp.token, prompt[p]);
+        assert!((lp.logprob - want.logprob).abs() < 1e-4, "position {p}: {} vs {}", lp.logprob, want.logprob);
+        assert_eq!(lp.top.len(), 2);
+        assert_eq!(lp.top[0].0, want.top[0].0);
+    }
+    e.handle.shutdown();
+}
