@@ -14,3 +14,4 @@ mod paged_vs_dense;
 mod sources;
 mod tokenizer;
 mod engine;
+mod scheduler;
