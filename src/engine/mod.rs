@@ -184,6 +184,7 @@ impl EngineHandle {
         let tokenizer = Arc::new(tokenizer);
         let status = Arc::new(Mutex::new(EngineStatus {
             blocks_free: cap.num_blocks,
+            blocks_used_per_slot: vec![0; cap.kv_layers],
             ..Default::default()
         }));
         let (tx, rx) = mpsc::channel();
