@@ -1,1 +1,334 @@
-//! (being written)
+//! The OpenAI-compatible HTTP API (axum): the router, its layers (API key, body limit,
+//! request timeout, tracing) and the handlers. The port is served while the model loads
+//! (`/health` answers 503 until `AppState::set_ready`).
+
+use super::choices::{self, submit_all};
+use super::error::ApiError;
+use super::openai::*;
+use super::validate::{self, Limits, ValidationError};
+use crate::engine::EngineHandle;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+/// The HTTP server's own settings (the engine has its own).
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub served_model_name: String,
+    /// Bearer token required on every route but `/health` and `/metrics`.
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    /// Until the response starts (a stream runs as long as it runs).
+    pub request_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            served_model_name: "model".into(),
+            api_key: None,
+            max_body_bytes: 32 << 20,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+struct StateInner {
+    engine: OnceLock<EngineHandle>,
+    cfg: HttpConfig,
+    created: u64,
+}
+
+/// Shared by every handler; the engine arrives once the model has loaded.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    /// A server still loading its model.
+    pub fn loading(cfg: HttpConfig) -> Self {
+        AppState {
+            inner: Arc::new(StateInner {
+                engine: OnceLock::new(),
+                cfg,
+                created: unix_now(),
+            }),
+        }
+    }
+    pub fn ready(cfg: HttpConfig, engine: EngineHandle) -> Self {
+        let s = Self::loading(cfg);
+        s.set_ready(engine);
+        s
+    }
+    pub fn set_ready(&self, engine: EngineHandle) {
+        let _ = self.inner.engine.set(engine);
+    }
+    pub fn engine(&self) -> Result<&EngineHandle, ApiError> {
+        self.inner.engine.get().ok_or(ApiError::Loading)
+    }
+    pub fn config(&self) -> &HttpConfig {
+        &self.inner.cfg
+    }
+    fn limits<'a>(&'a self, e: &'a EngineHandle) -> Limits<'a> {
+        Limits {
+            tok: e.tokenizer(),
+            served_model_name: &self.inner.cfg.served_model_name,
+            vocab_size: e.vocab_size(),
+            max_model_len: e.config().max_model_len,
+        }
+    }
+}
+
+/// A JSON body whose rejections (bad JSON, wrong types, too large) are OpenAI errors
+/// naming the field.
+pub struct OaiJson<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for OaiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(state.config().max_body_bytes)
+            } else {
+                ValidationError::Json {
+                    param: None,
+                    message: r.body_text(),
+                }
+                .into()
+            }
+        })?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ValidationError::Json {
+                param: None,
+                message: "the body must be a JSON object".into(),
+            }
+            .into());
+        }
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            ValidationError::Json {
+                param: (path != ".").then_some(path),
+                message: e.inner().to_string(),
+            }
+        })?;
+        de.end().map_err(|e| ValidationError::Json {
+            param: None,
+            message: e.to_string(),
+        })?;
+        Ok(OaiJson(value))
+    }
+}
+
+/// The router: open `/health` and `/metrics`, everything else behind the API key.
+pub fn router(state: AppState) -> Router {
+    let cfg = state.config().clone();
+    let protected = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/kv", get(kv))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route_layer(middleware::from_fn_with_state(state.clone(), timeout));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .merge(protected)
+        .fallback(
+            |req: Request| async move { ApiError::RouteNotFound(format!("{} {}", req.method(), req.uri().path())) },
+        )
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes))
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http()
+                .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
+        )
+        .with_state(state)
+}
+
+async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Some(key) = &st.config().api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Drops the handler (and so its engine requests) when it runs past the limit.
+async fn timeout(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(st.config().request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+async fn health(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    st.engine()?;
+    Ok(Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let text = st.engine()?.metrics().render();
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response())
+}
+
+async fn models(State(st): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+    let e = st.engine()?;
+    let name = st.config().served_model_name.clone();
+    Ok(Json(ModelList {
+        object: "list",
+        data: vec![ModelCard {
+            id: name.clone(),
+            object: "model",
+            created: st.inner.created,
+            owned_by: "crosskv",
+            root: name,
+            max_model_len: e.config().max_model_len,
+        }],
+    }))
+}
+
+#[derive(Serialize)]
+struct KvInfo<'a> {
+    #[serde(flatten)]
+    capacity: &'a crate::kv::CapacityReport,
+    max_model_len: usize,
+    #[serde(flatten)]
+    status: crate::engine::EngineStatus,
+    kv_cache_usage_perc: f64,
+}
+
+async fn kv(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let e = st.engine()?;
+    let capacity = e.capacity();
+    let status = e.status();
+    let usage = status.blocks_used as f64 / capacity.num_blocks.max(1) as f64;
+    Ok(Json(KvInfo {
+        capacity,
+        max_model_len: e.config().max_model_len,
+        status,
+        kv_cache_usage_perc: usage,
+    })
+    .into_response())
+}
+
+async fn tokenizer_info(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let e = st.engine()?;
+    let t = e.tokenizer();
+    let mut eos: Vec<u32> = t.eos_ids.iter().copied().collect();
+    eos.sort();
+    Ok(Json(serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model": st.config().served_model_name,
+        "vocab_size": e.vocab_size(),
+        "model_max_length": e.config().max_model_len,
+        "max_model_len": e.config().max_model_len,
+        "bos_token": t.bos_token,
+        "eos_token": t.eos_token,
+        "eos_token_ids": eos,
+        "chat_template": t.chat_template,
+    })))
+}
+
+async fn tokenize(
+    State(st): State<AppState>,
+    OaiJson(r): OaiJson<TokenizeRequest>,
+) -> Result<Json<TokenizeResponse>, ApiError> {
+    let e = st.engine()?;
+    validate::check_model(r.model.as_deref(), &st.config().served_model_name)?;
+    let tok = e.tokenizer();
+    let tokens = match (&r.prompt, &r.messages) {
+        (Some(p), None) => tok
+            .encode(p, r.add_special_tokens.unwrap_or(true))
+            .map_err(|e| validate::field("prompt", e.to_string()))?,
+        (None, Some(m)) => validate::chat_prompt(tok, m, r.add_generation_prompt.unwrap_or(true))?,
+        _ => return Err(validate::field("prompt", "give exactly one of `prompt` and `messages`").into()),
+    };
+    Ok(Json(TokenizeResponse {
+        count: tokens.len(),
+        max_model_len: e.config().max_model_len,
+        tokens,
+    }))
+}
+
+async fn detokenize(
+    State(st): State<AppState>,
+    OaiJson(r): OaiJson<DetokenizeRequest>,
+) -> Result<Json<DetokenizeResponse>, ApiError> {
+    let e = st.engine()?;
+    validate::check_model(r.model.as_deref(), &st.config().served_model_name)?;
+    if let Some(t) = r.tokens.iter().find(|&&t| t as usize >= e.vocab_size()) {
+        return Err(validate::field("tokens", format!("token id {t} is outside the vocabulary")).into());
+    }
+    let prompt = e
+        .tokenizer()
+        .decode(&r.tokens, false)
+        .map_err(|e| validate::field("tokens", e.to_string()))?;
+    Ok(Json(DetokenizeResponse { prompt }))
+}
+
+async fn completions(State(st): State<AppState>, OaiJson(r): OaiJson<CompletionRequest>) -> Result<Response, ApiError> {
+    let e = st.engine()?;
+    let v = validate::completion(&r, &st.limits(e))?;
+    let streams = submit_all(e, v.requests())?;
+    let ctx = choices::Ctx {
+        id: format!("cmpl-{:016x}", rand::random::<u64>()),
+        created: unix_now(),
+        model: v.model.clone(),
+        tok: e.tokenizer().clone(),
+    };
+    if v.stream {
+        Ok(choices::sse(choices::completion_stream(ctx, v, streams)))
+    } else {
+        Ok(Json(choices::completion_response(ctx, v, streams).await?).into_response())
+    }
+}
+
+async fn chat_completions(
+    State(st): State<AppState>,
+    OaiJson(r): OaiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let e = st.engine()?;
+    let v = validate::chat(&r, &st.limits(e))?;
+    let streams = submit_all(e, v.requests())?;
+    let ctx = choices::Ctx {
+        id: format!("chatcmpl-{:016x}", rand::random::<u64>()),
+        created: unix_now(),
+        model: v.model.clone(),
+        tok: e.tokenizer().clone(),
+    };
+    if v.stream {
+        Ok(choices::sse(choices::chat_stream(ctx, v, streams)))
+    } else {
+        Ok(Json(choices::chat_response(ctx, v, streams).await?).into_response())
+    }
+}

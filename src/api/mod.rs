@@ -2,6 +2,7 @@
 //! request once into an `engine::GenerateRequest` and talk to the engine only through
 //! its `EngineHandle`.
 
+pub mod choices;
 pub mod error;
 pub mod grpc;
 pub mod http;

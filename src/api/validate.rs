@@ -1,1 +1,461 @@
-//! (being written)
+//! A request is validated once, here, into a distinct type the handlers trust: token
+//! ids, engine options, and the response options. Every error names the field.
+
+use super::openai::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
+use crate::engine::{GenerateOptions, GenerateRequest};
+use crate::model::{ChatMessage, Tok};
+use crate::runner::SamplingParams;
+use serde_json::Value;
+
+/// Largest `n`, `logprobs` / `top_logprobs`, and number of stop strings accepted.
+pub const MAX_N: u64 = 128;
+pub const MAX_LOGPROBS: u64 = 20;
+pub const MAX_STOP: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ValidationError {
+    /// The body is not JSON, or a field has the wrong JSON type.
+    #[error("invalid request body: {message}")]
+    Json { param: Option<String>, message: String },
+    /// A field's value is out of range or malformed.
+    #[error("`{param}`: {message}")]
+    Field { param: String, message: String },
+    /// The `model` field names a model this server does not serve (404).
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error(
+        "This model's maximum context length is {max_model_len} tokens; the request has {prompt_tokens} prompt tokens and asks for {max_tokens} more"
+    )]
+    ContextLength {
+        param: &'static str,
+        max_model_len: usize,
+        prompt_tokens: usize,
+        max_tokens: usize,
+    },
+}
+
+impl ValidationError {
+    /// The request field at fault (OpenAI's `param`).
+    pub fn param(&self) -> Option<String> {
+        match self {
+            ValidationError::Json { param, .. } => param.clone(),
+            ValidationError::Field { param, .. } => Some(param.clone()),
+            ValidationError::ModelNotFound(_) => Some("model".into()),
+            ValidationError::ContextLength { param, .. } => Some(param.to_string()),
+        }
+    }
+}
+
+pub fn field(param: impl Into<String>, message: impl Into<String>) -> ValidationError {
+    ValidationError::Field {
+        param: param.into(),
+        message: message.into(),
+    }
+}
+
+/// What validation needs to know about the server.
+pub struct Limits<'a> {
+    pub tok: &'a Tok,
+    pub served_model_name: &'a str,
+    pub vocab_size: usize,
+    pub max_model_len: usize,
+}
+
+/// One prompt, tokenized, with the text `echo` returns.
+#[derive(Debug, Clone)]
+pub struct ValidPrompt {
+    pub ids: Vec<u32>,
+    pub text: String,
+}
+
+/// A checked `/v1/completions` request.
+#[derive(Debug, Clone)]
+pub struct ValidCompletion {
+    pub model: String,
+    pub prompts: Vec<ValidPrompt>,
+    /// Options of choice 0 of each prompt; choice `j` gets `seed + j`.
+    pub options: GenerateOptions,
+    /// The `max_tokens` asked for (0 with `echo`: the prompt is scored, nothing generated).
+    pub max_tokens: usize,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub echo: bool,
+    pub logprobs: Option<usize>,
+}
+
+impl ValidCompletion {
+    /// The engine requests, prompt-major: choice index `prompt * n + j`.
+    pub fn requests(&self) -> Vec<GenerateRequest> {
+        let mut out = Vec::new();
+        for p in &self.prompts {
+            for j in 0..self.n {
+                out.push(GenerateRequest {
+                    prompt_ids: p.ids.clone(),
+                    options: with_seed(&self.options, j),
+                });
+            }
+        }
+        out
+    }
+}
+
+/// A checked `/v1/chat/completions` request.
+#[derive(Debug, Clone)]
+pub struct ValidChat {
+    pub model: String,
+    pub prompt_ids: Vec<u32>,
+    pub options: GenerateOptions,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// `top_logprobs` when `logprobs` is true.
+    pub logprobs: Option<usize>,
+}
+
+impl ValidChat {
+    pub fn requests(&self) -> Vec<GenerateRequest> {
+        (0..self.n)
+            .map(|j| GenerateRequest {
+                prompt_ids: self.prompt_ids.clone(),
+                options: with_seed(&self.options, j),
+            })
+            .collect()
+    }
+}
+
+fn with_seed(o: &GenerateOptions, j: usize) -> GenerateOptions {
+    let mut o = o.clone();
+    o.sampling.seed = o.sampling.seed.map(|s| s.wrapping_add(j as u64));
+    o
+}
+
+pub fn check_model(model: Option<&str>, served: &str) -> Result<String, ValidationError> {
+    match model {
+        None | Some("") => Ok(served.to_string()),
+        Some(m) if m == served => Ok(m.to_string()),
+        Some(m) => Err(ValidationError::ModelNotFound(m.to_string())),
+    }
+}
+
+fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ValidationError> {
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(t) => Err(field(
+            param,
+            format!("token id {t} is outside the vocabulary (size {vocab})"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn as_ids(v: &[Value]) -> Option<Vec<u32>> {
+    v.iter()
+        .map(|x| x.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect()
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of id lists.
+fn prompts(v: &Value, lim: &Limits, add_special: bool) -> Result<Vec<ValidPrompt>, ValidationError> {
+    let text = |s: &str| -> Result<ValidPrompt, ValidationError> {
+        let ids = lim
+            .tok
+            .encode(s, add_special)
+            .map_err(|e| field("prompt", e.to_string()))?;
+        Ok(ValidPrompt {
+            ids,
+            text: s.to_string(),
+        })
+    };
+    let ids = |ids: Vec<u32>| -> Result<ValidPrompt, ValidationError> {
+        check_ids(&ids, lim.vocab_size, "prompt")?;
+        let text = lim
+            .tok
+            .decode(&ids, false)
+            .map_err(|e| field("prompt", e.to_string()))?;
+        Ok(ValidPrompt { ids, text })
+    };
+    const SHAPE: &str = "expected a string, a list of strings, a list of token ids or a list of token-id lists";
+    let out = match v {
+        Value::Null => return Err(field("prompt", "is required")),
+        Value::String(s) => vec![text(s)?],
+        Value::Array(a) if a.is_empty() => return Err(field("prompt", "is empty")),
+        Value::Array(a) if a.iter().all(Value::is_string) => a
+            .iter()
+            .map(|s| text(s.as_str().unwrap_or_default()))
+            .collect::<Result<_, _>>()?,
+        Value::Array(a) if a.iter().all(Value::is_number) => {
+            vec![ids(
+                as_ids(a).ok_or_else(|| field("prompt", "token ids must be integers ≥ 0"))?
+            )?]
+        }
+        Value::Array(a) if a.iter().all(Value::is_array) => a
+            .iter()
+            .map(|x| {
+                let l = x.as_array().map(Vec::as_slice).unwrap_or_default();
+                ids(as_ids(l).ok_or_else(|| field("prompt", SHAPE))?)
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(field("prompt", SHAPE)),
+    };
+    if out.iter().any(|p| p.ids.is_empty()) {
+        return Err(field("prompt", "a prompt is empty (no tokens)"));
+    }
+    Ok(out)
+}
+
+/// `stop`: absent, a string, or a list of strings.
+fn stop_strings(v: &Value) -> Result<Vec<String>, ValidationError> {
+    let out: Vec<String> = match v {
+        Value::Null => Vec::new(),
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a
+            .iter()
+            .map(|s| s.as_str().map(String::from))
+            .collect::<Option<_>>()
+            .ok_or_else(|| field("stop", "expected a string or a list of strings"))?,
+        _ => return Err(field("stop", "expected a string or a list of strings")),
+    };
+    if out.len() > MAX_STOP {
+        return Err(field("stop", format!("at most {MAX_STOP} stop strings")));
+    }
+    Ok(out)
+}
+
+/// The fields completions and chat share.
+struct Common<'a> {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i64>,
+    min_tokens: Option<u64>,
+    seed: Option<u64>,
+    stop: &'a Value,
+    stop_token_ids: Option<&'a [u32]>,
+    ignore_eos: Option<bool>,
+    n: Option<u64>,
+}
+
+fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptions, usize), ValidationError> {
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !temperature.is_finite() || temperature < 0.0 {
+        return Err(field("temperature", "must be a finite number ≥ 0"));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
+        return Err(field("top_p", "must be in (0, 1]"));
+    }
+    let top_k = match c.top_k.unwrap_or(0) {
+        -1 | 0 => 0,
+        k if k > 0 => k as usize,
+        _ => return Err(field("top_k", "must be -1 or 0 (no cut) or a positive integer")),
+    };
+    let min_tokens = c.min_tokens.unwrap_or(0) as usize;
+    if min_tokens > max_tokens {
+        return Err(field("min_tokens", format!("must be ≤ max_tokens ({max_tokens})")));
+    }
+    let n = c.n.unwrap_or(1);
+    if n == 0 || n > MAX_N {
+        return Err(field("n", format!("must be in 1..={MAX_N}")));
+    }
+    let stop_token_ids = c.stop_token_ids.unwrap_or_default().to_vec();
+    check_ids(&stop_token_ids, lim.vocab_size, "stop_token_ids")?;
+    let o = GenerateOptions {
+        max_tokens,
+        min_tokens,
+        sampling: SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed: c.seed,
+        },
+        stop: stop_strings(c.stop)?,
+        stop_token_ids,
+        ignore_eos: c.ignore_eos.unwrap_or(false),
+        logprobs: None,
+        prompt_logprobs: None,
+    };
+    Ok((o, n as usize))
+}
+
+fn check_length(
+    prompt_param: &'static str,
+    prompt: usize,
+    max_tokens: usize,
+    max_model_len: usize,
+) -> Result<(), ValidationError> {
+    if prompt + max_tokens > max_model_len {
+        return Err(ValidationError::ContextLength {
+            param: if prompt >= max_model_len {
+                prompt_param
+            } else {
+                "max_tokens"
+            },
+            max_model_len,
+            prompt_tokens: prompt,
+            max_tokens,
+        });
+    }
+    Ok(())
+}
+
+pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion, ValidationError> {
+    let model = check_model(r.model.as_deref(), lim.served_model_name)?;
+    let echo = r.echo.unwrap_or(false);
+    let max_tokens = r.max_tokens.unwrap_or(16) as usize;
+    if max_tokens == 0 && !echo {
+        return Err(field("max_tokens", "must be at least 1 (0 only with `echo`)"));
+    }
+    let logprobs = r.logprobs;
+    if logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
+        return Err(field("logprobs", format!("must be in 0..={MAX_LOGPROBS}")));
+    }
+    let c = Common {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        min_tokens: r.min_tokens,
+        seed: r.seed,
+        stop: &r.stop,
+        stop_token_ids: r.stop_token_ids.as_deref(),
+        ignore_eos: r.ignore_eos,
+        n: r.n,
+    };
+    let (mut options, n) = options(&c, lim, max_tokens)?;
+    let prompts = prompts(&r.prompt, lim, r.add_special_tokens.unwrap_or(true))?;
+    for p in &prompts {
+        check_length("prompt", p.ids.len(), max_tokens, lim.max_model_len)?;
+    }
+    let logprobs = logprobs.map(|k| k as usize);
+    options.logprobs = logprobs;
+    if echo {
+        options.prompt_logprobs = logprobs;
+    }
+    // max_tokens 0 (echo only): the engine generates one token that is dropped.
+    options.max_tokens = max_tokens.max(1);
+    let stream_options = r.stream_options.clone().unwrap_or_default();
+    Ok(ValidCompletion {
+        model,
+        prompts,
+        options,
+        max_tokens,
+        n,
+        stream: r.stream.unwrap_or(false),
+        include_usage: stream_options.include_usage.unwrap_or(false),
+        echo,
+        logprobs,
+    })
+}
+
+/// A message's content: a string, or a list of `{"type": "text", "text": ...}` parts.
+fn content(i: usize, m: &ChatMessageIn) -> Result<String, ValidationError> {
+    let param = format!("messages[{i}].content");
+    match &m.content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null if m.role == "assistant" => Ok(String::new()),
+        Value::Null => Err(field(param, "is required")),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => {
+                        return Err(field(
+                            param,
+                            "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(field(param, "expected a string or a list of text parts")),
+    }
+}
+
+pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, ValidationError> {
+    if messages.is_empty() {
+        return Err(field("messages", "must hold at least one message"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !["system", "user", "assistant", "tool", "developer"].contains(&m.role.as_str()) {
+                return Err(field(
+                    format!("messages[{i}].role"),
+                    format!("unknown role `{}`", m.role),
+                ));
+            }
+            Ok(ChatMessage {
+                role: m.role.clone(),
+                content: content(i, m)?,
+            })
+        })
+        .collect()
+}
+
+/// Renders chat messages through the template and tokenizes them (the template writes
+/// the special tokens itself).
+pub fn chat_prompt(
+    tok: &Tok,
+    messages: &[ChatMessageIn],
+    add_generation_prompt: bool,
+) -> Result<Vec<u32>, ValidationError> {
+    let msgs = chat_messages(messages)?;
+    let text = tok
+        .apply_chat_template(&msgs, add_generation_prompt)
+        .map_err(|e| field("messages", e.to_string()))?;
+    tok.encode(&text, false).map_err(|e| field("messages", e.to_string()))
+}
+
+pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, ValidationError> {
+    let model = check_model(r.model.as_deref(), lim.served_model_name)?;
+    let prompt_ids = chat_prompt(lim.tok, &r.messages, true)?;
+    if prompt_ids.is_empty() {
+        return Err(field("messages", "the rendered prompt is empty"));
+    }
+    check_ids(&prompt_ids, lim.vocab_size, "messages")?;
+    let (param, asked) = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(m), _) => ("max_completion_tokens", Some(m)),
+        (None, m) => ("max_tokens", m),
+    };
+    let max_tokens = match asked {
+        Some(0) => return Err(field(param, "must be at least 1")),
+        Some(m) => m as usize,
+        None => lim.max_model_len.saturating_sub(prompt_ids.len()).max(1),
+    };
+    let top_logprobs = r.top_logprobs.unwrap_or(0);
+    if top_logprobs > MAX_LOGPROBS {
+        return Err(field("top_logprobs", format!("must be in 0..={MAX_LOGPROBS}")));
+    }
+    if r.top_logprobs.is_some() && !r.logprobs.unwrap_or(false) {
+        return Err(field("top_logprobs", "needs `logprobs: true`"));
+    }
+    let c = Common {
+        temperature: r.temperature,
+        top_p: r.top_p,
+        top_k: r.top_k,
+        min_tokens: r.min_tokens,
+        seed: r.seed,
+        stop: &r.stop,
+        stop_token_ids: r.stop_token_ids.as_deref(),
+        ignore_eos: r.ignore_eos,
+        n: r.n,
+    };
+    let (mut options, n) = options(&c, lim, max_tokens)?;
+    check_length("messages", prompt_ids.len(), max_tokens, lim.max_model_len)?;
+    let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
+    options.logprobs = logprobs;
+    let stream_options = r.stream_options.clone().unwrap_or_default();
+    Ok(ValidChat {
+        model,
+        prompt_ids,
+        options,
+        n,
+        stream: r.stream.unwrap_or(false),
+        include_usage: stream_options.include_usage.unwrap_or(false),
+        logprobs,
+    })
+}

@@ -15,3 +15,4 @@ mod sources;
 mod tokenizer;
 mod engine;
 mod scheduler;
+mod http;
