@@ -7,6 +7,36 @@ fn main() {
     if let Err(e) = grpc() {
         panic!("generating the gRPC code from proto/crosskv.proto: {e}");
     }
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        if let Err(e) = cuda_kernels() {
+            panic!("compiling kernels/*.cu to PTX: {e}");
+        }
+    }
+}
+
+/// `kernels/*.cu` → PTX for sm_90 (or `$CUDA_COMPUTE_CAP`), one
+/// `pub const NAME: &str` per file in `$OUT_DIR/ptx.rs` (included by `src/ops/cuda.rs`).
+/// Only under `--features cuda`; needs `nvcc` (see ../shared/GPU.md).
+#[cfg(feature = "cuda")]
+fn cuda_kernels() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut builder = cudaforge::KernelBuilder::new()
+        .source_dir("kernels")
+        .arg("-O3")
+        .arg("-std=c++17")
+        .arg("--expt-relaxed-constexpr");
+    if std::env::var_os("CUDA_COMPUTE_CAP").is_none() {
+        builder = builder.compute_cap(90);
+    }
+    builder.build_ptx()?.write(out.join("ptx.rs"))?;
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_kernels() -> Result<(), Box<dyn std::error::Error>> {
+    Ok(())
 }
 
 /// `proto/crosskv.proto` → tonic server and client (included by `src/api/grpc.rs`).

@@ -180,6 +180,30 @@ impl CustomOp3 for PagedAttention<'_> {
         };
         Ok((out, ql.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::paged_attention(
+            self.seqs,
+            self.block_table,
+            self.max_blocks,
+            self.scale,
+            qs,
+            ql,
+            ks,
+            kl,
+            vs,
+            vl,
+        )
+    }
 }
 
 /// `q`: `[tokens, heads, head_dim]`; caches: `[num_blocks, block_size, kv_heads, head_dim]`;

@@ -56,6 +56,19 @@ impl InplaceOp3 for ReshapeAndCache {
             _ => candle_core::bail!("reshape_and_cache: cache and rows must share one of f32/f16/bf16"),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        cache: &mut candle_core::CudaStorage,
+        cl: &Layout,
+        new: &candle_core::CudaStorage,
+        nl: &Layout,
+        pos: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<()> {
+        super::cuda::reshape_and_cache(cache, cl, new, nl, pos, pl)
+    }
 }
 
 /// Writes `new` (`[tokens, kv_heads, head_dim]`) into `cache` at `positions` (u32, `[tokens]`).

@@ -1,0 +1,38 @@
+// reshape_and_cache: writes one step's K (or V) rows into their cache rows.
+// The cache is [num_blocks, block_size, kv_heads, head_dim] viewed as rows of
+// `row = kv_heads * head_dim` elements; token t goes to row pos[t]
+// (block * block_size + offset). One thread block per token row.
+// CPU reference: src/ops/reshape_and_cache.rs.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+template <typename T>
+__device__ __forceinline__ void reshape_and_cache_impl(
+    T* __restrict__ cache, const T* __restrict__ rows, const uint32_t* __restrict__ pos,
+    uint32_t row, uint64_t cache_rows) {
+  const uint32_t t = blockIdx.x;
+  const uint64_t p = pos[t];
+  if (p >= cache_rows) return;  // the host checks positions; never write out of bounds
+  T* dst = cache + p * row;
+  const T* src = rows + (uint64_t)t * row;
+  const uint32_t bytes = row * sizeof(T);
+  if ((bytes % 16) == 0 && (reinterpret_cast<uintptr_t>(dst) % 16) == 0 &&
+      (reinterpret_cast<uintptr_t>(src) % 16) == 0) {
+    const uint4* s = reinterpret_cast<const uint4*>(src);
+    uint4* d = reinterpret_cast<uint4*>(dst);
+    for (uint32_t i = threadIdx.x; i < bytes / 16; i += blockDim.x) d[i] = s[i];
+  } else {
+    for (uint32_t i = threadIdx.x; i < row; i += blockDim.x) dst[i] = src[i];
+  }
+}
+
+#define RAC(NAME, T)                                                                      \
+  extern "C" __global__ void NAME(T* cache, const T* rows, const uint32_t* pos,           \
+                                  uint32_t row, uint64_t cache_rows) {                    \
+    reshape_and_cache_impl<T>(cache, rows, pos, row, cache_rows);                         \
+  }
+
+RAC(reshape_and_cache_f32, float)
+RAC(reshape_and_cache_f16, __half)
+RAC(reshape_and_cache_bf16, __nv_bfloat16)

@@ -1,0 +1,330 @@
+//! GPU tests (`--features cuda`, run on the H100 by scripts/gpu-run.sh): every CUDA
+//! kernel against its CPU reference on the same random inputs, and a tiny random CLA
+//! model's logits on CUDA against the CPU. Kernel outputs are poisoned (NaN) before
+//! each launch so an element a kernel fails to write shows up.
+
+#![cfg(feature = "cuda")]
+
+#[path = "it/common.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{Rng, Tiny};
+use crosskv::kv::KvManager;
+use crosskv::model::LoadOptions;
+use crosskv::ops::{paged_attention, reshape_and_cache, SeqSpan};
+use crosskv::runner::{Runner, SeqStep};
+use serde_json::json;
+
+fn gpu() -> Device {
+    crosskv::ops::cuda::set_poison_outputs(true);
+    Device::new_cuda(0).expect("a CUDA device")
+}
+
+fn tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => 1e-2,
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |got - want| / max |want|; infinite when `got` has a NaN/inf (an unwritten element).
+fn rel_err(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    if got.iter().any(|x| !x.is_finite()) {
+        return f32::INFINITY;
+    }
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+}
+
+/// A random tensor on the CPU in `dtype`, and the same values on the GPU.
+fn pair(rng: &mut Rng, shape: &[usize], dtype: DType, dev: &Device) -> (Tensor, Tensor) {
+    let c = rng.tensor(shape, 1.0, 0.0).to_dtype(dtype).unwrap();
+    let g = c.to_device(dev).unwrap();
+    (c, g)
+}
+
+/// A permutation of 0..n, so block tables are scattered and interleaved.
+fn shuffled(rng: &mut Rng, n: usize) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..n as u32).collect();
+    for i in (1..n).rev() {
+        v.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    v
+}
+
+#[test]
+fn reshape_and_cache_matches_cpu_bit_for_bit() {
+    let dev = gpu();
+    for (dtype, kvh, d) in [
+        (DType::F32, 2, 64),
+        (DType::F16, 1, 128),
+        (DType::BF16, 4, 128),
+        (DType::BF16, 8, 64),
+        (DType::F32, 3, 20), // a row that is not a multiple of 16 bytes: the scalar path
+    ] {
+        let mut rng = Rng::new(11 + d as u64 + kvh as u64);
+        let (nb, bs) = (9, 16);
+        let (cache_c, cache_g) = pair(&mut rng, &[nb, bs, kvh, d], dtype, &dev);
+        // Block boundaries (15/16), the very first and last rows, the rest scattered.
+        let mut pos: Vec<u32> = vec![0, 15, 16, 17, 31, 32, (nb * bs - 1) as u32];
+        let fixed = pos.clone();
+        pos.extend(
+            shuffled(&mut rng, nb * bs)
+                .into_iter()
+                .filter(|p| !fixed.contains(p))
+                .take(20),
+        );
+        let t = pos.len();
+        let (new_c, new_g) = pair(&mut rng, &[t, kvh, d], dtype, &dev);
+        let pos_c = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
+        let pos_g = pos_c.to_device(&dev).unwrap();
+        reshape_and_cache(&cache_c, &new_c, &pos_c).unwrap();
+        reshape_and_cache(&cache_g, &new_g, &pos_g).unwrap();
+        let (got, want) = (flat(&cache_g), flat(&cache_c));
+        assert!(got == want, "{dtype:?} kvh {kvh} d {d}: GPU cache differs from CPU");
+        eprintln!("reshape_and_cache {dtype:?} kv_heads {kvh} d {d}: {t} rows, exact");
+    }
+}
+
+/// One paged-attention scenario: sequences `(q_len, ctx_len)` with an optional padding
+/// token no sequence owns after each `pad_after` sequence; two KV slots whose blocks
+/// interleave in one pool; layers 0 and 1 alias slot 0, layer 2 reads slot 1.
+struct Scenario {
+    spans: Vec<(usize, usize)>,
+    pad_after: Vec<usize>,
+}
+
+fn scenarios() -> Vec<(&'static str, Scenario)> {
+    vec![
+        (
+            // every context ≤ 512: one pass, no split
+            "short",
+            Scenario {
+                spans: vec![
+                    (1, 1),
+                    (1, 15),
+                    (1, 16),
+                    (1, 17),
+                    (5, 5),
+                    (17, 40),
+                    (1, 33),
+                    (16, 16),
+                    (1, 512),
+                ],
+                pad_after: vec![3],
+            },
+        ),
+        (
+            // contexts past 512: split into partitions of 512 and reduced
+            "long",
+            Scenario {
+                spans: vec![(1, 513), (1, 1100), (3, 1030), (1, 2), (20, 600), (1, 1024)],
+                pad_after: vec![1],
+            },
+        ),
+    ]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_scenario(
+    dev: &Device,
+    name: &str,
+    sc: &Scenario,
+    dtype: DType,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    seed: u64,
+) -> f32 {
+    let bs = 16;
+    let mut rng = Rng::new(seed);
+    // Flat query layout with the padding tokens.
+    let mut seqs = Vec::new();
+    let mut tokens = 0usize;
+    for (i, &(ql, ctx)) in sc.spans.iter().enumerate() {
+        seqs.push(SeqSpan {
+            q_start: tokens as u32,
+            q_len: ql as u32,
+            ctx_len: ctx as u32,
+        });
+        tokens += ql;
+        if sc.pad_after.contains(&i) {
+            tokens += 1;
+        }
+    }
+    let need: Vec<usize> = sc.spans.iter().map(|&(_, c)| c.div_ceil(bs)).collect();
+    let max_blocks = need.iter().max().unwrap() + 2;
+    let num_blocks = 2 * need.iter().sum::<usize>() + 5;
+    let mut free = shuffled(&mut rng, num_blocks).into_iter();
+    // tables[slot]: unused entries are u32::MAX, which no kernel may read.
+    let mut tables = vec![vec![u32::MAX; seqs.len() * max_blocks]; 2];
+    for (s, &n) in need.iter().enumerate() {
+        for j in 0..n {
+            for t in tables.iter_mut() {
+                t[s * max_blocks + j] = free.next().unwrap();
+            }
+        }
+    }
+    let (kc_c, kc_g) = pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, dev);
+    let (vc_c, vc_g) = pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, dev);
+    // The step's own K/V: written into both slots first, as producers do.
+    for table in &tables {
+        let mut rows = Vec::with_capacity(tokens);
+        for (s, &(ql, ctx)) in sc.spans.iter().enumerate() {
+            for p in ctx - ql..ctx {
+                rows.push(table[s * max_blocks + p / bs] * bs as u32 + (p % bs) as u32);
+            }
+        }
+        let n = rows.len();
+        let rows_c = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+        let rows_g = rows_c.to_device(dev).unwrap();
+        let (k_c, k_g) = pair(&mut rng, &[n, kv_heads, d], dtype, dev);
+        let (v_c, v_g) = pair(&mut rng, &[n, kv_heads, d], dtype, dev);
+        reshape_and_cache(&kc_c, &k_c, &rows_c).unwrap();
+        reshape_and_cache(&kc_g, &k_g, &rows_g).unwrap();
+        reshape_and_cache(&vc_c, &v_c, &rows_c).unwrap();
+        reshape_and_cache(&vc_g, &v_g, &rows_g).unwrap();
+    }
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut worst = 0f32;
+    for (layer, slot) in [(0, 0), (1, 0), (2, 1)] {
+        let (q_c, q_g) = pair(&mut rng, &[tokens, heads, d], dtype, dev);
+        let t = &tables[slot];
+        let want = paged_attention(&q_c, &kc_c, &vc_c, &seqs, t, max_blocks, scale).unwrap();
+        let got = paged_attention(&q_g, &kc_g, &vc_g, &seqs, t, max_blocks, scale).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let e = rel_err(&flat(&got), &flat(&want));
+        assert!(
+            e <= tol(dtype),
+            "{name} {dtype:?} heads {heads}/{kv_heads} d {d} layer {layer} (slot {slot}): relative error {e}"
+        );
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn paged_attention_matches_cpu() {
+    let dev = gpu();
+    let ratios = [(8, 8), (8, 4), (8, 2), (16, 2), (16, 1), (32, 1)];
+    let mut seed = 1000;
+    let mut summary = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for d in [64, 128] {
+            for &(heads, kv_heads) in &ratios {
+                for (name, sc) in scenarios() {
+                    seed += 1;
+                    let e = run_scenario(&dev, name, &sc, dtype, heads, kv_heads, d, seed);
+                    summary.push(format!(
+                        "paged_attention {name:5} {:4} d{d:<3} heads {heads:2}/{kv_heads}: max rel err {e:.2e}",
+                        format!("{dtype:?}")
+                    ));
+                }
+            }
+        }
+    }
+    // head_dim 256 (a smaller tile), GQA 2 and MQA.
+    for dtype in [DType::F32, DType::BF16] {
+        for &(heads, kv_heads) in &[(8, 4), (8, 1)] {
+            for (name, sc) in scenarios() {
+                seed += 1;
+                let e = run_scenario(&dev, name, &sc, dtype, heads, kv_heads, 256, seed);
+                summary.push(format!(
+                    "paged_attention {name:5} {:4} d256 heads {heads:2}/{kv_heads}: max rel err {e:.2e}",
+                    format!("{dtype:?}")
+                ));
+            }
+        }
+    }
+    for s in summary {
+        eprintln!("{s}");
+    }
+}
+
+#[test]
+fn paged_attention_rejects_unsupported_head_dim_on_cuda() {
+    let dev = gpu();
+    let q = Tensor::zeros((1, 2, 48), DType::F32, &dev).unwrap();
+    let kc = Tensor::zeros((2, 16, 2, 48), DType::F32, &dev).unwrap();
+    let seqs = [SeqSpan {
+        q_start: 0,
+        q_len: 1,
+        ctx_len: 1,
+    }];
+    let err = paged_attention(&q, &kc, &kc, &seqs, &[0], 1, 1.0).unwrap_err();
+    assert!(err.to_string().contains("head_dim 48"), "{err}");
+}
+
+/// A tiny random CLA model (4 layers, share factor 2, GQA 4/2, head_dim 64) runs a
+/// mixed prefill + decode schedule on CUDA (f32) and gives the CPU's logits.
+#[test]
+fn tiny_cla_model_logits_match_cpu() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(42);
+    let ck = tiny.write();
+    let cpu = ck.load();
+    let cuda = ck.load_with(&LoadOptions {
+        dtype: Some(DType::F32),
+        device: dev.clone(),
+        ..LoadOptions::default()
+    });
+    assert!(cuda.device().is_cuda());
+    let block = 16;
+    let n = 8 * cpu.layout().kv_layers();
+    let mk = |m: &crosskv::model::Model| {
+        (
+            Runner::new(m.clone(), n, block).unwrap(),
+            KvManager::new(m.layout().clone(), n, block),
+        )
+    };
+    let (rc, mut mc) = mk(&cpu);
+    let (rg, mut mg) = mk(&cuda);
+    let toks = Rng::new(5).tokens(60, tiny.vocab);
+    let (a, b) = (&toks[..30], &toks[30..]);
+    // (seq, tokens, start): A prefills 20 and B a first chunk of 7; then A decodes while B
+    // prefills its next chunk; then both decode.
+    let schedule: Vec<Vec<(u64, &[u32], usize)>> = vec![
+        vec![(0, &a[..20], 0), (1, &b[..7], 0)],
+        vec![(0, &a[20..21], 20), (1, &b[7..17], 7)],
+        vec![(1, &b[17..18], 17), (0, &a[21..22], 21)],
+        vec![(0, &a[22..23], 22), (1, &b[18..19], 18)],
+    ];
+    let mut worst = 0f32;
+    for (i, step) in schedule.iter().enumerate() {
+        let steps: Vec<SeqStep> = step
+            .iter()
+            .map(|(seq, t, start)| SeqStep {
+                seq: *seq,
+                tokens: t.to_vec(),
+                start_pos: *start,
+                all_logits: false,
+            })
+            .collect();
+        for (seq, t, start) in step {
+            mc.allocate(*seq, start + t.len()).unwrap();
+            mg.allocate(*seq, start + t.len()).unwrap();
+        }
+        let want = flat(&rc.step(&mc, &steps).unwrap());
+        let got = flat(&rg.step(&mg, &steps).unwrap());
+        let e = rel_err(&got, &want);
+        eprintln!("tiny CLA model step {i}: logits max rel err {e:.2e}");
+        assert!(e <= 1e-3, "step {i}: CUDA logits differ from CPU by {e} (relative)");
+        worst = worst.max(e);
+    }
+    eprintln!("tiny CLA model (4 layers, cla 2, GQA 4/2, d64, f32): worst logits rel err {worst:.2e}");
+}
