@@ -2,6 +2,11 @@ use clap::Parser;
 use crosskv::cli::{self, Cli, Command};
 
 fn main() {
+    // Our ops parallelise on rayon; candle's own barrier pool would add a second set of
+    // spinning workers on the same cores, so candle's ops run on the calling thread.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let cli = Cli::parse();
     // The server logs its KV layout and start-up at info.
     let default_filter = match cli.command {

@@ -1,8 +1,13 @@
-//! Parallel loops for the CPU reference ops, on candle's own CPU thread pool: sharing
-//! its (spinning) workers instead of starting a second pool keeps two pools from
-//! fighting over the cores between every op of a decode step.
+//! Parallel loops for the CPU ops. Tasks are claimed from a shared counter by the
+//! calling thread and by rayon helpers; the caller waits only for tasks already
+//! claimed, never for a helper that has not started. On a busy machine (more runnable
+//! threads than cores) a barrier that waits for every worker stalls whenever one is
+//! descheduled, which is what collapses barrier-synchronised engines under load.
+//!
+//! Run the whole model step inside the pool (`in_pool`): then the helpers are plain
+//! spawns and the caller works too, with no hand-off to another thread per op.
 
-use candle_core::utils::barrier_pool;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A raw pointer the tasks below may share; each task touches a disjoint range.
 struct SharedMut<T>(*mut T);
@@ -16,13 +21,34 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// Runs `f(i)` for every `i` in `0..n` across candle's thread pool.
+/// Runs `f` on a rayon worker (inline when already on one).
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
+/// Runs `f(i)` for every `i` in `0..n`, in parallel.
 pub(crate) fn run_tasks(n: usize, f: impl Fn(usize) + Sync) {
-    match n {
-        0 => {}
-        1 => f(0),
-        _ => barrier_pool().execute_chunked(n, |range| range.for_each(&f)),
+    if n <= 1 {
+        if n == 1 {
+            f(0);
+        }
+        return;
     }
+    let next = AtomicUsize::new(0);
+    let work = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        if i >= n {
+            break;
+        }
+        f(i);
+    };
+    let helpers = rayon::current_num_threads().saturating_sub(1).min(n - 1);
+    rayon::scope(|s| {
+        for _ in 0..helpers {
+            s.spawn(|_| work());
+        }
+        work();
+    });
 }
 
 /// Calls `f(i, chunk)` for each `chunk_len`-element chunk of `out`, in parallel.

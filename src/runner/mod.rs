@@ -126,6 +126,8 @@ impl Runner {
     /// per token for steps with `all_logits`, in step order.
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
         let input = self.step_input(mgr, steps)?;
-        self.model.forward(&input, &self.cache)
+        // The whole forward runs on a rayon worker, so each op's parallel region starts
+        // without handing off to another thread.
+        crate::ops::parallel::in_pool(|| self.model.forward(&input, &self.cache))
     }
 }

@@ -37,11 +37,18 @@ fn engine(kv_tokens: usize, max_num_seqs: usize, budget: usize) -> TestEngine {
         max_queued_requests: 64,
         prefix_caching: true,
     };
-    TestEngine { handle: EngineHandle::start(model, tokenizer(), config).unwrap(), _dir: ckpt }
+    TestEngine {
+        handle: EngineHandle::start(model, tokenizer(), config).unwrap(),
+        _dir: ckpt,
+    }
 }
 
 fn greedy(max_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_tokens, ignore_eos: true, ..Default::default() }
+    GenerateOptions {
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    }
 }
 
 /// Collects a request's events: generated ids, text, finish reason.
@@ -61,7 +68,12 @@ fn collect(stream: &mut crosskv::engine::RequestStream) -> (Vec<u32>, String, Fi
 }
 
 fn run(h: &EngineHandle, prompt: &[u32], o: GenerateOptions) -> (Vec<u32>, String, FinishReason) {
-    let mut s = h.submit(GenerateRequest { prompt_ids: prompt.to_vec(), options: o }).unwrap();
+    let mut s = h
+        .submit(GenerateRequest {
+            prompt_ids: prompt.to_vec(),
+            options: o,
+        })
+        .unwrap();
     collect(&mut s)
 }
 
@@ -98,7 +110,10 @@ fn stop_strings_end_the_output_before_them_even_across_tokens() {
     let (a, b) = (chars[3].0, chars[7].0);
     let stop = full[a..b].to_string();
     let first = full.find(&stop).unwrap();
-    let o = GenerateOptions { stop: vec![stop.clone()], ..greedy(12) };
+    let o = GenerateOptions {
+        stop: vec![stop.clone()],
+        ..greedy(12)
+    };
     let (_, text, reason) = run(&e.handle, &prompt, o);
     assert_eq!(reason, FinishReason::Stop);
     assert_eq!(text, full[..first], "output stops right before {stop:?}");
@@ -110,11 +125,18 @@ fn stop_token_ids_and_min_tokens() {
     let e = engine(256, 8, 64);
     let prompt = [100, 200, 300];
     let (ids, _, _) = run(&e.handle, &prompt, greedy(10));
-    let o = GenerateOptions { stop_token_ids: vec![ids[2]], ..greedy(10) };
+    let o = GenerateOptions {
+        stop_token_ids: vec![ids[2]],
+        ..greedy(10)
+    };
     let (got, _, reason) = run(&e.handle, &prompt, o);
     assert_eq!((got.len(), reason), (3, FinishReason::Stop));
     // min_tokens: the stop token cannot be picked before 5 tokens.
-    let o = GenerateOptions { stop_token_ids: vec![ids[2]], min_tokens: 5, ..greedy(10) };
+    let o = GenerateOptions {
+        stop_token_ids: vec![ids[2]],
+        min_tokens: 5,
+        ..greedy(10)
+    };
     let (got, _, _) = run(&e.handle, &prompt, o);
     assert!(got.len() >= 5);
     assert!(!got[..5].contains(&ids[2]));
@@ -124,7 +146,13 @@ fn stop_token_ids_and_min_tokens() {
 #[test]
 fn dropping_the_stream_aborts_the_request_and_frees_its_blocks() {
     let e = engine(256, 8, 64);
-    let mut s = e.handle.submit(GenerateRequest { prompt_ids: vec![1, 2, 3, 4, 5, 6], options: greedy(100) }).unwrap();
+    let mut s = e
+        .handle
+        .submit(GenerateRequest {
+            prompt_ids: vec![1, 2, 3, 4, 5, 6],
+            options: greedy(100),
+        })
+        .unwrap();
     // Wait for the first token, then walk away.
     loop {
         if let Some(EngineEvent::Token { .. }) = s.blocking_next() {
@@ -140,11 +168,20 @@ fn dropping_the_stream_aborts_the_request_and_frees_its_blocks() {
 fn concurrent_requests_give_the_same_output_as_alone_even_under_preemption() {
     // Room for about two requests at a time: the rest queue or get preempted.
     let e = engine(48, 16, 64);
-    let prompts: Vec<Vec<u32>> = (0..8).map(|i| (0..6).map(|j| 1000 + 37 * i + 11 * j).collect()).collect();
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| (0..6).map(|j| 1000 + 37 * i + 11 * j).collect())
+        .collect();
     let alone: Vec<Vec<u32>> = prompts.iter().map(|p| run(&e.handle, p, greedy(14)).0).collect();
     let streams: Vec<_> = prompts
         .iter()
-        .map(|p| e.handle.submit(GenerateRequest { prompt_ids: p.clone(), options: greedy(14) }).unwrap())
+        .map(|p| {
+            e.handle
+                .submit(GenerateRequest {
+                    prompt_ids: p.clone(),
+                    options: greedy(14),
+                })
+                .unwrap()
+        })
         .collect();
     let together: Vec<Vec<u32>> = streams.into_iter().map(|mut s| collect(&mut s).0).collect();
     assert_eq!(together, alone);
@@ -158,13 +195,25 @@ fn concurrent_requests_give_the_same_output_as_alone_even_under_preemption() {
 fn seeded_sampling_is_reproducible_across_batches() {
     let e = engine(512, 8, 64);
     let o = |seed| GenerateOptions {
-        sampling: SamplingParams { temperature: 1.0, top_p: 0.95, top_k: 50, seed: Some(seed) },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 50,
+            seed: Some(seed),
+        },
         ..greedy(10)
     };
     let a = run(&e.handle, &[9, 8, 7], o(3)).0;
     let streams: Vec<_> = [3, 4, 3]
         .iter()
-        .map(|&seed| e.handle.submit(GenerateRequest { prompt_ids: vec![9, 8, 7], options: o(seed) }).unwrap())
+        .map(|&seed| {
+            e.handle
+                .submit(GenerateRequest {
+                    prompt_ids: vec![9, 8, 7],
+                    options: o(seed),
+                })
+                .unwrap()
+        })
         .collect();
     let outs: Vec<Vec<u32>> = streams.into_iter().map(|mut s| collect(&mut s).0).collect();
     assert_eq!(outs[0], a);
@@ -177,7 +226,13 @@ fn a_repeated_prompt_is_served_from_the_prefix_cache_with_the_same_output() {
     let e = engine(256, 8, 64);
     let prompt: Vec<u32> = (0..13).map(|i| 300 + i).collect();
     let first = run(&e.handle, &prompt, greedy(5));
-    let mut s = e.handle.submit(GenerateRequest { prompt_ids: prompt.clone(), options: greedy(5) }).unwrap();
+    let mut s = e
+        .handle
+        .submit(GenerateRequest {
+            prompt_ids: prompt.clone(),
+            options: greedy(5),
+        })
+        .unwrap();
     let mut cached = 0;
     let mut ids = Vec::new();
     while let Some(ev) = s.blocking_next() {
@@ -203,8 +258,17 @@ fn prompt_logprobs_match_a_full_forward() {
     let e = engine(256, 8, 64);
     let prompt: Vec<u32> = vec![11, 22, 33, 44, 55, 66, 77];
     let dense: Vec<Vec<f32>> = reference.forward_dense(&prompt).unwrap().to_vec2().unwrap();
-    let o = GenerateOptions { prompt_logprobs: Some(2), ..greedy(1) };
-    let mut s = e.handle.submit(GenerateRequest { prompt_ids: prompt.clone(), options: o }).unwrap();
+    let o = GenerateOptions {
+        prompt_logprobs: Some(2),
+        ..greedy(1)
+    };
+    let mut s = e
+        .handle
+        .submit(GenerateRequest {
+            prompt_ids: prompt.clone(),
+            options: o,
+        })
+        .unwrap();
     let lps = loop {
         match s.blocking_next().unwrap() {
             EngineEvent::PromptLogprobs(l) => break l,
@@ -218,7 +282,12 @@ fn prompt_logprobs_match_a_full_forward() {
         let lp = lps[p].as_ref().unwrap();
         let want = crosskv::engine::token_logprob(&dense[p - 1], prompt[p], 2);
         assert_eq!(lp.token, prompt[p]);
-        assert!((lp.logprob - want.logprob).abs() < 1e-4, "position {p}: {} vs {}", lp.logprob, want.logprob);
+        assert!(
+            (lp.logprob - want.logprob).abs() < 1e-4,
+            "position {p}: {} vs {}",
+            lp.logprob,
+            want.logprob
+        );
         assert_eq!(lp.top.len(), 2);
         assert_eq!(lp.top[0].0, want.top[0].0);
     }
