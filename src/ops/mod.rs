@@ -1,6 +1,8 @@
 //! One custom candle op per kernel. Each op's CPU path is the plain-Rust reference
-//! that the CUDA kernel (feature `cuda`, issue 4) must match.
+//! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` launches `kernels/*.cu`) must match.
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod paged_attention;
 pub mod parallel;
 pub mod qmatmul;
