@@ -16,3 +16,4 @@ mod tokenizer;
 mod engine;
 mod scheduler;
 mod http;
+mod serve_binary;
