@@ -80,10 +80,10 @@ pub struct ModelArgs {
     /// A HF model directory, a .gguf file, or a Hugging Face repo id (default: SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<String>,
-    /// Device: cpu (cuda needs the `cuda` build feature).
+    /// Device: cpu, or cuda[:N] (needs the `cuda` build feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute and KV dtype (default: f32 on CPU).
+    /// Compute and KV dtype (default: f32 on CPU; on CUDA the checkpoint's f16, else bf16).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
     #[command(flatten)]
@@ -97,8 +97,14 @@ impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         match self.device.as_str() {
             "cpu" => Ok(Device::Cpu),
-            d if d.starts_with("cuda") => {
-                bail!("--device {d}: this build has no CUDA support (build with --features cuda)")
+            d if d == "cuda" || d.starts_with("cuda:") => {
+                let n = match d.strip_prefix("cuda:") {
+                    None => 0,
+                    Some(n) => n
+                        .parse::<usize>()
+                        .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N"))?,
+                };
+                cuda_device(d, n)
             }
             d => bail!("--device {d}: expected cpu or cuda[:N]"),
         }
@@ -113,6 +119,16 @@ impl ModelArgs {
         };
         Ok(model::load(source, &opts)?)
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(d: &str, n: usize) -> anyhow::Result<Device> {
+    Device::new_cuda(n).with_context(|| format!("--device {d}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(d: &str, _n: usize) -> anyhow::Result<Device> {
+    bail!("--device {d}: this build has no CUDA support (build with --features cuda)")
 }
 
 #[derive(Args, Debug)]
@@ -161,7 +177,8 @@ pub struct ServeArgs {
     /// KV cache budget as enough blocks for N tokens in every KV slot.
     #[arg(long, conflicts_with = "gpu_memory_utilization")]
     pub kv_cache_tokens: Option<usize>,
-    /// GPU only: the fraction of free device memory for the KV cache.
+    /// GPU only: the fraction of the device's total memory this process may use; the KV
+    /// cache gets it less the weights and a profiled forward's peak (GPU default 0.9).
     #[arg(long)]
     pub gpu_memory_utilization: Option<f64>,
     #[arg(long, default_value_t = 16)]
@@ -522,8 +539,13 @@ async fn shutdown_signal() {
 fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle> {
     use crate::engine::{EngineConfig, EngineHandle};
     check_block_size(args.block_size)?;
-    if args.gpu_memory_utilization.is_some() && args.model.device()?.is_cpu() {
-        bail!("--gpu-memory-utilization needs a GPU device; on CPU give --kv-cache-memory or --kv-cache-tokens");
+    if let Some(f) = args.gpu_memory_utilization {
+        if args.model.device != "cuda" && !args.model.device.starts_with("cuda:") {
+            bail!("--gpu-memory-utilization needs a GPU device; on CPU give --kv-cache-memory or --kv-cache-tokens");
+        }
+        if !(f > 0.0 && f <= 1.0) {
+            bail!("--gpu-memory-utilization {f}: expected a fraction in (0, 1]");
+        }
     }
     if args.max_num_seqs == 0 || args.max_num_batched_tokens == 0 || args.max_queued_requests == 0 {
         bail!("--max-num-seqs, --max-num-batched-tokens and --max-queued-requests must be at least 1");
@@ -538,6 +560,13 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
     let kv_cache_bytes = match (args.kv_cache_memory, args.kv_cache_tokens) {
         (Some(b), _) => b,
         (None, Some(t)) => layout.bytes_for_tokens(t, args.block_size),
+        (None, None) if loaded.model.device().is_cuda() => gpu_kv_budget(
+            &loaded.model,
+            args.gpu_memory_utilization.unwrap_or(0.9),
+            args.block_size,
+            args.max_num_batched_tokens
+                .min(max_model_len.max(1) * args.max_num_seqs),
+        )?,
         (None, None) => 1 << 30,
     };
     let config = EngineConfig {
@@ -550,6 +579,37 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
         prefix_caching: !args.no_prefix_caching,
     };
     Ok(EngineHandle::start(loaded.model, loaded.tokenizer, config)?)
+}
+
+/// The KV budget on a GPU, as vLLM sizes it: `fraction` × total device memory, less
+/// what is in use after loading the weights and the activation peak of one forward of
+/// `tokens` tokens (one dummy prefill run with a scratch cache).
+#[cfg(feature = "cuda")]
+fn gpu_kv_budget(model: &crate::model::Model, fraction: f64, block_size: usize, tokens: usize) -> anyhow::Result<u64> {
+    let p = crate::ops::cuda::profile_forward_peak(model, block_size, tokens)?;
+    let budget = (fraction * p.total as f64) as i128 - p.in_use_after_load as i128 - p.activation_peak as i128;
+    tracing::info!(
+        "GPU memory: total {}, in use after loading {}, forward peak for {tokens} tokens {} ({}); KV budget at {fraction}: {}",
+        format_bytes(p.total),
+        format_bytes(p.in_use_after_load),
+        format_bytes(p.activation_peak),
+        p.how,
+        format_bytes(budget.max(0) as u64),
+    );
+    if budget <= 0 {
+        bail!(
+            "--gpu-memory-utilization {fraction}: nothing left for the KV cache ({} in use after loading, forward peak {} of {} total)",
+            format_bytes(p.in_use_after_load),
+            format_bytes(p.activation_peak),
+            format_bytes(p.total)
+        );
+    }
+    Ok(budget as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_kv_budget(_: &crate::model::Model, _: f64, _: usize, _: usize) -> anyhow::Result<u64> {
+    bail!("GPU memory profiling needs the `cuda` build feature")
 }
 
 /// `crosskv serve`: binds the port first (`/health` is 503 while the model loads), then

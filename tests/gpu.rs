@@ -328,3 +328,25 @@ fn tiny_cla_model_logits_match_cpu() {
     }
     eprintln!("tiny CLA model (4 layers, cla 2, GQA 4/2, d64, f32): worst logits rel err {worst:.2e}");
 }
+
+#[test]
+fn forward_memory_profile_sees_weights_and_activations() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(42);
+    let ck = tiny.write();
+    let cuda = ck.load_with(&LoadOptions {
+        dtype: Some(DType::BF16),
+        device: dev.clone(),
+        ..LoadOptions::default()
+    });
+    let small = crosskv::ops::cuda::profile_forward_peak(&cuda, 16, 16).unwrap();
+    let big = crosskv::ops::cuda::profile_forward_peak(&cuda, 16, cuda.max_positions()).unwrap();
+    println!(
+        "forward memory profile: 16 tokens {small:?}; {} tokens {big:?}",
+        cuda.max_positions()
+    );
+    assert!(small.total > small.in_use_after_load && small.in_use_after_load > 0);
+    assert!(big.activation_peak > 0 && big.activation_peak >= small.activation_peak);
+}

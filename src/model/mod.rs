@@ -115,11 +115,15 @@ pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, Load
             if let Some(s) = &opts.sharing {
                 cfg.reshare(s)?;
             }
-            // CPU default f32: candle's CPU f16/bf16 matmuls are slower than f32.
+            // CPU default f32: candle's CPU f16/bf16 matmuls are slower than f32. GPU
+            // default: the checkpoint's f16, else bf16 (f32 checkpoints too).
             let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() {
                 DType::F32
             } else {
-                dtype_from_torch(cfg.torch_dtype.as_deref())
+                match dtype_from_torch(cfg.torch_dtype.as_deref()) {
+                    DType::F16 => DType::F16,
+                    _ => DType::BF16,
+                }
             });
             let w = weights::Weights::safetensors(&safetensor_files(dir)?, dtype, &opts.device)?;
             let model = Model::load(&cfg, &w, false)?;

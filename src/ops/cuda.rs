@@ -131,8 +131,20 @@ struct Params {
 }
 unsafe impl DeviceRepr for Params {}
 
-/// Keys per partition when a context is split along the sequence.
+/// Keys per partition when a context is split along the sequence (default; the
+/// decode-attention benchmark sweeps it with `CROSSKV_PA_PART_SIZE`, a multiple of 32).
 const PART_SIZE: usize = 512;
+
+fn part_size() -> usize {
+    static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *P.get_or_init(|| {
+        std::env::var("CROSSKV_PA_PART_SIZE")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|&v| v >= 32 && v.is_multiple_of(32))
+            .unwrap_or(PART_SIZE)
+    })
+}
 const NONE: u32 = u32::MAX;
 
 /// Query rows (tokens × heads of one KV head's group) per CTA: `Cfg<D>::ROWS` in the kernel.
@@ -183,7 +195,7 @@ fn plan(seqs: &[SeqSpan], tokens: usize, heads: usize, kv_heads: usize, d: usize
         work,
         hpc,
         tpc,
-        num_parts: max_ctx.div_ceil(PART_SIZE).max(1),
+        num_parts: max_ctx.div_ceil(part_size()).max(1),
     }
 }
 
@@ -212,7 +224,7 @@ pub(crate) fn paged_attention(
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
         candle_core::bail!("{OP}: q and cache must share one of f32/f16/bf16");
     }
-    let sfx = suffix(q.dtype(), OP)?;
+    suffix(q.dtype(), OP)?;
     let (q0, q1) = contiguous(ql, OP, "q")?;
     let (k0, k1) = contiguous(kl, OP, "k cache")?;
     let (v0, v1) = contiguous(vl, OP, "v cache")?;
@@ -243,53 +255,19 @@ pub(crate) fn paged_attention(
     if tokens == 0 {
         return Ok((shape_storage(&dev, q.dtype(), 0)?, shape));
     }
-    let p = plan(seqs, tokens, heads, kv_heads, d);
-    let rows = rows_per_cta(d);
-    let num_work = p.work.len() / 3;
-    let params = Params {
-        num_seqs: seqs.len() as u32,
-        max_blocks: max_blocks as u32,
-        block_size: block_size as u32,
-        heads: heads as u32,
-        kv_heads: kv_heads as u32,
-        hpc: p.hpc as u32,
-        tpc: p.tpc as u32,
-        num_parts: p.num_parts as u32,
-        part_size: PART_SIZE as u32,
+    let mut pr = prepare(
+        &dev,
+        seqs,
+        block_table,
+        max_blocks,
         scale,
-    };
-    let flat: Vec<u32> = seqs.iter().flat_map(|s| [s.q_start, s.q_len, s.ctx_len]).collect();
-    let or_one = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
-    let seqs_d = dev.clone_htod(&or_one(&flat))?;
-    let work_d = dev.clone_htod(&p.work)?;
-    let table_d = dev.clone_htod(&or_one(block_table))?;
-    let (tmp_acc, tmp_ml) = if p.num_parts > 1 {
-        let n = num_work * kv_heads * p.num_parts;
-        unsafe { (dev.alloc::<f32>(n * rows * d)?, dev.alloc::<f32>(n * 2 * rows)?) }
-    } else {
-        unsafe { (dev.alloc::<f32>(1)?, dev.alloc::<f32>(1)?) }
-    };
-    let attn = dev.get_or_load_custom_func(
-        &format!("paged_attention_{sfx}_d{d}"),
-        "crosskv_paged_attention",
-        ptx::PAGED_ATTENTION,
+        tokens,
+        heads,
+        kv_heads,
+        d,
+        q.dtype(),
     )?;
-    let reduce = dev.get_or_load_custom_func(
-        &format!("paged_attention_reduce_{sfx}"),
-        "crosskv_paged_attention",
-        ptx::PAGED_ATTENTION,
-    )?;
-    let cfg = LaunchConfig {
-        grid_dim: (num_work as u32, kv_heads as u32, p.num_parts as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let rcfg = LaunchConfig {
-        grid_dim: (num_work as u32, kv_heads as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (d32, rows32) = (d as u32, rows as u32);
+    pr.params.block_size = block_size as u32;
     macro_rules! go {
         ($t:ty) => {{
             let qv = q.as_cuda_slice::<$t>()?.slice(q0..q1);
@@ -299,33 +277,7 @@ pub(crate) fn paged_attention(
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            let (mut tmp_acc, mut tmp_ml) = (tmp_acc, tmp_ml);
-            {
-                let mut b = attn.builder();
-                b.arg(&mut out)
-                    .arg(&mut tmp_acc)
-                    .arg(&mut tmp_ml)
-                    .arg(&qv)
-                    .arg(&kv)
-                    .arg(&vv)
-                    .arg(&seqs_d)
-                    .arg(&work_d)
-                    .arg(&table_d)
-                    .arg(&params);
-                unsafe { b.launch(cfg) }.w()?;
-            }
-            if p.num_parts > 1 {
-                let mut b = reduce.builder();
-                b.arg(&mut out)
-                    .arg(&tmp_acc)
-                    .arg(&tmp_ml)
-                    .arg(&seqs_d)
-                    .arg(&work_d)
-                    .arg(&params)
-                    .arg(&d32)
-                    .arg(&rows32);
-                unsafe { b.launch(rcfg) }.w()?;
-            }
+            launch(&dev, &mut pr, &mut out, &qv, &kv, &vv)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -335,6 +287,343 @@ pub(crate) fn paged_attention(
         _ => go!(half::bf16),
     };
     Ok((out, shape))
+}
+
+type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
+type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
+
+/// Everything a paged-attention launch needs besides q, the caches and the output: the
+/// plan and its device copies, the partition scratch and the kernels.
+struct Prepared {
+    params: Params,
+    num_work: usize,
+    num_parts: usize,
+    kv_heads: usize,
+    d: usize,
+    rows: usize,
+    seqs_d: Slice<u32>,
+    work_d: Slice<u32>,
+    table_d: Slice<u32>,
+    tmp_acc: Slice<f32>,
+    tmp_ml: Slice<f32>,
+    attn: String,
+    reduce: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    dev: &CudaDevice,
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    scale: f32,
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    dtype: DType,
+) -> Result<Prepared> {
+    let sfx = suffix(dtype, "paged_attention")?;
+    let p = plan(seqs, tokens, heads, kv_heads, d);
+    let rows = rows_per_cta(d);
+    let num_work = p.work.len() / 3;
+    let params = Params {
+        num_seqs: seqs.len() as u32,
+        max_blocks: max_blocks as u32,
+        block_size: 0,
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        hpc: p.hpc as u32,
+        tpc: p.tpc as u32,
+        num_parts: p.num_parts as u32,
+        part_size: part_size() as u32,
+        scale,
+    };
+    let flat: Vec<u32> = seqs.iter().flat_map(|s| [s.q_start, s.q_len, s.ctx_len]).collect();
+    let or_one = |v: &[u32]| if v.is_empty() { vec![0u32] } else { v.to_vec() };
+    let (tmp_acc, tmp_ml) = if p.num_parts > 1 {
+        let n = num_work * kv_heads * p.num_parts;
+        unsafe { (dev.alloc::<f32>(n * rows * d)?, dev.alloc::<f32>(n * 2 * rows)?) }
+    } else {
+        unsafe { (dev.alloc::<f32>(1)?, dev.alloc::<f32>(1)?) }
+    };
+    Ok(Prepared {
+        params,
+        num_work,
+        num_parts: p.num_parts,
+        kv_heads,
+        d,
+        rows,
+        seqs_d: dev.clone_htod(&or_one(&flat))?,
+        work_d: dev.clone_htod(&p.work)?,
+        table_d: dev.clone_htod(&or_one(block_table))?,
+        tmp_acc,
+        tmp_ml,
+        attn: format!("paged_attention_{sfx}_d{d}"),
+        reduce: format!("paged_attention_reduce_{sfx}"),
+    })
+}
+
+fn launch<T: DeviceRepr>(
+    dev: &CudaDevice,
+    pr: &mut Prepared,
+    out: &mut Slice<T>,
+    q: &View<'_, T>,
+    k: &View<'_, T>,
+    v: &View<'_, T>,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (pr.num_work as u32, pr.kv_heads as u32, pr.num_parts as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let rcfg = LaunchConfig {
+        grid_dim: (pr.num_work as u32, pr.kv_heads as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (d32, rows32) = (pr.d as u32, pr.rows as u32);
+    {
+        let f = dev.get_or_load_custom_func(&pr.attn, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
+        let mut b = f.builder();
+        b.arg(&mut *out)
+            .arg(&mut pr.tmp_acc)
+            .arg(&mut pr.tmp_ml)
+            .arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(&pr.seqs_d)
+            .arg(&pr.work_d)
+            .arg(&pr.table_d)
+            .arg(&pr.params);
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    if pr.num_parts > 1 {
+        let f = dev.get_or_load_custom_func(&pr.reduce, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
+        let mut b = f.builder();
+        b.arg(&mut *out)
+            .arg(&pr.tmp_acc)
+            .arg(&pr.tmp_ml)
+            .arg(&pr.seqs_d)
+            .arg(&pr.work_d)
+            .arg(&pr.params)
+            .arg(&d32)
+            .arg(&rows32);
+        unsafe { b.launch(rcfg) }.w()?;
+    }
+    Ok(())
+}
+
+/// Benchmarks only (benches/decode_attention.rs): runs the paged-attention kernels on
+/// bf16 `q` `[tokens, heads, d]` and caches `[blocks, block_size, kv_heads, d]` `iters`
+/// times back to back, the plan and its device copies made once, and returns each run's
+/// GPU time in ms (CUDA events around its launches) and the last output.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub fn bench_paged_attention(
+    q: &candle_core::Tensor,
+    k_cache: &candle_core::Tensor,
+    v_cache: &candle_core::Tensor,
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    scale: f32,
+    iters: usize,
+) -> Result<(Vec<f32>, candle_core::Tensor)> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let dev = q.device().as_cuda_device()?.clone();
+    let (tokens, heads, d) = q.dims3()?;
+    let (_, block_size, kv_heads, _) = k_cache.dims4()?;
+    let mut pr = prepare(
+        &dev,
+        seqs,
+        block_table,
+        max_blocks,
+        scale,
+        tokens,
+        heads,
+        kv_heads,
+        d,
+        DType::BF16,
+    )?;
+    pr.params.block_size = block_size as u32;
+    let (qs, _) = q.storage_and_layout();
+    let (ks, _) = k_cache.storage_and_layout();
+    let (vs, _) = v_cache.storage_and_layout();
+    fn as_cuda(s: &candle_core::Storage) -> Result<View<'_, half::bf16>> {
+        match s {
+            candle_core::Storage::Cuda(c) => Ok(c.as_cuda_slice::<half::bf16>()?.slice(0..)),
+            _ => candle_core::bail!("bench_paged_attention: tensors must be on CUDA"),
+        }
+    }
+    let (qv, kv, vv) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
+    let mut out = unsafe { dev.alloc::<half::bf16>(tokens * heads * d)? };
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    let events = (0..=iters)
+        .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .w()?;
+    events[0].record(&stream).w()?;
+    for e in &events[1..] {
+        launch(&dev, &mut pr, &mut out, &qv, &kv, &vv)?;
+        e.record(&stream).w()?;
+    }
+    stream.synchronize().w()?;
+    let times = events
+        .windows(2)
+        .map(|w| w[0].elapsed_ms(&w[1]))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .w()?;
+    drop((qs, ks, vs));
+    let out = candle_core::Tensor::from_storage(
+        candle_core::Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+        (tokens, heads, d),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok((times, out))
+}
+
+/// Benchmarks only: device-to-device copies of `bytes` bytes, `iters` times; each
+/// copy's GPU time in ms.
+#[doc(hidden)]
+pub fn bench_copy(dev: &candle_core::Device, bytes: usize, iters: usize) -> Result<Vec<f32>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let dev = dev.as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    let mut src = unsafe { dev.alloc::<u8>(bytes)? };
+    poison(&dev, &mut src)?;
+    let mut dst = unsafe { dev.alloc::<u8>(bytes)? };
+    let events = (0..=iters)
+        .map(|_| ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .w()?;
+    events[0].record(&stream).w()?;
+    for e in &events[1..] {
+        stream.memcpy_dtod(&src, &mut dst).w()?;
+        e.record(&stream).w()?;
+    }
+    stream.synchronize().w()?;
+    events
+        .windows(2)
+        .map(|w| w[0].elapsed_ms(&w[1]))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .w()
+}
+
+/// What [`profile_forward_peak`] measured, in bytes.
+#[derive(Debug, Clone)]
+pub struct ForwardProfile {
+    /// The device's memory.
+    pub total: u64,
+    /// In use by this process and others after loading the weights and running the forward
+    /// (CUDA context, weights, cuBLAS workspaces), the scratch cache freed.
+    pub in_use_after_load: u64,
+    /// The most memory one forward held at once beyond that (activations), the scratch
+    /// cache not counted.
+    pub activation_peak: u64,
+    /// How the peak was read.
+    pub how: &'static str,
+}
+
+fn pool_attr(
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+) -> Result<u64> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut v = 0u64;
+    unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }
+        .result()
+        .w()?;
+    Ok(v)
+}
+
+/// Runs one dummy prefill of `tokens` tokens through `model` with a scratch cache and
+/// measures memory as vLLM does before sizing its KV cache: free memory from
+/// `cuMemGetInfo` after loading, and the forward's peak from the stream-ordered memory
+/// pool's high-water mark (cudarc allocates from the device's default pool), or, without
+/// one, from free memory just after the forward.
+pub fn profile_forward_peak(model: &crate::model::Model, block_size: usize, tokens: usize) -> Result<ForwardProfile> {
+    use crate::kv::KvManager;
+    use crate::runner::{Runner, SeqStep};
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dev = model.device().as_cuda_device()?.clone();
+    let stream = dev.cuda_stream();
+    let ctx = stream.context().clone();
+    stream.synchronize().w()?;
+    let pooled = ctx.has_async_alloc();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    if pooled {
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+            .result()
+            .w()?;
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+    }
+    let (free0, total) = ctx.mem_get_info().w()?;
+    let used_before = if pooled {
+        let v = pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+        let mut zero = 0u64;
+        unsafe {
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut zero as *mut u64 as *mut std::ffi::c_void,
+            )
+        }
+        .result()
+        .w()?;
+        v
+    } else {
+        0
+    };
+    let tokens = tokens.min(model.max_positions()).max(1);
+    let layout = model.layout().clone();
+    let blocks = tokens.div_ceil(block_size) * layout.kv_layers();
+    let runner = Runner::new(model.clone(), blocks, block_size)?;
+    let scratch = runner.cache().bytes() as u64;
+    let mut mgr = KvManager::new(layout, blocks, block_size);
+    mgr.allocate(0, tokens)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let step = SeqStep {
+        seq: 0,
+        tokens: vec![0; tokens],
+        start_pos: 0,
+        all_logits: false,
+    };
+    let logits = runner.step(&mgr, &[step])?;
+    stream.synchronize().w()?;
+    let (free_fwd, _) = ctx.mem_get_info().w()?;
+    let high = if pooled {
+        pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?
+    } else {
+        0
+    };
+    drop(logits);
+    drop(runner);
+    stream.synchronize().w()?;
+    if pooled {
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+    }
+    let (free1, _) = ctx.mem_get_info().w()?;
+    let (activation_peak, how) = if pooled {
+        (
+            high.saturating_sub(used_before + scratch),
+            "memory-pool high-water mark",
+        )
+    } else {
+        (
+            (free0 as u64).saturating_sub(free_fwd as u64 + scratch),
+            "free memory after the forward (no memory pool: a lower bound)",
+        )
+    };
+    Ok(ForwardProfile {
+        total: total as u64,
+        in_use_after_load: (total - free1.min(total)) as u64,
+        activation_peak,
+        how,
+    })
 }
 
 fn shape_storage(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {
