@@ -234,6 +234,29 @@ struct Common<'a> {
     n: Option<u64>,
 }
 
+/// Both request types carry the same sampling fields (serde's `flatten` would share the
+/// struct but lose the field path in type errors, so they stay inline): one borrowed view.
+macro_rules! common_view {
+    ($($request:ty),*) => {$(
+        impl $request {
+            fn common(&self) -> Common<'_> {
+                Common {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_tokens: self.min_tokens,
+                    seed: self.seed,
+                    stop: &self.stop,
+                    stop_token_ids: self.stop_token_ids.as_deref(),
+                    ignore_eos: self.ignore_eos,
+                    n: self.n,
+                }
+            }
+        }
+    )*};
+}
+common_view!(CompletionRequest, ChatCompletionRequest);
+
 fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptions, usize), ValidationError> {
     let temperature = c.temperature.unwrap_or(1.0);
     if !temperature.is_finite() || temperature < 0.0 {
@@ -308,18 +331,7 @@ pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion
     if logprobs.is_some_and(|k| k > MAX_LOGPROBS) {
         return Err(field("logprobs", format!("must be in 0..={MAX_LOGPROBS}")));
     }
-    let c = Common {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        top_k: r.top_k,
-        min_tokens: r.min_tokens,
-        seed: r.seed,
-        stop: &r.stop,
-        stop_token_ids: r.stop_token_ids.as_deref(),
-        ignore_eos: r.ignore_eos,
-        n: r.n,
-    };
-    let (mut options, n) = options(&c, lim, max_tokens)?;
+    let (mut options, n) = options(&r.common(), lim, max_tokens)?;
     let prompts = prompts(&r.prompt, lim, r.add_special_tokens.unwrap_or(true))?;
     for p in &prompts {
         check_length("prompt", p.ids.len(), max_tokens, lim.max_model_len)?;
@@ -433,18 +445,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     if r.top_logprobs.is_some() && !r.logprobs.unwrap_or(false) {
         return Err(field("top_logprobs", "needs `logprobs: true`"));
     }
-    let c = Common {
-        temperature: r.temperature,
-        top_p: r.top_p,
-        top_k: r.top_k,
-        min_tokens: r.min_tokens,
-        seed: r.seed,
-        stop: &r.stop,
-        stop_token_ids: r.stop_token_ids.as_deref(),
-        ignore_eos: r.ignore_eos,
-        n: r.n,
-    };
-    let (mut options, n) = options(&c, lim, max_tokens)?;
+    let (mut options, n) = options(&r.common(), lim, max_tokens)?;
     check_length("messages", prompt_ids.len(), max_tokens, lim.max_model_len)?;
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
