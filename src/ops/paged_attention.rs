@@ -64,27 +64,11 @@ impl PagedAttention<'_> {
             d,
             block_size,
         } = *dims;
-        let num_blocks = k.len() / (block_size * kv_heads * d);
-        // token → (sequence, absolute position); every table entry in use is checked
-        // here, so the parallel part below cannot fail.
+        // token → (sequence, absolute position); `check_spans` vetted every span and
+        // table entry at the op's entry, so the parallel part below cannot fail.
         let mut owner = vec![(usize::MAX, 0usize); tokens];
         for (s, span) in self.seqs.iter().enumerate() {
             let (q0, ql, ctx) = (span.q_start as usize, span.q_len as usize, span.ctx_len as usize);
-            if q0 + ql > tokens || ql > ctx {
-                candle_core::bail!("paged_attention: sequence {s} span {span:?} does not fit {tokens} tokens");
-            }
-            if ctx.div_ceil(block_size) > self.max_blocks {
-                candle_core::bail!("paged_attention: sequence {s} needs more blocks than its table has");
-            }
-            let table = &self.block_table[s * self.max_blocks..(s + 1) * self.max_blocks];
-            if let Some(b) = table[..ctx.div_ceil(block_size)]
-                .iter()
-                .find(|&&b| b as usize >= num_blocks)
-            {
-                candle_core::bail!(
-                    "paged_attention: sequence {s}'s block table holds block {b}, past the cache's {num_blocks}"
-                );
-            }
             for i in 0..ql {
                 owner[q0 + i] = (s, ctx - ql + i);
             }
@@ -206,6 +190,38 @@ impl CustomOp3 for PagedAttention<'_> {
     }
 }
 
+/// Every span fits the batch and every table entry in use is a block of the cache.
+/// Checked once at the op's entry for every backend: the CPU loop and the CUDA kernels
+/// trust them.
+fn check_spans(
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    tokens: usize,
+    block_size: usize,
+    num_blocks: usize,
+) -> Result<()> {
+    for (s, span) in seqs.iter().enumerate() {
+        let (q0, ql, ctx) = (span.q_start as usize, span.q_len as usize, span.ctx_len as usize);
+        if q0 + ql > tokens || ql > ctx {
+            candle_core::bail!("paged_attention: sequence {s} span {span:?} does not fit {tokens} tokens");
+        }
+        if ctx.div_ceil(block_size) > max_blocks {
+            candle_core::bail!("paged_attention: sequence {s} needs more blocks than its table has");
+        }
+        let table = &block_table[s * max_blocks..(s + 1) * max_blocks];
+        if let Some(b) = table[..ctx.div_ceil(block_size)]
+            .iter()
+            .find(|&&b| b as usize >= num_blocks)
+        {
+            candle_core::bail!(
+                "paged_attention: sequence {s}'s block table holds block {b}, past the cache's {num_blocks}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `q`: `[tokens, heads, head_dim]`; caches: `[num_blocks, block_size, kv_heads, head_dim]`;
 /// `block_table`: `[seqs.len(), max_blocks]` row-major, the KV slot's tables.
 pub fn paged_attention(
@@ -224,6 +240,9 @@ pub fn paged_attention(
             seqs.len()
         );
     }
+    let (tokens, _, _) = q.dims3()?;
+    let (num_blocks, block_size, _, _) = k_cache.dims4()?;
+    check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
     let op = PagedAttention {
         seqs,
         block_table,
