@@ -30,7 +30,8 @@ fn main() -> anyhow::Result<()> {
         copy_ms,
         copy_gbs
     );
-    let part = std::env::var("CROSSKV_PA_PART_SIZE").unwrap_or_else(|_| "512 (default)".into());
+    let part =
+        std::env::var("CROSSKV_PA_PART_SIZE").unwrap_or_else(|_| "auto (the default: sized to fill the GPU)".into());
     println!("partition size: {part}");
     println!("| shape | q heads / kv heads | batch | context | median µs | GB/s | % of copy | rel err |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");

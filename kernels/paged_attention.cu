@@ -226,6 +226,9 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tm
 }
 
 // Combines the partitions of each work item: out = Σ acc_p e^{m_p - M} / Σ l_p e^{m_p - M}.
+// Grid (work items, kv heads, row groups): each CTA takes `128 / (D/4)` rows of one item,
+// a thread 4 consecutive elements of one row (16-byte loads), so an item with many rows
+// (a decode step of MQA: 16 query heads) is spread over several CTAs.
 template <typename T>
 __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __restrict__ tmp_acc,
                                             const float* __restrict__ tmp_ml,
@@ -235,29 +238,36 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
   const uint32_t kvh = blockIdx.y;
   const Item it = item(seqs, work, p);
   if (it.none) return;
-  const uint32_t group = p.heads / p.kv_heads;
+  const uint32_t lanes_per_row = D / 4;
+  const uint32_t r = blockIdx.z * (blockDim.x / lanes_per_row) + threadIdx.x / lanes_per_row;
+  const uint32_t d = (threadIdx.x % lanes_per_row) * 4;
   const uint32_t nrows = it.ntok * p.hpc;
+  if (r >= nrows) return;
+  const uint32_t group = p.heads / p.kv_heads;
   const uint32_t head0 = kvh * group + it.hsub * p.hpc;
   const uint32_t first_pos = it.ctx - it.q_len + it.tok0;
   const uint32_t n_keys = first_pos + it.ntok;
   const uint32_t parts = min(p.num_parts, (n_keys + p.part_size - 1) / p.part_size);
   const uint64_t base0 = ((uint64_t)blockIdx.x * p.kv_heads + kvh) * p.num_parts;
-  for (uint32_t i = threadIdx.x; i < nrows * D; i += blockDim.x) {
-    const uint32_t r = i / D, d = i % D;
-    float M = -INFINITY;
-    for (uint32_t q = 0; q < parts; q++) M = fmaxf(M, tmp_ml[((base0 + q) * 2) * ROWS + r]);
-    float L = 0.f, o = 0.f;
-    for (uint32_t q = 0; q < parts; q++) {
-      const float m = tmp_ml[((base0 + q) * 2) * ROWS + r];
-      if (m == -INFINITY) continue;  // no key of this partition is visible to this row
-      const float w = expf(m - M);
-      L += tmp_ml[((base0 + q) * 2 + 1) * ROWS + r] * w;
-      o += tmp_acc[(base0 + q) * ROWS * D + r * D + d] * w;
-    }
-    const uint64_t tok = it.q_start + it.tok0 + r / p.hpc;
-    const uint32_t h = head0 + r % p.hpc;
-    out[(tok * p.heads + h) * D + d] = from_f32<T>(o / L);
+  float M = -INFINITY;
+  for (uint32_t q = 0; q < parts; q++) M = fmaxf(M, tmp_ml[((base0 + q) * 2) * ROWS + r]);
+  float L = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+  for (uint32_t q = 0; q < parts; q++) {
+    const float m = tmp_ml[((base0 + q) * 2) * ROWS + r];
+    // A partition none of whose keys this row sees has m = -inf: weight 0.
+    const float w = m == -INFINITY ? 0.f : expf(m - M);
+    L += tmp_ml[((base0 + q) * 2 + 1) * ROWS + r] * w;
+    const float4 a = *reinterpret_cast<const float4*>(tmp_acc + (base0 + q) * ROWS * D + r * D + d);
+    o.x += a.x * w; o.y += a.y * w; o.z += a.z * w; o.w += a.w * w;
   }
+  const uint64_t tok = it.q_start + it.tok0 + r / p.hpc;
+  const uint32_t h = head0 + r % p.hpc;
+  T* dst = out + (tok * p.heads + h) * D + d;
+  const float inv = 1.f / L;
+  dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
+  dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
 }
 
 #define PA(TY, T, DD)                                                                          \

@@ -7,7 +7,7 @@
 #                               packs them with xz into .gpu/ (git-ignored).
 #   scripts/gpu-run.sh device   on the H100 machine, from the checkout root with .gpu/ beside
 #                               it: unpacks, runs the GPU tests, then the decode-attention
-#                               benchmark (ours at partition sizes 512/256/1024, then PyTorch's
+#                               benchmark (ours at partition sizes auto/256/512/1024, then PyTorch's
 #                               SDPA, benches/sdpa_decode.py), writes logs to $OUT (or
 #                               .gpu/out), prints a short summary last.
 #
@@ -58,12 +58,14 @@ device() {
   # One test at a time: the CPU references use every core.
   .gpu/gpu-tests --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-tests.log"
   local rc=${PIPESTATUS[0]}
-  # Decode attention: ours (partition sizes 512 = default, 256, 1024), then PyTorch's SDPA.
+  # Decode attention: ours (partition sizes auto = default, 256, 512, 1024), then PyTorch's SDPA.
   local brc=0
-  for ps in 512 256 1024; do
-    CROSSKV_PA_PART_SIZE=$ps .gpu/decode-attention 2>&1 | tee -a "$out/decode-attention.log"
+  for ps in auto 256 512 1024; do
+    if [ "$ps" = auto ]; then unset CROSSKV_PA_PART_SIZE; else export CROSSKV_PA_PART_SIZE=$ps; fi
+    .gpu/decode-attention 2>&1 | tee -a "$out/decode-attention.log"
     [ "${PIPESTATUS[0]}" = 0 ] || brc=1
   done
+  unset CROSSKV_PA_PART_SIZE
   PYTHONUNBUFFERED=1 python3 benches/sdpa_decode.py 2>&1 | tee "$out/sdpa-decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || brc=1
   set -e

@@ -135,6 +135,15 @@ fn scenarios() -> Vec<(&'static str, Scenario)> {
                 pad_after: vec![1],
             },
         ),
+        (
+            // prefill chunks of more than one tensor-core work item (64 query rows),
+            // fresh and on top of a cached prefix, some past a partition boundary
+            "chunks",
+            Scenario {
+                spans: vec![(100, 100), (70, 600), (130, 1150), (1, 64), (64, 64), (65, 65)],
+                pad_after: vec![0],
+            },
+        ),
     ]
 }
 

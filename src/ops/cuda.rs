@@ -4,6 +4,7 @@
 
 use super::paged_attention::SeqSpan;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape};
@@ -131,46 +132,135 @@ struct Params {
 }
 unsafe impl DeviceRepr for Params {}
 
-/// Keys per partition when a context is split along the sequence (default; the
-/// decode-attention benchmark sweeps it with `CROSSKV_PA_PART_SIZE`, a multiple of 32).
-const PART_SIZE: usize = 512;
+/// Fewest keys per partition when a context is split along the sequence: a CTA's fixed
+/// costs (Q rows, the first tile's latency, its share of the reduction) are paid once per
+/// partition, so partitions stay at least this long.
+const MIN_PART_SIZE: usize = 256;
 
-fn part_size() -> usize {
-    static P: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// `CROSSKV_PA_PART_SIZE` (a multiple of 64) fixes the partition size; the decode-attention
+/// benchmark sweeps it. Unset: [`auto_part_size`].
+fn part_size_override() -> Option<usize> {
+    static P: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
     *P.get_or_init(|| {
         std::env::var("CROSSKV_PA_PART_SIZE")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&v| v >= 32 && v.is_multiple_of(32))
-            .unwrap_or(PART_SIZE)
+            .filter(|&v| v >= TC_TILE_KEYS && v.is_multiple_of(TC_TILE_KEYS))
     })
 }
+
+/// Splits the longest context into partitions (as flash-decoding does) so that the grid
+/// fills whole waves: `slots` CTAs run at once (SMs × CTAs per SM), and a grid of 1.3
+/// waves takes as long as two. More partitions are taken only while they fill the waves
+/// at least 5 % better: each costs a CTA's fixed work and its share of the reduction. A
+/// grid under one wave (batch 1) splits until it fills it. No partition under
+/// [`MIN_PART_SIZE`] keys.
+fn auto_part_size(max_ctx: usize, items: usize, slots: usize) -> usize {
+    let (items, slots) = (items.max(1), slots.max(1));
+    let size = |parts: usize| {
+        max_ctx
+            .div_ceil(parts)
+            .next_multiple_of(TC_TILE_KEYS)
+            .max(MIN_PART_SIZE)
+    };
+    let fill = |part: usize| {
+        let ctas = items * max_ctx.div_ceil(part).max(1);
+        ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
+    };
+    let mut best = (size(1), fill(size(1)));
+    for parts in 2..=max_ctx.div_ceil(MIN_PART_SIZE) {
+        let part = size(parts);
+        if fill(part) > best.1 * 1.05 {
+            best = (part, fill(part));
+        }
+    }
+    best.0
+}
+
 const NONE: u32 = u32::MAX;
 
-/// Query rows (tokens × heads of one KV head's group) per CTA: `Cfg<D>::ROWS` in the kernel.
-fn rows_per_cta(d: usize) -> usize {
-    if d <= 128 {
-        16
-    } else {
-        8
+/// Which kernel runs a launch: f16/bf16 take the tensor-core kernels
+/// (kernels/paged_attention_tc.cu), f32 the CUDA-core one (kernels/paged_attention.cu).
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kernel {
+    TensorCore,
+    CudaCore,
+}
+
+impl Kernel {
+    fn for_dtype(dtype: DType) -> Self {
+        if dtype == DType::F32 {
+            Kernel::CudaCore
+        } else {
+            Kernel::TensorCore
+        }
+    }
+    /// Query rows (tokens × heads of one KV head's group) per work item: `ROWS` in the
+    /// tensor-core kernels, `Cfg<D>::ROWS` in the CUDA-core one.
+    fn rows(self, d: usize) -> usize {
+        match self {
+            Kernel::TensorCore => 64,
+            Kernel::CudaCore if d <= 128 => 16,
+            Kernel::CudaCore => 8,
+        }
+    }
+    /// Query heads of one group an item may hold: a tensor-core warp holds 16 rows, and a
+    /// decode step's rows (one token) must fit one warp's 16.
+    fn max_heads(self, d: usize) -> usize {
+        match self {
+            Kernel::TensorCore => 16,
+            Kernel::CudaCore => self.rows(d),
+        }
+    }
+    /// Dynamic shared memory: `TcCfg<D, SPLIT>::SMEM` (Q rows, K/V stages, the stages'
+    /// cache rows) for the tensor-core decode (`split`) or prefill kernel; none for CUDA cores.
+    fn smem_bytes(self, d: usize, split: bool) -> usize {
+        match self {
+            Kernel::TensorCore => {
+                let (q_rows, stages) = match (split, d) {
+                    (true, 64) => (16, 3),
+                    (true, _) => (16, 2),
+                    (false, 256) => (64, 2),
+                    (false, _) => (64, 3),
+                };
+                q_rows * d * 2 + stages * 2 * TC_TILE_KEYS * d * 2 + stages * TC_TILE_KEYS * 4
+            }
+            Kernel::CudaCore => 0,
+        }
     }
 }
 
+/// Keys per shared-memory tile of the tensor-core kernel (`TK`); partitions are a multiple.
+const TC_TILE_KEYS: usize = 64;
+
 /// The launch plan: work items `[seq or NONE, first token, head chunk]`, heads and
-/// tokens per CTA, partitions.
+/// tokens per CTA, partitions. For the tensor-core kernels the first `num_small` items
+/// have ≤ 16 query rows (decode steps, padding) and go to the decode kernel, the rest
+/// to the prefill kernel.
 struct Plan {
     work: Vec<u32>,
+    num_small: usize,
     hpc: usize,
     tpc: usize,
     num_parts: usize,
+    part_size: usize,
 }
 
-fn plan(seqs: &[SeqSpan], tokens: usize, heads: usize, kv_heads: usize, d: usize) -> Plan {
-    let rows = rows_per_cta(d);
+/// `slots`: CTAs of the decode kernel that run at once (see [`auto_part_size`]).
+fn plan(
+    seqs: &[SeqSpan],
+    tokens: usize,
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    kernel: Kernel,
+    slots: usize,
+) -> Plan {
+    let rows = kernel.rows(d);
     let group = heads / kv_heads;
     // The largest divisor of the group that fits: a decode CTA reads each K/V tile once
     // for all `hpc` query heads that share it.
-    let hpc = (1..=rows.min(group))
+    let hpc = (1..=kernel.max_heads(d).min(group))
         .rev()
         .find(|h| group.is_multiple_of(*h))
         .unwrap_or(1);
@@ -190,12 +280,26 @@ fn plan(seqs: &[SeqSpan], tokens: usize, heads: usize, kv_heads: usize, d: usize
             work.extend_from_slice(&[NONE, t as u32, hsub as u32]);
         }
     }
+    // Small items first (stable, so each kernel still walks sequences in order).
+    let rows_of = |w: &[u32]| match w[0] {
+        NONE => hpc,
+        s => tpc.min((seqs[s as usize].q_len - w[1]) as usize) * hpc,
+    };
+    let (small, large): (Vec<&[u32]>, Vec<&[u32]>) = work.chunks(3).partition(|w| rows_of(w) <= 16);
+    let num_small = if kernel == Kernel::TensorCore { small.len() } else { 0 };
+    if kernel == Kernel::TensorCore {
+        work = small.into_iter().chain(large).flatten().copied().collect();
+    }
     let max_ctx = seqs.iter().map(|s| s.ctx_len as usize).max().unwrap_or(0);
+    let items = work.len() / 3 * kv_heads;
+    let part_size = part_size_override().unwrap_or_else(|| auto_part_size(max_ctx, items, slots));
     Plan {
         work,
+        num_small,
         hpc,
         tpc,
-        num_parts: max_ctx.div_ceil(part_size()).max(1),
+        num_parts: max_ctx.div_ceil(part_size).max(1),
+        part_size,
     }
 }
 
@@ -279,6 +383,7 @@ type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 struct Prepared {
     params: Params,
     num_work: usize,
+    num_small: usize,
     num_parts: usize,
     kv_heads: usize,
     d: usize,
@@ -288,7 +393,11 @@ struct Prepared {
     table_d: Slice<u32>,
     tmp_acc: Slice<f32>,
     tmp_ml: Slice<f32>,
+    kernel: Kernel,
+    /// The CUDA-core kernel, or the tensor-core decode kernel.
     attn: String,
+    /// The tensor-core prefill kernel.
+    attn_prefill: String,
     reduce: String,
 }
 
@@ -307,8 +416,9 @@ fn prepare(
     dtype: DType,
 ) -> Result<Prepared> {
     let sfx = suffix(dtype, "paged_attention")?;
-    let p = plan(seqs, tokens, heads, kv_heads, d);
-    let rows = rows_per_cta(d);
+    let kernel = Kernel::for_dtype(dtype);
+    let p = plan(seqs, tokens, heads, kv_heads, d, kernel, slots(dev, kernel, d, dtype)?);
+    let rows = kernel.rows(d);
     let num_work = p.work.len() / 3;
     let params = Params {
         num_seqs: seqs.len() as u32,
@@ -319,7 +429,7 @@ fn prepare(
         hpc: p.hpc as u32,
         tpc: p.tpc as u32,
         num_parts: p.num_parts as u32,
-        part_size: part_size() as u32,
+        part_size: p.part_size as u32,
         scale,
     };
     let flat: Vec<u32> = seqs.iter().flat_map(|s| [s.q_start, s.q_len, s.ctx_len]).collect();
@@ -333,6 +443,7 @@ fn prepare(
     Ok(Prepared {
         params,
         num_work,
+        num_small: p.num_small,
         num_parts: p.num_parts,
         kv_heads,
         d,
@@ -342,9 +453,60 @@ fn prepare(
         table_d: dev.clone_htod(&or_one(block_table))?,
         tmp_acc,
         tmp_ml,
-        attn: format!("paged_attention_{sfx}_d{d}"),
+        kernel,
+        attn: match kernel {
+            Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}_d{d}"),
+            Kernel::CudaCore => format!("paged_attention_{sfx}_d{d}"),
+        },
+        attn_prefill: format!("paged_attention_tc_prefill_{sfx}_d{d}"),
         reduce: format!("paged_attention_reduce_{sfx}"),
     })
+}
+
+/// How many CTAs of the kernel that runs decode items fit the GPU at once: SMs × the
+/// occupancy the driver computes for its registers and shared memory (cached per kernel).
+fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    /// (head_dim, tensor cores, dtype) → slots.
+    type SlotCache = Mutex<HashMap<(usize, bool, DType), usize>>;
+    static CACHE: std::sync::OnceLock<SlotCache> = std::sync::OnceLock::new();
+    let key = (d, kernel == Kernel::TensorCore, dtype);
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(&n) = cache.lock().expect("slots cache").get(&key) {
+        return Ok(n);
+    }
+    let sfx = suffix(dtype, "paged_attention")?;
+    let (f, smem) = match kernel {
+        Kernel::TensorCore => {
+            let name = format!("paged_attention_tc_decode_{sfx}_d{d}");
+            let f = dev.get_or_load_custom_func(&name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
+            let smem = kernel.smem_bytes(d, true);
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .w()?;
+            (f, smem)
+        }
+        Kernel::CudaCore => {
+            let name = format!("paged_attention_{sfx}_d{d}");
+            (
+                dev.get_or_load_custom_func(&name, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?,
+                0,
+            )
+        }
+    };
+    let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(128, smem, None).w()? as usize;
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()? as usize;
+    let n = (sms * per_sm).max(1);
+    cache.lock().expect("slots cache").insert(key, n);
+    Ok(n)
 }
 
 fn launch<T: DeviceRepr>(
@@ -355,31 +517,73 @@ fn launch<T: DeviceRepr>(
     k: &View<'_, T>,
     v: &View<'_, T>,
 ) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (pr.num_work as u32, pr.kv_heads as u32, pr.num_parts as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    // The reduction: 128 threads, 4 elements of a row each.
+    let rows_per_reduce = 128 / (pr.d / 4);
     let rcfg = LaunchConfig {
-        grid_dim: (pr.num_work as u32, pr.kv_heads as u32, 1),
+        grid_dim: (
+            pr.num_work as u32,
+            pr.kv_heads as u32,
+            pr.rows.div_ceil(rows_per_reduce) as u32,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
     let (d32, rows32) = (pr.d as u32, pr.rows as u32);
-    {
-        let f = dev.get_or_load_custom_func(&pr.attn, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
-        let mut b = f.builder();
-        b.arg(&mut *out)
-            .arg(&mut pr.tmp_acc)
-            .arg(&mut pr.tmp_ml)
-            .arg(q)
-            .arg(k)
-            .arg(v)
-            .arg(&pr.seqs_d)
-            .arg(&pr.work_d)
-            .arg(&pr.table_d)
-            .arg(&pr.params);
-        unsafe { b.launch(cfg) }.w()?;
+    let grid = |n: usize, smem: usize| LaunchConfig {
+        grid_dim: (n as u32, pr.kv_heads as u32, pr.num_parts as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    match pr.kernel {
+        Kernel::CudaCore => {
+            let f = dev.get_or_load_custom_func(&pr.attn, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
+            let mut b = f.builder();
+            b.arg(&mut *out)
+                .arg(&mut pr.tmp_acc)
+                .arg(&mut pr.tmp_ml)
+                .arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(&pr.seqs_d)
+                .arg(&pr.work_d)
+                .arg(&pr.table_d)
+                .arg(&pr.params);
+            unsafe { b.launch(grid(pr.num_work, 0)) }.w()?;
+        }
+        Kernel::TensorCore => {
+            // Decode items [0, num_small), then prefill items from work_base = num_small.
+            let launches = [
+                (&pr.attn, 0, pr.num_small, true),
+                (&pr.attn_prefill, pr.num_small, pr.num_work - pr.num_small, false),
+            ];
+            for (name, base, n, split) in launches {
+                if n == 0 {
+                    continue;
+                }
+                let smem = pr.kernel.smem_bytes(pr.d, split);
+                let f = dev.get_or_load_custom_func(name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
+                // Above 48 KiB of dynamic shared memory a kernel must opt in.
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .w()?;
+                let base = base as u32;
+                let mut b = f.builder();
+                b.arg(&mut *out)
+                    .arg(&mut pr.tmp_acc)
+                    .arg(&mut pr.tmp_ml)
+                    .arg(q)
+                    .arg(k)
+                    .arg(v)
+                    .arg(&pr.seqs_d)
+                    .arg(&pr.work_d)
+                    .arg(&pr.table_d)
+                    .arg(&pr.params)
+                    .arg(&base);
+                unsafe { b.launch(grid(n, smem)) }.w()?;
+            }
+        }
     }
     if pr.num_parts > 1 {
         let f = dev.get_or_load_custom_func(&pr.reduce, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
@@ -622,6 +826,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_contexts_are_split_to_fill_whole_waves() {
+        // 396 slots (132 SMs × 3). MQA, 64 decode items of 4096 keys: 6 partitions (384
+        // CTAs, one full wave), not 8 of 512 (1.3 waves).
+        assert_eq!(auto_part_size(4096, 64, 396), 704);
+        // 16 × 4 items of 16384 keys: 6 partitions.
+        assert_eq!(auto_part_size(16384, 64, 396), 2752);
+        // 256 items of 1024 keys: 3 partitions make 768 CTAs, 1.94 waves.
+        assert_eq!(auto_part_size(1024, 256, 396), 384);
+        // Many items fill many waves already: no split.
+        assert_eq!(auto_part_size(1024, 4096, 396), 1024);
+        // One sequence (batch 1) splits as far as it can: 16 partitions of 256 keys.
+        assert_eq!(auto_part_size(4096, 1, 396), 256);
+        // Never below 256 keys.
+        assert_eq!(auto_part_size(300, 1, 396), 256);
+        assert_eq!(auto_part_size(100, 1, 396), 256);
+    }
+
+    #[test]
     fn plan_covers_every_token_and_head_once() {
         let seqs = [
             SeqSpan {
@@ -635,10 +857,26 @@ mod tests {
                 ctx_len: 40,
             },
         ];
-        for (heads, kv_heads) in [(32, 1), (8, 8), (12, 4), (34, 2)] {
-            let p = plan(&seqs, 40, heads, kv_heads, 128);
-            assert!(p.hpc * p.tpc <= rows_per_cta(128));
-            assert_eq!(p.num_parts, 2);
+        for (kernel, (heads, kv_heads)) in [Kernel::TensorCore, Kernel::CudaCore]
+            .into_iter()
+            .flat_map(|k| [(32, 1), (8, 8), (12, 4), (34, 2), (16, 1)].map(|h| (k, h)))
+        {
+            let p = plan(&seqs, 40, heads, kv_heads, 128, kernel, 1000);
+            assert!(p.hpc * p.tpc <= kernel.rows(128));
+            assert!(p.hpc <= kernel.max_heads(128));
+            assert!(p.num_parts >= 2 && p.num_parts == 700usize.div_ceil(p.part_size));
+            // Tensor cores: the decode kernel's items (≤ 16 rows) first, then the prefill kernel's.
+            let rows = |w: &[u32]| match w[0] {
+                NONE => p.hpc,
+                s => (p.tpc as u32).min(seqs[s as usize].q_len - w[1]) as usize * p.hpc,
+            };
+            for (i, w) in p.work.chunks(3).enumerate() {
+                assert_eq!(
+                    rows(w) <= 16 && kernel == Kernel::TensorCore,
+                    i < p.num_small,
+                    "{heads}/{kv_heads}"
+                );
+            }
             let mut seen = vec![0; 40 * heads / kv_heads];
             for w in p.work.chunks(3) {
                 let (first, n) = if w[0] == NONE {

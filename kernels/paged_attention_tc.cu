@@ -1,0 +1,384 @@
+// Paged attention on tensor cores (f16/bf16), for decode steps and prefill chunks alike:
+// the fast path of src/ops/paged_attention.rs (whose CPU path is the reference). The
+// f32 path stays on the CUDA-core kernel of paged_attention.cu, which also holds the
+// partition reduction both use.
+//
+// Layout as there: q [tokens, heads, D]; K/V caches [num_blocks, block_size, kv_heads, D];
+// one block table per sequence (the layer's KV slot). A query row at absolute position
+// pos attends to cache positions 0..=pos. A work item (built on the host,
+// src/ops/cuda.rs) is one sequence's run of `tpc` tokens × `hpc` query heads of one KV
+// head's group: up to ROWS = 64 query rows that share every K/V tile the CTA loads.
+//
+// One CTA = 4 warps. Keys stream through shared memory in tiles of TK = 64 keys
+// (16-byte cp.async loads through the block table, STAGES deep, XOR-swizzled rows so
+// ldmatrix is conflict-free). Every warp owns 16 query rows and runs mma.sync m16n8k16
+// (f32 accumulation) for S = Q·Kᵀ and O += P·V with an online softmax in registers:
+//   - items of ≤ 16 rows (decode: the query heads of one KV head for one token) split
+//     each tile's keys over the 4 warps (16 keys each), and the warps' partial
+//     (max, sum, O) are merged through shared memory at the end;
+//   - larger items (prefill chunks) give each warp its own 16 rows over the whole tile.
+// Long contexts are split into partitions of `part_size` keys (grid z); each writes its
+// unnormalised O with its max and sum and paged_attention_reduce_* combines them.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <math.h>
+
+#define NT 128
+#define NONE 0xFFFFFFFFu
+#define TK 64    // keys per shared-memory tile
+#define ROWS 64  // query rows per work item (4 warps × 16)
+
+struct Params {  // mirrors struct Params in paged_attention.cu and src/ops/cuda.rs
+  uint32_t num_seqs, max_blocks, block_size, heads, kv_heads;
+  uint32_t hpc, tpc, num_parts, part_size;
+  float scale;
+};
+
+// SPLIT: the kernel for items of ≤ 16 rows (decode), whose warps split the keys; it holds
+// 16 Q rows and uses fewer stages so that more CTAs fit an SM (keeping more loads in
+// flight). Else the kernel for prefill items of up to 64 rows, a warp per 16 rows.
+template <int D, bool SPLIT> struct TcCfg {
+  static constexpr int CH = D / 8;                // 16-byte chunks per row
+  static constexpr int Q_ROWS = SPLIT ? 16 : ROWS;
+  static constexpr int STAGES = SPLIT ? (D <= 64 ? 3 : 2) : (D <= 128 ? 3 : 2);
+  static constexpr int TILE_BYTES = TK * D * 2;   // one of K or V, one stage
+  static constexpr int Q_BYTES = Q_ROWS * D * 2;
+  static constexpr int KV_BYTES = STAGES * 2 * TILE_BYTES;
+  static constexpr int SMEM = Q_BYTES + KV_BYTES + STAGES * TK * 4;  // + the tiles' cache rows
+  // The warps' partial results reuse the K/V stages at the end.
+  static_assert(4 * 16 * D * 4 + 64 * 2 * 4 <= KV_BYTES, "partials must fit the stages");
+};
+
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// Two f32 → one register of two 16-bit values, the lower column in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// c += a·b, m16n8k16, f32 accumulators.
+template <typename T> __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma<__half>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t* r, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+// 16 bytes global → shared, L2 only; src_bytes = 0 zero-fills (keys past the end).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Byte offset of 16-byte chunk `c` of row `r` in a swizzled [rows][CH] tile.
+template <int CH> __device__ __forceinline__ uint32_t swz(int r, int c) { return (uint32_t)(r * CH + (c ^ (r & 7))) * 16u; }
+
+// One warp's share of one tile: its 16 rows against KW keys starting at tile key `koff`.
+// s: scores; acc: O rows (t/4, t/4 + 8) in m16n8 accumulator layout; m, l: row max (log2
+// units) and this thread's partial row sum.
+template <typename T, int D, int KW>
+__device__ __forceinline__ void warp_tile(uint32_t q_s, uint32_t k_s, uint32_t v_s, int qrow0, int koff,
+                                          uint32_t key0, uint32_t kend, uint32_t pos0, uint32_t pos1,
+                                          bool need_mask, float sl2, float (&acc)[D / 8][4], float (&m)[2], float (&l)[2]) {
+  constexpr int CH = D / 8;
+  const int lane = threadIdx.x & 31;
+  float s[KW / 8][4];
+#pragma unroll
+  for (int n = 0; n < KW / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+  // S = Q·Kᵀ.
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++) {
+    uint32_t a[4];
+    const int mi = lane >> 3;
+    ldsm_x4(a, q_s + swz<CH>(qrow0 + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
+#pragma unroll
+    for (int np = 0; np < KW / 16; np++) {
+      uint32_t b[4];
+      ldsm_x4(b, k_s + swz<CH>(koff + np * 16 + (lane >> 4) * 8 + (lane & 7), 2 * ks + ((lane >> 3) & 1)));
+      mma<T>(s[2 * np], a, b[0], b[1]);
+      mma<T>(s[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+  // Mask (only where the tile crosses the end or a row's position), online softmax (base 2).
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < KW / 8; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const uint32_t key = key0 + koff + n * 8 + (lane & 3) * 2 + (e & 1);
+      const uint32_t pos = e < 2 ? pos0 : pos1;
+      s[n][e] = (!need_mask || (key < kend && key <= pos)) ? s[n][e] * sl2 : -INFINITY;
+    }
+    mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
+    mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
+  }
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+  mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+  mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+  const float n0 = fmaxf(m[0], mx0), n1 = fmaxf(m[1], mx1);
+  // A row that has seen no visible key yet keeps max -inf: exponentiate against 0 then.
+  const float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
+  const float al0 = exp2f(m[0] - u0), al1 = exp2f(m[1] - u1);
+  m[0] = n0;
+  m[1] = n1;
+  float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+  for (int n = 0; n < KW / 8; n++) {
+    s[n][0] = exp2f(s[n][0] - u0);
+    s[n][1] = exp2f(s[n][1] - u0);
+    s[n][2] = exp2f(s[n][2] - u1);
+    s[n][3] = exp2f(s[n][3] - u1);
+    sum0 += s[n][0] + s[n][1];
+    sum1 += s[n][2] + s[n][3];
+  }
+  l[0] = l[0] * al0 + sum0;
+  l[1] = l[1] * al1 + sum1;
+#pragma unroll
+  for (int n = 0; n < D / 8; n++) {
+    acc[n][0] *= al0;
+    acc[n][1] *= al0;
+    acc[n][2] *= al1;
+    acc[n][3] *= al1;
+  }
+  // O += P·V: the score accumulators of two key n-tiles are the A fragment of one k-step.
+#pragma unroll
+  for (int kk = 0; kk < KW / 16; kk++) {
+    uint32_t a[4];
+    a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; dp++) {
+      uint32_t b[4];
+      ldsm_x4_t(b, v_s + swz<CH>(koff + kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7), 2 * dp + (lane >> 4)));
+      mma<T>(acc[2 * dp], a, b[0], b[1]);
+      mma<T>(acc[2 * dp + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+template <typename T, int D, bool SPLIT>
+__device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__ tmp_acc,
+                                        float* __restrict__ tmp_ml, const T* __restrict__ q,
+                                        const T* __restrict__ kc, const T* __restrict__ vc,
+                                        const uint32_t* __restrict__ seqs, const uint32_t* __restrict__ work,
+                                        const uint32_t* __restrict__ block_table, const Params p,
+                                        const uint32_t work_base) {
+  using C = TcCfg<D, SPLIT>;
+  constexpr int CH = C::CH, STAGES = C::STAGES;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const uint32_t kvh = blockIdx.y, part = blockIdx.z;
+  const uint32_t group = p.heads / p.kv_heads;
+
+  const uint32_t wi = work_base + blockIdx.x;  // this launch's items start at work_base
+  const uint32_t* w = work + 3 * wi;
+  const uint32_t tok0 = w[1], head0 = kvh * group + w[2] * p.hpc;
+  if (w[0] == NONE) {  // a padding token no sequence owns: zeros, written once
+    if (part == 0)
+      for (uint32_t i = tid; i < p.hpc * D; i += NT)
+        out[((uint64_t)tok0 * p.heads + head0 + i / D) * D + i % D] = from_f32<T>(0.f);
+    return;
+  }
+  const uint32_t* sq = seqs + 3 * w[0];
+  const uint32_t q_start = sq[0], q_len = sq[1], ctx = sq[2];
+  const uint32_t ntok = min(p.tpc, q_len - tok0);
+  const uint32_t nrows = ntok * p.hpc;
+  const uint32_t first_pos = ctx - q_len + tok0;  // position of row 0
+  const uint32_t n_keys = first_pos + ntok;      // keys the last row sees
+  const uint32_t kbeg = part * p.part_size;
+  const uint32_t kend = min(kbeg + p.part_size, n_keys);
+  if (kbeg >= kend) return;  // the reduction reads only partitions with keys
+  const uint32_t* table = block_table + (uint64_t)w[0] * p.max_blocks;
+
+  const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(smem);
+  const uint32_t kv_s = q_s + C::Q_BYTES;  // stage st: K at kv_s + st*2*TILE, V after it
+  uint32_t* rows_s = reinterpret_cast<uint32_t*>(smem + C::Q_BYTES + C::KV_BYTES);  // [STAGES][TK]
+
+  // K/V tiles: thread tid copies 16-byte chunk tid % CH of keys tid / CH + i·(NT / CH).
+  // A tile's cache rows are looked up (one key per thread) into rows_s one iteration
+  // before its copies are issued, so the block-table loads never stall the copies.
+  constexpr int KPT = TK * CH / NT;  // keys per thread per tile
+  const int chunk = tid % CH, key_in = tid / CH;
+  auto lookup = [&](int tile) {
+    if (tid < TK) {
+      const uint32_t key = min(kbeg + tile * TK + tid, kend - 1);  // past the end: any valid row
+      rows_s[(tile % STAGES) * TK + tid] = table[key / p.block_size] * p.block_size + key % p.block_size;
+    }
+  };
+  auto issue = [&](int tile) {
+    const int st = tile % STAGES;
+    const uint32_t k0 = kbeg + tile * TK;
+    const uint32_t k_dst = kv_s + st * 2 * C::TILE_BYTES, v_dst = k_dst + C::TILE_BYTES;
+#pragma unroll
+    for (int i = 0; i < KPT; i++) {
+      const int j = key_in + i * (NT / CH);
+      const uint32_t n = k0 + j < kend ? 16u : 0u;  // 0: zero-fill, nothing read
+      const uint64_t off = ((uint64_t)rows_s[st * TK + j] * p.kv_heads + kvh) * D + chunk * 8;
+      cp_async16(k_dst + swz<CH>(j, chunk), kc + off, n);
+      cp_async16(v_dst + swz<CH>(j, chunk), vc + off, n);
+    }
+  };
+
+  const int ntiles = (int)((kend - kbeg + TK - 1) / TK);
+  for (int t = 0; t < STAGES && t < ntiles; t++) lookup(t);
+  __syncthreads();
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; st++) {
+    if (st < ntiles) issue(st);
+    cp_commit();
+  }
+
+  // Q rows into shared memory (zeros past nrows), swizzled like the K/V tiles.
+  for (int i = tid; i < C::Q_ROWS * D; i += NT) {
+    const int r = i / D, d = i % D;
+    T v = from_f32<T>(0.f);
+    if (r < (int)nrows) {
+      const uint64_t tok = q_start + tok0 + r / p.hpc;
+      const uint32_t h = head0 + r % p.hpc;
+      v = q[(tok * p.heads + h) * D + d];
+    }
+    *reinterpret_cast<T*>(smem + swz<CH>(r, d / 8) + (d % 8) * 2) = v;
+  }
+
+  // Warp roles: ≤ 16 rows → all warps on rows 0..15, each on a quarter of every tile's
+  // keys; else warp w on rows 16w..16w+15 over the whole tile.
+  constexpr bool split_keys = SPLIT;
+  const int qrow0 = split_keys ? 0 : warp * 16;
+  const int koff = split_keys ? warp * (TK / 4) : 0;
+  const int r0 = qrow0 + (lane >> 2), r1 = r0 + 8;
+  const uint32_t pos0 = first_pos + min((uint32_t)r0, nrows - 1) / p.hpc;
+  const uint32_t pos1 = first_pos + min((uint32_t)r1, nrows - 1) / p.hpc;
+  const uint32_t warp_last_pos = first_pos + min((uint32_t)(qrow0 + 15), nrows - 1) / p.hpc;
+  const bool warp_has_rows = (uint32_t)qrow0 < nrows;
+  const float sl2 = p.scale * 1.4426950408889634f;
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  for (int t = 0; t < ntiles; t++) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();  // tile t landed for everyone; tile t-1's stage is free again
+    if (t + STAGES - 1 < ntiles) issue(t + STAGES - 1);
+    cp_commit();
+    if (t + STAGES < ntiles) lookup(t + STAGES);  // its slot's copies (tile t) were issued long ago
+    const uint32_t key0 = kbeg + t * TK;
+    const uint32_t k_s = kv_s + (t % STAGES) * 2 * C::TILE_BYTES, v_s = k_s + C::TILE_BYTES;
+    // Every key of the tile visible to every row of the warp: no mask.
+    const bool need_mask = key0 + TK > kend || key0 + TK - 1 > first_pos + (uint32_t)qrow0 / p.hpc;
+    if (split_keys) {
+      warp_tile<T, D, TK / 4>(q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
+    } else if (warp_has_rows && key0 <= warp_last_pos) {  // causal: skip tiles past the warp's rows
+      warp_tile<T, D, TK>(q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
+    }
+  }
+  cp_wait<0>();
+  __syncthreads();  // the stages are free: reuse them for the warps' partial results
+
+  l[0] += __shfl_xor_sync(0xffffffffu, l[0], 1);
+  l[0] += __shfl_xor_sync(0xffffffffu, l[0], 2);
+  l[1] += __shfl_xor_sync(0xffffffffu, l[1], 1);
+  l[1] += __shfl_xor_sync(0xffffffffu, l[1], 2);
+  // Partials: slot warp*16 + local row (split keys: warp w's view of rows 0..15;
+  // else warp w's own rows 16w..16w+15, i.e. the slot is the row).
+  float* po = reinterpret_cast<float*>(smem + C::Q_BYTES);  // [64][D]
+  float* pml = po + ROWS * D;                               // [64][2]
+  {
+    const int lr0 = warp * 16 + (lane >> 2), lr1 = lr0 + 8;
+#pragma unroll
+    for (int n = 0; n < D / 8; n++) {
+      const int d = n * 8 + (lane & 3) * 2;
+      *reinterpret_cast<float2*>(po + lr0 * D + d) = make_float2(acc[n][0], acc[n][1]);
+      *reinterpret_cast<float2*>(po + lr1 * D + d) = make_float2(acc[n][2], acc[n][3]);
+    }
+    if ((lane & 3) == 0) {
+      pml[2 * lr0] = m[0];
+      pml[2 * lr0 + 1] = l[0];
+      pml[2 * lr1] = m[1];
+      pml[2 * lr1 + 1] = l[1];
+    }
+  }
+  __syncthreads();
+
+  const uint64_t base = ((uint64_t)wi * p.kv_heads + kvh) * p.num_parts + part;
+  for (uint32_t i = tid; i < nrows * D; i += NT) {
+    const uint32_t r = i / D, d = i % D;
+    float M, L, O;
+    if (split_keys) {
+      M = -INFINITY;
+#pragma unroll
+      for (int wi = 0; wi < 4; wi++) M = fmaxf(M, pml[2 * (wi * 16 + r)]);
+      L = 0.f;
+      O = 0.f;
+#pragma unroll
+      for (int wi = 0; wi < 4; wi++) {
+        const float mw = pml[2 * (wi * 16 + r)];
+        if (mw == -INFINITY) continue;  // this warp saw no visible key for the row
+        const float f = exp2f(mw - M);
+        L += pml[2 * (wi * 16 + r) + 1] * f;
+        O += po[(wi * 16 + r) * D + d] * f;
+      }
+    } else {
+      M = pml[2 * r];
+      L = pml[2 * r + 1];
+      O = po[r * D + d];
+    }
+    if (p.num_parts == 1) {
+      const uint64_t tok = q_start + tok0 + r / p.hpc;
+      const uint32_t h = head0 + r % p.hpc;
+      out[(tok * p.heads + h) * D + d] = from_f32<T>(O / L);
+    } else {
+      tmp_acc[base * ROWS * D + i] = O;
+      if (d == 0) {  // the reduction works in natural-log units
+        tmp_ml[(base * 2) * ROWS + r] = M == -INFINITY ? -INFINITY : M * 0.6931471805599453f;
+        tmp_ml[(base * 2 + 1) * ROWS + r] = L;
+      }
+    }
+  }
+}
+
+#define PATC(TY, T, DD, SPLIT, NAME, MINB)                                                      \
+  extern "C" __global__ void __launch_bounds__(NT, MINB) paged_attention_tc_##NAME##_##TY##_d##DD( \
+      T* out, float* tmp_acc, float* tmp_ml, const T* q, const T* kc, const T* vc,                \
+      const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p,          \
+      uint32_t work_base) {                                                                      \
+    paged_attention_tc_impl<T, DD, SPLIT>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, p, \
+                                          work_base);                                           \
+  }
+#define PATC_ALL(TY, T)                                                                         \
+  PATC(TY, T, 64, true, decode, 4) PATC(TY, T, 128, true, decode, 3) PATC(TY, T, 256, true, decode, 1) \
+  PATC(TY, T, 64, false, prefill, 2) PATC(TY, T, 128, false, prefill, 2) PATC(TY, T, 256, false, prefill, 1)
+
+PATC_ALL(f16, __half)
+PATC_ALL(bf16, __nv_bfloat16)
