@@ -18,7 +18,8 @@
 //     (max, sum, O) are merged through shared memory at the end;
 //   - larger items (prefill chunks) give each warp its own 16 rows over the whole tile.
 // Long contexts are split into partitions of `part_size` keys (grid z); each writes its
-// unnormalised O with its max and sum and paged_attention_reduce_* combines them.
+// unnormalised O with its max and sum, and the item's last partition to finish (an
+// atomic count per item) combines them.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -109,10 +110,14 @@ __device__ __forceinline__ void warp_tile(uint32_t q_s, uint32_t k_s, uint32_t v
                                           bool need_mask, float sl2, float (&acc)[D / 8][4], float (&m)[2], float (&l)[2]) {
   constexpr int CH = D / 8;
   const int lane = threadIdx.x & 31;
-  float s[KW / 8][4];
+  // S = Q·Kᵀ. With few keys per warp (decode) each score tile would be a chain of D/16
+  // dependent mma; odd k-steps go to a second set of accumulators to halve the chains.
+  constexpr int NACC = KW <= 16 ? 2 : 1;
+  float sa[NACC][KW / 8][4];
 #pragma unroll
-  for (int n = 0; n < KW / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
-  // S = Q·Kᵀ.
+  for (int h = 0; h < NACC; h++)
+#pragma unroll
+    for (int n = 0; n < KW / 8; n++) sa[h][n][0] = sa[h][n][1] = sa[h][n][2] = sa[h][n][3] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++) {
     uint32_t a[4];
@@ -122,9 +127,16 @@ __device__ __forceinline__ void warp_tile(uint32_t q_s, uint32_t k_s, uint32_t v
     for (int np = 0; np < KW / 16; np++) {
       uint32_t b[4];
       ldsm_x4(b, k_s + swz<CH>(koff + np * 16 + (lane >> 4) * 8 + (lane & 7), 2 * ks + ((lane >> 3) & 1)));
-      mma<T>(s[2 * np], a, b[0], b[1]);
-      mma<T>(s[2 * np + 1], a, b[2], b[3]);
+      mma<T>(sa[ks % NACC][2 * np], a, b[0], b[1]);
+      mma<T>(sa[ks % NACC][2 * np + 1], a, b[2], b[3]);
     }
+  }
+  float (&s)[KW / 8][4] = sa[0];
+  if (NACC == 2) {
+#pragma unroll
+    for (int n = 0; n < KW / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] += sa[NACC - 1][n][e];
   }
   // Mask (only where the tile crosses the end or a row's position), online softmax (base 2).
   float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -192,7 +204,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
                                         const T* __restrict__ kc, const T* __restrict__ vc,
                                         const uint32_t* __restrict__ seqs, const uint32_t* __restrict__ work,
                                         const uint32_t* __restrict__ block_table, const Params p,
-                                        const uint32_t work_base) {
+                                        const uint32_t work_base, uint32_t* __restrict__ counters) {
   using C = TcCfg<D, SPLIT>;
   constexpr int CH = C::CH, STAGES = C::STAGES;
   extern __shared__ __align__(128) uint8_t smem[];
@@ -338,16 +350,16 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     if (split_keys) {
       M = -INFINITY;
 #pragma unroll
-      for (int wi = 0; wi < 4; wi++) M = fmaxf(M, pml[2 * (wi * 16 + r)]);
+      for (int wp = 0; wp < 4; wp++) M = fmaxf(M, pml[2 * (wp * 16 + r)]);
       L = 0.f;
       O = 0.f;
 #pragma unroll
-      for (int wi = 0; wi < 4; wi++) {
-        const float mw = pml[2 * (wi * 16 + r)];
+      for (int wp = 0; wp < 4; wp++) {
+        const float mw = pml[2 * (wp * 16 + r)];
         if (mw == -INFINITY) continue;  // this warp saw no visible key for the row
         const float f = exp2f(mw - M);
-        L += pml[2 * (wi * 16 + r) + 1] * f;
-        O += po[(wi * 16 + r) * D + d] * f;
+        L += pml[2 * (wp * 16 + r) + 1] * f;
+        O += po[(wp * 16 + r) * D + d] * f;
       }
     } else {
       M = pml[2 * r];
@@ -366,15 +378,53 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       }
     }
   }
+  if (p.num_parts == 1) return;
+
+  // The last partition of the item to finish combines them all (no second launch):
+  // out = Σ O_p e^{m_p - M} / Σ L_p e^{m_p - M}. Each CTA publishes its partials, then
+  // counts itself in; the CTA that brings the count to the item's partitions reduces.
+  __shared__ uint32_t last;
+  __threadfence();
+  __syncthreads();
+  const uint32_t parts = min(p.num_parts, (n_keys + p.part_size - 1) / p.part_size);
+  if (tid == 0) {
+    uint32_t* c = counters + (uint64_t)wi * p.kv_heads + kvh;
+    last = atomicAdd(c, 1u) + 1 == parts;
+    if (last) *c = 0;  // ready for the next launch
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const uint64_t base0 = ((uint64_t)wi * p.kv_heads + kvh) * p.num_parts;
+  for (uint32_t i = tid; i < nrows * (D / 4); i += NT) {
+    const uint32_t r = i / (D / 4), d = (i % (D / 4)) * 4;
+    float M = -INFINITY;
+    for (uint32_t q = 0; q < parts; q++) M = fmaxf(M, __ldcg(tmp_ml + ((base0 + q) * 2) * ROWS + r));
+    float L = 0.f;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (uint32_t q = 0; q < parts; q++) {
+      const float mq = __ldcg(tmp_ml + ((base0 + q) * 2) * ROWS + r);
+      const float f = mq == -INFINITY ? 0.f : expf(mq - M);  // a partition the row sees no key of
+      L += __ldcg(tmp_ml + ((base0 + q) * 2 + 1) * ROWS + r) * f;
+      const float4 a = __ldcg(reinterpret_cast<const float4*>(tmp_acc + (base0 + q) * ROWS * D + r * D + d));
+      o.x += a.x * f; o.y += a.y * f; o.z += a.z * f; o.w += a.w * f;
+    }
+    const uint64_t tok = q_start + tok0 + r / p.hpc;
+    const uint32_t h = head0 + r % p.hpc;
+    T* dst = out + (tok * p.heads + h) * D + d;
+    const float inv = 1.f / L;
+    dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
+    dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
+  }
 }
 
 #define PATC(TY, T, DD, SPLIT, NAME, MINB)                                                      \
   extern "C" __global__ void __launch_bounds__(NT, MINB) paged_attention_tc_##NAME##_##TY##_d##DD( \
       T* out, float* tmp_acc, float* tmp_ml, const T* q, const T* kc, const T* vc,                \
       const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p,          \
-      uint32_t work_base) {                                                                      \
+      uint32_t work_base, uint32_t* counters) {                                                  \
     paged_attention_tc_impl<T, DD, SPLIT>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, p, \
-                                          work_base);                                           \
+                                          work_base, counters);                                 \
   }
 #define PATC_ALL(TY, T)                                                                         \
   PATC(TY, T, 64, true, decode, 4) PATC(TY, T, 128, true, decode, 3) PATC(TY, T, 256, true, decode, 1) \

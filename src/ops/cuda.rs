@@ -133,9 +133,13 @@ struct Params {
 unsafe impl DeviceRepr for Params {}
 
 /// Fewest keys per partition when a context is split along the sequence: a CTA's fixed
-/// costs (Q rows, the first tile's latency, its share of the reduction) are paid once per
-/// partition, so partitions stay at least this long.
-const MIN_PART_SIZE: usize = 256;
+/// costs (Q rows, the first tile's latency, combining the warps and the partitions) are
+/// paid once per partition. Measured on the H100 (BENCHMARKS.md): MQA decode at batch
+/// 64-256 runs faster in partitions of 1024 keys than in more CTAs of 384-704.
+const MIN_PART_SIZE: usize = 1024;
+/// Small grids (under an eighth of a wave: batch 1-8) are split finer, down to this: a
+/// single CTA streaming a whole 4096-key context would leave the GPU idle.
+const MIN_PART_SIZE_SMALL_GRID: usize = 256;
 
 /// `CROSSKV_PA_PART_SIZE` (a multiple of 64) fixes the partition size; the decode-attention
 /// benchmark sweeps it. Unset: [`auto_part_size`].
@@ -154,21 +158,21 @@ fn part_size_override() -> Option<usize> {
 /// waves takes as long as two. More partitions are taken only while they fill the waves
 /// at least 5 % better: each costs a CTA's fixed work and its share of the reduction. A
 /// grid under one wave (batch 1) splits until it fills it. No partition under
-/// [`MIN_PART_SIZE`] keys.
+/// [`MIN_PART_SIZE`] keys ([`MIN_PART_SIZE_SMALL_GRID`] for tiny grids).
 fn auto_part_size(max_ctx: usize, items: usize, slots: usize) -> usize {
     let (items, slots) = (items.max(1), slots.max(1));
-    let size = |parts: usize| {
-        max_ctx
-            .div_ceil(parts)
-            .next_multiple_of(TC_TILE_KEYS)
-            .max(MIN_PART_SIZE)
+    let min_part = if items * 8 < slots {
+        MIN_PART_SIZE_SMALL_GRID
+    } else {
+        MIN_PART_SIZE
     };
+    let size = |parts: usize| max_ctx.div_ceil(parts).next_multiple_of(TC_TILE_KEYS).max(min_part);
     let fill = |part: usize| {
         let ctas = items * max_ctx.div_ceil(part).max(1);
         ctas as f64 / (ctas.div_ceil(slots) * slots) as f64
     };
     let mut best = (size(1), fill(size(1)));
-    for parts in 2..=max_ctx.div_ceil(MIN_PART_SIZE) {
+    for parts in 2..=max_ctx.div_ceil(min_part) {
         let part = size(parts);
         if fill(part) > best.1 * 1.05 {
             best = (part, fill(part));
@@ -393,6 +397,9 @@ struct Prepared {
     table_d: Slice<u32>,
     tmp_acc: Slice<f32>,
     tmp_ml: Slice<f32>,
+    /// Tensor cores: per (item, KV head), how many partitions are done (zeros; the last
+    /// partition resets its count).
+    counters: Slice<u32>,
     kernel: Kernel,
     /// The CUDA-core kernel, or the tensor-core decode kernel.
     attn: String,
@@ -440,6 +447,11 @@ fn prepare(
     } else {
         unsafe { (dev.alloc::<f32>(1)?, dev.alloc::<f32>(1)?) }
     };
+    let counters = if p.num_parts > 1 && kernel == Kernel::TensorCore {
+        dev.alloc_zeros::<u32>(num_work * kv_heads)?
+    } else {
+        dev.alloc_zeros::<u32>(1)?
+    };
     Ok(Prepared {
         params,
         num_work,
@@ -453,6 +465,7 @@ fn prepare(
         table_d: dev.clone_htod(&or_one(block_table))?,
         tmp_acc,
         tmp_ml,
+        counters,
         kernel,
         attn: match kernel {
             Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}_d{d}"),
@@ -580,12 +593,14 @@ fn launch<T: DeviceRepr>(
                     .arg(&pr.work_d)
                     .arg(&pr.table_d)
                     .arg(&pr.params)
-                    .arg(&base);
+                    .arg(&base)
+                    .arg(&mut pr.counters);
                 unsafe { b.launch(grid(n, smem)) }.w()?;
             }
         }
     }
-    if pr.num_parts > 1 {
+    // The tensor-core kernels combine their partitions themselves.
+    if pr.num_parts > 1 && pr.kernel == Kernel::CudaCore {
         let f = dev.get_or_load_custom_func(&pr.reduce, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?;
         let mut b = f.builder();
         b.arg(&mut *out)
@@ -827,14 +842,15 @@ mod tests {
 
     #[test]
     fn long_contexts_are_split_to_fill_whole_waves() {
-        // 396 slots (132 SMs × 3). MQA, 64 decode items of 4096 keys: 6 partitions (384
-        // CTAs, one full wave), not 8 of 512 (1.3 waves).
-        assert_eq!(auto_part_size(4096, 64, 396), 704);
-        // 16 × 4 items of 16384 keys: 6 partitions.
+        // 396 slots (132 SMs × 3). MQA, 64 decode items of 4096 keys: 4 partitions of
+        // 1024 (one wave), not 8 of 512 (1.3 waves).
+        assert_eq!(auto_part_size(4096, 64, 396), 1024);
+        // 16 × 4 items of 16384 keys: 6 partitions, one full wave.
         assert_eq!(auto_part_size(16384, 64, 396), 2752);
-        // 256 items of 1024 keys: 3 partitions make 768 CTAs, 1.94 waves.
-        assert_eq!(auto_part_size(1024, 256, 396), 384);
-        // Many items fill many waves already: no split.
+        // 32 × 16 items of 4096 keys: 3 partitions (1536 CTAs, 3.9 waves).
+        assert_eq!(auto_part_size(4096, 512, 396), 1408);
+        // 256 items of 1024 keys, or many items: no split.
+        assert_eq!(auto_part_size(1024, 256, 396), 1024);
         assert_eq!(auto_part_size(1024, 4096, 396), 1024);
         // One sequence (batch 1) splits as far as it can: 16 partitions of 256 keys.
         assert_eq!(auto_part_size(4096, 1, 396), 256);
@@ -861,7 +877,7 @@ mod tests {
             .into_iter()
             .flat_map(|k| [(32, 1), (8, 8), (12, 4), (34, 2), (16, 1)].map(|h| (k, h)))
         {
-            let p = plan(&seqs, 40, heads, kv_heads, 128, kernel, 1000);
+            let p = plan(&seqs, 40, heads, kv_heads, 128, kernel, 100_000);
             assert!(p.hpc * p.tpc <= kernel.rows(128));
             assert!(p.hpc <= kernel.max_heads(128));
             assert!(p.num_parts >= 2 && p.num_parts == 700usize.div_ceil(p.part_size));
