@@ -2,7 +2,7 @@
 # The GPU test run of issue 4, in two halves.
 #
 #   scripts/gpu-run.sh build    here (no GPU needed): builds the CUDA test binary, the
-#                               decode-attention benchmark and the crosskv binary (toolchain:
+#                               decode-attention and e2e-decode benchmarks and the crosskv binary (toolchain:
 #                               ../shared/gpu/setup-cuda-toolkit.sh .cuda), strips them and
 #                               packs them with xz into .gpu/ (git-ignored).
 #   scripts/gpu-run.sh device   on the H100 machine, from the checkout root with .gpu/ beside
@@ -10,6 +10,10 @@
 #                               benchmark (ours at partition sizes auto/256/512/1024, then PyTorch's
 #                               SDPA, benches/sdpa_decode.py), writes logs to $OUT (or
 #                               .gpu/out), prints a short summary last.
+#                               After those: end-to-end decode and measured capacity
+#                               (benches/e2e_decode.rs), then Hugging Face transformers'
+#                               generate on the same shape (benches/hf_decode.py).
+#   scripts/gpu-run.sh device e2e   only e2e_decode and hf_decode.
 #
 # With the device tool: `scripts/gpu-run.sh build`, then one `run` call with
 # carry [".gpu"] and command `bash scripts/gpu-run.sh device`.
@@ -22,8 +26,9 @@ build() {
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
   cargo build --release --features cuda --bin crosskv
   local json tests
-  local bench
-  json=$(cargo test --release --features cuda --no-run --test gpu --bench decode_attention --message-format=json)
+  local bench e2e
+  json=$(cargo test --release --features cuda --no-run --test gpu --bench decode_attention --bench e2e_decode \
+    --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
 import json, sys
@@ -34,10 +39,12 @@ for line in sys.stdin:
   }
   tests=$(exe gpu)
   bench=$(exe decode_attention)
+  e2e=$(exe e2e_decode)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
+  [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
   mkdir -p .gpu
-  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
+  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
     xz -6 -f ".gpu/$name"
@@ -46,11 +53,43 @@ for line in sys.stdin:
   du -sh .gpu
 }
 
+# End-to-end decode and measured capacity (ours), then HF transformers' generate on the
+# same shape; each bounded by a timeout so that a hang cannot eat the device budget.
+e2e_benches() {
+  local out=$1 erc=0
+  timeout 300 .gpu/e2e-decode --device cuda 2> >(tee "$out/e2e-decode.err" >&2) | tee "$out/e2e-decode.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || erc=1
+  PYTHONUNBUFFERED=1 timeout 300 python3 benches/hf_decode.py --ours "$out/e2e-decode.log" \
+    2> >(tee "$out/hf-decode.err" >&2) | tee "$out/hf-decode.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || erc=1
+  return "$erc"
+}
+
+e2e_summary() {
+  grep -hE '^(device |copy bandwidth|no prefill|ms/step|torch |model: |###|\|)' \
+    "$1/e2e-decode.log" "$1/hf-decode.log" | tee "$1/e2e-summary.txt"
+}
+
+# `device e2e`: only the two benchmarks above.
+device_e2e() {
+  local out=$1 erc=0
+  xz -dkf .gpu/e2e-decode.xz
+  chmod +x .gpu/e2e-decode
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  date -u +%FT%TZ | tee -a "$out/gpu.txt"
+  e2e_benches "$out" || erc=1
+  echo "== summary =="
+  e2e_summary "$out"
+  echo "e2e benchmarks exit status: $erc"
+  return "$erc"
+}
+
 device() {
   local out=${OUT:-.gpu/out}
   mkdir -p "$out"
-  xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/crosskv.xz
-  chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/crosskv
+  [ "${1:-all}" = e2e ] && { device_e2e "$out"; return; }
+  xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz
+  chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   date -u +%FT%TZ | tee -a "$out/gpu.txt"
   .gpu/crosskv --version 2>&1 | tee -a "$out/gpu.txt" || true
@@ -68,10 +107,12 @@ device() {
   unset CROSSKV_PA_PART_SIZE
   PYTHONUNBUFFERED=1 python3 benches/sdpa_decode.py 2>&1 | tee "$out/sdpa-decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || brc=1
+  e2e_benches "$out" || brc=1
   set -e
   echo "== summary =="
   grep -E '^test |^reshape_and_cache|^paged_attention|^tiny CLA|test result' "$out/gpu-tests.log" | tail -n 120 | tee "$out/summary.txt"
   grep -E '^(device-to-device|partition size|torch|\|)' "$out/decode-attention.log" "$out/sdpa-decode.log" | tee "$out/bench-summary.txt"
+  e2e_summary "$out"
   echo "gpu tests exit status: $rc; benchmarks: $brc"
   [ "$rc" = 0 ] && return "$brc"
   return "$rc"
@@ -79,6 +120,6 @@ device() {
 
 case "${1:-}" in
   build) build ;;
-  device) device ;;
-  *) echo "usage: $0 build|device" >&2; exit 2 ;;
+  device) device "${2:-all}" ;;
+  *) echo "usage: $0 build|device [e2e]" >&2; exit 2 ;;
 esac

@@ -2,10 +2,12 @@
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
+use crate::config::ModelConfig;
 use crate::ops::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -100,6 +102,12 @@ pub enum Weights {
         device: Device,
         /// Keep quantized linears quantized (f32 runs only); `false` dequantizes them.
         keep_quantized: bool,
+    },
+    /// Tensors already in memory, by HF name: built in code, e.g. [`Weights::random`].
+    Tensors {
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: Device,
     },
 }
 
@@ -204,12 +212,14 @@ impl Weights {
 
     pub fn dtype(&self) -> DType {
         match self {
-            Weights::Safetensors { dtype, .. } | Weights::Gguf { dtype, .. } => *dtype,
+            Weights::Safetensors { dtype, .. } | Weights::Gguf { dtype, .. } | Weights::Tensors { dtype, .. } => *dtype,
         }
     }
     pub fn device(&self) -> &Device {
         match self {
-            Weights::Safetensors { device, .. } | Weights::Gguf { device, .. } => device,
+            Weights::Safetensors { device, .. } | Weights::Gguf { device, .. } | Weights::Tensors { device, .. } => {
+                device
+            }
         }
     }
 
@@ -217,7 +227,75 @@ impl Weights {
         match self {
             Weights::Safetensors { st, .. } => st.get(name).is_ok(),
             Weights::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(name)),
+            Weights::Tensors { tensors, .. } => tensors.contains_key(name),
         }
+    }
+
+    /// Every tensor a llama-family model of `cfg` loads, by HF name, with its shape:
+    /// norms, embedding, `lm_head` (unless tied), q/o and gate/up/down of every layer,
+    /// k/v only for K/V producers (a CLA consumer has none), and the biases `cfg` asks for.
+    pub fn expected_tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+        let (h, d, ffn) = (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size);
+        let (q_out, kv_out) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h])];
+        let linear = |out: &mut Vec<(String, Vec<usize>)>, name: String, o: usize, i: usize, bias: bool| {
+            out.push((format!("{name}.weight"), vec![o, i]));
+            if bias {
+                out.push((format!("{name}.bias"), vec![o]));
+            }
+        };
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+            linear(&mut out, format!("{p}.self_attn.q_proj"), q_out, h, cfg.attention_bias);
+            if cfg.kv_source[i] == i {
+                linear(&mut out, format!("{p}.self_attn.k_proj"), kv_out, h, cfg.attention_bias);
+                linear(&mut out, format!("{p}.self_attn.v_proj"), kv_out, h, cfg.attention_bias);
+            }
+            linear(&mut out, format!("{p}.self_attn.o_proj"), h, q_out, cfg.o_proj_bias);
+            linear(&mut out, format!("{p}.mlp.gate_proj"), ffn, h, cfg.mlp_bias);
+            linear(&mut out, format!("{p}.mlp.up_proj"), ffn, h, cfg.mlp_bias);
+            linear(&mut out, format!("{p}.mlp.down_proj"), h, ffn, cfg.mlp_bias);
+        }
+        out.push(("model.norm.weight".into(), vec![h]));
+        if !cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), vec![cfg.vocab_size, h]));
+        }
+        out
+    }
+
+    /// Random weights for `cfg`, made directly on `device` (no files): norms are ones,
+    /// biases zeros, every other tensor uniform with standard deviation 0.02. The same
+    /// `seed` gives the same weights on the same device (on CUDA it reseeds the device's
+    /// generator). For benchmarks and tests, where only shapes and speed matter.
+    pub fn random(cfg: &ModelConfig, dtype: DType, device: &Device, seed: u64) -> candle_core::Result<Self> {
+        use rand::{Rng, SeedableRng};
+        let a = 0.02f32 * 3f32.sqrt();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        let mut tensors = HashMap::new();
+        for (name, shape) in Self::expected_tensors(cfg) {
+            let t = if name.ends_with("norm.weight") {
+                Tensor::ones(shape, dtype, device)?
+            } else if name.ends_with(".bias") {
+                Tensor::zeros(shape, dtype, device)?
+            } else if device.is_cpu() {
+                let n = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            } else {
+                Tensor::rand(-a, a, shape, device)?.to_dtype(dtype)?
+            };
+            tensors.insert(name, t);
+        }
+        Ok(Weights::Tensors {
+            tensors,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     fn check_shape(name: &str, got: &[usize], want: &[usize]) -> Result<(), WeightsError> {
@@ -273,6 +351,12 @@ impl Weights {
             Weights::Gguf { dtype, device, .. } => self
                 .qtensor(name)?
                 .dequantize(device)
+                .and_then(|t| t.to_dtype(*dtype))
+                .map_err(load)?,
+            Weights::Tensors { tensors, dtype, device } => tensors
+                .get(name)
+                .ok_or_else(|| Self::missing(name))?
+                .to_device(device)
                 .and_then(|t| t.to_dtype(*dtype))
                 .map_err(load)?,
         };

@@ -13,6 +13,7 @@ mod grpc;
 mod http;
 mod kv;
 mod paged_vs_dense;
+mod random_weights;
 mod scheduler;
 mod serve_binary;
 mod sources;
