@@ -37,12 +37,13 @@ struct Params {  // mirrors struct Params in paged_attention.cu and src/ops/cuda
 };
 
 // SPLIT: the kernel for items of ≤ 16 rows (decode), whose warps split the keys; it holds
-// 16 Q rows and uses fewer stages so that more CTAs fit an SM (keeping more loads in
-// flight). Else the kernel for prefill items of up to 64 rows, a warp per 16 rows.
+// 16 Q rows, and its stages are as deep as shared memory allows: a decode CTA streams
+// about (STAGES - 1) tiles per memory latency, and MQA decode has only 2-3 CTAs per SM.
+// Else the kernel for prefill items of up to 64 rows, a warp per 16 rows.
 template <int D, bool SPLIT> struct TcCfg {
   static constexpr int CH = D / 8;                // 16-byte chunks per row
   static constexpr int Q_ROWS = SPLIT ? 16 : ROWS;
-  static constexpr int STAGES = SPLIT ? (D <= 64 ? 3 : 2) : (D <= 128 ? 3 : 2);
+  static constexpr int STAGES = SPLIT ? (D <= 64 ? 4 : 3) : (D <= 128 ? 3 : 2);
   static constexpr int TILE_BYTES = TK * D * 2;   // one of K or V, one stage
   static constexpr int Q_BYTES = Q_ROWS * D * 2;
   static constexpr int KV_BYTES = STAGES * 2 * TILE_BYTES;
@@ -427,7 +428,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
                                           work_base, counters);                                 \
   }
 #define PATC_ALL(TY, T)                                                                         \
-  PATC(TY, T, 64, true, decode, 4) PATC(TY, T, 128, true, decode, 3) PATC(TY, T, 256, true, decode, 1) \
+  PATC(TY, T, 64, true, decode, 3) PATC(TY, T, 128, true, decode, 2) PATC(TY, T, 256, true, decode, 1) \
   PATC(TY, T, 64, false, prefill, 2) PATC(TY, T, 128, false, prefill, 2) PATC(TY, T, 256, false, prefill, 1)
 
 PATC_ALL(f16, __half)

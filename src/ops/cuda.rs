@@ -222,8 +222,8 @@ impl Kernel {
         match self {
             Kernel::TensorCore => {
                 let (q_rows, stages) = match (split, d) {
-                    (true, 64) => (16, 3),
-                    (true, _) => (16, 2),
+                    (true, 64) => (16, 4),
+                    (true, _) => (16, 3),
                     (false, 256) => (64, 2),
                     (false, _) => (64, 3),
                 };
