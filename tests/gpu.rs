@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{Rng, Tiny};
 use crosskv::kv::KvManager;
 use crosskv::model::LoadOptions;
-use crosskv::ops::{paged_attention, reshape_and_cache, SeqSpan};
+use crosskv::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rope, SeqSpan};
 use crosskv::runner::{Runner, SeqStep};
 use serde_json::json;
 
@@ -275,6 +275,161 @@ fn paged_attention_rejects_unsupported_head_dim_on_cuda() {
     }];
     let err = paged_attention(&q, &kc, &kc, &seqs, &[0], 1, 1.0).unwrap_err();
     assert!(err.to_string().contains("head_dim 48"), "{err}");
+}
+
+/// Row sizes for the norm kernels: the models' hidden sizes (one warp per row up to
+/// 1024, one CTA above), and sizes that are not a multiple of 8 elements (the scalar
+/// path for f16/bf16; 100 is still vectorised in f32), on both sides of 1024.
+const NORM_HIDDEN: [usize; 9] = [576, 2048, 4096, 8192, 1024, 7, 100, 1030, 4100];
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let dev = gpu();
+    let mut summary = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (i, &hidden) in NORM_HIDDEN.iter().enumerate() {
+            for rows in [1, 3, 37] {
+                let mut rng = Rng::new(100 + i as u64 * 7 + rows as u64);
+                let (x_c, x_g) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+                let w_c = rng.tensor(&[hidden], 0.5, 1.0).to_dtype(dtype).unwrap();
+                let w_g = w_c.to_device(&dev).unwrap();
+                let want = rms_norm(&x_c, &w_c, 1e-5).unwrap();
+                let got = rms_norm(&x_g, &w_g, 1e-5).unwrap();
+                assert_eq!((got.dims(), got.dtype()), (want.dims(), dtype));
+                let e = rel_err(&flat(&got), &flat(&want));
+                assert!(
+                    e <= tol(dtype),
+                    "rms_norm {dtype:?} rows {rows} hidden {hidden}: relative error {e}"
+                );
+                summary.push(format!(
+                    "rms_norm {dtype:?} rows {rows:2} hidden {hidden:4}: max rel err {e:.2e}"
+                ));
+            }
+        }
+    }
+    for s in summary {
+        eprintln!("{s}");
+    }
+}
+
+#[test]
+fn add_rms_norm_matches_cpu() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for (i, &hidden) in NORM_HIDDEN.iter().enumerate() {
+            for rows in [1, 5, 37] {
+                let mut rng = Rng::new(300 + i as u64 * 7 + rows as u64);
+                let (x_c, x_g) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+                let (r_c, r_g) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+                let w_c = rng.tensor(&[hidden], 0.5, 1.0).to_dtype(dtype).unwrap();
+                let w_g = w_c.to_device(&dev).unwrap();
+                let (s_want, n_want) = add_rms_norm(&x_c, &r_c, &w_c, 1e-6).unwrap();
+                let (s_got, n_got) = add_rms_norm(&x_g, &r_g, &w_g, 1e-6).unwrap();
+                let what = format!("add_rms_norm {dtype:?} rows {rows} hidden {hidden}");
+                // The sum is one add rounded to nearest even on both sides: exact.
+                let (sg, sw) = (flat(&s_got), flat(&s_want));
+                assert!(sg == sw, "{what}: the residual sum differs from the CPU's");
+                let e = rel_err(&flat(&n_got), &flat(&n_want));
+                assert!(e <= tol(dtype), "{what}: relative error {e}");
+                eprintln!("{what}: sum exact, normed max rel err {e:.2e}");
+            }
+        }
+    }
+}
+
+/// Inputs that start mid-buffer (not 16-byte aligned) fall back to element loads.
+#[test]
+fn norms_handle_unaligned_views_on_cuda() {
+    let dev = gpu();
+    for dtype in [DType::F32, DType::BF16] {
+        for hidden in [576, 2048] {
+            let rows = 3;
+            let mut rng = Rng::new(500 + hidden as u64);
+            let n = rows * hidden;
+            let (big_c, big_g) = pair(&mut rng, &[n + 1], dtype, &dev);
+            let view = |t: &Tensor| t.narrow(0, 1, n).unwrap().reshape((rows, hidden)).unwrap();
+            let (x_c, x_g) = (view(&big_c), view(&big_g));
+            let (r_c, r_g) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+            let w_c = rng.tensor(&[hidden], 0.5, 1.0).to_dtype(dtype).unwrap();
+            let w_g = w_c.to_device(&dev).unwrap();
+            let e = rel_err(
+                &flat(&rms_norm(&x_g, &w_g, 1e-5).unwrap()),
+                &flat(&rms_norm(&x_c, &w_c, 1e-5).unwrap()),
+            );
+            assert!(e <= tol(dtype), "rms_norm unaligned {dtype:?} hidden {hidden}: {e}");
+            // The residual unaligned, x aligned; then the fused outputs (views) fed back in.
+            let (s_c, n_c) = add_rms_norm(&r_c, &x_c, &w_c, 1e-5).unwrap();
+            let (s_g, n_g) = add_rms_norm(&r_g, &x_g, &w_g, 1e-5).unwrap();
+            assert!(
+                flat(&s_g) == flat(&s_c),
+                "add_rms_norm unaligned {dtype:?} hidden {hidden}: sum"
+            );
+            assert!(rel_err(&flat(&n_g), &flat(&n_c)) <= tol(dtype));
+            let (s2_c, n2_c) = add_rms_norm(&s_c, &n_c, &w_c, 1e-5).unwrap();
+            let (s2_g, n2_g) = add_rms_norm(&s_g, &n_g, &w_g, 1e-5).unwrap();
+            assert!(flat(&s2_g) == flat(&s2_c));
+            assert!(rel_err(&flat(&n2_g), &flat(&n2_c)) <= tol(dtype));
+        }
+    }
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let dev = gpu();
+    // (tokens, heads, kv_heads, head_dim): SmolLM2 (9/3, 64), llama 8B (32/8, 128), MQA,
+    // a consumer (no K), odd small heads, a prefill-sized batch.
+    let shapes = [
+        (1, 9, 3, 64),
+        (7, 32, 8, 128),
+        (3, 8, 1, 64),
+        (5, 9, 0, 64),
+        (4, 3, 1, 6),
+        (300, 9, 3, 64),
+    ];
+    let max_pos = 600;
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for interleaved in [false, true] {
+            for (i, &(t, h, kh, d)) in shapes.iter().enumerate() {
+                let mut rng = Rng::new(700 + i as u64);
+                let (q_c, q_g) = pair(&mut rng, &[t, h, d], dtype, &dev);
+                // (No zero-sized tensor for a consumer: k is made but not passed.)
+                let (k_c, k_g) = pair(&mut rng, &[t, kh.max(1), d], dtype, &dev);
+                let angles = rng.tensor(&[max_pos, d / 2], 3.0, 0.0);
+                let cos_c = angles.cos().unwrap().to_dtype(dtype).unwrap();
+                let sin_c = angles.sin().unwrap().to_dtype(dtype).unwrap();
+                let (cos_g, sin_g) = (cos_c.to_device(&dev).unwrap(), sin_c.to_device(&dev).unwrap());
+                let mut pos = rng.tokens(t, max_pos);
+                pos[0] = (max_pos - 1) as u32;
+                let pos_c = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
+                let pos_g = pos_c.to_device(&dev).unwrap();
+                let what = format!("rope {dtype:?} interleaved={interleaved} t{t} heads {h}/{kh} d{d}");
+                let with_k = kh > 0;
+                let (qw, kw) = rope(&q_c, with_k.then_some(&k_c), &pos_c, &cos_c, &sin_c, interleaved).unwrap();
+                let (qg, kg) = rope(&q_g, with_k.then_some(&k_g), &pos_g, &cos_g, &sin_g, interleaved).unwrap();
+                let e = rel_err(&flat(&qg), &flat(&qw));
+                assert!(e <= tol(dtype), "{what}: q relative error {e}");
+                if with_k {
+                    let e = rel_err(&flat(&kg.unwrap()), &flat(&kw.unwrap()));
+                    assert!(e <= tol(dtype), "{what}: k relative error {e}");
+                }
+                eprintln!("{what}: max rel err {e:.2e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_writes_nan_for_a_position_past_the_tables_on_cuda() {
+    let dev = gpu();
+    let q = Tensor::ones((2, 2, 8), DType::F32, &dev).unwrap();
+    let tab = Tensor::ones((4, 4), DType::F32, &dev).unwrap();
+    let pos = Tensor::new(&[1u32, 4], &dev).unwrap();
+    let (qr, _) = rope(&q, None, &pos, &tab, &tab, false).unwrap();
+    let v = flat(&qr);
+    assert!(
+        v[..16].iter().all(|x| x.is_finite()) && v[16..].iter().all(|x| x.is_nan()),
+        "{v:?}"
+    );
 }
 
 /// A tiny random CLA model (4 layers, share factor 2, GQA 4/2, head_dim 64) runs a

@@ -6,7 +6,7 @@ use super::rope::Rope;
 use super::weights::{Linear, Weights, WeightsError};
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvLayout};
-use crate::ops::{paged_attention, reshape_and_cache, SeqSpan};
+use crate::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, SeqSpan};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The model's view of one batched step, built by the runner: flat tokens of all
@@ -41,7 +41,11 @@ impl RmsNorm {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+        rms_norm(x, &self.weight, self.eps)
+    }
+    /// `(x + residual, norm(x + residual))` in one pass: the residual stream and its norm.
+    fn add_forward(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        add_rms_norm(x, residual, &self.weight, self.eps)
     }
 }
 
@@ -96,14 +100,14 @@ impl Layer {
 }
 
 impl Attention {
-    /// Q, and for producers K and V, rotated: `[tokens, heads, head_dim]`.
+    /// Q, and for producers K and V, `[tokens, heads, head_dim]`; Q and K rotated for
+    /// `positions` (u32 `[tokens]`).
     fn project(
         &self,
         normed: &Tensor,
         residual: &Tensor,
         rope: &Rope,
-        cos: &Tensor,
-        sin: &Tensor,
+        positions: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let t = normed.dim(0)?;
         let (q, kv) = match &self.kv {
@@ -124,15 +128,16 @@ impl Attention {
                 (self.q.forward(normed)?, Some((kv[0].clone(), kv[1].clone())))
             }
         };
-        let q = rope.apply(&q.reshape((t, self.heads, self.head_dim))?, cos, sin)?;
-        let kv = match kv {
-            None => None,
-            Some((k, v)) => Some((
-                rope.apply(&k.reshape((t, self.kv_heads, self.head_dim))?, cos, sin)?,
-                v.reshape((t, self.kv_heads, self.head_dim))?,
-            )),
-        };
-        Ok((q, kv))
+        let q = q.reshape((t, self.heads, self.head_dim))?;
+        match kv {
+            None => Ok((rope.rotate(&q, None, positions)?.0, None)),
+            Some((k, v)) => {
+                let k = k.reshape((t, self.kv_heads, self.head_dim))?;
+                let (q, k) = rope.rotate(&q, Some(&k), positions)?;
+                let k = k.expect("rotate returns k when given k");
+                Ok((q, Some((k, v.reshape((t, self.kv_heads, self.head_dim))?))))
+            }
+        }
     }
 }
 
@@ -231,20 +236,34 @@ impl Model {
         self.rope.max_positions()
     }
 
-    fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.norm.forward(x)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    /// The norm that reads the residual stream before layer `i` (the final norm after the last).
+    fn norm_before(&self, i: usize) -> &RmsNorm {
+        self.layers.get(i).map_or(&self.norm, |l| &l.input_norm)
+    }
+
+    /// One layer's residual updates after its attention output `attn` (`[tokens,
+    /// heads * head_dim]`): `x + o(attn)`, the MLP on its post-attention norm, and the next
+    /// layer's (or the final) norm fused with each add. Returns the new residual stream
+    /// and its norm for what comes next.
+    fn finish_layer(&self, i: usize, x: &Tensor, attn: &Tensor) -> Result<(Tensor, Tensor)> {
+        let layer = &self.layers[i];
+        let (x, h) = layer.post_norm.add_forward(x, &layer.attn.o.forward(attn)?)?;
+        self.norm_before(i + 1).add_forward(&x, &layer.mlp(&h)?)
+    }
+
+    /// f32 logits of rows already through the final norm.
+    fn logits(&self, normed: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(normed)?.to_dtype(DType::F32)
     }
 
     /// One batched step through the paged cache. Returns f32 logits `[outputs, vocab]`.
     pub fn forward(&self, step: &StepInput, cache: &KvCache) -> Result<Tensor> {
         let mut x = self.embed.index_select(&step.input_ids, 0)?;
-        let (cos, sin) = self.rope.tables(&step.positions)?;
+        let mut normed = self.norm_before(0).forward(&x)?;
         let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let normed = layer.input_norm.forward(&x)?;
-            let (q, kv) = a.project(&normed, &x, &self.rope, &cos, &sin)?;
+            let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
             if let Some((k, v)) = kv {
                 reshape_and_cache(cache.k(), &k, &step.cache_rows[a.slot])?;
                 reshape_and_cache(cache.v(), &v, &step.cache_rows[a.slot])?;
@@ -259,11 +278,9 @@ impl Model {
                 scale,
             )?;
             let t = o.dim(0)?;
-            x = (x + a.o.forward(&o.reshape((t, a.heads * a.head_dim))?)?)?;
-            x = (&x + layer.mlp(&layer.post_norm.forward(&x)?)?)?;
+            (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;
         }
-        let last = x.index_select(&step.logits_rows, 0)?;
-        self.logits(&last)
+        self.logits(&normed.index_select(&step.logits_rows, 0)?)
     }
 
     /// The reference path: one full causal forward of one sequence with no cache.
@@ -272,8 +289,8 @@ impl Model {
         let t = tokens.len();
         let ids = Tensor::new(tokens, &self.device)?;
         let positions = Tensor::arange(0u32, t as u32, &self.device)?;
-        let (cos, sin) = self.rope.tables(&positions)?;
         let mut x = self.embed.index_select(&ids, 0)?;
+        let mut normed = self.norm_before(0).forward(&x)?;
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
             .collect();
@@ -281,8 +298,7 @@ impl Model {
         let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let normed = layer.input_norm.forward(&x)?;
-            let (q, kv) = a.project(&normed, &x, &self.rope, &cos, &sin)?;
+            let (q, kv) = a.project(&normed, &x, &self.rope, &positions)?;
             if kv.is_some() {
                 produced[i] = kv;
             }
@@ -307,10 +323,9 @@ impl Model {
                 .transpose(0, 1)?
                 .reshape((t, a.heads * a.head_dim))?
                 .to_dtype(self.dtype)?;
-            x = (x + a.o.forward(&o)?)?;
-            x = (&x + layer.mlp(&layer.post_norm.forward(&x)?)?)?;
+            (x, normed) = self.finish_layer(i, &x, &o)?;
         }
-        self.logits(&x)
+        self.logits(&normed)
     }
 
     /// Dense weights of every tensor, by HF name, for `convert` (consumers' K/V dropped).

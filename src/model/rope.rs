@@ -73,22 +73,19 @@ impl Rope {
         self.max_positions
     }
 
-    /// cos/sin rows for `positions` (u32 `[tokens]`), shaped `[tokens, 1, head_dim/2]`.
-    pub fn tables(&self, positions: &Tensor) -> Result<(Tensor, Tensor)> {
-        let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
-        let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
-        Ok((cos, sin))
+    /// The tables: cos and sin of every position's angles, `[max_positions, head_dim/2]`
+    /// in the model's dtype.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
     }
 
-    /// Rotates `x` (`[tokens, heads, head_dim]`) by the tables from `tables`.
-    pub fn apply(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        let x4 = x.contiguous()?.reshape((t, h, 1, d))?;
-        let y = if self.interleaved {
-            candle_nn::rotary_emb::rope_i(&x4, cos, sin)?
-        } else {
-            candle_nn::rotary_emb::rope(&x4, cos, sin)?
-        };
-        y.reshape((t, h, d))
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
+    /// Rotates `q` (`[tokens, heads, head_dim]`) and `k` (`[tokens, kv_heads, head_dim]`,
+    /// if any) by the angles of `positions` (u32 `[tokens]`), in one op.
+    pub fn rotate(&self, q: &Tensor, k: Option<&Tensor>, positions: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        crate::ops::rope(q, k, positions, &self.cos, &self.sin, self.interleaved)
     }
 }

@@ -11,11 +11,11 @@ use candle_core::{DType, Layout, Result, Shape};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[allow(dead_code)]
-mod ptx {
+pub(crate) mod ptx {
     include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
 }
 
-static POISON: AtomicBool = AtomicBool::new(false);
+pub(crate) static POISON: AtomicBool = AtomicBool::new(false);
 
 /// Tests: fill every output the kernels allocate with NaN before they run, so an
 /// element a kernel fails to write shows up.
@@ -23,12 +23,12 @@ pub fn set_poison_outputs(on: bool) {
     POISON.store(on, Ordering::Relaxed);
 }
 
-fn contiguous(l: &Layout, op: &str, what: &str) -> Result<(usize, usize)> {
+pub(crate) fn contiguous(l: &Layout, op: &str, what: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))
 }
 
-fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
+pub(crate) fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::F16 => "f16",
@@ -37,7 +37,7 @@ fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
     })
 }
 
-fn poison<T: DeviceRepr>(
+pub(crate) fn poison<T: DeviceRepr>(
     dev: &CudaDevice,
     s: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
 ) -> Result<()> {

@@ -1,16 +1,23 @@
 //! One custom candle op per kernel. Each op's CPU path is the plain-Rust reference
-//! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` launches `kernels/*.cu`) must match.
+//! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` and `cuda_fused.rs` launch
+//! `kernels/*.cu`) must match.
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_fused;
 pub mod paged_attention;
 pub mod parallel;
 pub mod qmatmul;
 pub mod reshape_and_cache;
+pub mod rms_norm;
+pub mod rope;
 
 pub use paged_attention::{paged_attention, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
+pub use rms_norm::{add_rms_norm, rms_norm};
+pub use rope::rope;
 
 use candle_core::{CpuStorage, Layout, Result};
 

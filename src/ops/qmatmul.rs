@@ -165,6 +165,7 @@ unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
 /// for the four (prefill is compute-bound, so this is where its time goes).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let nb = row.len() / 20;
@@ -199,6 +200,7 @@ unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32];
 /// Four activation rows against one Q8_0 weight row.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[inline(never)]
 unsafe fn dot_row_q8_0_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let nb = row.len() / 34;
@@ -396,6 +398,10 @@ impl QMatrix {
         &self.data[r * n..(r + 1) * n]
     }
 
+    // Kept out of line, as are the x4 kernels. Inlined into matmul_many's task closure
+    // (rustc's choice flips with unrelated code elsewhere in the crate: adding the fused
+    // norm/RoPE ops flipped it), decode and prefill of SmolLM2 Q4_1 took ~15 % more CPU.
+    #[inline(never)]
     fn dot_row(&self, row: &[u8], q: &[i8], d: &[f32], s: &[f32], isa: Isa) -> f32 {
         // SAFETY (each arm): `isa` never names more than `Isa::available()` found.
         #[cfg(target_arch = "x86_64")]

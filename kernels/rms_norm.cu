@@ -1,0 +1,164 @@
+// RMSNorm over the last dimension, and its fusion with the residual add before it.
+// CPU reference: src/ops/rms_norm.rs; launches: src/ops/cuda_fused.rs.
+//
+//   rms_norm:      out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w
+//   add_rms_norm:  s[r] = x[r] + res[r] (rounded to T), out[r] = rms_norm(s[r]);
+//                  `out` holds [2, rows, hidden]: s first, then the normed rows.
+//
+// Everything is computed in f32; the sum of squares is taken over s as rounded to T,
+// so the normed rows are exactly those of rms_norm applied to the stored s.
+//
+// One row per CTA (`warp_mode` 0, blockDim.x a multiple of 32, up to 1024) or, for
+// small rows, one row per warp (`warp_mode` 1, blockDim.x / 32 rows per CTA). Rows are
+// read with 16-byte vector loads when every pointer is 16-byte aligned and `hidden` is
+// a multiple of 16 / sizeof(T) elements (so every row start is aligned too); otherwise
+// element by element. The condition is the same for every thread of the grid. Pass 1
+// reads the row (and writes s), pass 2 re-reads it (from L1/L2) to write the output.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// N = 16 / sizeof(T) elements at p (16-byte aligned) ↔ f32.
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(const T* p, float* o) {
+  const uint4 u = *reinterpret_cast<const uint4*>(p);
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < N; i++) o[i] = to_f32(e[i]);
+}
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const float* v) {
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+  for (int i = 0; i < N; i++) e[i] = from_f32<T>(v[i]);
+  *reinterpret_cast<uint4*>(p) = u;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// s = x + res rounded to T, as f32 (x alone when res is null).
+template <typename T>
+__device__ __forceinline__ float residual(const T* x, const T* res, uint32_t i) {
+  if (res == nullptr) return to_f32(x[i]);
+  return to_f32(from_f32<T>(to_f32(x[i]) + to_f32(res[i])));
+}
+
+template <typename T>
+__device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __restrict__ out_norm,
+                                              const T* __restrict__ x, const T* __restrict__ res,
+                                              const T* __restrict__ w, uint32_t rows, uint32_t hidden,
+                                              float eps, uint32_t warp_mode) {
+  constexpr int N = 16 / sizeof(T);
+  __shared__ float red[32];
+  uint64_t row;
+  uint32_t lane, group;
+  if (warp_mode) {
+    row = (uint64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    lane = threadIdx.x % 32;
+    group = 32;
+    if (row >= rows) return;  // a whole warp leaves: no CTA barrier in this mode
+  } else {
+    row = blockIdx.x;
+    lane = threadIdx.x;
+    group = blockDim.x;
+  }
+  const uint64_t off = row * hidden;
+  const T* xr = x + off;
+  const T* rr = res ? res + off : nullptr;
+  T* sr = out_sum ? out_sum + off : nullptr;
+  T* nr = out_norm + off;
+  const bool vec = (hidden % N) == 0 && aligned16(x) && aligned16(w) && aligned16(out_norm) &&
+                   (res == nullptr || aligned16(res)) && (out_sum == nullptr || aligned16(out_sum));
+
+  // Pass 1: s (written when fused) and its sum of squares.
+  float ss = 0.f;
+  if (vec) {
+    for (uint32_t i = lane * N; i < hidden; i += group * N) {
+      float v[N];
+      load_vec<T, N>(xr + i, v);
+      if (rr) {
+        float b[N];
+        load_vec<T, N>(rr + i, b);
+#pragma unroll
+        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
+        store_vec<T, N>(sr + i, v);
+      }
+#pragma unroll
+      for (int e = 0; e < N; e++) ss += v[e] * v[e];
+    }
+  } else {
+    for (uint32_t i = lane; i < hidden; i += group) {
+      const float v = residual(xr, rr, i);
+      if (sr) sr[i] = from_f32<T>(v);
+      ss += v * v;
+    }
+  }
+
+  // Sum over the row's threads; every thread adds the warps' partials in the same order.
+  ss = warp_sum(ss);
+  if (!warp_mode) {
+    const uint32_t nw = (blockDim.x + 31) / 32;
+    if (lane % 32 == 0) red[lane / 32] = ss;
+    __syncthreads();
+    ss = 0.f;
+    for (uint32_t i = 0; i < nw; i++) ss += red[i];
+  }
+  const float inv = rsqrtf(ss / (float)hidden + eps);
+
+  // Pass 2: the normed row, s recomputed from the same inputs (the same rounding).
+  if (vec) {
+    for (uint32_t i = lane * N; i < hidden; i += group * N) {
+      float v[N], g[N];
+      load_vec<T, N>(xr + i, v);
+      if (rr) {
+        float b[N];
+        load_vec<T, N>(rr + i, b);
+#pragma unroll
+        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
+      }
+      load_vec<T, N>(w + i, g);
+#pragma unroll
+      for (int e = 0; e < N; e++) v[e] = v[e] * inv * g[e];
+      store_vec<T, N>(nr + i, v);
+    }
+  } else {
+    for (uint32_t i = lane; i < hidden; i += group) {
+      nr[i] = from_f32<T>(residual(xr, rr, i) * inv * to_f32(w[i]));
+    }
+  }
+}
+
+#define RMS_NORM(SFX, T)                                                                           \
+  extern "C" __global__ void __launch_bounds__(1024)                                               \
+      rms_norm_##SFX(T* out, const T* x, const T* w, uint32_t rows, uint32_t hidden, float eps,    \
+                     uint32_t warp_mode) {                                                         \
+    rms_norm_impl<T>(nullptr, out, x, nullptr, w, rows, hidden, eps, warp_mode);                   \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(1024)                                               \
+      add_rms_norm_##SFX(T* out, const T* x, const T* res, const T* w, uint32_t rows,              \
+                         uint32_t hidden, float eps, uint32_t warp_mode) {                         \
+    rms_norm_impl<T>(out, out + (uint64_t)rows * hidden, x, res, w, rows, hidden, eps, warp_mode); \
+  }
+
+RMS_NORM(f32, float)
+RMS_NORM(f16, __half)
+RMS_NORM(bf16, __nv_bfloat16)

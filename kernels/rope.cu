@@ -1,0 +1,75 @@
+// Rotary position embeddings for Q and K in one launch. CPU reference:
+// src/ops/rope.rs; launch: src/ops/cuda_fused.rs.
+//
+// q: [tokens, heads, D], k: [tokens, kv_heads, D] (kv_heads may be 0: Q only),
+// pos: [tokens] u32, cos/sin: [max_pos, D/2]. out holds the rotated Q
+// ([tokens, heads, D]) followed by the rotated K ([tokens, kv_heads, D]).
+// Pair j of a head (j < D/2) is (j, j + D/2) for the half rotation of Hugging Face
+// checkpoints, (2j, 2j + 1) for the interleaved pairs of GGUF ones:
+//   out[i1] = x[i1] cos - x[i2] sin,  out[i2] = x[i1] sin + x[i2] cos   (in f32).
+// Grid: (tokens, ceil((heads + kv_heads) * D/2 / blockDim.x)); one thread per pair,
+// consecutive threads on consecutive pairs. A position past the table (the host
+// cannot check device positions without a sync) writes NaN rather than reading out
+// of bounds.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f32(float x);
+template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename T>
+__device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restrict__ q,
+                                          const T* __restrict__ k, const T* __restrict__ cos,
+                                          const T* __restrict__ sin, const uint32_t* __restrict__ pos,
+                                          uint32_t tokens, uint32_t heads, uint32_t kv_heads,
+                                          uint32_t half, uint32_t max_pos, uint32_t interleaved) {
+  const uint32_t t = blockIdx.x;
+  const uint32_t idx = blockIdx.y * blockDim.x + threadIdx.x;
+  if (idx >= (heads + kv_heads) * half) return;
+  const uint32_t h = idx / half, j = idx % half;
+  const uint64_t d = 2 * (uint64_t)half;
+  const T* src;
+  T* dst;
+  if (h < heads) {
+    const uint64_t row = (uint64_t)t * heads + h;
+    src = q + row * d;
+    dst = out + row * d;
+  } else {
+    const uint64_t row = (uint64_t)t * kv_heads + (h - heads);
+    src = k + row * d;
+    dst = out + (uint64_t)tokens * heads * d + row * d;
+  }
+  const uint32_t i1 = interleaved ? 2 * j : j;
+  const uint32_t i2 = interleaved ? 2 * j + 1 : j + half;
+  const uint32_t p = pos[t];
+  if (p >= max_pos) {
+    dst[i1] = from_f32<T>(__int_as_float(0x7fc00000));
+    dst[i2] = from_f32<T>(__int_as_float(0x7fc00000));
+    return;
+  }
+  const float c = to_f32(cos[(uint64_t)p * half + j]);
+  const float s = to_f32(sin[(uint64_t)p * half + j]);
+  const float x1 = to_f32(src[i1]), x2 = to_f32(src[i2]);
+  dst[i1] = from_f32<T>(x1 * c - x2 * s);
+  dst[i2] = from_f32<T>(x1 * s + x2 * c);
+}
+
+#define ROPE(SFX, T)                                                                              \
+  extern "C" __global__ void rope_##SFX(T* out, const T* q, const T* k, const T* cos, const T* sin, \
+                                        const uint32_t* pos, uint32_t tokens, uint32_t heads,       \
+                                        uint32_t kv_heads, uint32_t half, uint32_t max_pos,         \
+                                        uint32_t interleaved) {                                     \
+    rope_impl<T>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved);    \
+  }
+
+ROPE(f32, float)
+ROPE(f16, __half)
+ROPE(bf16, __nv_bfloat16)

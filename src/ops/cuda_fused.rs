@@ -1,0 +1,242 @@
+//! CUDA launches of the fused elementwise kernels (feature `cuda`): `kernels/rms_norm.cu`
+//! (`rms_norm`, `add_rms_norm`) and `kernels/rope.cu`. The ops' CPU paths
+//! (`rms_norm.rs`, `rope.rs`) are the references; these are their `cuda_fwd`.
+
+use super::cuda::{contiguous, poison, ptx, suffix, POISON};
+use super::rope::RopeOp;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::{DType, Layout, Result, Shape, Storage};
+use std::sync::atomic::Ordering;
+
+/// Rows up to this many elements get one warp each (4 rows per CTA); longer ones a CTA.
+const WARP_ROW_MAX: usize = 1024;
+
+/// An output of `n` elements (at least one allocated), NaN-filled when tests ask.
+fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    let mut out = unsafe { dev.alloc::<T>(n.max(1))? };
+    if POISON.load(Ordering::Relaxed) {
+        poison(dev, &mut out)?;
+    }
+    Ok(out)
+}
+
+/// The launch shape for `rows` rows of `hidden` elements of `esize` bytes:
+/// `(config, warp_mode)`.
+fn norm_launch(rows: usize, hidden: usize, esize: usize) -> (LaunchConfig, u32) {
+    if hidden <= WARP_ROW_MAX {
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        return (cfg, 1);
+    }
+    // One thread per 16-byte vector, a whole number of warps, at most 1024.
+    let vecs = hidden.div_ceil(16 / esize);
+    let threads = vecs.div_ceil(32).clamp(1, 32) * 32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (cfg, 0)
+}
+
+/// `rms_norm(x, w)`, or with `residual` the fused `add_rms_norm`, whose output is
+/// `[2, ..x]` (the sum, then the normed rows).
+pub(crate) fn rms_norm(
+    x: &CudaStorage,
+    xl: &Layout,
+    residual: Option<(&CudaStorage, &Layout)>,
+    w: &CudaStorage,
+    wl: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let op = if residual.is_some() { "add_rms_norm" } else { "rms_norm" };
+    let sfx = suffix(x.dtype(), op)?;
+    let hidden = xl.dims().last().copied().unwrap_or(0);
+    let n = xl.shape().elem_count();
+    if hidden == 0 || wl.shape().elem_count() != hidden || hidden > i32::MAX as usize {
+        candle_core::bail!("{op}: weight {:?} does not match x {:?}", wl.shape(), xl.shape());
+    }
+    let rows = n / hidden;
+    if rows > i32::MAX as usize {
+        candle_core::bail!("{op}: {rows} rows is too many for one launch");
+    }
+    let (x0, x1) = contiguous(xl, op, "x")?;
+    let (w0, w1) = contiguous(wl, op, "weight")?;
+    let r_range = match residual {
+        Some((r, rl)) => {
+            if r.dtype() != x.dtype() || rl.shape() != xl.shape() {
+                candle_core::bail!("{op}: residual {:?} does not match x {:?}", rl.shape(), xl.shape());
+            }
+            Some(contiguous(rl, op, "residual")?)
+        }
+        None => None,
+    };
+    if w.dtype() != x.dtype() {
+        candle_core::bail!("{op}: weight is {:?}, x is {:?}", w.dtype(), x.dtype());
+    }
+    let shape = match residual {
+        Some(_) => super::rms_norm::stacked(xl),
+        None => xl.shape().clone(),
+    };
+    let dev = x.device.clone();
+    let (cfg, warp) = norm_launch(rows, hidden, x.dtype().size_in_bytes());
+    let (rows32, hidden32) = (rows as u32, hidden as u32);
+    macro_rules! go {
+        ($t:ty) => {{
+            let total = if residual.is_some() { 2 * n } else { n };
+            let mut out = output::<$t>(&dev, total)?;
+            if rows > 0 {
+                let xs = x.as_cuda_slice::<$t>()?.slice(x0..x1);
+                let ws = w.as_cuda_slice::<$t>()?.slice(w0..w1);
+                match (residual, r_range) {
+                    (Some((r, _)), Some((r0, r1))) => {
+                        let rs = r.as_cuda_slice::<$t>()?.slice(r0..r1);
+                        let f = dev.get_or_load_custom_func(
+                            &format!("add_rms_norm_{sfx}"),
+                            "crosskv_rms_norm",
+                            ptx::RMS_NORM,
+                        )?;
+                        let mut b = f.builder();
+                        b.arg(&mut out)
+                            .arg(&xs)
+                            .arg(&rs)
+                            .arg(&ws)
+                            .arg(&rows32)
+                            .arg(&hidden32)
+                            .arg(&eps)
+                            .arg(&warp);
+                        unsafe { b.launch(cfg) }.w()?;
+                    }
+                    _ => {
+                        let f =
+                            dev.get_or_load_custom_func(&format!("rms_norm_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
+                        let mut b = f.builder();
+                        b.arg(&mut out)
+                            .arg(&xs)
+                            .arg(&ws)
+                            .arg(&rows32)
+                            .arg(&hidden32)
+                            .arg(&eps)
+                            .arg(&warp);
+                        unsafe { b.launch(cfg) }.w()?;
+                    }
+                }
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match x.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        _ => go!(half::bf16),
+    };
+    Ok((out, shape))
+}
+
+fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("rope: the {what} table is not on CUDA"),
+    }
+}
+
+/// Threads per CTA of the rope kernel; one thread per rotated pair.
+const ROPE_THREADS: usize = 128;
+
+/// Rotates q (and k) into one new buffer: q's rows, then k's.
+pub(crate) fn rope(
+    op: &RopeOp,
+    q: (&CudaStorage, &Layout),
+    k: Option<(&CudaStorage, &Layout)>,
+    pos: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "rope";
+    let (q, ql) = q;
+    let sfx = suffix(q.dtype(), OP)?;
+    let (tokens, heads, d) = ql.shape().dims3()?;
+    let kv_heads = match k {
+        Some((ks, kl)) => {
+            let (kt, kh, kd) = kl.shape().dims3()?;
+            if (kt, kd) != (tokens, d) || ks.dtype() != q.dtype() {
+                candle_core::bail!("{OP}: k {:?} does not match q {:?}", kl.shape(), ql.shape());
+            }
+            kh
+        }
+        None => 0,
+    };
+    let half = d / 2;
+    if d == 0 || d % 2 != 0 {
+        candle_core::bail!("{OP}: head_dim {d} must be even and non-zero");
+    }
+    let pairs = (heads + kv_heads) * half;
+    let chunks = pairs.div_ceil(ROPE_THREADS);
+    if chunks > 65535 || tokens > i32::MAX as usize {
+        candle_core::bail!("{OP}: {tokens} tokens × {pairs} pairs is too large for one launch");
+    }
+    let (q0, q1) = contiguous(ql, OP, "q")?;
+    let (p0, p1) = contiguous(pos.1, OP, "positions")?;
+    if p1 - p0 != tokens {
+        candle_core::bail!("{OP}: {} positions for {tokens} tokens", p1 - p0);
+    }
+    let (cs, cl) = op.cos.storage_and_layout();
+    let (ss, sl) = op.sin.storage_and_layout();
+    let (cos, sin) = (cuda_of(&cs, "cos")?, cuda_of(&ss, "sin")?);
+    let ((c0, c1), (s0, s1)) = (contiguous(cl, OP, "cos")?, contiguous(sl, OP, "sin")?);
+    if cos.dtype() != q.dtype() || sin.dtype() != q.dtype() || c1 - c0 != s1 - s0 || half == 0 {
+        candle_core::bail!("{OP}: the cos/sin tables must share q's dtype and shape [_, {half}]");
+    }
+    let max_pos = (c1 - c0) / half;
+    let (nq, nk) = (tokens * heads * d, tokens * kv_heads * d);
+    let dev = q.device.clone();
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, chunks as u32, 1),
+        block_dim: (ROPE_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let args: [u32; 6] = [
+        tokens as u32,
+        heads as u32,
+        kv_heads as u32,
+        half as u32,
+        max_pos.min(u32::MAX as usize) as u32,
+        op.interleaved as u32,
+    ];
+    let ps = pos.0.as_cuda_slice::<u32>()?.slice(p0..p1);
+    macro_rules! go {
+        ($t:ty) => {{
+            let mut out = output::<$t>(&dev, nq + nk)?;
+            if nq + nk > 0 {
+                let qs = q.as_cuda_slice::<$t>()?.slice(q0..q1);
+                // Q only: the kernel never reads k (kv_heads is 0); q stands in for it.
+                let ks = match k {
+                    Some((ks, kl)) => {
+                        let (k0, k1) = contiguous(kl, OP, "k")?;
+                        ks.as_cuda_slice::<$t>()?.slice(k0..k1)
+                    }
+                    None => q.as_cuda_slice::<$t>()?.slice(q0..q1),
+                };
+                let cv = cos.as_cuda_slice::<$t>()?.slice(c0..c1);
+                let sv = sin.as_cuda_slice::<$t>()?.slice(s0..s1);
+                let f = dev.get_or_load_custom_func(&format!("rope_{sfx}"), "crosskv_rope", ptx::ROPE)?;
+                let mut b = f.builder();
+                b.arg(&mut out).arg(&qs).arg(&ks).arg(&cv).arg(&sv).arg(&ps);
+                for a in &args {
+                    b.arg(a);
+                }
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
+        }};
+    }
+    let out = match q.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        _ => go!(half::bf16),
+    };
+    Ok((out, Shape::from(nq + nk)))
+}

@@ -1,0 +1,209 @@
+//! `rms_norm` and `add_rms_norm`: RMSNorm over the last dimension, alone and fused with
+//! the residual add before it (`x = x + attn_out; h = norm(x)`). Computed in f32, stored
+//! in x's dtype. The CPU paths below are the reference `kernels/rms_norm.cu` must match.
+
+use super::parallel::for_each_chunk_mut;
+use super::{contiguous, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+
+/// Rows are grouped into CPU tasks of about this many elements (decode runs inline).
+const TASK_ELEMS: usize = 16 * 1024;
+
+/// `out = s / sqrt(mean(s^2) + eps) * w` for one row.
+fn norm_row<T: Elem>(s: &[T], w: &[T], eps: f32, out: &mut [T]) {
+    let ss: f32 = s
+        .iter()
+        .map(|v| {
+            let v = v.to_f32();
+            v * v
+        })
+        .sum();
+    let m = (ss / s.len() as f32 + eps).sqrt();
+    for ((o, v), g) in out.iter_mut().zip(s).zip(w) {
+        *o = T::from_f32(v.to_f32() / m * g.to_f32());
+    }
+}
+
+/// Normed rows of `s` (rows of `w.len()`) into `out`, in parallel over groups of rows.
+fn norm_rows<T: Elem>(s: &[T], w: &[T], eps: f32, out: &mut [T]) {
+    let hidden = w.len();
+    let chunk = (TASK_ELEMS / hidden).max(1) * hidden;
+    for_each_chunk_mut(out, chunk, |i, o| {
+        let s = &s[i * chunk..i * chunk + o.len()];
+        for (sr, or) in s.chunks(hidden).zip(o.chunks_mut(hidden)) {
+            norm_row(sr, w, eps, or);
+        }
+    });
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    contiguous(s.as_slice::<T>()?, l, "rms_norm", what)
+}
+
+fn cpu_rms_norm<T: Elem + WithDType>(
+    x: &CpuStorage,
+    xl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    eps: f32,
+) -> Result<CpuStorage> {
+    let (x, w) = (slice::<T>(x, xl, "x")?, slice::<T>(w, wl, "weight")?);
+    let mut out = vec![T::from_f32(0.0); x.len()];
+    norm_rows(x, w, eps, &mut out);
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_add_rms_norm<T: Elem + WithDType>(
+    x: &CpuStorage,
+    xl: &Layout,
+    r: &CpuStorage,
+    rl: &Layout,
+    w: &CpuStorage,
+    wl: &Layout,
+    eps: f32,
+) -> Result<CpuStorage> {
+    let (x, r, w) = (
+        slice::<T>(x, xl, "x")?,
+        slice::<T>(r, rl, "residual")?,
+        slice::<T>(w, wl, "weight")?,
+    );
+    let n = x.len();
+    let mut out = vec![T::from_f32(0.0); 2 * n];
+    let (sum, normed) = out.split_at_mut(n);
+    for_each_chunk_mut(sum, TASK_ELEMS, |i, s| {
+        let start = i * TASK_ELEMS;
+        for ((o, a), b) in s.iter_mut().zip(&x[start..]).zip(&r[start..]) {
+            *o = T::from_f32(a.to_f32() + b.to_f32());
+        }
+    });
+    norm_rows(sum, w, eps, normed);
+    Ok(T::to_cpu_storage_owned(out))
+}
+
+/// The checks every backend relies on: `x` `[.., hidden]` in f32/f16/bf16, `w`
+/// `[hidden]` and `residual` (same shape as `x`) in the same dtype.
+fn check(x: &Tensor, residual: Option<&Tensor>, w: &Tensor) -> Result<()> {
+    let op = if residual.is_some() { "add_rms_norm" } else { "rms_norm" };
+    let hidden = match x.dims().last() {
+        Some(&h) if h > 0 => h,
+        _ => candle_core::bail!("{op}: x {:?} needs a non-empty last dimension", x.shape()),
+    };
+    if !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        candle_core::bail!("{op}: x is {:?}; f32, f16 or bf16 expected", x.dtype());
+    }
+    if w.dims() != [hidden] {
+        candle_core::bail!("{op}: weight {:?} does not match x {:?}", w.shape(), x.shape());
+    }
+    if w.dtype() != x.dtype() {
+        candle_core::bail!("{op}: weight is {:?}, x is {:?}", w.dtype(), x.dtype());
+    }
+    if let Some(r) = residual {
+        if r.shape() != x.shape() || r.dtype() != x.dtype() {
+            candle_core::bail!(
+                "{op}: residual {:?} {:?} does not match x {:?} {:?}",
+                r.shape(),
+                r.dtype(),
+                x.shape(),
+                x.dtype()
+            );
+        }
+    }
+    Ok(())
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout, w: &CpuStorage, wl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => cpu_rms_norm::<f32>(x, xl, w, wl, self.eps)?,
+            DType::F16 => cpu_rms_norm::<half::f16>(x, xl, w, wl, self.eps)?,
+            DType::BF16 => cpu_rms_norm::<half::bf16>(x, xl, w, wl, self.eps)?,
+            d => candle_core::bail!("rms_norm: {d:?} is not supported (f32/f16/bf16)"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::rms_norm(x, xl, None, w, wl, self.eps)
+    }
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add_rms_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match x.dtype() {
+            DType::F32 => cpu_add_rms_norm::<f32>(x, xl, r, rl, w, wl, self.eps)?,
+            DType::F16 => cpu_add_rms_norm::<half::f16>(x, xl, r, rl, w, wl, self.eps)?,
+            DType::BF16 => cpu_add_rms_norm::<half::bf16>(x, xl, r, rl, w, wl, self.eps)?,
+            d => candle_core::bail!("add_rms_norm: {d:?} is not supported (f32/f16/bf16)"),
+        };
+        Ok((out, stacked(xl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
+    }
+}
+
+/// `[2, ..x]`: the shape of `add_rms_norm`'s one output (the sum, then the normed rows).
+pub(crate) fn stacked(xl: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(xl.dims());
+    Shape::from(dims)
+}
+
+/// RMSNorm of `x` (`[.., hidden]`) with weight `w` (`[hidden]`, x's dtype).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    check(x, None, w)?;
+    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &RmsNorm { eps })
+}
+
+/// `(s, rms_norm(s, w, eps))` with `s = x + residual` (in x's dtype), in one pass. Both
+/// are views of one `[2, ..x]` buffer.
+pub fn add_rms_norm(x: &Tensor, residual: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    check(x, Some(residual), w)?;
+    let out = x
+        .contiguous()?
+        .apply_op3_no_bwd(&residual.contiguous()?, &w.contiguous()?, &AddRmsNorm { eps })?;
+    Ok((out.get(0)?, out.get(1)?))
+}

@@ -1,0 +1,255 @@
+//! `rope`: rotary position embeddings for Q and K in one op, the cos/sin rows gathered
+//! by position inside it. Computed in f32, stored in q's dtype. The CPU path below is
+//! the reference `kernels/rope.cu` must match.
+//!
+//! The output is a new buffer holding the rotated Q and then the rotated K (returned as
+//! two contiguous views of it). Not in place: candle's in-place ops mutate one tensor,
+//! and Q and K are two; a fresh output also keeps the op pure, so the GPU test can
+//! poison it and compare with the CPU reference.
+
+use super::parallel::for_each_chunk_mut;
+use super::{contiguous, u32_slice, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+const OP: &str = "rope";
+
+/// Tokens are grouped into CPU tasks of about this many elements (decode runs inline).
+const TASK_ELEMS: usize = 16 * 1024;
+
+/// The op: its inputs are q (and k) and the positions; the model's tables ride along.
+pub(crate) struct RopeOp {
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) interleaved: bool,
+}
+
+/// The element pairs `(i1, i2)` rotated together by angle `j` of a `d`-wide head.
+fn pair(j: usize, half: usize, interleaved: bool) -> (usize, usize) {
+    if interleaved {
+        (2 * j, 2 * j + 1)
+    } else {
+        (j, j + half)
+    }
+}
+
+/// Rotates `x` (`[tokens, heads, d]`) into `out`, in parallel over groups of tokens.
+fn rotate<T: Elem>(x: &[T], pos: &[u32], cos: &[T], sin: &[T], half: usize, interleaved: bool, out: &mut [T]) {
+    let d = 2 * half;
+    if pos.is_empty() || out.is_empty() {
+        return;
+    }
+    let per_token = out.len() / pos.len();
+    let chunk = (TASK_ELEMS / per_token).max(1) * per_token;
+    for_each_chunk_mut(out, chunk, |i, o| {
+        let x = &x[i * chunk..i * chunk + o.len()];
+        let first = i * chunk / per_token;
+        for (t, (xt, ot)) in x.chunks(per_token).zip(o.chunks_mut(per_token)).enumerate() {
+            let row = pos[first + t] as usize * half;
+            let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
+            for (xh, oh) in xt.chunks(d).zip(ot.chunks_mut(d)) {
+                for j in 0..half {
+                    let (i1, i2) = pair(j, half, interleaved);
+                    let (x1, x2) = (xh[i1].to_f32(), xh[i2].to_f32());
+                    let (c, s) = (c[j].to_f32(), s[j].to_f32());
+                    oh[i1] = T::from_f32(x1 * c - x2 * s);
+                    oh[i2] = T::from_f32(x1 * s + x2 * c);
+                }
+            }
+        }
+    });
+}
+
+fn table<'a, T: WithDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    match s {
+        Storage::Cpu(c) => contiguous(c.as_slice::<T>()?, l, OP, what),
+        _ => candle_core::bail!("{OP}: the {what} table is not on the CPU"),
+    }
+}
+
+impl RopeOp {
+    fn cpu<T: Elem + WithDType>(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: Option<(&CpuStorage, &Layout)>,
+        pos: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let pos = u32_slice(pos.0, pos.1, OP, "positions")?;
+        let (cs, cl) = self.cos.storage_and_layout();
+        let (ss, sl) = self.sin.storage_and_layout();
+        let (cos, sin) = (table::<T>(&cs, cl, "cos")?, table::<T>(&ss, sl, "sin")?);
+        let half = cl.dims()[1];
+        let rows = cos.len() / half.max(1);
+        if let Some(&p) = pos.iter().find(|&&p| p as usize >= rows) {
+            candle_core::bail!("{OP}: position {p} is outside the tables ({rows} positions)");
+        }
+        let qx = contiguous(q.0.as_slice::<T>()?, q.1, OP, "q")?;
+        let kx = match k {
+            Some((s, l)) => contiguous(s.as_slice::<T>()?, l, OP, "k")?,
+            None => &[],
+        };
+        let mut out = vec![T::from_f32(0.0); qx.len() + kx.len()];
+        let (oq, ok) = out.split_at_mut(qx.len());
+        rotate(qx, pos, cos, sin, half, self.interleaved, oq);
+        rotate(kx, pos, cos, sin, half, self.interleaved, ok);
+        let n = out.len();
+        Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
+    }
+
+    fn cpu_any(
+        &self,
+        q: (&CpuStorage, &Layout),
+        k: Option<(&CpuStorage, &Layout)>,
+        pos: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        match q.0.dtype() {
+            DType::F32 => self.cpu::<f32>(q, k, pos),
+            DType::F16 => self.cpu::<half::f16>(q, k, pos),
+            DType::BF16 => self.cpu::<half::bf16>(q, k, pos),
+            d => candle_core::bail!("{OP}: {d:?} is not supported (f32/f16/bf16)"),
+        }
+    }
+}
+
+/// Q only (a CLA consumer's layer has no K).
+impl CustomOp2 for RopeOp {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, q: &CpuStorage, ql: &Layout, pos: &CpuStorage, pl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_any((q, ql), None, (pos, pl))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        pos: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::rope(self, (q, ql), None, (pos, pl))
+    }
+}
+
+/// Q and K.
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        pos: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_any((q, ql), Some((k, kl)), (pos, pl))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        pos: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl))
+    }
+}
+
+/// Rotates `q` (`[tokens, heads, d]`) and `k` (`[tokens, kv_heads, d]`, if any) by the
+/// angles of `positions` (u32 `[tokens]`) in the tables `cos`/`sin` (`[max_positions,
+/// d/2]`, q's dtype and device). `interleaved`: pairs `(2j, 2j+1)` (GGUF llama) instead
+/// of the halves `(j, j + d/2)` (Hugging Face). A position past the tables is an error
+/// on the CPU and NaN rows on CUDA (device positions are not read back).
+pub fn rope(
+    q: &Tensor,
+    k: Option<&Tensor>,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dims3 = |x: &Tensor, what: &str| {
+        x.dims3().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "{OP}: {what} is {:?}; [tokens, heads, head_dim] expected",
+                x.shape()
+            ))
+        })
+    };
+    let (t, heads, d) = dims3(q, "q")?;
+    if d == 0 || d % 2 != 0 {
+        candle_core::bail!("{OP}: head_dim {d} must be even and non-zero");
+    }
+    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        candle_core::bail!("{OP}: q is {:?}; f32, f16 or bf16 expected", q.dtype());
+    }
+    let kv_heads = match k {
+        Some(k) => {
+            let (kt, kh, kd) = dims3(k, "k")?;
+            if (kt, kd) != (t, d) || k.dtype() != q.dtype() {
+                candle_core::bail!(
+                    "{OP}: k {:?} {:?} does not match q {:?} {:?}",
+                    k.shape(),
+                    k.dtype(),
+                    q.shape(),
+                    q.dtype()
+                );
+            }
+            kh
+        }
+        None => 0,
+    };
+    if positions.dims() != [t] || positions.dtype() != DType::U32 {
+        candle_core::bail!(
+            "{OP}: positions {:?} {:?}; u32 [{t}] expected",
+            positions.shape(),
+            positions.dtype()
+        );
+    }
+    for (name, tab) in [("cos", cos), ("sin", sin)] {
+        let th = match tab.dims() {
+            [_, th] => *th,
+            _ => usize::MAX,
+        };
+        if th != d / 2 || tab.dtype() != q.dtype() || !tab.device().same_device(q.device()) {
+            candle_core::bail!(
+                "{OP}: {name} table {:?} {:?} does not fit q {:?} {:?} (want [_, {}] of q's dtype and device)",
+                tab.shape(),
+                tab.dtype(),
+                q.shape(),
+                q.dtype(),
+                d / 2
+            );
+        }
+    }
+    if cos.shape() != sin.shape() {
+        candle_core::bail!("{OP}: cos {:?} and sin {:?} differ", cos.shape(), sin.shape());
+    }
+    let op = RopeOp {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        interleaved,
+    };
+    let q = q.contiguous()?;
+    let out = match k {
+        Some(k) => q.apply_op3_no_bwd(&k.contiguous()?, &positions.contiguous()?, &op)?,
+        None => q.apply_op2_no_bwd(&positions.contiguous()?, &op)?,
+    };
+    let nq = t * heads * d;
+    let qr = out.narrow(0, 0, nq)?.reshape((t, heads, d))?;
+    let kr = match k {
+        Some(_) => Some(out.narrow(0, nq, t * kv_heads * d)?.reshape((t, kv_heads, d))?),
+        None => None,
+    };
+    Ok((qr, kr))
+}

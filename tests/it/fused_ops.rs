@@ -1,0 +1,375 @@
+//! The fused ops' CPU paths (`rms_norm`, `add_rms_norm`, `rope`: the references the CUDA
+//! kernels must match) against the unfused candle composites they replace in the model:
+//! f32 equal to the last bits, f16/bf16 within rounding; both RoPE conventions; odd
+//! shapes; bad inputs are errors.
+
+use crate::common::Rng;
+use candle_core::{DType, Device, Tensor, D};
+use crosskv::config::ModelConfig;
+use crosskv::model::rope::Rope;
+use crosskv::ops::{add_rms_norm, rms_norm, rope};
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |got - want| / max |want|.
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let (g, w) = (flat(got), flat(want));
+    assert!(g.iter().all(|x| x.is_finite()), "non-finite output");
+    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
+}
+
+fn tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-6,
+        _ => 1e-2,
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Row shapes: the model's hidden sizes, rows that are not a multiple of 8 elements, a
+/// 1-element row, 3-D input, and enough rows to split across CPU tasks.
+const NORM_SHAPES: [&[usize]; 7] = [
+    &[1, 576],
+    &[40, 576],
+    &[3, 2048],
+    &[2, 4096],
+    &[5, 7],
+    &[1, 1],
+    &[2, 3, 100],
+];
+
+/// The composite the model used before: candle's f32 rms_norm on the CPU, or its
+/// slow reference (f32 statistics) for half dtypes.
+fn candle_rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Tensor {
+    candle_nn::ops::rms_norm(x, w, eps).unwrap()
+}
+
+#[test]
+fn rms_norm_matches_the_candle_composite() {
+    let mut rng = Rng::new(1);
+    for dtype in DTYPES {
+        for shape in NORM_SHAPES {
+            let hidden = *shape.last().unwrap();
+            let x = rng.tensor(shape, 2.0, 0.3).to_dtype(dtype).unwrap();
+            let w = rng.tensor(&[hidden], 0.5, 1.0).to_dtype(dtype).unwrap();
+            let got = rms_norm(&x, &w, 1e-5).unwrap();
+            assert_eq!(got.dtype(), dtype);
+            let e = rel_err(&got, &candle_rms_norm(&x, &w, 1e-5));
+            assert!(e <= tol(dtype), "{dtype:?} {shape:?}: relative error {e}");
+            // The slow composite with its f32 statistics agrees too.
+            let slow = candle_nn::ops::rms_norm_slow(&x, &w, 1e-5).unwrap();
+            let e = rel_err(&got, &slow);
+            assert!(
+                e <= tol(dtype).max(1e-5),
+                "{dtype:?} {shape:?} vs slow: relative error {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rms_norm_is_bit_exact_with_candle_in_f32() {
+    let mut rng = Rng::new(2);
+    let x = rng.tensor(&[33, 576], 1.0, 0.0);
+    let w = rng.tensor(&[576], 0.2, 1.0);
+    let (got, want) = (
+        flat(&rms_norm(&x, &w, 1e-6).unwrap()),
+        flat(&candle_rms_norm(&x, &w, 1e-6)),
+    );
+    assert!(got == want, "f32 rms_norm differs from candle's");
+}
+
+#[test]
+fn add_rms_norm_matches_add_then_norm() {
+    let mut rng = Rng::new(3);
+    for dtype in DTYPES {
+        for shape in NORM_SHAPES {
+            let hidden = *shape.last().unwrap();
+            let x = rng.tensor(shape, 1.0, 0.0).to_dtype(dtype).unwrap();
+            let r = rng.tensor(shape, 3.0, -0.5).to_dtype(dtype).unwrap();
+            let w = rng.tensor(&[hidden], 0.5, 1.0).to_dtype(dtype).unwrap();
+            let (s, n) = add_rms_norm(&x, &r, &w, 1e-5).unwrap();
+            assert_eq!((s.dims(), n.dims()), (x.dims(), x.dims()));
+            assert_eq!((s.dtype(), n.dtype()), (dtype, dtype));
+            let sum = (&x + &r).unwrap();
+            assert!(flat(&s) == flat(&sum), "{dtype:?} {shape:?}: the sum is not x + r");
+            // Fusing changes nothing: the norm of the stored sum, bit for bit.
+            let alone = rms_norm(&sum, &w, 1e-5).unwrap();
+            assert!(flat(&n) == flat(&alone), "{dtype:?} {shape:?}: fused norm differs");
+            let e = rel_err(&n, &candle_rms_norm(&sum, &w, 1e-5));
+            assert!(e <= tol(dtype), "{dtype:?} {shape:?}: relative error {e}");
+        }
+    }
+}
+
+#[test]
+fn norms_accept_strided_and_offset_inputs() {
+    let mut rng = Rng::new(4);
+    let w = rng.tensor(&[24], 0.5, 1.0);
+    // A transposed view and a view starting mid-buffer.
+    let xt = rng.tensor(&[24, 5], 1.0, 0.0).t().unwrap();
+    let big = rng.tensor(&[5 * 24 + 3], 1.0, 0.0);
+    let xo = big.narrow(0, 3, 5 * 24).unwrap().reshape((5, 24)).unwrap();
+    for x in [&xt, &xo] {
+        let want = rms_norm(&x.contiguous().unwrap(), &w, 1e-5).unwrap();
+        assert!(flat(&rms_norm(x, &w, 1e-5).unwrap()) == flat(&want));
+        let (s, n) = add_rms_norm(x, &xo, &w, 1e-5).unwrap();
+        let (s2, n2) = add_rms_norm(&x.contiguous().unwrap(), &xo.contiguous().unwrap(), &w, 1e-5).unwrap();
+        assert!(flat(&s) == flat(&s2) && flat(&n) == flat(&n2));
+    }
+    // The fused outputs feed the next fused op directly (views into one buffer).
+    let (s, n) = add_rms_norm(&xo, &xo, &w, 1e-5).unwrap();
+    let (s3, _) = add_rms_norm(&s, &n, &w, 1e-5).unwrap();
+    assert!(flat(&s3) == flat(&(&s + &n).unwrap()));
+}
+
+#[test]
+fn norms_reject_bad_inputs_with_errors() {
+    let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(8, DType::F32, &Device::Cpu).unwrap();
+    let bad: Vec<(&str, candle_core::Result<Tensor>)> = vec![
+        (
+            "weight size",
+            rms_norm(&x, &Tensor::ones(7, DType::F32, &Device::Cpu).unwrap(), 1e-5),
+        ),
+        (
+            "weight rank",
+            rms_norm(&x, &Tensor::ones((1, 8), DType::F32, &Device::Cpu).unwrap(), 1e-5),
+        ),
+        ("weight dtype", rms_norm(&x, &w.to_dtype(DType::BF16).unwrap(), 1e-5)),
+        ("x dtype", rms_norm(&x.to_dtype(DType::U32).unwrap(), &w, 1e-5)),
+        (
+            "scalar x",
+            rms_norm(&Tensor::new(1f32, &Device::Cpu).unwrap(), &w, 1e-5),
+        ),
+        (
+            "empty rows",
+            rms_norm(&Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap(), &w, 1e-5),
+        ),
+        (
+            "residual shape",
+            add_rms_norm(&x, &Tensor::zeros((3, 8), DType::F32, &Device::Cpu).unwrap(), &w, 1e-5).map(|p| p.0),
+        ),
+        (
+            "residual dtype",
+            add_rms_norm(&x, &x.to_dtype(DType::F16).unwrap(), &w, 1e-5).map(|p| p.0),
+        ),
+    ];
+    for (what, r) in bad {
+        let err = r.expect_err(what).to_string();
+        assert!(err.contains("rms_norm"), "{what}: {err}");
+    }
+    // No rows is fine.
+    let none = Tensor::zeros((0, 8), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(rms_norm(&none, &w, 1e-5).unwrap().dims(), &[0, 8]);
+    assert_eq!(add_rms_norm(&none, &none, &w, 1e-5).unwrap().1.dims(), &[0, 8]);
+}
+
+/// cos/sin tables `[max_pos, d/2]` of random angles, in `dtype`.
+fn tables(rng: &mut Rng, max_pos: usize, half: usize, dtype: DType) -> (Tensor, Tensor) {
+    let a = rng.tensor(&[max_pos, half], 3.0, 0.0);
+    (
+        a.cos().unwrap().to_dtype(dtype).unwrap(),
+        a.sin().unwrap().to_dtype(dtype).unwrap(),
+    )
+}
+
+/// What the model did before: gather the rows, then candle's rope / rope_i per tensor.
+fn candle_rope(x: &Tensor, pos: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Tensor {
+    let (t, h, d) = x.dims3().unwrap();
+    let c = cos.index_select(pos, 0).unwrap().unsqueeze(1).unwrap();
+    let s = sin.index_select(pos, 0).unwrap().unsqueeze(1).unwrap();
+    let x4 = x.reshape((t, h, 1, d)).unwrap();
+    let y = if interleaved {
+        candle_nn::rotary_emb::rope_i(&x4, &c, &s).unwrap()
+    } else {
+        candle_nn::rotary_emb::rope(&x4, &c, &s).unwrap()
+    };
+    y.reshape((t, h, d)).unwrap()
+}
+
+/// The textbook rotation in f64: `x * cos + rotate(x) * sin`.
+fn naive_rope(x: &Tensor, pos: &[u32], cos: &Tensor, sin: &Tensor, interleaved: bool) -> Vec<f32> {
+    let (_, h, d) = x.dims3().unwrap();
+    let xv = flat(x);
+    let (c, s) = (flat(cos), flat(sin));
+    let half = d / 2;
+    let mut out = vec![0f32; xv.len()];
+    for (ti, &p) in pos.iter().enumerate() {
+        for hi in 0..h {
+            let base = (ti * h + hi) * d;
+            for j in 0..half {
+                let (i1, i2) = if interleaved { (2 * j, 2 * j + 1) } else { (j, j + half) };
+                let k = p as usize * half + j;
+                let (x1, x2) = (xv[base + i1] as f64, xv[base + i2] as f64);
+                let (cj, sj) = (c[k] as f64, s[k] as f64);
+                out[base + i1] = (x1 * cj - x2 * sj) as f32;
+                out[base + i2] = (x1 * sj + x2 * cj) as f32;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn rope_matches_the_candle_composite_in_both_conventions() {
+    let mut rng = Rng::new(5);
+    // (tokens, heads, kv_heads, head_dim): the default model, GQA 128, MQA, a 2-wide
+    // head, a head_dim that is not a multiple of 8, many tokens (parallel CPU tasks).
+    let shapes = [
+        (1, 9, 3, 64),
+        (5, 32, 8, 128),
+        (3, 8, 1, 64),
+        (4, 3, 1, 2),
+        (7, 5, 5, 6),
+        (70, 4, 2, 32),
+    ];
+    let max_pos = 50;
+    for dtype in DTYPES {
+        for interleaved in [false, true] {
+            for &(t, h, kh, d) in &shapes {
+                let what = format!("{dtype:?} interleaved={interleaved} t{t} h{h}/{kh} d{d}");
+                let q = rng.tensor(&[t, h, d], 1.0, 0.0).to_dtype(dtype).unwrap();
+                let k = rng.tensor(&[t, kh, d], 2.0, 0.1).to_dtype(dtype).unwrap();
+                let (cos, sin) = tables(&mut rng, max_pos, d / 2, dtype);
+                // First and last table rows, repeats, any order.
+                let mut pos: Vec<u32> = rng.tokens(t, max_pos);
+                pos[0] = (max_pos - 1) as u32;
+                if t > 1 {
+                    pos[t - 1] = 0;
+                }
+                let pt = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
+                let (qr, kr) = rope(&q, Some(&k), &pt, &cos, &sin, interleaved).unwrap();
+                let kr = kr.unwrap();
+                assert_eq!((qr.dims(), kr.dims(), qr.dtype()), (q.dims(), k.dims(), dtype));
+                for (name, got, x) in [("q", &qr, &q), ("k", &kr, &k)] {
+                    let want = candle_rope(x, &pt, &cos, &sin, interleaved);
+                    if dtype == DType::F32 {
+                        assert!(flat(got) == flat(&want), "{what} {name}: differs from candle in f32");
+                    }
+                    let e = rel_err(got, &want);
+                    assert!(e <= tol(dtype), "{what} {name}: relative error {e} vs candle");
+                    let naive =
+                        Tensor::from_vec(naive_rope(x, &pos, &cos, &sin, interleaved), x.dims(), &Device::Cpu).unwrap();
+                    let e = rel_err(got, &naive);
+                    assert!(e <= tol(dtype).max(1e-6), "{what} {name}: relative error {e} vs naive");
+                }
+                // Q alone (a CLA consumer) gives the same Q.
+                let (q_only, none) = rope(&q, None, &pt, &cos, &sin, interleaved).unwrap();
+                assert!(none.is_none() && flat(&q_only) == flat(&qr), "{what}: Q alone differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_with_the_model_tables_matches_the_old_rope_path() {
+    // llama3 rope scaling and a head_dim independent of hidden_size.
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/llama_headdim_rope3");
+    let cfg = ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut rng = Rng::new(6);
+    for interleaved in [false, true] {
+        for dtype in [DType::F32, DType::BF16] {
+            let rope_t = Rope::new(&cfg, cfg.max_position_embeddings, interleaved, dtype, &Device::Cpu).unwrap();
+            assert_eq!(rope_t.interleaved(), interleaved);
+            let (cos, sin) = rope_t.tables();
+            let (t, d) = (6, cfg.head_dim);
+            let q = rng
+                .tensor(&[t, cfg.num_attention_heads, d], 1.0, 0.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let k = rng
+                .tensor(&[t, cfg.num_key_value_heads, d], 1.0, 0.0)
+                .to_dtype(dtype)
+                .unwrap();
+            let pos = Tensor::new(&[0u32, 1, 17, 63, 127, 2], &Device::Cpu).unwrap();
+            let (qr, kr) = rope_t.rotate(&q, Some(&k), &pos).unwrap();
+            for (got, x) in [(&qr, &q), (kr.as_ref().unwrap(), &k)] {
+                let e = rel_err(got, &candle_rope(x, &pos, cos, sin, interleaved));
+                assert!(
+                    e <= tol(dtype),
+                    "{dtype:?} interleaved={interleaved}: relative error {e}"
+                );
+            }
+            // A rotation keeps each pair's length (checked in f32).
+            if dtype == DType::F32 {
+                let n = |x: &Tensor| x.sqr().unwrap().sum(D::Minus1).unwrap();
+                assert!(rel_err(&n(&qr), &n(&q)) < 1e-5);
+            }
+        }
+    }
+}
+
+type Rotated = (Tensor, Option<Tensor>);
+
+#[test]
+fn rope_rejects_bad_inputs_with_errors() {
+    let dev = Device::Cpu;
+    let f = |s: &[usize]| Tensor::zeros(s, DType::F32, &dev).unwrap();
+    let (q, k, cos) = (f(&[2, 4, 8]), f(&[2, 2, 8]), f(&[16, 4]));
+    let pos = Tensor::new(&[0u32, 3], &dev).unwrap();
+    let bad: Vec<(&str, candle_core::Result<Rotated>)> = vec![
+        ("q rank", rope(&f(&[2, 32]), None, &pos, &cos, &cos, false)),
+        (
+            "odd head_dim",
+            rope(&f(&[2, 4, 7]), None, &pos, &f(&[16, 3]), &f(&[16, 3]), false),
+        ),
+        ("k head_dim", rope(&q, Some(&f(&[2, 2, 6])), &pos, &cos, &cos, false)),
+        ("k tokens", rope(&q, Some(&f(&[3, 2, 8])), &pos, &cos, &cos, false)),
+        (
+            "k dtype",
+            rope(&q, Some(&k.to_dtype(DType::BF16).unwrap()), &pos, &cos, &cos, false),
+        ),
+        (
+            "q dtype",
+            rope(&q.to_dtype(DType::U32).unwrap(), None, &pos, &cos, &cos, false),
+        ),
+        (
+            "positions dtype",
+            rope(&q, Some(&k), &pos.to_dtype(DType::F32).unwrap(), &cos, &cos, false),
+        ),
+        (
+            "positions length",
+            rope(&q, Some(&k), &Tensor::new(&[0u32], &dev).unwrap(), &cos, &cos, false),
+        ),
+        (
+            "table width",
+            rope(&q, Some(&k), &pos, &f(&[16, 8]), &f(&[16, 8]), false),
+        ),
+        ("table rank", rope(&q, Some(&k), &pos, &f(&[64]), &f(&[64]), false)),
+        (
+            "table dtype",
+            rope(&q, Some(&k), &pos, &cos.to_dtype(DType::F16).unwrap(), &cos, false),
+        ),
+        ("tables differ", rope(&q, Some(&k), &pos, &cos, &f(&[8, 4]), false)),
+        (
+            "position past the tables",
+            rope(&q, Some(&k), &Tensor::new(&[0u32, 16], &dev).unwrap(), &cos, &cos, true),
+        ),
+    ];
+    for (what, r) in bad {
+        let err = r.expect_err(what).to_string();
+        assert!(err.contains("rope"), "{what}: {err}");
+    }
+    // No tokens is fine.
+    let (q0, k0) = rope(
+        &f(&[0, 4, 8]),
+        Some(&f(&[0, 2, 8])),
+        &f(&[0]).to_dtype(DType::U32).unwrap(),
+        &cos,
+        &cos,
+        false,
+    )
+    .unwrap();
+    assert_eq!((q0.dims(), k0.unwrap().dims()), (&[0, 4, 8][..], &[0, 2, 8][..]));
+}
