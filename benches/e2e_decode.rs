@@ -12,9 +12,9 @@
 //! `context + warm-up + steps` tokens, the whole KV cache is filled with random values
 //! (no prefill: a decode step costs the same whatever wrote the cache), then `warm-up`
 //! and `steps` timed decode steps run: `Runner::step` with one new token per sequence
-//! at position `context + i`, then what the engine does with the logits (all f32 rows
-//! to the host with `to_vec2`, one `Sampler` per sequence; greedy unless
-//! `--temperature`). The device is synchronized before the step, after the forward
+//! at position `context + i`, then what the engine does with the logits
+//! (`runner::fetch_logits`: greedy rows take the device's argmax, others are copied
+//! whole; one `Sampler` per sequence; greedy unless `--temperature`). The device is synchronized before the step, after the forward
 //! and after sampling; medians are reported. Roofline: bytes a step must read (every
 //! linear and lm_head, the norms, one embedding row per sequence; K and V of every
 //! layer's slot at the step's context: a CLA consumer reads its producer's slot again)
@@ -36,7 +36,7 @@ use crosskv::config::ModelConfig;
 use crosskv::kv::{KvCache, KvManager};
 use crosskv::model::weights::Weights;
 use crosskv::model::Model;
-use crosskv::runner::{Runner, Sampler, SamplingParams, SeqStep};
+use crosskv::runner::{fetch_logits, Runner, Sampler, SamplingParams, SeqStep};
 use crosskv::units::{format_bytes, parse_size};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -363,9 +363,14 @@ fn decode(c: &Ctx, runner: &Runner, mgr: &KvManager, batch: usize, context: usiz
         let logits = runner.step(mgr, &steps)?;
         c.dev.synchronize()?;
         let t1 = Instant::now();
-        let rows = logits.to_vec2::<f32>()?;
-        for ((tok, sampler), row) in tokens.iter_mut().zip(&mut samplers).zip(&rows) {
-            *tok = sampler.sample(row);
+        // As the engine does: greedy rows take the device's argmax, others come whole.
+        let full: Vec<bool> = samplers.iter().map(|s| !s.is_greedy()).collect();
+        let fetched = fetch_logits(&logits, &full)?;
+        for (i, (tok, sampler)) in tokens.iter_mut().zip(&mut samplers).enumerate() {
+            *tok = match &fetched.rows[i] {
+                Some(row) => sampler.sample(row),
+                None => fetched.argmax[i],
+            };
         }
         let t2 = Instant::now();
         if i >= c.warmup {
@@ -684,7 +689,7 @@ fn main() -> Result<()> {
         "no prefill: the KV cache is filled with random values, so a decode step costs what it would after a prefill"
     );
     println!(
-        "ms/step = forward (Runner::step, device synchronized) + logits→host (to_vec2 of all f32 rows) + sampling, medians; roofline = (weights + K/V that every layer reads, a CLA consumer its producer's slot again) / copy bandwidth; the last column counts each slot's K/V once (what CLA would read if consumers hit in cache)"
+        "ms/step = forward (Runner::step, device synchronized) + logits→host + sampling as the engine does them (greedy rows: the argmax on the device, one u32 a row; other rows copied whole), medians; roofline = (weights + K/V that every layer reads, a CLA consumer its producer's slot again) / copy bandwidth; the last column counts each slot's K/V once (what CLA would read if consumers hit in cache)"
     );
     println!();
     let shapes = Shape::all(t);

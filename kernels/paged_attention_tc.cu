@@ -49,7 +49,7 @@ template <int D, bool SPLIT> struct TcCfg {
   static constexpr int KV_BYTES = STAGES * 2 * TILE_BYTES;
   static constexpr int SMEM = Q_BYTES + KV_BYTES + STAGES * TK * 4;  // + the tiles' cache rows
   // The warps' partial results reuse the K/V stages at the end.
-  static_assert(4 * 16 * D * 4 + 64 * 2 * 4 <= KV_BYTES, "partials must fit the stages");
+  static_assert(4 * 16 * D * 4 + (64 * 2 + 64 + 32) * 4 <= KV_BYTES, "partials must fit the stages");
 };
 
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
@@ -343,36 +343,56 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     }
   }
   __syncthreads();
+  // Split keys: each row's max M over the 4 warps, its sum L, and each warp's weight
+  // 2^(m_w - M), once per row (16 threads) rather than once per element.
+  float* fac = pml + 2 * ROWS;  // [4][16] warp weights, then [16][2] (M, L)
+  float* rml = fac + 64;
+  if (split_keys && tid < 16) {
+    float M = -INFINITY;
+#pragma unroll
+    for (int wp = 0; wp < 4; wp++) M = fmaxf(M, pml[2 * (wp * 16 + tid)]);
+    float L = 0.f;
+#pragma unroll
+    for (int wp = 0; wp < 4; wp++) {
+      const float mw = pml[2 * (wp * 16 + tid)];
+      const float f = mw == -INFINITY ? 0.f : exp2f(mw - M);  // a warp that saw no visible key
+      fac[wp * 16 + tid] = f;
+      L += pml[2 * (wp * 16 + tid) + 1] * f;
+    }
+    rml[2 * tid] = M;
+    rml[2 * tid + 1] = L;
+  }
+  __syncthreads();
 
   const uint64_t base = ((uint64_t)wi * p.kv_heads + kvh) * p.num_parts + part;
-  for (uint32_t i = tid; i < nrows * D; i += NT) {
-    const uint32_t r = i / D, d = i % D;
-    float M, L, O;
+  for (uint32_t i = tid; i < nrows * (D / 4); i += NT) {  // 4 elements of a row each
+    const uint32_t r = i / (D / 4), d = (i % (D / 4)) * 4;
+    float M, L;
+    float4 O;
     if (split_keys) {
-      M = -INFINITY;
-#pragma unroll
-      for (int wp = 0; wp < 4; wp++) M = fmaxf(M, pml[2 * (wp * 16 + r)]);
-      L = 0.f;
-      O = 0.f;
+      M = rml[2 * r];
+      L = rml[2 * r + 1];
+      O = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int wp = 0; wp < 4; wp++) {
-        const float mw = pml[2 * (wp * 16 + r)];
-        if (mw == -INFINITY) continue;  // this warp saw no visible key for the row
-        const float f = exp2f(mw - M);
-        L += pml[2 * (wp * 16 + r) + 1] * f;
-        O += po[(wp * 16 + r) * D + d] * f;
+        const float f = fac[wp * 16 + r];
+        const float4 a = *reinterpret_cast<const float4*>(po + (wp * 16 + r) * D + d);
+        O.x += a.x * f; O.y += a.y * f; O.z += a.z * f; O.w += a.w * f;
       }
     } else {
       M = pml[2 * r];
       L = pml[2 * r + 1];
-      O = po[r * D + d];
+      O = *reinterpret_cast<const float4*>(po + r * D + d);
     }
     if (p.num_parts == 1) {
       const uint64_t tok = q_start + tok0 + r / p.hpc;
       const uint32_t h = head0 + r % p.hpc;
-      out[(tok * p.heads + h) * D + d] = from_f32<T>(O / L);
+      T* dst = out + (tok * p.heads + h) * D + d;
+      const float inv = 1.f / L;
+      dst[0] = from_f32<T>(O.x * inv); dst[1] = from_f32<T>(O.y * inv);
+      dst[2] = from_f32<T>(O.z * inv); dst[3] = from_f32<T>(O.w * inv);
     } else {
-      tmp_acc[base * ROWS * D + i] = O;
+      *reinterpret_cast<float4*>(tmp_acc + base * ROWS * D + r * D + d) = O;
       if (d == 0) {  // the reduction works in natural-log units
         tmp_ml[(base * 2) * ROWS + r] = M == -INFINITY ? -INFINITY : M * 0.6931471805599453f;
         tmp_ml[(base * 2 + 1) * ROWS + r] = L;

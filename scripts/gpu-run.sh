@@ -110,7 +110,7 @@ device() {
   e2e_benches "$out" || brc=1
   set -e
   echo "== summary =="
-  grep -E '^test |^reshape_and_cache|^paged_attention|^tiny CLA|test result' "$out/gpu-tests.log" | tail -n 120 | tee "$out/summary.txt"
+  grep -E '^test |^reshape_and_cache|^paged_attention|^rms_norm|^add_rms_norm|^rope|^argmax|^tiny CLA|test result' "$out/gpu-tests.log" | tail -n 120 | tee "$out/summary.txt"
   grep -E '^(device-to-device|partition size|torch|\|)' "$out/decode-attention.log" "$out/sdpa-decode.log" | tee "$out/bench-summary.txt"
   e2e_summary "$out"
   echo "gpu tests exit status: $rc; benchmarks: $brc"

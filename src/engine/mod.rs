@@ -287,6 +287,14 @@ struct Live {
     prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
 }
 
+impl Live {
+    /// The next token is the argmax and nothing else is read from the row: greedy, no
+    /// log-probs, no min_tokens masking left to do.
+    fn greedy_pick_suffices(&self) -> bool {
+        self.sampler.is_greedy() && self.options.logprobs.is_none() && self.generated.len() >= self.options.min_tokens
+    }
+}
+
 struct Engine {
     runner: Runner,
     scheduler: Scheduler,
@@ -442,10 +450,20 @@ impl Engine {
                 }
             })
             .collect();
+        // Which output rows must come to the host whole: prompt log-probs, and sampling
+        // rows that are not plain greedy picks (temperature, log-probs, min_tokens masking).
+        let mut full = Vec::new();
+        for (s, step) in out.scheduled.iter().zip(&steps) {
+            if step.all_logits {
+                full.extend(std::iter::repeat_n(true, step.tokens.len()));
+                continue;
+            }
+            full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
+        }
         let logits = self
             .runner
             .step(self.scheduler.kv(), &steps)
-            .and_then(|l| l.to_vec2::<f32>());
+            .and_then(|l| crate::runner::fetch_logits(&l, &full));
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
@@ -462,14 +480,16 @@ impl Engine {
         let mut row = 0;
         for (s, step) in out.scheduled.iter().zip(&steps) {
             let rows = if step.all_logits { step.tokens.len() } else { 1 };
-            let my_rows = &logits[row..row + rows];
+            let range = row..row + rows;
             row += rows;
             self.scheduler.computed(s);
             if step.all_logits {
-                self.collect_prompt_logprobs(s, my_rows);
+                let my_rows: Vec<Vec<f32>> = logits.rows[range.clone()].iter().flatten().cloned().collect();
+                self.collect_prompt_logprobs(s, &my_rows);
             }
             if s.samples {
-                self.sample(s.id, my_rows.last().expect("at least one row"));
+                let last = range.end - 1;
+                self.sample(s.id, logits.rows[last].as_deref(), logits.argmax[last]);
             }
         }
     }
@@ -496,28 +516,35 @@ impl Engine {
         }
     }
 
-    fn sample(&mut self, id: RequestId, logits: &[f32]) {
+    /// `logits`: the row, when the request needs more than a greedy pick
+    /// ([`Live::greedy_pick_suffices`]); else `greedy` (the device's argmax) is the token.
+    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, greedy: u32) {
         let Some(l) = self.requests.get_mut(&id) else { return };
         let o = &l.options;
-        let mut masked;
-        let mut scores = logits;
-        // Before min_tokens, EOS and stop tokens cannot be picked.
-        if l.generated.len() < o.min_tokens {
-            masked = logits.to_vec();
-            let eos = if o.ignore_eos {
-                None
-            } else {
-                Some(&self.tokenizer.eos_ids)
-            };
-            for &t in o.stop_token_ids.iter().chain(eos.into_iter().flatten()) {
-                if let Some(x) = masked.get_mut(t as usize) {
-                    *x = f32::NEG_INFINITY;
+        let (token, logprob) = match logits {
+            None => (greedy, None),
+            Some(logits) => {
+                let mut masked;
+                let mut scores = logits;
+                // Before min_tokens, EOS and stop tokens cannot be picked.
+                if l.generated.len() < o.min_tokens {
+                    masked = logits.to_vec();
+                    let eos = if o.ignore_eos {
+                        None
+                    } else {
+                        Some(&self.tokenizer.eos_ids)
+                    };
+                    for &t in o.stop_token_ids.iter().chain(eos.into_iter().flatten()) {
+                        if let Some(x) = masked.get_mut(t as usize) {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                    scores = &masked;
                 }
+                let token = l.sampler.sample(scores);
+                (token, o.logprobs.map(|top| token_logprob(logits, token, top)))
             }
-            scores = &masked;
-        }
-        let token = l.sampler.sample(scores);
-        let logprob = o.logprobs.map(|top| token_logprob(logits, token, top));
+        };
         let now = Instant::now();
         match l.last_token {
             None => self

@@ -6,7 +6,7 @@ use super::rope::Rope;
 use super::weights::{Linear, Weights, WeightsError};
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvLayout};
-use crate::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, SeqSpan};
+use crate::ops::{add_rms_norm, paged_attention_planned, reshape_and_cache, rms_norm, AttentionPlans, SeqSpan};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The model's view of one batched step, built by the runner: flat tokens of all
@@ -261,6 +261,8 @@ impl Model {
         let mut x = self.embed.index_select(&step.input_ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
         let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
+        // Layers reading one slot share its checks and (CUDA) launch plan this step.
+        let plans = AttentionPlans::default();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
@@ -268,7 +270,7 @@ impl Model {
                 reshape_and_cache(cache.k(), &k, &step.cache_rows[a.slot])?;
                 reshape_and_cache(cache.v(), &v, &step.cache_rows[a.slot])?;
             }
-            let o = paged_attention(
+            let o = paged_attention_planned(
                 &q,
                 cache.k(),
                 cache.v(),
@@ -276,6 +278,7 @@ impl Model {
                 &step.block_tables[a.slot],
                 step.max_blocks,
                 scale,
+                Some((&plans, a.slot)),
             )?;
             let t = o.dim(0)?;
             (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;

@@ -309,6 +309,7 @@ fn plan(
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn paged_attention(
+    plans: Option<(&super::AttentionPlans, usize)>,
     seqs: &[SeqSpan],
     block_table: &[u32],
     max_blocks: usize,
@@ -345,19 +346,39 @@ pub(crate) fn paged_attention(
     if tokens == 0 {
         return Ok((shape_storage(&dev, q.dtype(), 0)?, shape));
     }
-    let mut pr = prepare(
-        &dev,
-        seqs,
-        block_table,
-        max_blocks,
-        scale,
-        tokens,
-        heads,
-        kv_heads,
-        d,
-        block_size,
-        q.dtype(),
-    )?;
+    let fresh = || {
+        prepare(
+            &dev,
+            seqs,
+            block_table,
+            max_blocks,
+            scale,
+            tokens,
+            heads,
+            kv_heads,
+            d,
+            block_size,
+            q.dtype(),
+        )
+    };
+    // The step's plan for this slot, made by its first layer (the same shapes follow:
+    // one model); without a memo, a plan for this call only.
+    let mut own;
+    let mut memo;
+    let pr: &mut Prepared = match plans {
+        Some((p, slot)) => {
+            memo = p.cuda.lock().expect("attention plans");
+            let key = (tokens, heads, kv_heads, d, q.dtype());
+            if memo.get(&slot).is_none_or(|pr| pr.key != key) {
+                memo.insert(slot, fresh()?);
+            }
+            memo.get_mut(&slot).expect("inserted above")
+        }
+        None => {
+            own = fresh()?;
+            &mut own
+        }
+    };
     macro_rules! go {
         ($t:ty) => {{
             let qv = q.as_cuda_slice::<$t>()?.slice(q0..q1);
@@ -367,7 +388,7 @@ pub(crate) fn paged_attention(
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            launch(&dev, &mut pr, &mut out, &qv, &kv, &vv)?;
+            launch(&dev, pr, &mut out, &qv, &kv, &vv)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -384,7 +405,9 @@ type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 
 /// Everything a paged-attention launch needs besides q, the caches and the output: the
 /// plan and its device copies, the partition scratch and the kernels.
-struct Prepared {
+pub(crate) struct Prepared {
+    /// (tokens, heads, kv_heads, head_dim, dtype) it was made for.
+    key: (usize, usize, usize, usize, DType),
     params: Params,
     num_work: usize,
     num_small: usize,
@@ -453,6 +476,7 @@ fn prepare(
         dev.alloc_zeros::<u32>(1)?
     };
     Ok(Prepared {
+        key: (tokens, heads, kv_heads, d, dtype),
         params,
         num_work,
         num_small: p.num_small,

@@ -2,6 +2,7 @@
 //! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` and `cuda_fused.rs` launch
 //! `kernels/*.cu`) must match.
 
+pub mod argmax;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
@@ -13,7 +14,8 @@ pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
 
-pub use paged_attention::{paged_attention, SeqSpan};
+pub use argmax::argmax_rows;
+pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};

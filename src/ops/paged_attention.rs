@@ -21,7 +21,22 @@ pub struct SeqSpan {
     pub ctx_len: u32,
 }
 
+/// A per-step memo for paged attention: every layer that reads one KV slot in one step
+/// sees the same spans and block table, so the slot's checks run once, and on CUDA its
+/// launch plan and the device copies of spans, work list and table are made once (20
+/// layers × three host-to-device copies a step otherwise). Make one per step
+/// (`Model::forward` does) and never reuse it with other spans or tables.
+#[derive(Default)]
+pub struct AttentionPlans {
+    checked: std::sync::Mutex<std::collections::HashSet<usize>>,
+    #[cfg(feature = "cuda")]
+    pub(crate) cuda: std::sync::Mutex<std::collections::HashMap<usize, super::cuda::Prepared>>,
+}
+
 struct PagedAttention<'a> {
+    /// The step's memo and the slot these tables belong to (read by the CUDA path).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    plans: Option<(&'a AttentionPlans, usize)>,
     seqs: &'a [SeqSpan],
     /// `[num_seqs, max_blocks]`, row-major.
     block_table: &'a [u32],
@@ -176,6 +191,7 @@ impl CustomOp3 for PagedAttention<'_> {
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::paged_attention(
+            self.plans,
             self.seqs,
             self.block_table,
             self.max_blocks,
@@ -233,6 +249,21 @@ pub fn paged_attention(
     max_blocks: usize,
     scale: f32,
 ) -> Result<Tensor> {
+    paged_attention_planned(q, k_cache, v_cache, seqs, block_table, max_blocks, scale, None)
+}
+
+/// [`paged_attention`] with the step's memo: `plans` and the KV slot `block_table` is of.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_planned(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    scale: f32,
+    plans: Option<(&AttentionPlans, usize)>,
+) -> Result<Tensor> {
     if block_table.len() != seqs.len() * max_blocks {
         candle_core::bail!(
             "paged_attention: block table has {} entries, want {} × {max_blocks}",
@@ -242,8 +273,15 @@ pub fn paged_attention(
     }
     let (tokens, _, _) = q.dims3()?;
     let (num_blocks, block_size, _, _) = k_cache.dims4()?;
-    check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
+    let checked = plans.is_some_and(|(p, slot)| p.checked.lock().expect("plans").contains(&slot));
+    if !checked {
+        check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
+        if let Some((p, slot)) = plans {
+            p.checked.lock().expect("plans").insert(slot);
+        }
+    }
     let op = PagedAttention {
+        plans,
         seqs,
         block_table,
         max_blocks,

@@ -5,7 +5,7 @@ pub mod generate;
 pub mod sampler;
 
 pub use generate::{generate, GenerateOptions, GenerateStats};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{fetch_logits, Sampler, SamplingParams, StepLogits};
 
 use crate::kv::{KvCache, KvError, KvManager, SeqId};
 use crate::model::{Model, StepInput};

@@ -39,9 +39,14 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// Greedy: the pick is the argmax, which the device can take without the row.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 1e-5 || self.params.top_k == 1
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        if p.temperature <= 1e-5 || p.top_k == 1 {
+        if self.is_greedy() {
             return argmax(logits);
         }
         let mut cands: Vec<(u32, f32)> = logits
@@ -86,11 +91,46 @@ impl Sampler {
     }
 }
 
+/// A step's logits brought to the host as far as the samplers need them: every row's
+/// argmax is taken where the logits are (one u32 a row), and only the rows marked `full`
+/// are copied whole: at batch 256 with a 50k vocabulary all rows would be 51 MB of f32
+/// a step, most of it for greedy rows that need one index.
+pub struct StepLogits {
+    pub argmax: Vec<u32>,
+    /// `Some` for the rows asked for in full.
+    pub rows: Vec<Option<Vec<f32>>>,
+}
+
+pub fn fetch_logits(logits: &candle_core::Tensor, full: &[bool]) -> candle_core::Result<StepLogits> {
+    use candle_core::Tensor;
+    let n = logits.dim(0)?;
+    if full.len() != n {
+        candle_core::bail!("fetch_logits: {} row flags for {n} rows", full.len());
+    }
+    let argmax = crate::ops::argmax_rows(logits)?.to_vec1::<u32>()?;
+    let want: Vec<u32> = (0..n as u32).filter(|&i| full[i as usize]).collect();
+    let mut rows = vec![None; n];
+    if !want.is_empty() {
+        let picked = if want.len() == n {
+            logits.to_vec2::<f32>()?
+        } else {
+            let idx = Tensor::new(want.as_slice(), logits.device())?;
+            logits.index_select(&idx, 0)?.to_vec2::<f32>()?
+        };
+        for (i, r) in want.into_iter().zip(picked) {
+            rows[i as usize] = Some(r);
+        }
+    }
+    Ok(StepLogits { argmax, rows })
+}
+
+/// The first largest value's index; NaN never wins, and a row with nothing above -inf
+/// gives 0 (`ops::argmax_rows` does the same on the device).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
+    let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        if l > best_v {
+            (best, best_v) = (i, l);
         }
     }
     best as u32
@@ -98,6 +138,26 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn argmax_takes_the_first_max_and_never_nan() {
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, 0.5, 2.0, f32::NAN]), 2);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
+        assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), 1);
+    }
+
+    #[test]
+    fn fetch_logits_copies_only_the_rows_asked_for() {
+        let dev = candle_core::Device::Cpu;
+        let t = candle_core::Tensor::new(&[[0f32, 2.0, 1.0], [5.0, f32::NAN, 4.0], [-1.0, -2.0, -0.5]], &dev).unwrap();
+        let f = fetch_logits(&t, &[false, true, false]).unwrap();
+        assert_eq!(f.argmax, vec![1, 0, 2]);
+        assert!(f.rows[0].is_none() && f.rows[2].is_none());
+        assert_eq!(f.rows[1].as_ref().unwrap()[2], 4.0);
+        assert!(fetch_logits(&t, &[true]).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -1,0 +1,40 @@
+//! `argmax_rows`: each row's argmax of f32 logits `[rows, vocab]` → u32 `[rows]`, the
+//! first maximum on ties, NaN never picked (an all-NaN row gives 0): exactly the CPU
+//! sampler's greedy pick ([`crate::runner::sampler::argmax`]), and always a valid
+//! token id. On CUDA it spares the copy of whole rows to the host for greedy decoding.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+struct ArgmaxRows;
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "argmax_rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, cols) = l.shape().dims2()?;
+        let x = match s {
+            CpuStorage::F32(v) => super::contiguous(v, l, self.name(), "logits")?,
+            _ => candle_core::bail!("argmax_rows: logits must be f32"),
+        };
+        let out: Vec<u32> = (0..rows)
+            .map(|r| crate::runner::sampler::argmax(&x[r * cols..(r + 1) * cols]))
+            .collect();
+        Ok((CpuStorage::U32(out), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::argmax_rows(s, l)
+    }
+}
+
+/// `logits`: f32 `[rows, vocab]` → u32 `[rows]`.
+pub fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
+    let (_, cols) = logits.dims2()?;
+    if cols == 0 {
+        candle_core::bail!("argmax_rows: rows are empty");
+    }
+    logits.contiguous()?.apply_op1_no_bwd(&ArgmaxRows)
+}
