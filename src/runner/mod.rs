@@ -126,8 +126,12 @@ impl Runner {
     /// per token for steps with `all_logits`, in step order.
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
         let input = self.step_input(mgr, steps)?;
-        // The whole forward runs on a rayon worker, so each op's parallel region starts
-        // without handing off to another thread.
+        if self.model.device().is_cuda() {
+            // The GPU does the work: stay on the calling thread, which owns the CUDA context.
+            return self.model.forward(&input, &self.cache);
+        }
+        // On the CPU the whole forward runs on a rayon worker, so each op's parallel
+        // region starts without handing off to another thread.
         crate::ops::parallel::in_pool(|| self.model.forward(&input, &self.cache))
     }
 }
