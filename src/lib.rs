@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod runner;
+pub mod train;
 pub mod units;

@@ -26,6 +26,7 @@ fn main() {
         Command::Capacity(a) => cli::capacity(a),
         Command::Convert(a) => cli::convert(a),
         Command::Bench(a) => cli::bench(a),
+        Command::Eval(a) => cli::eval(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -217,3 +217,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 pub fn dense_logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
     rows(&model.forward_dense(tokens).unwrap())
 }
+
+/// A tiny random llama (2 layers, vocab 49152) with the default model's real tokenizer,
+/// as a HF directory.
+pub fn tiny_with_default_tokenizer() -> Checkpoint {
+    use candle_core::quantized::gguf_file;
+    use crosskv::model::{resolve_source, ModelSource, Tok};
+    let ckpt = Tiny::new(2, 4, 2, 8, 32, 49152).seed(7).write();
+    let ModelSource::Gguf(path) = resolve_source(None).unwrap() else {
+        panic!("default model is a GGUF")
+    };
+    let content = gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
+    let tok = Tok::from_gguf(&content).unwrap();
+    tok.inner().save(ckpt.path().join("tokenizer.json"), false).unwrap();
+    ckpt
+}

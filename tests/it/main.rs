@@ -7,6 +7,7 @@ mod dashboard;
 mod default_model;
 mod dtypes;
 mod engine;
+mod eval;
 mod fused_ops;
 mod gguf;
 mod golden;

@@ -1,24 +1,13 @@
 //! The `crosskv serve` binary itself: it binds, answers /health 503 then 200 once the
 //! model is loaded, serves a completion, and on SIGTERM stops cleanly with exit 0.
 
-use crate::common::Tiny;
-use candle_core::quantized::gguf_file;
-use crosskv::model::{resolve_source, ModelSource, Tok};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A tiny random llama with the default model's real tokenizer, as a HF directory.
 fn tiny_model_dir() -> crate::common::Checkpoint {
-    let ckpt = Tiny::new(2, 4, 2, 8, 32, 49152).seed(7).write();
-    let ModelSource::Gguf(path) = resolve_source(None).unwrap() else {
-        panic!("default model is a GGUF")
-    };
-    let content = gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
-    let tok = Tok::from_gguf(&content).unwrap();
-    tok.inner().save(ckpt.path().join("tokenizer.json"), false).unwrap();
-    ckpt
+    crate::common::tiny_with_default_tokenizer()
 }
 
 /// A plain HTTP/1.1 request; returns (status, body).

@@ -1,0 +1,8 @@
+//! The training path (issue 5, DESIGN.md §7): text corpora packed into token windows,
+//! and held-out perplexity. Training and fine-tuning build on these.
+
+pub mod data;
+pub mod eval;
+
+pub use data::{pack_windows, Corpus};
+pub use eval::{perplexity, Perplexity};
