@@ -320,7 +320,9 @@ impl Model {
             let (k, v) = (expand(&k)?, expand(&v)?);
             let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
             let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (a.head_dim as f64).sqrt())?;
-            let p = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+            // The differentiable softmax (candle's fused softmax_last_dim has no backward):
+            // this path is the training path's forward too.
+            let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
             let o = p
                 .matmul(&v)?
                 .transpose(0, 1)?

@@ -142,6 +142,31 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rms_norm(x, xl, None, w, wl, self.eps)
     }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = rms_norm_grads(x, w, g, self.eps)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// Gradients of `y = x / sqrt(mean(x²) + eps) * w` given dL/dy = `g`, in f32 with candle
+/// ops (so on any device), returned in x's and w's dtypes:
+/// dx = r·(g∘w) − x·r³·mean((g∘w)∘x), dw = Σ_rows g∘x·r, with r = 1/sqrt(mean(x²) + eps).
+fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    use candle_core::D;
+    let hidden = w.elem_count();
+    let x32 = x.to_dtype(DType::F32)?.reshape(((), hidden))?;
+    let g32 = g.to_dtype(DType::F32)?.reshape(((), hidden))?;
+    let w32 = w.to_dtype(DType::F32)?;
+    let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
+    let gw = g32.broadcast_mul(&w32)?;
+    let dot = (&gw * &x32)?.mean_keepdim(D::Minus1)?;
+    let dx = (gw.broadcast_mul(&r)? - x32.broadcast_mul(&(r.powf(3.0)? * dot)?)?)?;
+    let dw = (g32 * x32.broadcast_mul(&r)?)?.sum(0)?;
+    Ok((
+        dx.reshape(x.shape())?.to_dtype(x.dtype())?,
+        dw.reshape(w.shape())?.to_dtype(w.dtype())?,
+    ))
 }
 
 struct AddRmsNorm {
@@ -183,6 +208,21 @@ impl CustomOp3 for AddRmsNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
     }
+
+    /// Both outputs carry gradient: s = x + r feeds the residual stream and the norm.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        r: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = (x + r)?;
+        let (dn, dw) = rms_norm_grads(&s, w, &g.get(1)?, self.eps)?;
+        let ds = (g.get(0)? + dn)?;
+        Ok((Some(ds.clone()), Some(ds), Some(dw)))
+    }
 }
 
 /// `[2, ..x]`: the shape of `add_rms_norm`'s one output (the sum, then the normed rows).
@@ -195,7 +235,7 @@ pub(crate) fn stacked(xl: &Layout) -> Shape {
 /// RMSNorm of `x` (`[.., hidden]`) with weight `w` (`[hidden]`, x's dtype).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     check(x, None, w)?;
-    x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &RmsNorm { eps })
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
 /// `(s, rms_norm(s, w, eps))` with `s = x + residual` (in x's dtype), in one pass. Both
@@ -204,6 +244,6 @@ pub fn add_rms_norm(x: &Tensor, residual: &Tensor, w: &Tensor, eps: f32) -> Resu
     check(x, Some(residual), w)?;
     let out = x
         .contiguous()?
-        .apply_op3_no_bwd(&residual.contiguous()?, &w.contiguous()?, &AddRmsNorm { eps })?;
+        .apply_op3(&residual.contiguous()?, &w.contiguous()?, AddRmsNorm { eps })?;
     Ok((out.get(0)?, out.get(1)?))
 }

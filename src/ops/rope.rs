@@ -131,6 +131,14 @@ impl CustomOp2 for RopeOp {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rope(self, (q, ql), None, (pos, pl))
     }
+
+    fn bwd(&self, q: &Tensor, pos: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let gq = g.reshape(q.shape())?.contiguous()?;
+        Ok((
+            Some(gq.apply_op2_no_bwd(pos, &self.inverse()?)?.reshape(q.shape())?),
+            None,
+        ))
+    }
 }
 
 /// Q and K.
@@ -162,6 +170,36 @@ impl CustomOp3 for RopeOp {
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        pos: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let nq = q.elem_count();
+        let gq = g.narrow(0, 0, nq)?.reshape(q.shape())?.contiguous()?;
+        let gk = g.narrow(0, nq, k.elem_count())?.reshape(k.shape())?.contiguous()?;
+        let back = gq.apply_op3_no_bwd(&gk, pos, &self.inverse()?)?;
+        Ok((
+            Some(back.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(back.narrow(0, nq, k.elem_count())?.reshape(k.shape())?),
+            None,
+        ))
+    }
+}
+
+impl RopeOp {
+    /// The rotation is orthogonal: its gradient is the rotation by the opposite angles.
+    fn inverse(&self) -> Result<RopeOp> {
+        Ok(RopeOp {
+            cos: self.cos.clone(),
+            sin: self.sin.neg()?,
+            interleaved: self.interleaved,
+        })
     }
 }
 
@@ -242,8 +280,8 @@ pub fn rope(
     };
     let q = q.contiguous()?;
     let out = match k {
-        Some(k) => q.apply_op3_no_bwd(&k.contiguous()?, &positions.contiguous()?, &op)?,
-        None => q.apply_op2_no_bwd(&positions.contiguous()?, &op)?,
+        Some(k) => q.apply_op3(&k.contiguous()?, &positions.contiguous()?, op)?,
+        None => q.apply_op2(&positions.contiguous()?, op)?,
     };
     let nq = t * heads * d;
     let qr = out.narrow(0, 0, nq)?.reshape((t, heads, d))?;

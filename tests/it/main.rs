@@ -11,6 +11,7 @@ mod eval;
 mod fused_ops;
 mod gguf;
 mod golden;
+mod gradients;
 mod grpc;
 mod http;
 mod kv;
