@@ -9,13 +9,33 @@ use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-const TOKENIZER_FILES: [&str; 5] = [
+pub const TOKENIZER_FILES: [&str; 5] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "generation_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
 ];
+
+/// Every tensor a HF checkpoint of `m` holds, by name (a tied lm_head is not repeated):
+/// what `convert` writes, and what training starts from.
+pub fn checkpoint_tensors(m: &crate::model::Model) -> anyhow::Result<HashMap<String, Tensor>> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in m.named_tensors() {
+        tensors.insert(name, t.clone());
+    }
+    let tied = m.config().tie_word_embeddings;
+    for (name, lin) in m.named_linears() {
+        if name == "lm_head" && tied {
+            continue;
+        }
+        tensors.insert(format!("{name}.weight"), lin.dense_weight()?);
+        if let Some(b) = lin.bias() {
+            tensors.insert(format!("{name}.bias"), b.clone());
+        }
+    }
+    Ok(tensors)
+}
 
 /// Returns (tensors written, layers, kv_layers).
 pub fn convert(source: ModelSource, sharing: &KvSharing, out: &Path) -> anyhow::Result<(usize, usize, usize)> {
@@ -39,20 +59,7 @@ pub fn convert(source: ModelSource, sharing: &KvSharing, out: &Path) -> anyhow::
     };
     // The model only: a checkpoint without tokenizer files converts too (they are copied when present).
     let m = &model::load_model_dir(dir, &opts)?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (name, t) in m.named_tensors() {
-        tensors.insert(name, t.clone());
-    }
-    let tied = m.config().tie_word_embeddings;
-    for (name, lin) in m.named_linears() {
-        if name == "lm_head" && tied {
-            continue;
-        }
-        tensors.insert(format!("{name}.weight"), lin.dense_weight()?);
-        if let Some(b) = lin.bias() {
-            tensors.insert(format!("{name}.bias"), b.clone());
-        }
-    }
+    let tensors = checkpoint_tensors(m)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     candle_core::safetensors::save(&tensors, out.join("model.safetensors")).context("writing model.safetensors")?;
     let config = m.config().to_json_with_kv_source();

@@ -27,6 +27,8 @@ fn main() {
         Command::Convert(a) => cli::convert(a),
         Command::Bench(a) => cli::bench(a),
         Command::Eval(a) => cli::eval(a),
+        Command::Train(a) => cli::train(a),
+        Command::Finetune(a) => cli::finetune(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -3,6 +3,8 @@
 
 pub mod data;
 pub mod eval;
+pub mod trainer;
 
 pub use data::{pack_windows, Corpus};
 pub use eval::{perplexity, Perplexity};
+pub use trainer::{lr_at, train, StepLog, TrainOptions, Trainable};

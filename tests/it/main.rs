@@ -21,3 +21,4 @@ mod scheduler;
 mod serve_binary;
 mod sources;
 mod tokenizer;
+mod training;
