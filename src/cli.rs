@@ -100,21 +100,26 @@ pub struct ModelArgs {
     pub dequantize: bool,
 }
 
+/// `--device cpu | cuda[:N]`.
+fn parse_device(d: &str) -> anyhow::Result<Device> {
+    match d {
+        "cpu" => Ok(Device::Cpu),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            let n = match d.strip_prefix("cuda:") {
+                None => 0,
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N"))?,
+            };
+            cuda_device(d, n)
+        }
+        d => bail!("--device {d}: expected cpu or cuda[:N]"),
+    }
+}
+
 impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            d if d == "cuda" || d.starts_with("cuda:") => {
-                let n = match d.strip_prefix("cuda:") {
-                    None => 0,
-                    Some(n) => n
-                        .parse::<usize>()
-                        .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N"))?,
-                };
-                cuda_device(d, n)
-            }
-            d => bail!("--device {d}: expected cpu or cuda[:N]"),
-        }
+        parse_device(&self.device)
     }
     pub fn load(&self) -> anyhow::Result<model::LoadedModel> {
         let source = model::resolve_source(self.model.as_deref())?;
@@ -667,29 +672,18 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         ),
     };
     let tok = model::Tok::from_dir(&tok_dir, &cfg.eos_token_ids)?;
-    let device = device_named(&args.train.device)?;
+    let device = parse_device(&args.train.device)?;
     let t = crate::train::Trainable::random(&cfg, &device, args.train.seed)?;
     run_training(t, &tok, &tok_dir, &args.train)
 }
 
 /// `crosskv finetune`: `--model` (re-shared first with the sharing flags), trained on `--data`.
 pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
-    let device = device_named(&args.train.device)?;
+    let device = parse_device(&args.train.device)?;
     let cfg = ModelConfig::from_file(&args.model.join("config.json"))?;
     let tok = model::Tok::from_dir(&args.model, &cfg.eos_token_ids)?;
     let t = crate::train::Trainable::from_dir(&args.model, args.sharing.sharing()?, &device)?;
     run_training(t, &tok, &args.model, &args.train)
-}
-
-fn device_named(d: &str) -> anyhow::Result<Device> {
-    ModelArgs {
-        model: None,
-        device: d.to_string(),
-        dtype: None,
-        sharing: SharingArgs::default(),
-        dequantize: false,
-    }
-    .device()
 }
 
 fn run_training(

@@ -2,7 +2,7 @@
 //! windows, each window one causal forward of the serving model from position 0.
 
 use crate::model::Model;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Perplexity {
@@ -13,18 +13,22 @@ pub struct Perplexity {
     pub nll: f64,
 }
 
-/// Negative log-likelihood summed over the targets of one window (`window[1..]` given
-/// `window[..n-1]`), in f64.
-pub fn window_nll(model: &Model, window: &[u32]) -> Result<f64> {
+/// Mean next-token cross-entropy of one window (`window[1..]` given `window[..n-1]`):
+/// a scalar tensor that training differentiates and eval reads.
+pub fn window_loss(model: &Model, window: &[u32]) -> Result<Tensor> {
     let n = window.len();
     if n < 2 {
         candle_core::bail!("a window needs at least 2 tokens");
     }
     let logits = model.forward_dense(&window[..n - 1])?.to_dtype(DType::F32)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::new(&window[1..], logp.device())?.unsqueeze(1)?;
-    let picked = logp.gather(&targets, 1)?.to_dtype(DType::F64)?;
-    Ok(-picked.sum_all()?.to_scalar::<f64>()?)
+    let targets = Tensor::new(&window[1..], logits.device())?;
+    candle_nn::loss::cross_entropy(&logits, &targets)
+}
+
+/// Negative log-likelihood summed over the targets of one window, in f64.
+pub fn window_nll(model: &Model, window: &[u32]) -> Result<f64> {
+    let mean = window_loss(model, window)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(mean * (window.len() - 1) as f64)
 }
 
 /// Perplexity of `model` over `windows` (see `data::pack_windows`); `progress` is called

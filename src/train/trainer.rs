@@ -116,10 +116,7 @@ pub struct StepLog {
 fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor> {
     let mut total: Option<Tensor> = None;
     for w in batch {
-        let n = w.len();
-        let logits = model.forward_dense(&w[..n - 1])?;
-        let targets = Tensor::new(&w[1..], logits.device())?;
-        let l = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        let l = super::eval::window_loss(model, w)?;
         total = Some(match total {
             None => l,
             Some(t) => (t + l)?,

@@ -6,16 +6,9 @@ use crosskv::config::KvSharing;
 use crosskv::model::{self, LoadOptions};
 use serde_json::{json, Value};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn crosskv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_crosskv"))
-        .args(args)
-        .env("CROSSKV_LOG", "warn")
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("the crosskv binary runs")
-}
+use crate::common::crosskv;
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -232,3 +232,13 @@ pub fn tiny_with_default_tokenizer() -> Checkpoint {
     tok.inner().save(ckpt.path().join("tokenizer.json"), false).unwrap();
     ckpt
 }
+
+/// Runs the `crosskv` binary (offline, warnings only) to completion.
+pub fn crosskv(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_crosskv"))
+        .args(args)
+        .env("CROSSKV_LOG", "warn")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the crosskv binary runs")
+}

@@ -1,16 +1,11 @@
 //! `crosskv eval`: perplexity over packed windows, checked against an independent
 //! computation, and bad inputs that fail cleanly.
 
-use crate::common::tiny_with_default_tokenizer;
+use crate::common::{crosskv, tiny_with_default_tokenizer};
 use crosskv::model::{load, LoadOptions, ModelSource};
-use std::process::Command;
 
 const TEXT: &str = "It was the best of times, it was the worst of times, it was the age of wisdom, \\
 it was the age of foolishness, it was the epoch of belief, it was the epoch of incredulity.";
-
-fn crosskv(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_crosskv")).args(args).output().unwrap()
-}
 
 #[test]
 fn eval_perplexity_matches_an_independent_computation() {

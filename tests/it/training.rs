@@ -1,13 +1,8 @@
 //! `crosskv train` / `finetune`: a tiny CLA2 model learns (held-out perplexity falls),
 //! the output loads for eval, the per-step log is complete, bad flags fail cleanly.
 
-use crate::common::{tiny_with_default_tokenizer, Tiny};
+use crate::common::{crosskv, tiny_with_default_tokenizer, Tiny};
 use serde_json::{json, Value};
-use std::process::Command;
-
-fn crosskv(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_crosskv")).args(args).output().unwrap()
-}
 
 /// A small, very repetitive corpus: a model learns it in a few dozen steps.
 fn corpus(dir: &std::path::Path) -> String {
