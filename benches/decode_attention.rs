@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     use crosskv::ops::SeqSpan;
 
     const ITERS: usize = 30;
-    let dev = Device::new_cuda(0)?;
+    let dev = crosskv::ops::cuda::device(0)?;
     let median = |mut v: Vec<f32>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2] as f64

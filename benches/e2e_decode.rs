@@ -197,17 +197,6 @@ struct Ctx {
     copy_gbs: f64,
 }
 
-fn parse_device(s: &str) -> Result<Device> {
-    Ok(match s {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0)?,
-        d => match d.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::new_cuda(n)?,
-            None => bail!("--device {d}: expected cpu or cuda[:N]"),
-        },
-    })
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -640,7 +629,7 @@ fn capacity(c: &Ctx, pairs: &[(Shape, Shape, u64)], contexts: &[usize]) -> Resul
 fn main() -> Result<()> {
     let a = Args::parse();
     let default_device = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
-    let dev = parse_device(a.device.as_deref().unwrap_or(default_device))?;
+    let dev = crosskv::cli::parse_device(a.device.as_deref().unwrap_or(default_device))?;
     let dtype = a
         .dtype
         .map(DtypeArg::dtype)

@@ -101,7 +101,7 @@ pub struct ModelArgs {
 }
 
 /// `--device cpu | cuda[:N]`.
-fn parse_device(d: &str) -> anyhow::Result<Device> {
+pub fn parse_device(d: &str) -> anyhow::Result<Device> {
     match d {
         "cpu" => Ok(Device::Cpu),
         d if d == "cuda" || d.starts_with("cuda:") => {
@@ -135,7 +135,7 @@ impl ModelArgs {
 
 #[cfg(feature = "cuda")]
 fn cuda_device(d: &str, n: usize) -> anyhow::Result<Device> {
-    Device::new_cuda(n).with_context(|| format!("--device {d}"))
+    crate::ops::cuda::device(n).with_context(|| format!("--device {d}"))
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -400,6 +400,18 @@ pub(crate) fn paged_attention(
     Ok((out, shape))
 }
 
+/// The CUDA device every crosskv path uses: candle's device on a stream of its own.
+///
+/// `Device::new_cuda` binds candle to the *per-thread* default stream, so work issued
+/// from two threads (weights and KV cache made on the loading thread, the forward on
+/// the engine thread, a tensor dropped on a third) lands on different streams that
+/// nothing orders: a buffer could be freed on one stream while a kernel on another
+/// still read it (the illegal-address crash of long batched runs). One explicit stream
+/// shared by all threads keeps every launch, copy and free in one order.
+pub fn device(ordinal: usize) -> Result<candle_core::Device> {
+    candle_core::Device::new_cuda_with_stream(ordinal)
+}
+
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 

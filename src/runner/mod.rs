@@ -127,7 +127,8 @@ impl Runner {
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
         let input = self.step_input(mgr, steps)?;
         if self.model.device().is_cuda() {
-            // The GPU does the work: stay on the calling thread, which owns the CUDA context.
+            // The GPU does the work; the calling thread only queues launches on the device's
+            // one stream (`ops::cuda::device`).
             return self.model.forward(&input, &self.cache);
         }
         // On the CPU the whole forward runs on a rayon worker, so each op's parallel
