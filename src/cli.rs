@@ -98,6 +98,10 @@ pub struct ModelArgs {
     /// GGUF: dequantize weights to dense f32 at load (exact f32 arithmetic; more memory).
     #[arg(long)]
     pub dequantize: bool,
+    /// Tensor parallelism: spread the model over N GPUs (--device cuda:K uses K..K+N-1,
+    /// NCCL between them; build with --features nccl), or N threads on the CPU.
+    #[arg(long, alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
 }
 
 /// `--device cpu | cuda[:N]`.
@@ -123,11 +127,15 @@ impl ModelArgs {
     }
     pub fn load(&self) -> anyhow::Result<model::LoadedModel> {
         let source = model::resolve_source(self.model.as_deref())?;
+        if self.tensor_parallel_size == 0 {
+            bail!("--tensor-parallel-size 0: expected at least 1");
+        }
         let opts = LoadOptions {
             dtype: self.dtype.map(DtypeArg::dtype),
             device: self.device()?,
             sharing: self.sharing.sharing()?,
             dequantize: self.dequantize,
+            tensor_parallel_size: self.tensor_parallel_size,
         };
         Ok(model::load(source, &opts)?)
     }
@@ -235,6 +243,10 @@ pub struct CapacityArgs {
     /// KV cache budget, e.g. 4GiB.
     #[arg(long, default_value = "4GiB", value_parser = parse_size)]
     pub kv_cache_memory: u64,
+    /// Per GPU of N tensor-parallel ranks: each holds its share of the KV heads (an MQA
+    /// head is replicated), so the same budget per GPU holds more tokens.
+    #[arg(long, alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
     /// Sequence length for max concurrency (default: the model's context length).
     #[arg(long)]
     pub seq_len: Option<usize>,
@@ -382,7 +394,8 @@ fn runner_for(
 ) -> anyhow::Result<(Runner, KvManager, model::Tok)> {
     let layout = loaded.model.layout().clone();
     let num_blocks = tokens.div_ceil(block_size) * layout.kv_layers();
-    let runner = Runner::new(loaded.model, num_blocks, block_size)?;
+    let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
+    let runner = Runner::tensor_parallel(ranks, num_blocks, block_size)?;
     Ok((runner, KvManager::new(layout, num_blocks, block_size), loaded.tokenizer))
 }
 
@@ -474,12 +487,14 @@ pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, Capa
     if seq_len == 0 {
         bail!("--seq-len must be at least 1");
     }
-    let layout = KvLayout::new(
-        cfg.kv_source.clone(),
-        cfg.num_key_value_heads,
-        cfg.head_dim,
-        dtype_bytes,
-    );
+    let shard = crate::tp::Shard {
+        rank: 0,
+        world: args.tensor_parallel_size,
+    };
+    let split = shard
+        .split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+        .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {}: {e}", args.tensor_parallel_size))?;
+    let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, dtype_bytes);
     let report = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
     Ok((cfg, report))
 }
@@ -615,6 +630,9 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     use crate::train::{pack_windows, perplexity, Corpus};
     if args.max_windows == Some(0) {
         bail!("--max-windows must be at least 1");
+    }
+    if args.model.tensor_parallel_size > 1 {
+        bail!("--tensor-parallel-size: `crosskv eval` runs on one device (give 1)");
     }
     let loaded = args.model.load()?;
     let max = loaded.model.max_positions();
@@ -836,7 +854,9 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
         (Some(b), _) => b,
         (None, Some(t)) => layout.bytes_for_tokens(t, args.block_size),
         (None, None) if loaded.model.device().is_cuda() => gpu_kv_budget(
-            &loaded.model,
+            &std::iter::once(loaded.model.clone())
+                .chain(loaded.peers.iter().cloned())
+                .collect::<Vec<_>>(),
             args.gpu_memory_utilization.unwrap_or(0.9),
             args.block_size,
             args.max_num_batched_tokens
@@ -853,15 +873,21 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
         max_queued_requests: args.max_queued_requests,
         prefix_caching: !args.no_prefix_caching,
     };
-    Ok(EngineHandle::start(loaded.model, loaded.tokenizer, config)?)
+    let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
+    Ok(EngineHandle::start_ranks(ranks, loaded.tokenizer, config)?)
 }
 
 /// The KV budget on a GPU, as vLLM sizes it: `fraction` × total device memory, less
 /// what is in use after loading the weights and the activation peak of one forward of
 /// `tokens` tokens (one dummy prefill run with a scratch cache).
 #[cfg(feature = "cuda")]
-fn gpu_kv_budget(model: &crate::model::Model, fraction: f64, block_size: usize, tokens: usize) -> anyhow::Result<u64> {
-    let p = crate::ops::cuda::profile_forward_peak(model, block_size, tokens)?;
+fn gpu_kv_budget(
+    ranks: &[crate::model::Model],
+    fraction: f64,
+    block_size: usize,
+    tokens: usize,
+) -> anyhow::Result<u64> {
+    let p = crate::ops::cuda::profile_forward_peak_ranks(ranks, block_size, tokens)?;
     let budget = (fraction * p.total as f64) as i128 - p.in_use_after_load as i128 - p.activation_peak as i128;
     tracing::info!(
         "GPU memory: total {}, in use after loading {}, forward peak for {tokens} tokens {} ({}); KV budget at {fraction}: {}",
@@ -883,7 +909,7 @@ fn gpu_kv_budget(model: &crate::model::Model, fraction: f64, block_size: usize, 
 }
 
 #[cfg(not(feature = "cuda"))]
-fn gpu_kv_budget(_: &crate::model::Model, _: f64, _: usize, _: usize) -> anyhow::Result<u64> {
+fn gpu_kv_budget(_: &[crate::model::Model], _: f64, _: usize, _: usize) -> anyhow::Result<u64> {
     bail!("GPU memory profiling needs the `cuda` build feature")
 }
 

@@ -12,5 +12,6 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod runner;
+pub mod tp;
 pub mod train;
 pub mod units;

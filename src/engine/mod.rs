@@ -131,6 +131,17 @@ impl EngineHandle {
     /// Sizes the cache, checks `max_model_len` fits, logs the layout and starts the
     /// engine thread.
     pub fn start(model: Model, tokenizer: Tok, config: EngineConfig) -> Result<Self, EngineError> {
+        Self::start_ranks(vec![model], tokenizer, config)
+    }
+
+    /// The engine over the ranks of a tensor-parallel model (rank 0 first; see
+    /// `Runner::tensor_parallel`). `config.kv_cache_bytes` is each rank's budget: every
+    /// rank holds the same blocks, of its own KV heads.
+    pub fn start_ranks(mut ranks: Vec<Model>, tokenizer: Tok, config: EngineConfig) -> Result<Self, EngineError> {
+        if ranks.is_empty() {
+            return Err(EngineError::Start("no model".into()));
+        }
+        let model = ranks.remove(0);
         let layout = model.layout().clone();
         let cap = layout.capacity(config.kv_cache_bytes, config.block_size, config.max_model_len);
         let need_blocks = config.max_model_len.div_ceil(config.block_size) * layout.kv_layers();
@@ -170,8 +181,16 @@ impl EngineHandle {
             capacity_tokens: cap.capacity_tokens,
         }));
         let vocab_size = model.config().vocab_size;
-        let runner =
-            Runner::new(model, cap.num_blocks, config.block_size).map_err(|e| EngineError::Start(e.to_string()))?;
+        let world = 1 + ranks.len();
+        if world > 1 {
+            tracing::info!("tensor parallelism: {world} ranks; the KV figures above are per rank");
+        }
+        let runner = Runner::tensor_parallel(
+            std::iter::once(model).chain(ranks).collect(),
+            cap.num_blocks,
+            config.block_size,
+        )
+        .map_err(|e| EngineError::Start(e.to_string()))?;
         let kv = KvManager::new(layout, cap.num_blocks, config.block_size);
         let scheduler = Scheduler::new(
             SchedulerConfig {

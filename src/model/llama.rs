@@ -3,10 +3,11 @@
 //! K/V projections and read their producer's slot through the same block table.
 
 use super::rope::Rope;
-use super::weights::{Linear, Weights, WeightsError};
+use super::weights::{Linear, Part, Weights, WeightsError};
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvLayout};
 use crate::ops::{add_rms_norm, paged_attention_planned, reshape_and_cache, rms_norm, AttentionPlans, SeqSpan};
+use crate::tp::{AllReduce, Shard};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The model's view of one batched step, built by the runner: flat tokens of all
@@ -90,6 +91,8 @@ pub struct Model {
     cfg: ModelConfig,
     dtype: DType,
     device: Device,
+    shard: Shard,
+    all_reduce: Option<std::sync::Arc<dyn AllReduce>>,
 }
 
 impl Layer {
@@ -143,9 +146,47 @@ impl Attention {
 
 impl Model {
     pub fn load(cfg: &ModelConfig, w: &Weights, rope_interleaved: bool) -> std::result::Result<Self, WeightsError> {
+        Self::load_shard(cfg, w, rope_interleaved, Shard::single())
+    }
+
+    /// Rank `shard.rank`'s share of the model for tensor parallelism (`crate::tp`): its
+    /// query heads, their KV heads and its slice of the MLP; the rest replicated. Its
+    /// forward must run alongside the other ranks', with [`Model::set_all_reduce`] set.
+    pub fn load_shard(
+        cfg: &ModelConfig,
+        w: &Weights,
+        rope_interleaved: bool,
+        shard: Shard,
+    ) -> std::result::Result<Self, WeightsError> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let layout = std::sync::Arc::new(KvLayout::new(cfg.kv_source.clone(), nkv, d, w.dtype().size_in_bytes()));
+        let split = shard
+            .split(nh, nkv, cfg.intermediate_size)
+            .map_err(|reason| WeightsError::Load {
+                name: format!("tensor-parallel rank {}", shard.rank),
+                reason,
+            })?;
+        let (heads, kv_heads) = (split.heads.len(), split.kv_heads.len());
+        let rows = |r: &std::ops::Range<usize>, per: usize| r.start * per..r.end * per;
+        let (q_part, kv_part, o_part, up_part, down_part) = if shard.is_single() {
+            (Part::Whole, Part::Whole, Part::Whole, Part::Whole, Part::Whole)
+        } else {
+            (
+                Part::Rows(rows(&split.heads, d)),
+                Part::Rows(rows(&split.kv_heads, d)),
+                Part::Cols(rows(&split.heads, d)),
+                Part::Rows(split.ffn.clone()),
+                Part::Cols(split.ffn.clone()),
+            )
+        };
+        // A row-parallel layer's bias is added once, after the all-reduce: rank 0 holds it.
+        let partial_bias = |bias: bool| bias && shard.rank == 0;
+        let layout = std::sync::Arc::new(KvLayout::new(
+            cfg.kv_source.clone(),
+            kv_heads,
+            d,
+            w.dtype().size_in_bytes(),
+        ));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -160,9 +201,9 @@ impl Model {
                 };
                 let knorm = format!("{a}.kv_layernorm.weight");
                 Some(KvProj {
-                    k: w.linear(&format!("{a}.k_proj"), nkv * d, h, cfg.attention_bias)
+                    k: w.linear_part(&format!("{a}.k_proj"), nkv * d, h, cfg.attention_bias, &kv_part)
                         .map_err(missing)?,
-                    v: w.linear(&format!("{a}.v_proj"), nkv * d, h, cfg.attention_bias)
+                    v: w.linear_part(&format!("{a}.v_proj"), nkv * d, h, cfg.attention_bias, &kv_part)
                         .map_err(missing)?,
                     norm: if w.contains(&knorm) {
                         Some(RmsNorm::load(w, &knorm, h, cfg.rms_norm_eps)?)
@@ -176,18 +217,42 @@ impl Model {
             layers.push(Layer {
                 input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 attn: Attention {
-                    q: w.linear(&format!("{a}.q_proj"), nh * d, h, cfg.attention_bias)?,
-                    o: w.linear(&format!("{a}.o_proj"), h, nh * d, cfg.o_proj_bias)?,
+                    q: w.linear_part(&format!("{a}.q_proj"), nh * d, h, cfg.attention_bias, &q_part)?,
+                    o: w.linear_part(
+                        &format!("{a}.o_proj"),
+                        h,
+                        nh * d,
+                        partial_bias(cfg.o_proj_bias),
+                        &o_part,
+                    )?,
                     kv,
                     slot: layout.slot_of_layer(i),
-                    heads: nh,
-                    kv_heads: nkv,
+                    heads,
+                    kv_heads,
                     head_dim: d,
                 },
                 post_norm: RmsNorm::load(w, &format!("{p}.post_attention_layernorm.weight"), h, cfg.rms_norm_eps)?,
-                gate: w.linear(&format!("{p}.mlp.gate_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
-                up: w.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h, cfg.mlp_bias)?,
-                down: w.linear(&format!("{p}.mlp.down_proj"), h, cfg.intermediate_size, cfg.mlp_bias)?,
+                gate: w.linear_part(
+                    &format!("{p}.mlp.gate_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                    &up_part,
+                )?,
+                up: w.linear_part(
+                    &format!("{p}.mlp.up_proj"),
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                    &up_part,
+                )?,
+                down: w.linear_part(
+                    &format!("{p}.mlp.down_proj"),
+                    h,
+                    cfg.intermediate_size,
+                    partial_bias(cfg.mlp_bias),
+                    &down_part,
+                )?,
             });
         }
         // Tied embeddings: checkpoints that tie them usually store no lm_head.
@@ -217,7 +282,34 @@ impl Model {
             cfg: cfg.clone(),
             dtype: w.dtype(),
             device: w.device().clone(),
+            shard,
+            all_reduce: None,
         })
+    }
+
+    /// The transport that completes this rank's partial sums (tensor parallelism only).
+    pub fn set_all_reduce(&mut self, comm: std::sync::Arc<dyn AllReduce>) {
+        self.all_reduce = Some(comm);
+    }
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+    /// KV heads this rank's cache holds (all of them without tensor parallelism).
+    pub fn kv_heads(&self) -> usize {
+        self.layout.num_kv_heads
+    }
+
+    /// A row-parallel layer's output: this rank's partial sum, completed over the ranks.
+    fn reduce(&self, partial: Tensor) -> Result<Tensor> {
+        match (&self.all_reduce, self.shard.is_single()) {
+            (Some(c), _) => c.all_reduce_sum(&partial),
+            (None, true) => Ok(partial),
+            (None, false) => candle_core::bail!(
+                "tensor-parallel rank {} of {} has no all-reduce transport",
+                self.shard.rank,
+                self.shard.world
+            ),
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -247,8 +339,10 @@ impl Model {
     /// and its norm for what comes next.
     fn finish_layer(&self, i: usize, x: &Tensor, attn: &Tensor) -> Result<(Tensor, Tensor)> {
         let layer = &self.layers[i];
-        let (x, h) = layer.post_norm.add_forward(x, &layer.attn.o.forward(attn)?)?;
-        self.norm_before(i + 1).add_forward(&x, &layer.mlp(&h)?)
+        let (x, h) = layer
+            .post_norm
+            .add_forward(x, &self.reduce(layer.attn.o.forward(attn)?)?)?;
+        self.norm_before(i + 1).add_forward(&x, &self.reduce(layer.mlp(&h)?)?)
     }
 
     /// f32 logits of rows already through the final norm.
@@ -258,6 +352,13 @@ impl Model {
 
     /// One batched step through the paged cache. Returns f32 logits `[outputs, vocab]`.
     pub fn forward(&self, step: &StepInput, cache: &KvCache) -> Result<Tensor> {
+        self.forward_rank(step, cache, true)?
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
+    }
+
+    /// [`Model::forward`] for one tensor-parallel rank: only the rank whose logits are
+    /// used (`logits`) runs the `lm_head`.
+    pub fn forward_rank(&self, step: &StepInput, cache: &KvCache, logits: bool) -> Result<Option<Tensor>> {
         let mut x = self.embed.index_select(&step.input_ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
         let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
@@ -283,7 +384,10 @@ impl Model {
             let t = o.dim(0)?;
             (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;
         }
-        self.logits(&normed.index_select(&step.logits_rows, 0)?)
+        if !logits {
+            return Ok(None);
+        }
+        self.logits(&normed.index_select(&step.logits_rows, 0)?).map(Some)
     }
 
     /// The reference path: one full causal forward of one sequence with no cache.

@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub sharing: Option<KvSharing>,
     /// GGUF: dequantize quantized linears to dense weights at load.
     pub dequantize: bool,
+    /// Tensor parallelism (`crate::tp`): ranks over `device`, `device + 1`, … (GPUs),
+    /// or threads of this process on the CPU. 1: off.
+    pub tensor_parallel_size: usize,
 }
 
 impl Default for LoadOptions {
@@ -45,12 +48,16 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             sharing: None,
             dequantize: false,
+            tensor_parallel_size: 1,
         }
     }
 }
 
 pub struct LoadedModel {
+    /// Rank 0 (the whole model without tensor parallelism).
     pub model: Model,
+    /// Tensor parallelism: ranks 1.., their all-reduce connected to rank 0's.
+    pub peers: Vec<Model>,
     pub tokenizer: Tok,
     pub source: ModelSource,
 }
@@ -107,6 +114,33 @@ pub fn load_model_dir(dir: &std::path::Path, opts: &LoadOptions) -> Result<Model
     Ok(Model::load(&cfg, &w, false)?)
 }
 
+/// [`load_model_dir`] for tensor parallelism: every rank of
+/// `opts.tensor_parallel_size` (rank order), their all-reduce connected.
+pub fn load_model_dir_ranks(dir: &std::path::Path, opts: &LoadOptions) -> Result<Vec<Model>, LoadError> {
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if let Some(s) = &opts.sharing {
+        cfg.reshare(s)?;
+    }
+    load_ranks(&cfg, &safetensor_files(dir)?, opts.dtype.unwrap_or(DType::F32), opts)
+}
+
+/// Each rank's share of a safetensors checkpoint on its device, connected.
+fn load_ranks(cfg: &ModelConfig, files: &[PathBuf], dtype: DType, opts: &LoadOptions) -> Result<Vec<Model>, LoadError> {
+    let world = opts.tensor_parallel_size.max(1);
+    let mut ranks = Vec::with_capacity(world);
+    for rank in 0..world {
+        let device = crate::tp::rank_device(&opts.device, rank).map_err(tp_err)?;
+        let w = weights::Weights::safetensors(files, dtype, &device)?;
+        ranks.push(Model::load_shard(cfg, &w, false, crate::tp::Shard { rank, world })?);
+    }
+    crate::tp::connect(&mut ranks).map_err(tp_err)?;
+    Ok(ranks)
+}
+
+fn tp_err(e: candle_core::Error) -> LoadError {
+    LoadError::Source(format!("tensor parallelism: {e}"))
+}
+
 /// Loads config, weights and tokenizer from a resolved source.
 pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let (model, tokenizer) = match &source {
@@ -125,12 +159,23 @@ pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, Load
                     _ => DType::BF16,
                 }
             });
-            let w = weights::Weights::safetensors(&safetensor_files(dir)?, dtype, &opts.device)?;
-            let model = Model::load(&cfg, &w, false)?;
             let tok = Tok::from_dir(dir, &cfg.eos_token_ids)?;
-            (model, tok)
+            let mut ranks = load_ranks(&cfg, &safetensor_files(dir)?, dtype, opts)?;
+            let model = ranks.remove(0);
+            return Ok(LoadedModel {
+                model,
+                peers: ranks,
+                tokenizer: tok,
+                source,
+            });
         }
         ModelSource::Gguf(path) => {
+            if opts.tensor_parallel_size > 1 {
+                return Err(LoadError::Source(format!(
+                    "{}: tensor parallelism needs a safetensors checkpoint directory, not GGUF",
+                    path.display()
+                )));
+            }
             let dtype = opts.dtype.unwrap_or(DType::F32);
             let mut w = weights::Weights::gguf(path, dtype, &opts.device)?;
             if opts.dequantize {
@@ -147,6 +192,7 @@ pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, Load
     };
     Ok(LoadedModel {
         model,
+        peers: Vec::new(),
         tokenizer,
         source,
     })

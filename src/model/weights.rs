@@ -89,6 +89,16 @@ impl Linear {
     }
 }
 
+/// Which share of a `[out, in]` tensor a tensor-parallel rank loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Whole,
+    /// Output rows (column-parallel: q/k/v, gate/up).
+    Rows(std::ops::Range<usize>),
+    /// Input columns (row-parallel: o, down).
+    Cols(std::ops::Range<usize>),
+}
+
 pub enum Weights {
     Safetensors {
         st: MmapedSafetensors,
@@ -362,6 +372,63 @@ impl Weights {
         };
         Self::check_shape(name, t.dims(), shape)?;
         Ok(t)
+    }
+
+    /// Rows or columns `part` of the dense tensor `name` of full shape `shape`
+    /// (tensor parallelism). Safetensors are cut on the host first, so a rank's device
+    /// never holds more than its share.
+    pub fn tensor_part(&self, name: &str, shape: &[usize], part: &Part) -> Result<Tensor, WeightsError> {
+        let (dim, range) = match part {
+            Part::Whole => return self.tensor(name, shape),
+            Part::Rows(r) => (0, r.clone()),
+            Part::Cols(r) => (1, r.clone()),
+        };
+        let load = |e: candle_core::Error| WeightsError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        };
+        let cut = |t: Tensor| t.narrow(dim, range.start, range.len()).and_then(|t| t.contiguous());
+        match self {
+            Weights::Safetensors { st, dtype, device } => {
+                if st.get(name).is_err() {
+                    return Err(Self::missing(name));
+                }
+                let t = st.load(name, &Device::Cpu).map_err(load)?;
+                Self::check_shape(name, t.dims(), shape)?;
+                cut(t)
+                    .and_then(|t| t.to_device(device))
+                    .and_then(|t| t.to_dtype(*dtype))
+                    .map_err(load)
+            }
+            _ => cut(self.tensor(name, shape)?).map_err(load),
+        }
+    }
+
+    /// `linear` cut for tensor parallelism: `Part::Rows` keeps those output rows (and
+    /// bias entries), `Part::Cols` those input columns (a row-parallel layer's bias is
+    /// added once, so callers ask for it on one rank only). Always dense.
+    pub fn linear_part(
+        &self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        with_bias: bool,
+        part: &Part,
+    ) -> Result<Linear, WeightsError> {
+        if *part == Part::Whole {
+            return self.linear(prefix, out_dim, in_dim, with_bias);
+        }
+        let weight = self.tensor_part(&format!("{prefix}.weight"), &[out_dim, in_dim], part)?;
+        let bname = format!("{prefix}.bias");
+        let bias = match (with_bias, part) {
+            (false, _) => None,
+            (true, Part::Rows(r)) => Some(self.tensor_part(&bname, &[out_dim], &Part::Rows(r.clone()))?),
+            (true, _) => Some(self.tensor(&bname, &[out_dim])?),
+        };
+        Ok(Linear {
+            weight: LinearWeight::Candle(QMatMul::Tensor(weight)),
+            bias,
+        })
     }
 
     /// A linear layer `[out, in]` with an optional bias `name.bias`. GGUF quantized

@@ -408,8 +408,19 @@ pub(crate) fn paged_attention(
 /// nothing orders: a buffer could be freed on one stream while a kernel on another
 /// still read it (the illegal-address crash of long batched runs). One explicit stream
 /// shared by all threads keeps every launch, copy and free in one order.
+///
+/// With one stream there is nothing for cudarc's per-buffer event tracking to order
+/// (it is on by default: two CUDA events created per allocation, recorded and waited
+/// on at every launch), so it is turned off before any tensor exists on the device:
+/// host time a decode step spends in the driver, not on the GPU.
 pub fn device(ordinal: usize) -> Result<candle_core::Device> {
-    candle_core::Device::new_cuda_with_stream(ordinal)
+    let dev = candle_core::Device::new_cuda_with_stream(ordinal)?;
+    if let candle_core::Device::Cuda(d) = &dev {
+        // Safety: every tensor of this device is made, used and freed on its one stream,
+        // and candle refuses to mix tensors of two devices in one op.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(dev)
 }
 
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
@@ -778,48 +789,126 @@ fn pool_attr(
     Ok(v)
 }
 
+/// One device's memory pool around the profiled forward.
+struct PoolWatch {
+    stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    pool: Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>,
+    free0: usize,
+    total: usize,
+    used_before: u64,
+}
+
+impl PoolWatch {
+    /// Trims the device's default pool and resets its high-water mark.
+    fn start(model: &crate::model::Model) -> Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let stream = model.device().as_cuda_device()?.cuda_stream();
+        let ctx = stream.context().clone();
+        stream.synchronize().w()?;
+        let pool = if ctx.has_async_alloc() {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+                .result()
+                .w()?;
+            unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+            Some(pool)
+        } else {
+            None
+        };
+        let (free0, total) = ctx.mem_get_info().w()?;
+        let used_before = match pool {
+            Some(pool) => {
+                let v = pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
+                let mut zero = 0u64;
+                unsafe {
+                    sys::cuMemPoolSetAttribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut zero as *mut u64 as *mut std::ffi::c_void,
+                    )
+                }
+                .result()
+                .w()?;
+                v
+            }
+            None => 0,
+        };
+        Ok(PoolWatch {
+            stream,
+            pool,
+            free0,
+            total,
+            used_before,
+        })
+    }
+
+    /// After the forward (its outputs still held): free memory and the pool's peak.
+    fn peak(&self) -> Result<(usize, u64)> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        self.stream.synchronize().w()?;
+        let (free_fwd, _) = self.stream.context().mem_get_info().w()?;
+        let high = match self.pool {
+            Some(pool) => pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            None => 0,
+        };
+        Ok((free_fwd, high))
+    }
+
+    /// After everything the forward made is dropped: the profile, `scratch` (the
+    /// scratch cache's bytes) not counted.
+    fn finish(&self, (free_fwd, high): (usize, u64), scratch: u64) -> Result<ForwardProfile> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        self.stream.synchronize().w()?;
+        if let Some(pool) = self.pool {
+            unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+        }
+        let (free1, _) = self.stream.context().mem_get_info().w()?;
+        let (activation_peak, how) = match self.pool {
+            Some(_) => (
+                high.saturating_sub(self.used_before + scratch),
+                "memory-pool high-water mark",
+            ),
+            None => (
+                (self.free0 as u64).saturating_sub(free_fwd as u64 + scratch),
+                "free memory after the forward (no memory pool: a lower bound)",
+            ),
+        };
+        Ok(ForwardProfile {
+            total: self.total as u64,
+            in_use_after_load: (self.total - free1.min(self.total)) as u64,
+            activation_peak,
+            how,
+        })
+    }
+}
+
 /// Runs one dummy prefill of `tokens` tokens through `model` with a scratch cache and
 /// measures memory as vLLM does before sizing its KV cache: free memory from
 /// `cuMemGetInfo` after loading, and the forward's peak from the stream-ordered memory
 /// pool's high-water mark (cudarc allocates from the device's default pool), or, without
 /// one, from free memory just after the forward.
 pub fn profile_forward_peak(model: &crate::model::Model, block_size: usize, tokens: usize) -> Result<ForwardProfile> {
+    profile_forward_peak_ranks(std::slice::from_ref(model), block_size, tokens)
+}
+
+/// [`profile_forward_peak`] for the ranks of a tensor-parallel model (they run the
+/// dummy step together): the tightest rank's figures (least total memory, most in use,
+/// largest peak), since every rank gets the same number of blocks.
+pub fn profile_forward_peak_ranks(
+    ranks: &[crate::model::Model],
+    block_size: usize,
+    tokens: usize,
+) -> Result<ForwardProfile> {
     use crate::kv::KvManager;
     use crate::runner::{Runner, SeqStep};
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let dev = model.device().as_cuda_device()?.clone();
-    let stream = dev.cuda_stream();
-    let ctx = stream.context().clone();
-    stream.synchronize().w()?;
-    let pooled = ctx.has_async_alloc();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    if pooled {
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
-            .result()
-            .w()?;
-        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
-    }
-    let (free0, total) = ctx.mem_get_info().w()?;
-    let used_before = if pooled {
-        let v = pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-        let mut zero = 0u64;
-        unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                &mut zero as *mut u64 as *mut std::ffi::c_void,
-            )
-        }
-        .result()
-        .w()?;
-        v
-    } else {
-        0
-    };
-    let tokens = tokens.min(model.max_positions()).max(1);
-    let layout = model.layout().clone();
+    let first = ranks
+        .first()
+        .ok_or_else(|| candle_core::Error::Msg("no model to profile".into()))?;
+    let watches = ranks.iter().map(PoolWatch::start).collect::<Result<Vec<_>>>()?;
+    let tokens = tokens.min(first.max_positions()).max(1);
+    let layout = first.layout().clone();
     let blocks = tokens.div_ceil(block_size) * layout.kv_layers();
-    let runner = Runner::new(model.clone(), blocks, block_size)?;
+    let runner = Runner::tensor_parallel(ranks.to_vec(), blocks, block_size)?;
     let scratch = runner.cache().bytes() as u64;
     let mut mgr = KvManager::new(layout, blocks, block_size);
     mgr.allocate(0, tokens)
@@ -831,37 +920,23 @@ pub fn profile_forward_peak(model: &crate::model::Model, block_size: usize, toke
         all_logits: false,
     };
     let logits = runner.step(&mgr, &[step])?;
-    stream.synchronize().w()?;
-    let (free_fwd, _) = ctx.mem_get_info().w()?;
-    let high = if pooled {
-        pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?
-    } else {
-        0
-    };
+    let peaks = watches.iter().map(PoolWatch::peak).collect::<Result<Vec<_>>>()?;
     drop(logits);
     drop(runner);
-    stream.synchronize().w()?;
-    if pooled {
-        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+    let mut worst: Option<ForwardProfile> = None;
+    for (w, p) in watches.iter().zip(peaks) {
+        let f = w.finish(p, scratch)?;
+        worst = Some(match worst {
+            None => f,
+            Some(b) => ForwardProfile {
+                total: b.total.min(f.total),
+                in_use_after_load: b.in_use_after_load.max(f.in_use_after_load),
+                activation_peak: b.activation_peak.max(f.activation_peak),
+                how: f.how,
+            },
+        });
     }
-    let (free1, _) = ctx.mem_get_info().w()?;
-    let (activation_peak, how) = if pooled {
-        (
-            high.saturating_sub(used_before + scratch),
-            "memory-pool high-water mark",
-        )
-    } else {
-        (
-            (free0 as u64).saturating_sub(free_fwd as u64 + scratch),
-            "free memory after the forward (no memory pool: a lower bound)",
-        )
-    };
-    Ok(ForwardProfile {
-        total: total as u64,
-        in_use_after_load: (total - free1.min(total)) as u64,
-        activation_peak,
-        how,
-    })
+    Ok(worst.expect("at least one rank"))
 }
 
 fn shape_storage(dev: &CudaDevice, dtype: DType, n: usize) -> Result<CudaStorage> {

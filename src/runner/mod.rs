@@ -26,6 +26,40 @@ pub struct SeqStep {
 pub struct Runner {
     model: Model,
     cache: KvCache,
+    /// Tensor parallelism: ranks 1.. (rank 0 is `model` and `cache`), each with its own
+    /// cache of its KV heads; every rank runs every step, on its own thread.
+    peers: Vec<(Model, KvCache)>,
+}
+
+/// A step's inputs on the host, before each rank uploads them to its device.
+#[derive(Debug)]
+struct HostStep {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    /// Per KV slot, `[tokens]` cache rows, slot after slot.
+    rows: Vec<u32>,
+    seqs: Vec<SeqSpan>,
+    block_tables: Vec<Vec<u32>>,
+    max_blocks: usize,
+    logits_rows: Vec<u32>,
+}
+
+impl HostStep {
+    fn upload(&self, dev: &candle_core::Device) -> Result<StepInput> {
+        let n = self.ids.len();
+        let slots = self.block_tables.len();
+        // One upload for every slot's rows (a copy each would cost a driver call per slot).
+        let all_rows = Tensor::from_slice(&self.rows, (slots, n), dev)?;
+        Ok(StepInput {
+            input_ids: Tensor::from_slice(&self.ids, n, dev)?,
+            positions: Tensor::from_slice(&self.positions, n, dev)?,
+            cache_rows: (0..slots).map(|s| all_rows.get(s)).collect::<Result<_>>()?,
+            seqs: self.seqs.clone(),
+            block_tables: self.block_tables.clone(),
+            max_blocks: self.max_blocks,
+            logits_rows: Tensor::from_slice(&self.logits_rows, self.logits_rows.len(), dev)?,
+        })
+    }
 }
 
 fn kv_err(e: KvError) -> candle_core::Error {
@@ -35,16 +69,34 @@ fn kv_err(e: KvError) -> candle_core::Error {
 impl Runner {
     /// A runner whose cache has `num_blocks` blocks of `block_size` tokens.
     pub fn new(model: Model, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let cfg = model.config();
-        let cache = KvCache::new(
-            num_blocks,
-            block_size,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-            model.dtype(),
-            model.device(),
-        )?;
-        Ok(Runner { model, cache })
+        Self::tensor_parallel(vec![model], num_blocks, block_size)
+    }
+
+    /// A runner over the ranks of one tensor-parallel model (rank order, rank 0 first;
+    /// their all-reduce already connected, see `tp::connect`): one block table for all,
+    /// `num_blocks` blocks of each rank's own KV heads on each rank's device.
+    pub fn tensor_parallel(models: Vec<Model>, num_blocks: usize, block_size: usize) -> Result<Self> {
+        let mut ranks = models.into_iter().map(|model| {
+            let cache = KvCache::new(
+                num_blocks,
+                block_size,
+                model.kv_heads(),
+                model.config().head_dim,
+                model.dtype(),
+                model.device(),
+            )?;
+            Ok((model, cache))
+        });
+        let (model, cache) = ranks
+            .next()
+            .unwrap_or_else(|| Err(candle_core::Error::Msg("a runner needs at least one model".into())))?;
+        let peers = ranks.collect::<Result<Vec<_>>>()?;
+        Ok(Runner { model, cache, peers })
+    }
+
+    /// Ranks of the model (1 without tensor parallelism).
+    pub fn world_size(&self) -> usize {
+        1 + self.peers.len()
     }
 
     pub fn model(&self) -> &Model {
@@ -57,7 +109,10 @@ impl Runner {
     /// Builds the flat batch: tokens of every sequence back to back, their cache rows
     /// in every KV slot, and each slot's block tables padded to one width.
     pub fn step_input(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<StepInput> {
-        let dev = self.model.device();
+        self.step_host(mgr, steps)?.upload(self.model.device())
+    }
+
+    fn step_host(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<HostStep> {
         let kv_layers = mgr.layout().kv_layers();
         let bs = mgr.block_size();
         let mut ids = Vec::new();
@@ -107,24 +162,23 @@ impl Runner {
                 block_tables[slot][i * max_blocks..i * max_blocks + table.len()].copy_from_slice(table);
             }
         }
-        let n = ids.len();
-        Ok(StepInput {
-            input_ids: Tensor::from_vec(ids, n, dev)?,
-            positions: Tensor::from_vec(positions, n, dev)?,
-            cache_rows: rows
-                .into_iter()
-                .map(|r| Tensor::from_vec(r, n, dev))
-                .collect::<Result<_>>()?,
+        Ok(HostStep {
+            ids,
+            positions,
+            rows: rows.concat(),
             seqs,
             block_tables,
             max_blocks,
-            logits_rows: Tensor::new(logits_rows.as_slice(), dev)?,
+            logits_rows,
         })
     }
 
     /// Runs one step; returns f32 logits, one row per step (its last token), or one
     /// per token for steps with `all_logits`, in step order.
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
+        if !self.peers.is_empty() {
+            return self.step_tensor_parallel(&self.step_host(mgr, steps)?);
+        }
         let input = self.step_input(mgr, steps)?;
         if self.model.device().is_cuda() {
             // The GPU does the work; the calling thread only queues launches on the device's
@@ -134,5 +188,32 @@ impl Runner {
         // On the CPU the whole forward runs on a rayon worker, so each op's parallel
         // region starts without handing off to another thread.
         crate::ops::parallel::in_pool(|| self.model.forward(&input, &self.cache))
+    }
+
+    /// Every rank runs the step on its own thread (they meet in each layer's
+    /// all-reduce); rank 0's logits are the step's. Other ranks skip the `lm_head`.
+    /// Not through the CPU pool (`ops::parallel::in_pool`): a rank waiting in an
+    /// all-reduce must not hold a pool worker another rank's ops need.
+    fn step_tensor_parallel(&self, host: &HostStep) -> Result<Tensor> {
+        std::thread::scope(|s| {
+            let peers: Vec<_> = self
+                .peers
+                .iter()
+                .map(|(model, cache)| {
+                    s.spawn(move || {
+                        let input = host.upload(model.device())?;
+                        model.forward_rank(&input, cache, false).map(|_| ())
+                    })
+                })
+                .collect();
+            let logits = host
+                .upload(self.model.device())
+                .and_then(|input| self.model.forward_rank(&input, &self.cache, true));
+            for p in peers {
+                p.join()
+                    .map_err(|_| candle_core::Error::Msg("a tensor-parallel rank panicked".into()))??;
+            }
+            logits?.ok_or_else(|| candle_core::Error::Msg("rank 0 returned no logits".into()))
+        })
     }
 }

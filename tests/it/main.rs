@@ -20,5 +20,6 @@ mod random_weights;
 mod scheduler;
 mod serve_binary;
 mod sources;
+mod tensor_parallel;
 mod tokenizer;
 mod training;
