@@ -11,6 +11,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
 
+mod training;
+pub use training::{finetune, train, FinetuneArgs, TrainArgs, TrainFlags};
+
 #[derive(Parser, Debug)]
 #[command(
     name = "crosskv",
@@ -313,72 +316,6 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
-/// What `train` and `finetune` share.
-#[derive(Args, Debug)]
-pub struct TrainFlags {
-    /// Text files or directories of them: tokenized, packed into --seq-len windows, shuffled by --seed.
-    #[arg(long, required = true, num_args = 1..)]
-    pub data: Vec<PathBuf>,
-    /// Output: a HF directory (config.json, model.safetensors, tokenizer files) that serve loads.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Optimizer steps (0 writes the initial model).
-    #[arg(long, default_value_t = 100)]
-    pub steps: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 256)]
-    pub seq_len: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 3e-4)]
-    pub lr: f64,
-    /// Linear warm-up steps (default: 5 % of --steps); then cosine decay to 10 % of --lr.
-    #[arg(long)]
-    pub warmup: Option<usize>,
-    #[arg(long, default_value_t = 0.1)]
-    pub weight_decay: f64,
-    /// Global gradient-norm clip (0: none).
-    #[arg(long, default_value_t = 1.0)]
-    pub grad_clip: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Share of the windows held out: their perplexity is reported before and after.
-    #[arg(long, default_value_t = 0.05)]
-    pub holdout: f64,
-    /// cpu or cuda[:N]; f32 master weights.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// One JSON line per step: step, loss, lr, grad_norm, tokens_per_s.
-    #[arg(long)]
-    pub log_json: Option<PathBuf>,
-    /// Print the summary as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Args, Debug)]
-pub struct TrainArgs {
-    /// The model's config.json (a CLA key such as cla_share_factor makes a CLA model).
-    #[arg(long)]
-    pub config: PathBuf,
-    /// A tokenizer.json, or a directory holding one (its tokenizer_config.json too).
-    #[arg(long)]
-    pub tokenizer: PathBuf,
-    #[command(flatten)]
-    pub train: TrainFlags,
-}
-
-#[derive(Args, Debug)]
-pub struct FinetuneArgs {
-    /// A HF safetensors directory (with its tokenizer).
-    #[arg(long)]
-    pub model: PathBuf,
-    #[command(flatten)]
-    pub sharing: SharingArgs,
-    #[command(flatten)]
-    pub train: TrainFlags,
-}
-
 fn check_block_size(bs: usize) -> anyhow::Result<()> {
     if bs == 0 || bs > 1024 {
         bail!("--block-size {bs}: expected 1..=1024");
@@ -671,136 +608,6 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
             seq_len,
             corpus.files.len(),
             p.nll
-        );
-    }
-    Ok(())
-}
-
-/// `crosskv train`: random init of `--config`, trained on `--data`.
-pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
-    let cfg = ModelConfig::from_file(&args.config)?;
-    let tok_dir = match args.tokenizer.is_dir() {
-        true => args.tokenizer.clone(),
-        false if args.tokenizer.file_name().is_some_and(|n| n == "tokenizer.json") => {
-            args.tokenizer.parent().map(PathBuf::from).unwrap_or_default()
-        }
-        false => bail!(
-            "--tokenizer {}: expected a tokenizer.json or a directory holding one",
-            args.tokenizer.display()
-        ),
-    };
-    let tok = model::Tok::from_dir(&tok_dir, &cfg.eos_token_ids)?;
-    let device = parse_device(&args.train.device)?;
-    let t = crate::train::Trainable::random(&cfg, &device, args.train.seed)?;
-    run_training(t, &tok, &tok_dir, &args.train)
-}
-
-/// `crosskv finetune`: `--model` (re-shared first with the sharing flags), trained on `--data`.
-pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.train.device)?;
-    let cfg = ModelConfig::from_file(&args.model.join("config.json"))?;
-    let tok = model::Tok::from_dir(&args.model, &cfg.eos_token_ids)?;
-    let t = crate::train::Trainable::from_dir(&args.model, args.sharing.sharing()?, &device)?;
-    run_training(t, &tok, &args.model, &args.train)
-}
-
-fn run_training(
-    t: crate::train::Trainable,
-    tok: &model::Tok,
-    tok_dir: &std::path::Path,
-    f: &TrainFlags,
-) -> anyhow::Result<()> {
-    use crate::train::{pack_windows, perplexity, train, Corpus, TrainOptions};
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    if !(0.0..1.0).contains(&f.holdout) {
-        bail!("--holdout {}: expected a share in [0, 1)", f.holdout);
-    }
-    let lr_ok = f.lr.is_finite() && f.lr > 0.0;
-    if f.batch_size == 0 || !lr_ok || f.weight_decay < 0.0 || f.grad_clip < 0.0 {
-        bail!("--batch-size must be at least 1, --lr positive, --weight-decay and --grad-clip not negative");
-    }
-    let max = t.model.max_positions();
-    if f.seq_len > max {
-        bail!("--seq-len {}: longer than the model's {max} positions", f.seq_len);
-    }
-    let corpus = Corpus::load(&f.data, tok)?;
-    let mut windows = pack_windows(&corpus.tokens, f.seq_len)?;
-    windows.shuffle(&mut rand::rngs::StdRng::seed_from_u64(f.seed));
-    let held = if f.holdout > 0.0 && windows.len() >= 2 {
-        ((windows.len() as f64 * f.holdout).round() as usize).clamp(1, windows.len() - 1)
-    } else {
-        0
-    };
-    let (heldout, train_windows) = windows.split_at(held);
-    // Perplexity on at most 64 held-out windows, before and after.
-    let eval_set = &heldout[..heldout.len().min(64)];
-    let ppl = |t: &crate::train::Trainable| -> anyhow::Result<Option<f64>> {
-        Ok(match eval_set.is_empty() {
-            true => None,
-            false => Some(perplexity(&t.model, eval_set, |_, _| {})?.perplexity),
-        })
-    };
-    let before = ppl(&t)?;
-    let opts = TrainOptions {
-        steps: f.steps,
-        batch_size: f.batch_size,
-        lr: f.lr,
-        warmup: f.warmup.unwrap_or((f.steps as f64 * 0.05).ceil() as usize),
-        weight_decay: f.weight_decay,
-        grad_clip: f.grad_clip,
-        seed: f.seed,
-    };
-    let mut log_file = match &f.log_json {
-        Some(p) => Some(std::fs::File::create(p).with_context(|| format!("--log-json {}", p.display()))?),
-        None => None,
-    };
-    let mut log_err = None;
-    let logs = train(&t, train_windows, &opts, |rec| {
-        if !f.json {
-            eprint!(
-                "\rstep {}/{}  loss {:.4}  lr {:.2e}  grad norm {:.3}  {:.0} tok/s   ",
-                rec.step, f.steps, rec.loss, rec.lr, rec.grad_norm, rec.tokens_per_s
-            );
-        }
-        if let Some(file) = log_file.as_mut() {
-            if let Err(e) = crate::train::trainer::write_log_line(file, rec) {
-                log_err.get_or_insert(e);
-            }
-        }
-    })?;
-    if let Some(e) = log_err {
-        return Err(e.context("writing --log-json"));
-    }
-    let after = ppl(&t)?;
-    t.save(&f.out)?;
-    for name in crate::convert::TOKENIZER_FILES {
-        let src = tok_dir.join(name);
-        if src.exists() {
-            std::fs::copy(&src, f.out.join(name)).with_context(|| format!("copying {name}"))?;
-        }
-    }
-    let last = logs.last().map(|l| l.loss);
-    if f.json {
-        println!(
-            "{}",
-            serde_json::json!({"steps": logs.len(), "final_loss": last, "parameters": t.parameters(),
-                "train_windows": train_windows.len(), "heldout_windows": eval_set.len(), "seq_len": f.seq_len,
-                "heldout_perplexity_before": before, "heldout_perplexity_after": after, "out": f.out})
-        );
-    } else {
-        if !logs.is_empty() {
-            eprintln!();
-        }
-        println!(
-            "{} parameters, {} steps on {} windows of {} tokens; held-out perplexity {} → {}; wrote {}",
-            t.parameters(),
-            logs.len(),
-            train_windows.len(),
-            f.seq_len,
-            before.map_or("-".into(), |p| format!("{p:.3}")),
-            after.map_or("-".into(), |p| format!("{p:.3}")),
-            f.out.display()
         );
     }
     Ok(())

@@ -100,9 +100,115 @@ pub fn pack_windows(tokens: &[u32], seq_len: usize) -> Result<Vec<Vec<u32>>, Dat
         .collect())
 }
 
+/// The order training draws windows in: a shuffle seeded by `seed`, reshuffled (same
+/// generator) each time a pass over the `n` windows ends. Its position, `(epoch, next)`,
+/// is all a checkpoint needs to have the same windows come next after a resume.
+pub struct DataOrder {
+    rng: rand::rngs::StdRng,
+    order: Vec<usize>,
+    next: usize,
+    epoch: usize,
+}
+
+impl DataOrder {
+    pub fn new(n: usize, seed: u64) -> Self {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut rng);
+        DataOrder {
+            rng,
+            order,
+            next: 0,
+            epoch: 0,
+        }
+    }
+
+    /// The order at `(epoch, next)` (as [`DataOrder::position`] gave it): the passes before
+    /// are replayed (shuffles only). `None` when `next` is beyond the `n` windows.
+    pub fn at(n: usize, seed: u64, epoch: usize, next: usize) -> Option<Self> {
+        if next > n || (n == 0 && epoch > 0) {
+            return None;
+        }
+        let mut o = DataOrder::new(n, seed);
+        for _ in 0..epoch {
+            o.reshuffle();
+        }
+        o.next = next;
+        Some(o)
+    }
+
+    fn reshuffle(&mut self) {
+        use rand::seq::SliceRandom;
+        self.order.shuffle(&mut self.rng);
+        self.next = 0;
+        self.epoch += 1;
+    }
+
+    /// The next window's index.
+    pub fn next_index(&mut self) -> usize {
+        if self.next == self.order.len() {
+            self.reshuffle();
+        }
+        self.next += 1;
+        self.order[self.next - 1]
+    }
+
+    /// `(epoch, windows drawn in this epoch)`.
+    pub fn position(&self) -> (usize, usize) {
+        (self.epoch, self.next)
+    }
+}
+
+/// FNV-1a over the windows' tokens (and their lengths): a resumed run checks it gets
+/// the same training windows.
+pub fn fingerprint(windows: &[Vec<u32>]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |x: u32| {
+        for b in x.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for w in windows {
+        eat(w.len() as u32);
+        w.iter().for_each(|&t| eat(t));
+    }
+    format!("{h:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_order_restarted_at_its_position_draws_the_same_windows() {
+        let mut straight = DataOrder::new(5, 3);
+        let first: Vec<usize> = (0..12).map(|_| straight.next_index()).collect();
+        for (i, w) in first.chunks(5).take(2).enumerate() {
+            let mut sorted = w.to_vec();
+            sorted.sort();
+            assert_eq!(sorted, vec![0, 1, 2, 3, 4], "pass {i} draws each window once");
+        }
+        let (epoch, next) = straight.position();
+        assert_eq!((epoch, next), (2, 2));
+        let mut resumed = DataOrder::at(5, 3, epoch, next).unwrap();
+        let a: Vec<usize> = (0..11).map(|_| straight.next_index()).collect();
+        let b: Vec<usize> = (0..11).map(|_| resumed.next_index()).collect();
+        assert_eq!(a, b);
+        // At the very end of a pass: the next draw reshuffles, in both.
+        let mut s = DataOrder::new(4, 9);
+        (0..4).for_each(|_| {
+            s.next_index();
+        });
+        let mut r = DataOrder::at(4, 9, 0, 4).unwrap();
+        assert_eq!(
+            (0..6).map(|_| s.next_index()).collect::<Vec<_>>(),
+            (0..6).map(|_| r.next_index()).collect::<Vec<_>>()
+        );
+        assert!(DataOrder::at(4, 9, 0, 5).is_none());
+    }
 
     #[test]
     fn windows_share_one_token_and_cover_every_target_once() {

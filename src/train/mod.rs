@@ -1,10 +1,13 @@
 //! The training path (issue 5, DESIGN.md §7): text corpora packed into token windows,
-//! and held-out perplexity. Training and fine-tuning build on these.
+//! held-out perplexity, the training loop (AdamW with saveable state) and resumable
+//! checkpoints.
 
+pub mod adamw;
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod trainer;
 
-pub use data::{pack_windows, Corpus};
+pub use data::{pack_windows, Corpus, DataOrder};
 pub use eval::{perplexity, Perplexity};
-pub use trainer::{lr_at, train, StepLog, TrainOptions, Trainable};
+pub use trainer::{lr_at, StepLog, TrainOptions, Trainable, Trainer};

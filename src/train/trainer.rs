@@ -3,15 +3,18 @@
 //! `Model::load`, and `forward_dense` (differentiable, see the ops' backward passes)
 //! gives the next-token loss. AdamW with the paper's settings (β = (0.9, 0.95), weight
 //! decay 0.1, gradient clipping 1.0, linear warm-up then cosine decay to 10 % of the
-//! peak learning rate).
+//! peak learning rate). With a compute dtype other than f32 (bf16 on the GPU), each
+//! step builds the model from the variables cast to it: the casts are differentiable,
+//! so the gradients reach the f32 variables; the loss is taken in f32.
 
+use super::adamw::{AdamW, AdamWParams};
+use super::data::DataOrder;
 use crate::config::{KvSharing, ModelConfig};
 use crate::model::weights::Weights;
 use crate::model::{LoadOptions, Model};
 use anyhow::{bail, Context};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
@@ -60,6 +63,35 @@ impl Trainable {
         Self::from_tensors(&cfg, tensors, device)
     }
 
+    /// The model computing in `dtype`, built from the variables (cast when not f32; the
+    /// casts carry the gradient back to them).
+    pub fn model_in(&self, dtype: DType) -> anyhow::Result<Model> {
+        let weights = Weights::Tensors {
+            tensors: self
+                .vars
+                .iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
+            dtype,
+            device: self.model.device().clone(),
+        };
+        Ok(Model::load(self.model.config(), &weights, false)?)
+    }
+
+    /// Every variable by name, sorted.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Exactly the variables [`Trainable::save`] wrote into `dir` (a checkpoint being resumed).
+    pub fn from_saved(dir: &Path, device: &Device) -> anyhow::Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Self::from_tensors(&cfg, tensors, device)
+    }
+
     pub fn parameters(&self) -> usize {
         self.vars.iter().map(|(_, v)| v.elem_count()).sum()
     }
@@ -72,15 +104,19 @@ impl Trainable {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        candle_core::safetensors::save(&tensors, out.join("model.safetensors")).context("writing model.safetensors")?;
+        super::checkpoint::replace_file(&out.join("model.safetensors"), |tmp| {
+            candle_core::safetensors::save(&tensors, tmp).context("writing model.safetensors")
+        })?;
         let config = self.model.config().to_json_with_kv_source();
-        std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-        Ok(())
+        super::checkpoint::replace_file(&out.join("config.json"), |tmp| {
+            Ok(std::fs::write(tmp, serde_json::to_string_pretty(&config)?)?)
+        })
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
+    /// Total steps: the learning-rate schedule spans them.
     pub steps: usize,
     pub batch_size: usize,
     pub lr: f64,
@@ -88,7 +124,10 @@ pub struct TrainOptions {
     pub warmup: usize,
     pub weight_decay: f64,
     pub grad_clip: f64,
+    /// Seeds the order the windows are drawn in.
     pub seed: u64,
+    /// The forward and backward pass's dtype; the variables stay f32.
+    pub dtype: DType,
 }
 
 /// The learning rate at `step` (0-based): linear warm-up to `peak` over `warmup` steps,
@@ -97,7 +136,7 @@ pub fn lr_at(step: usize, steps: usize, peak: f64, warmup: usize) -> f64 {
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
     }
-    let span = (steps - warmup).max(1) as f64;
+    let span = steps.saturating_sub(warmup).max(1) as f64;
     let t = ((step - warmup) as f64 / span).min(1.0);
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
 }
@@ -146,64 +185,111 @@ fn clip_gradients(grads: &mut GradStore, vars: &[(String, Var)], clip: f64) -> c
     Ok(norm)
 }
 
-/// Trains on `windows` (each `seq_len + 1` tokens) for `opts.steps` steps of
-/// `opts.batch_size` windows, reshuffled (seeded) every pass; `log` gets every step.
-pub fn train(
-    t: &Trainable,
-    windows: &[Vec<u32>],
-    opts: &TrainOptions,
-    mut log: impl FnMut(&StepLog),
-) -> anyhow::Result<Vec<StepLog>> {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    if windows.is_empty() {
-        bail!("no training windows");
+/// A training run's state beside the model: the optimizer (its step count is the run's)
+/// and the data order. Everything a checkpoint saves to continue exactly.
+pub struct Trainer {
+    pub opts: TrainOptions,
+    opt: AdamW,
+    order: DataOrder,
+    windows: usize,
+}
+
+impl Trainer {
+    /// A fresh run over `windows` training windows.
+    pub fn new(t: &Trainable, windows: usize, opts: TrainOptions) -> anyhow::Result<Self> {
+        let opt = AdamW::new(&t.vars, AdamWParams::new(opts.lr, opts.weight_decay))?;
+        let order = DataOrder::new(windows, opts.seed);
+        Self::resume(opt, order, windows, opts)
     }
-    if opts.batch_size == 0 {
-        bail!("--batch-size must be at least 1");
-    }
-    let params = ParamsAdamW {
-        lr: opts.lr,
-        beta1: 0.9,
-        beta2: 0.95,
-        eps: 1e-8,
-        weight_decay: opts.weight_decay,
-    };
-    let mut opt = AdamW::new(t.vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let mut order: Vec<usize> = (0..windows.len()).collect();
-    order.shuffle(&mut rng);
-    let mut next = 0;
-    let mut out = Vec::with_capacity(opts.steps);
-    for step in 0..opts.steps {
-        let start = std::time::Instant::now();
-        let mut batch = Vec::with_capacity(opts.batch_size);
-        while batch.len() < opts.batch_size {
-            if next == order.len() {
-                order.shuffle(&mut rng);
-                next = 0;
-            }
-            batch.push(&windows[order[next]]);
-            next += 1;
+
+    /// A run continued from saved optimizer state and data order.
+    pub fn resume(opt: AdamW, order: DataOrder, windows: usize, opts: TrainOptions) -> anyhow::Result<Self> {
+        if windows == 0 {
+            bail!("no training windows");
         }
-        let lr = lr_at(step, opts.steps, opts.lr, opts.warmup);
-        opt.set_learning_rate(lr);
-        let loss = batch_loss(&t.model, &batch)?;
+        if opts.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        Ok(Trainer {
+            opts,
+            opt,
+            order,
+            windows,
+        })
+    }
+
+    /// Steps done so far.
+    pub fn step_done(&self) -> usize {
+        self.opt.steps_done()
+    }
+
+    /// The data order's `(epoch, next)`.
+    pub fn data_position(&self) -> (usize, usize) {
+        self.order.position()
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// One optimizer step on the next `batch_size` windows of `windows` (the set this
+    /// trainer was made for).
+    pub fn step(&mut self, t: &Trainable, windows: &[Vec<u32>]) -> anyhow::Result<StepLog> {
+        if windows.len() != self.windows {
+            bail!("{} windows given to a trainer made for {}", windows.len(), self.windows);
+        }
+        let start = std::time::Instant::now();
+        let step = self.step_done();
+        let batch: Vec<&Vec<u32>> = (0..self.opts.batch_size)
+            .map(|_| &windows[self.order.next_index()])
+            .collect();
+        let o = &self.opts;
+        let lr = lr_at(step, o.steps, o.lr, o.warmup);
+        self.opt.set_learning_rate(lr);
+        let built;
+        let model = match o.dtype {
+            DType::F32 => &t.model,
+            d => {
+                built = t.model_in(d)?;
+                &built
+            }
+        };
+        let loss = batch_loss(model, &batch)?;
         let mut grads = loss.backward()?;
-        let grad_norm = clip_gradients(&mut grads, &t.vars, opts.grad_clip)?;
-        opt.step(&grads)?;
+        let grad_norm = clip_gradients(&mut grads, &t.vars, o.grad_clip)?;
+        self.opt.step(&grads)?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
-        let rec = StepLog {
+        Ok(StepLog {
             step: step + 1,
             loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
-        };
-        log(&rec);
-        out.push(rec);
+        })
     }
-    Ok(out)
+}
+
+/// The `--log-json` file: created, or when resuming at step `done`, kept up to that
+/// step (lines a run wrote after its last checkpoint dropped) to be appended to.
+pub fn open_log(path: &Path, done: Option<usize>) -> anyhow::Result<std::fs::File> {
+    let ctx = || format!("--log-json {}", path.display());
+    let keep = match (done, path.exists()) {
+        (Some(done), true) => std::fs::read_to_string(path)
+            .with_context(ctx)?
+            .lines()
+            .filter(|l| {
+                let step = serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64());
+                step.is_none_or(|s| s as usize <= done)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
+        _ => String::new(),
+    };
+    let mut file = std::fs::File::create(path).with_context(ctx)?;
+    file.write_all(keep.as_bytes()).with_context(ctx)?;
+    Ok(file)
 }
 
 /// Appends `rec` as one JSON line.

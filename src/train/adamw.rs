@@ -1,0 +1,265 @@
+//! AdamW whose state can be saved and loaded (candle_nn's keeps its moments private).
+//! The same math as `candle_nn::AdamW`: bias-corrected moments, decoupled weight decay
+//! `θ ← θ·(1 − lr·wd)`, then `θ ← θ − lr·m̂ / (√v̂ + eps)`. A variable with no gradient
+//! this step is left alone, its moments too.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWParams {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWParams {
+    /// The paper's settings: β = (0.9, 0.95), eps 1e-8.
+    pub fn new(lr: f64, weight_decay: f64) -> Self {
+        AdamWParams {
+            lr,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+        }
+    }
+}
+
+struct Slot {
+    name: String,
+    var: Var,
+    /// First and second moments (PyTorch's `exp_avg`, `exp_avg_sq`).
+    m: Tensor,
+    v: Tensor,
+}
+
+pub struct AdamW {
+    slots: Vec<Slot>,
+    /// Updates done (the bias correction's t).
+    step: usize,
+    pub params: AdamWParams,
+}
+
+/// Why saved optimizer state does not fit the model being trained.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{0}")]
+    Read(String),
+    #[error("no moments for `{0}` (the optimizer state is for a different model)")]
+    Missing(String),
+    #[error("`{name}` has moments of shape {saved:?}, the model {model:?} (a different model)")]
+    Shape {
+        name: String,
+        saved: Vec<usize>,
+        model: Vec<usize>,
+    },
+    #[error("moments for `{0}`, which the model does not have (a different model)")]
+    Extra(String),
+}
+
+const M: &str = "exp_avg.";
+const V: &str = "exp_avg_sq.";
+const STEP: &str = "step";
+
+impl AdamW {
+    /// Fresh state (zero moments, step 0) for the float variables in `vars`.
+    pub fn new(vars: &[(String, Var)], params: AdamWParams) -> Result<Self> {
+        let slots = vars
+            .iter()
+            .filter(|(_, v)| v.dtype().is_float())
+            .map(|(name, var)| {
+                let z = var.zeros_like()?.detach();
+                Ok(Slot {
+                    name: name.clone(),
+                    var: var.clone(),
+                    m: z.clone(),
+                    v: z,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamW { slots, step: 0, params })
+    }
+
+    /// Updates done so far.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        let AdamWParams {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.params;
+        let scale_m = 1f64 / (1f64 - beta1.powi(self.step as i32));
+        let scale_v = 1f64 / (1f64 - beta2.powi(self.step as i32));
+        for s in self.slots.iter_mut() {
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
+            let next_m = ((&s.m * beta1)? + (g * (1.0 - beta1))?)?;
+            let next_v = ((&s.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let m_hat = (&next_m * scale_m)?;
+            let v_hat = (&next_v * scale_v)?;
+            let theta = (s.var.as_tensor() * (1f64 - lr * weight_decay))?;
+            let adjusted = (m_hat / (v_hat.sqrt()? + eps)?)?;
+            s.var.set(&(theta - (adjusted * lr)?)?)?;
+            s.m = next_m.detach();
+            s.v = next_v.detach();
+        }
+        Ok(())
+    }
+
+    /// The moments (`exp_avg.NAME`, `exp_avg_sq.NAME`) and the step count, as safetensors.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        for s in &self.slots {
+            t.insert(format!("{M}{}", s.name), s.m.clone());
+            t.insert(format!("{V}{}", s.name), s.v.clone());
+        }
+        t.insert(STEP.into(), Tensor::new(&[self.step as i64], &Device::Cpu)?);
+        candle_core::safetensors::save(&t, path)
+    }
+
+    /// State saved by [`AdamW::save`] for exactly these variables (same names and shapes).
+    pub fn load(vars: &[(String, Var)], params: AdamWParams, path: &Path) -> std::result::Result<Self, StateError> {
+        let read = |e: candle_core::Error| StateError::Read(format!("{}: {e}", path.display()));
+        let mut saved = candle_core::safetensors::load(path, &Device::Cpu).map_err(read)?;
+        let step = saved
+            .remove(STEP)
+            .ok_or_else(|| StateError::Read(format!("{}: no `step`", path.display())))?
+            .flatten_all()
+            .and_then(|s| s.to_dtype(DType::I64))
+            .and_then(|s| s.to_vec1::<i64>())
+            .map_err(read)?;
+        let step = match step.as_slice() {
+            [s] if *s >= 0 => *s as usize,
+            _ => return Err(StateError::Read(format!("{}: a bad `step`", path.display()))),
+        };
+        let mut opt = AdamW::new(vars, params).map_err(read)?;
+        for s in opt.slots.iter_mut() {
+            for (prefix, dst) in [(M, &mut s.m), (V, &mut s.v)] {
+                let key = format!("{prefix}{}", s.name);
+                let t = saved.remove(&key).ok_or_else(|| StateError::Missing(s.name.clone()))?;
+                if t.dims() != s.var.dims() {
+                    return Err(StateError::Shape {
+                        name: s.name.clone(),
+                        saved: t.dims().to_vec(),
+                        model: s.var.dims().to_vec(),
+                    });
+                }
+                *dst = t
+                    .to_dtype(s.var.dtype())
+                    .and_then(|t| t.to_device(s.var.device()))
+                    .map_err(read)?;
+            }
+        }
+        if let Some(extra) = saved.keys().min() {
+            let name = extra.strip_prefix(V).or(extra.strip_prefix(M)).unwrap_or(extra);
+            return Err(StateError::Extra(name.to_string()));
+        }
+        opt.step = step;
+        Ok(opt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::Optimizer;
+
+    fn vars(seed: f32) -> Vec<(String, Var)> {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 12.0, &dev).unwrap().reshape((3, 4)).unwrap();
+        let b = Tensor::new(&[0.5f32, -1.5, 2.0], &dev).unwrap();
+        vec![
+            (
+                "a".into(),
+                Var::from_tensor(&((a * 0.1).unwrap() + seed as f64).unwrap()).unwrap(),
+            ),
+            ("b".into(), Var::from_tensor(&b).unwrap()),
+        ]
+    }
+
+    fn loss(v: &[(String, Var)]) -> Tensor {
+        let a = v[0].1.as_tensor();
+        let b = v[1].1.as_tensor();
+        let x = a.sqr().unwrap().sum_all().unwrap();
+        let y = a.sum(1).unwrap().mul(b).unwrap().sin().unwrap().sum_all().unwrap();
+        (x + y).unwrap()
+    }
+
+    #[test]
+    fn same_updates_as_candle_adamw() {
+        let (ours, theirs) = (vars(0.3), vars(0.3));
+        let p = AdamWParams::new(0.05, 0.1);
+        let mut a = AdamW::new(&ours, p).unwrap();
+        let mut b = candle_nn::AdamW::new(
+            theirs.iter().map(|(_, v)| v.clone()).collect(),
+            candle_nn::ParamsAdamW {
+                lr: p.lr,
+                beta1: p.beta1,
+                beta2: p.beta2,
+                eps: p.eps,
+                weight_decay: p.weight_decay,
+            },
+        )
+        .unwrap();
+        for step in 0..5 {
+            let lr = 0.05 / (step + 1) as f64;
+            a.set_learning_rate(lr);
+            b.set_learning_rate(lr);
+            a.step(&loss(&ours).backward().unwrap()).unwrap();
+            b.step(&loss(&theirs).backward().unwrap()).unwrap();
+        }
+        for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
+            let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn saved_and_loaded_state_continues_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("optimizer.safetensors");
+        let p = AdamWParams::new(0.05, 0.1);
+        let straight = vars(0.7);
+        let mut a = AdamW::new(&straight, p).unwrap();
+        let split = vars(0.7);
+        let mut b = AdamW::new(&split, p).unwrap();
+        for _ in 0..3 {
+            a.step(&loss(&straight).backward().unwrap()).unwrap();
+            b.step(&loss(&split).backward().unwrap()).unwrap();
+        }
+        b.save(&path).unwrap();
+        let mut b = AdamW::load(&split, p, &path).unwrap();
+        assert_eq!(b.steps_done(), 3);
+        for _ in 0..3 {
+            a.step(&loss(&straight).backward().unwrap()).unwrap();
+            b.step(&loss(&split).backward().unwrap()).unwrap();
+        }
+        for ((_, x), (_, y)) in straight.iter().zip(&split) {
+            let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+        // Another model's variables do not fit this state.
+        let other = vec![("a".to_string(), Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap())];
+        let e = AdamW::load(&other, p, &path).err().unwrap().to_string();
+        assert!(e.contains("different model") && e.contains("`a`"), "{e}");
+        let fewer = vec![straight[0].clone()];
+        let e = AdamW::load(&fewer, p, &path).err().unwrap().to_string();
+        assert!(e.contains("`b`") && e.contains("does not have"), "{e}");
+    }
+}
