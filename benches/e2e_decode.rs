@@ -94,6 +94,10 @@ struct Args {
     temperature: f32,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Tensor parallelism: each model spread over N GPUs (needs the nccl feature);
+    /// bytes, roofline and KV capacity are then per GPU.
+    #[arg(long, alias = "tp", default_value_t = 1)]
+    tensor_parallel_size: usize,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -195,6 +199,8 @@ struct Ctx {
     temperature: f32,
     seed: u64,
     copy_gbs: f64,
+    /// Tensor-parallel ranks (GPUs `dev`, `dev + 1`, …).
+    tp: usize,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -296,7 +302,8 @@ impl StepBytes {
         Ok(StepBytes {
             weights,
             embed_row: cfg.hidden_size as u64 * eb,
-            kv_token_slot: 2 * (cfg.num_key_value_heads * cfg.head_dim) as u64 * eb,
+            // This rank's KV heads (all of them without tensor parallelism).
+            kv_token_slot: 2 * (model.kv_heads() * cfg.head_dim) as u64 * eb,
             layers: cfg.num_hidden_layers as u64,
             kv_layers: model.layout().kv_layers() as u64,
         })
@@ -429,26 +436,50 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
-fn build_model(c: &Ctx, shape: &Shape, max_positions: usize) -> Result<Model> {
+/// The model's ranks (one without tensor parallelism), random weights on each device.
+fn build_model(c: &Ctx, shape: &Shape, max_positions: usize) -> Result<Vec<Model>> {
     let t = Instant::now();
     let cfg = shape.config(max_positions)?;
-    let model = Model::load(&cfg, &Weights::random(&cfg, c.dtype, &c.dev, c.seed)?, false)?;
-    c.dev.synchronize()?;
+    let mut ranks = Vec::with_capacity(c.tp);
+    for rank in 0..c.tp {
+        let dev = crosskv::tp::rank_device(&c.dev, rank)?;
+        let w = Weights::random(&cfg, c.dtype, &dev, c.seed)?;
+        ranks.push(Model::load_shard(
+            &cfg,
+            &w,
+            false,
+            crosskv::tp::Shard { rank, world: c.tp },
+        )?);
+        dev.synchronize()?;
+    }
+    crosskv::tp::connect(&mut ranks)?;
     eprintln!(
-        "{}: random weights on the device in {:.2} s",
-        shape.name,
+        "{}: random weights on the device{} in {:.2} s",
+        label(c, shape),
+        if c.tp > 1 { "s" } else { "" },
         t.elapsed().as_secs_f64()
     );
-    Ok(model)
+    Ok(ranks)
 }
 
-fn runner_with_random_cache(c: &Ctx, model: &Model, blocks: usize) -> Result<Runner> {
+/// The shape's name, with the tensor-parallel size when there is one.
+fn label(c: &Ctx, shape: &Shape) -> String {
+    if c.tp > 1 {
+        format!("{} TP{}", shape.name, c.tp)
+    } else {
+        shape.name.to_string()
+    }
+}
+
+fn runner_with_random_cache(c: &Ctx, ranks: &[Model], blocks: usize) -> Result<Runner> {
     let t = Instant::now();
-    let runner = Runner::new(model.clone(), blocks, c.block_size)?;
-    fill_random(runner.cache())?;
-    c.dev.synchronize()?;
+    let runner = Runner::tensor_parallel(ranks.to_vec(), blocks, c.block_size)?;
+    for cache in runner.rank_caches() {
+        fill_random(cache)?;
+        cache.k().device().synchronize()?;
+    }
     eprintln!(
-        "  KV cache: {blocks} blocks, {}, filled with random values in {:.2} s",
+        "  KV cache: {blocks} blocks, {} per rank, filled with random values in {:.2} s",
         format_bytes(runner.cache().bytes() as u64),
         t.elapsed().as_secs_f64()
     );
@@ -495,11 +526,11 @@ fn e2e(c: &Ctx, shapes: &[Shape], batches: &[usize], contexts: &[usize]) -> Resu
     let per_seq_max = max_ctx + c.warmup + c.steps;
     let mut rows = Vec::new();
     for shape in shapes {
-        let model = build_model(c, shape, per_seq_max + 1)?;
-        let bytes = StepBytes::of(&model)?;
-        let layout = model.layout().clone();
+        let ranks = build_model(c, shape, per_seq_max + 1)?;
+        let bytes = StepBytes::of(&ranks[0])?;
+        let layout = ranks[0].layout().clone();
         let blocks = max_b * per_seq_max.div_ceil(c.block_size) * layout.kv_layers();
-        let runner = runner_with_random_cache(c, &model, blocks)?;
+        let runner = runner_with_random_cache(c, &ranks, blocks)?;
         for &batch in batches {
             for &context in contexts {
                 let mut mgr = KvManager::new(layout.clone(), blocks, c.block_size);
@@ -508,9 +539,10 @@ fn e2e(c: &Ctx, shapes: &[Shape], batches: &[usize], contexts: &[usize]) -> Resu
                 }
                 let d = decode(c, &runner, &mgr, batch, context)?;
                 let p = perf(c, &bytes, batch, &d);
-                table.row(format!("| {} | {batch} | {context} | {} |", shape.name, p.cells));
+                table.row(format!("| {} | {batch} | {context} | {} |", label(c, shape), p.cells));
                 rows.push(merge(
-                    json!({"bench": "e2e_decode", "engine": "crosskv", "model": shape.name,
+                    json!({"bench": "e2e_decode", "engine": "crosskv", "model": label(c, shape),
+                           "tensor_parallel_size": c.tp,
                            "batch": batch, "context": context, "steps": c.steps, "warmup": c.warmup}),
                     p.json,
                 ));
@@ -534,12 +566,12 @@ fn capacity_model(
     out: &mut Vec<Value>,
 ) -> Result<Vec<CapRow>> {
     let per_seq_max = contexts.iter().max().unwrap_or(&1) + c.warmup + c.steps;
-    let model = build_model(c, shape, per_seq_max + 1)?;
-    let bytes = StepBytes::of(&model)?;
-    let layout = model.layout().clone();
+    let ranks = build_model(c, shape, per_seq_max + 1)?;
+    let bytes = StepBytes::of(&ranks[0])?;
+    let layout = ranks[0].layout().clone();
     // The blocks a budget buys do not depend on the sequence length.
     let num_blocks = layout.capacity(budget, c.block_size, 1).num_blocks;
-    let runner = runner_with_random_cache(c, &model, num_blocks)?;
+    let runner = runner_with_random_cache(c, &ranks, num_blocks)?;
     let mut rows = Vec::new();
     for &context in contexts {
         let per_seq = context + c.warmup + c.steps;
@@ -551,7 +583,8 @@ fn capacity_model(
         }
         let equal = measured == cap.max_concurrency;
         let perf_cells;
-        let mut j = json!({"bench": "capacity", "engine": "crosskv", "model": shape.name,
+        let mut j = json!({"bench": "capacity", "engine": "crosskv", "model": label(c, shape),
+            "tensor_parallel_size": c.tp,
             "kv_budget_bytes": budget, "kv_cache_bytes": runner.cache().bytes(),
             "context": context, "tokens_per_seq": per_seq,
             "kv_bytes_per_token": cap.kv_bytes_per_token, "block_bytes": cap.block_bytes,
@@ -569,7 +602,7 @@ fn capacity_model(
         }
         table.row(format!(
             "| {} | {} | {context} + {} | {} | {} | {} | {measured} | {} | {perf_cells} |",
-            shape.name,
+            label(c, shape),
             format_bytes(budget),
             c.warmup + c.steps,
             cap.kv_bytes_per_token,
@@ -659,6 +692,7 @@ fn main() -> Result<()> {
         temperature: a.temperature,
         seed: a.seed,
         copy_gbs,
+        tp: a.tensor_parallel_size.max(1),
     };
     println!(
         "device {:?}, dtype {:?}, block size {}, {} warm-up + {} timed decode steps per row, sampling {}",

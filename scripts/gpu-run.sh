@@ -14,6 +14,10 @@
 #                               (benches/e2e_decode.rs), then Hugging Face transformers'
 #                               generate on the same shape (benches/hf_decode.py).
 #   scripts/gpu-run.sh device e2e   only e2e_decode and hf_decode.
+#   scripts/gpu-run.sh device tp    tensor parallelism (issue 6) on a machine with several GPUs
+#                               (device kind nvidia-h100-x2 …): every GPU test, then
+#                               e2e decode + capacity per GPU at 1, 2, 4, 8 ranks (as many
+#                               as there are GPUs; TP_BENCH_ARGS adds bench flags).
 #
 # With the device tool: `scripts/gpu-run.sh build`, then one `run` call with
 # carry [".gpu"] and command `bash scripts/gpu-run.sh device`.
@@ -24,10 +28,11 @@ build() {
   # shellcheck disable=SC1091
   source .cuda/env.sh
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
-  cargo build --release --features cuda --bin crosskv
+  # `nccl` (tensor parallelism) includes `cuda`.
+  cargo build --release --features nccl --bin crosskv
   local json tests
   local bench e2e
-  json=$(cargo test --release --features cuda --no-run --test gpu --bench decode_attention --bench e2e_decode \
+  json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -84,10 +89,47 @@ device_e2e() {
   return "$erc"
 }
 
+# The binaries link libnccl.so.2 (feature nccl): the system's, else PyTorch's wheel's.
+nccl_path() {
+  local lib
+  lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) || true
+  [ -n "$lib" ] && export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export NCCL_NVLS_ENABLE=0
+}
+
+# `device tp`: tensor parallelism on every GPU of the machine: the GPU tests that need
+# NCCL, then e2e decode and capacity per GPU at 1 rank and at every power of two up to
+# the GPU count, side by side.
+device_tp() {
+  local out=$1 rc=0 n
+  xz -dkf .gpu/gpu-tests.xz .gpu/e2e-decode.xz
+  chmod +x .gpu/gpu-tests .gpu/e2e-decode
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  nvidia-smi topo -m | tee -a "$out/gpu.txt" || true
+  date -u +%FT%TZ | tee -a "$out/gpu.txt"
+  # Every GPU test (the tensor-parallel ones use all GPUs; the others GPU 0).
+  .gpu/gpu-tests --test-threads=1 --nocapture 2>&1 | tee "$out/gpu-tests-tp.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  local gpus
+  gpus=$(nvidia-smi -L | wc -l)
+  for n in 1 2 4 8; do
+    [ "$n" -le "$gpus" ] || break
+    timeout 280 .gpu/e2e-decode --device cuda --tensor-parallel-size "$n" ${TP_BENCH_ARGS:-} \
+      2> >(tee -a "$out/e2e-tp.err" >&2) | tee "$out/e2e-tp$n.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  done
+  echo "== summary =="
+  grep -hE '^(test |tensor parallelism|tiny CLA|NCCL|test result)' "$out/gpu-tests-tp.log" | tee "$out/tp-summary.txt"
+  grep -hE '^\|' "$out"/e2e-tp*.log | grep -v -- '---' | sort -u | tee -a "$out/tp-summary.txt"
+  return "$rc"
+}
+
 device() {
   local out=${OUT:-.gpu/out}
   mkdir -p "$out"
+  nccl_path
   [ "${1:-all}" = e2e ] && { device_e2e "$out"; return; }
+  [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz
   chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -121,5 +163,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp]" >&2; exit 2 ;;
 esac

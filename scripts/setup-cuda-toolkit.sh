@@ -25,6 +25,11 @@ SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys
 [ -n "$SRC" ] || { echo "no cudarc sources in the cargo registry: run 'cargo fetch' in the project first" >&2; exit 1; }
 grep -ohP '^\s+fn \Kcu\w+(?=\()' "$SRC" | sort -u | sed 's/.*/void &(void) {}/' > stubs/libcuda_stub.c
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o stubs/libcuda.so stubs/libcuda_stub.c
+# The same for NCCL (feature `nccl`, tensor parallelism): -lnccl resolves against a stub with SONAME
+# libnccl.so.2; at run time the real NCCL (the system's, or PyTorch's nvidia-nccl wheel) is loaded.
+NCCL_SRC=$(dirname "$(dirname "$SRC")")/../nccl/sys/mod.rs
+grep -ohP '\bfn \Knccl\w+(?=\()' "$NCCL_SRC" | sort -u | sed 's/.*/void &(void) {}/' > stubs/libnccl_stub.c
+gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o stubs/libnccl.so stubs/libnccl_stub.c
 cat > "$DIR/env.sh" <<ENV
 # source before cargo build --features cuda
 export CUDA_ROOT="$DIR/cuda13"     # cudarc's link search: \$CUDA_ROOT/lib and \$CUDA_ROOT/lib/stubs

@@ -94,6 +94,11 @@ impl Runner {
         Ok(Runner { model, cache, peers })
     }
 
+    /// Every rank's cache, rank order.
+    pub fn rank_caches(&self) -> impl Iterator<Item = &KvCache> {
+        std::iter::once(&self.cache).chain(self.peers.iter().map(|(_, c)| c))
+    }
+
     /// Ranks of the model (1 without tensor parallelism).
     pub fn world_size(&self) -> usize {
         1 + self.peers.len()
