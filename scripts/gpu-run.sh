@@ -18,6 +18,8 @@
 #                               (device kind nvidia-h100-x2 …): every GPU test, then
 #                               e2e decode + capacity per GPU at 1, 2, 4, 8 ranks (as many
 #                               as there are GPUs; TP_BENCH_ARGS adds bench flags).
+#   scripts/gpu-run.sh device serve train (GPU), generate and serve (HTTP) a small CLA2 model
+#                               at 1 and 2 ranks; the two ranks' greedy outputs must agree.
 #
 # With the device tool: `scripts/gpu-run.sh build`, then one `run` call with
 # carry [".gpu"] and command `bash scripts/gpu-run.sh device`.
@@ -124,12 +126,82 @@ device_tp() {
   return "$rc"
 }
 
+# `device serve`: the commands end to end on the GPU(s): a byte-level BPE tokenizer
+# trained here (the machine has no network), `crosskv train` on the GPU (bf16 compute,
+# f32 master weights) from a small CLA2 config on this repository's text, then
+# `crosskv serve` on it at 1 rank and (with 2+ GPUs) 2 ranks, one greedy completion
+# each over HTTP (f32, so the two must agree), and `crosskv generate` likewise.
+device_serve() {
+  local out=$1 rc=0 dir=.gpu/serve
+  xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
+  mkdir -p "$dir"
+  git ls-files 2>/dev/null | grep -E '\.(md|rs|py|sh|toml)$' > "$dir/files.txt" || find . -name '*.rs' -o -name '*.md' | grep -v '^./.gpu' > "$dir/files.txt"
+  python3 - "$dir" <<'PY'
+import json, sys
+from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+d = sys.argv[1]
+files = [l.strip() for l in open(f"{d}/files.txt") if l.strip()]
+tok = Tokenizer(models.BPE())
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+tok.train(files, trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>"],
+                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+tok.save(f"{d}/tokenizer.json")
+json.dump({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}, open(f"{d}/tokenizer_config.json", "w"))
+cfg = {"model_type": "llama", "vocab_size": tok.get_vocab_size(), "hidden_size": 512,
+       "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+       "num_key_value_heads": 2, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+       "max_position_embeddings": 512, "tie_word_embeddings": False, "cla_share_factor": 2,
+       "eos_token_id": tok.token_to_id("<|endoftext|>"), "torch_dtype": "float32"}
+json.dump(cfg, open(f"{d}/config.json", "w"), indent=1)
+print("tokenizer vocab", tok.get_vocab_size())
+PY
+  mkdir -p "$dir/data"
+  xargs cat < "$dir/files.txt" > "$dir/data/repo.txt" 2>/dev/null || true
+  .gpu/crosskv train --config "$dir/config.json" --tokenizer "$dir" --data "$dir/data" --out "$dir/model" \
+    --steps 60 --batch-size 16 --seq-len 256 --lr 1e-3 --device cuda --log-json "$out/train-log.jsonl" --json \
+    2> "$out/train.err" | tee "$out/train.json" || rc=1
+  local gpus port=8101 tp
+  gpus=$(nvidia-smi -L | wc -l)
+  for tp in 1 2; do
+    [ "$tp" -le "$gpus" ] || break
+    .gpu/crosskv generate --model "$dir/model" --device cuda --dtype f32 --tensor-parallel-size "$tp" \
+      --prompt "fn main" --max-tokens 24 > "$out/generate-tp$tp.txt" 2> "$out/generate-tp$tp.err" || rc=1
+    CROSSKV_LOG=info .gpu/crosskv serve --model "$dir/model" --device cuda --dtype f32 --tensor-parallel-size "$tp" \
+      --port "$port" > "$out/serve-tp$tp.log" 2>&1 &
+    local pid=$! i
+    for i in $(seq 1 120); do
+      curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+      sleep 0.5
+    done
+    local model
+    model=$(curl -s "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
+    curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
+      -d "{\"model\": \"$model\", \"prompt\": \"fn main\", \"max_tokens\": 24, \"temperature\": 0}" \
+      > "$out/completion-tp$tp.json" || rc=1
+    curl -s "http://127.0.0.1:$port/metrics" | grep -E '^crosskv_kv' > "$out/metrics-tp$tp.txt" || true
+    kill -TERM "$pid"; wait "$pid" || rc=1
+    port=$((port + 1))
+  done
+  echo "== summary =="
+  tail -n 3 "$out/train-log.jsonl"; cat "$out/train.json"
+  for f in "$out"/generate-tp*.txt "$out"/completion-tp*.json; do echo "$f: $(cat "$f")"; done
+  grep -hE 'KV cache|GPU memory|tensor parallelism' "$out"/serve-tp*.log
+  if [ -f "$out/completion-tp2.json" ]; then
+    python3 -c 'import json,sys; a,b=(json.load(open(f))["choices"][0]["text"] for f in sys.argv[1:]); print("tp1 == tp2:", a==b); sys.exit(a!=b)' \
+      "$out/completion-tp1.json" "$out/completion-tp2.json" || rc=1
+    cmp "$out/generate-tp1.txt" "$out/generate-tp2.txt" && echo "generate tp1 == tp2" || rc=1
+  fi
+  return "$rc"
+}
+
 device() {
   local out=${OUT:-.gpu/out}
   mkdir -p "$out"
   nccl_path
   [ "${1:-all}" = e2e ] && { device_e2e "$out"; return; }
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
+  [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz
   chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -163,5 +235,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve]" >&2; exit 2 ;;
 esac
