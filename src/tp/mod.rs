@@ -218,7 +218,9 @@ mod tests {
             }
         }
         // MQA on 4 ranks: the one KV head on every rank.
-        assert_eq!(s(3, 4).kv_heads, 0..1);
+        assert_eq!(Shard { rank: 3, world: 4 }.split(8, 1, 64).unwrap().kv_heads, 0..1);
+        // GQA with 2 KV heads on 4 ranks: ranks 0-1 share head 0, ranks 2-3 head 1.
+        assert_eq!(Shard { rank: 2, world: 4 }.split(8, 2, 64).unwrap().kv_heads, 1..2);
     }
 
     #[test]
