@@ -578,3 +578,92 @@ fn forward_memory_profile_sees_weights_and_activations() {
     assert!(small.total > small.in_use_after_load && small.in_use_after_load > 0);
     assert!(big.activation_peak > 0 && big.activation_peak >= small.activation_peak);
 }
+
+/// `causal_attention` on CUDA (the flash-attention kernels, f16/bf16, head_dim 64/128)
+/// against the CPU reference in f32 on the same (rounded) inputs: the output and, through
+/// candle's autograd with a random dO, dq, dk and dv (dk/dv summed over each group), for
+/// MHA, GQA 4 and MQA (16 query heads on one KV head) and lengths around the 64-row
+/// tiles. With t = 1 a row's only key is itself: dq and dk are zero but for rounding,
+/// so there they are held to the tolerance relative to dv's scale.
+#[test]
+fn flash_attention_matches_cpu() {
+    use candle_core::Var;
+    let dev = gpu();
+    let b = 2;
+    let mut worst: std::collections::BTreeMap<String, f32> = Default::default();
+    // Output and q/k/v gradients of causal_attention under the loss Σ out∘dO.
+    let run = |q: &Tensor, k: &Tensor, v: &Tensor, w: &Tensor, scale: f32| -> Vec<Vec<f32>> {
+        let (q, k, v) = (
+            Var::from_tensor(q).unwrap(),
+            Var::from_tensor(k).unwrap(),
+            Var::from_tensor(v).unwrap(),
+        );
+        let out = crosskv::ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale).unwrap();
+        let grads = (&out * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = |x: &Var| flat(grads.get(x.as_tensor()).expect("a gradient"));
+        vec![flat(&out), g(&q), g(&k), g(&v)]
+    };
+    for dtype in [DType::BF16, DType::F16] {
+        for d in [64, 128] {
+            for (heads, kv_heads) in [(4, 4), (8, 2), (16, 1)] {
+                for t in [1, 17, 64, 65, 200] {
+                    let mut rng = Rng::new(900 + t as u64 * 31 + heads as u64 * 7 + d as u64);
+                    let (q_c, q_g) = pair(&mut rng, &[b, t, heads, d], dtype, &dev);
+                    let (k_c, k_g) = pair(&mut rng, &[b, t, kv_heads, d], dtype, &dev);
+                    let (v_c, v_g) = pair(&mut rng, &[b, t, kv_heads, d], dtype, &dev);
+                    let (w_c, w_g) = pair(&mut rng, &[b, t, heads, d], dtype, &dev);
+                    let scale = 1.0 / (d as f32).sqrt();
+                    let f32s = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+                    let want = run(&f32s(&q_c), &f32s(&k_c), &f32s(&v_c), &f32s(&w_c), scale);
+                    let got = run(&q_g, &k_g, &v_g, &w_g, scale);
+                    let what = format!("flash {dtype:?} d{d} heads {heads}/{kv_heads} b{b} t{t}");
+                    let dv_scale = want[3].iter().fold(0f32, |m, x| m.max(x.abs()));
+                    for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                        let e = if t == 1 && (i == 1 || i == 2) {
+                            let m =
+                                got[i]
+                                    .iter()
+                                    .fold(0f32, |m, x| if x.is_finite() { m.max(x.abs()) } else { f32::INFINITY });
+                            m / dv_scale
+                        } else {
+                            rel_err(&got[i], &want[i])
+                        };
+                        eprintln!("{what} {name}: max rel err {e:.2e}");
+                        assert!(e <= tol(dtype), "{what}: {name} relative error {e}");
+                        let key = format!("{dtype:?} d{d} {heads}/{kv_heads} {name}");
+                        let w = worst.entry(key).or_insert(0.0);
+                        *w = w.max(e);
+                    }
+                }
+            }
+        }
+    }
+    for (k, e) in worst {
+        eprintln!("flash worst over t: {k}: {e:.2e}");
+    }
+}
+
+/// The model's dense (training) forward runs the flash kernels on CUDA in bf16: its
+/// logits match the CPU f32 model within twice what bf16 alone costs on the CPU.
+#[test]
+fn flash_attention_forward_dense_matches_cpu() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(42);
+    let ck = tiny.write();
+    let opts = |dtype, device: Device| LoadOptions {
+        dtype: Some(dtype),
+        device,
+        ..LoadOptions::default()
+    };
+    let cpu = ck.load();
+    let cpu_bf16 = ck.load_with(&opts(DType::BF16, Device::Cpu));
+    let cuda = ck.load_with(&opts(DType::BF16, dev.clone()));
+    let tokens = Rng::new(5).tokens(70, tiny.vocab);
+    let want = flat(&cpu.forward_dense(&tokens).unwrap());
+    let yardstick = rel_err(&flat(&cpu_bf16.forward_dense(&tokens).unwrap()), &want);
+    let e = rel_err(&flat(&cuda.forward_dense(&tokens).unwrap()), &want);
+    eprintln!("forward_dense bf16: CUDA rel err {e:.2e}, CPU bf16 {yardstick:.2e}");
+    assert!(e <= 2.0 * yardstick.max(1e-2), "forward_dense bf16 on CUDA: {e}");
+}
