@@ -9,9 +9,11 @@
 //! Timed with CUDA events around each run on the op's stream: 3 warm-up runs, the median
 //! of `ITERS`. FLOPs as FlashAttention-2 counts them for causal attention: forward
 //! 4·b·heads·t²·d / 2 (Q·Kᵀ and P·V over half the scores), backward 2.5× that (five
-//! matmuls). The backward runs through candle's autograd on a loss Σ out∘dO, so its time
-//! also holds that product, the sum and the gradient bookkeeping (each a pass over
-//! b·t·heads·d elements, small next to the attention).
+//! matmuls). "fwd+bwd" runs the op and its backward op directly
+//! (`causal_attention_with_grads`: the kernels, their buffers and the casts); "autograd"
+//! runs the same through candle's autograd on a loss Σ out∘dO, which adds that product,
+//! the sum and candle's gradient bookkeeping.
+//! `CROSSKV_FA_BENCH_ONLY=16x128` runs only kv_heads 16, d 128 (e.g. under a profiler).
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
@@ -43,11 +45,17 @@ fn main() -> anyhow::Result<()> {
         ms.sort_by(|a, b| a.total_cmp(b));
         Ok(ms[ms.len() / 2] as f64)
     };
-    println!("| heads / kv heads | d | b | t | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    println!(
+        "| heads / kv heads | d | b | t | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | autograd fwd+bwd ms |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     let (b, t, heads) = (8usize, 2048usize, 16usize);
+    let only = std::env::var("CROSSKV_FA_BENCH_ONLY").ok();
     for d in [64usize, 128] {
         for kv_heads in [1usize, 16] {
+            if only.as_deref().is_some_and(|o| o != format!("{kv_heads}x{d}")) {
+                continue;
+            }
             let rand = |h: usize| Tensor::randn(0f32, 1.0, (b, t, h, d), &dev)?.to_dtype(DType::BF16);
             let (q, k, v, w) = (
                 Var::from_tensor(&rand(heads)?)?,
@@ -55,24 +63,28 @@ fn main() -> anyhow::Result<()> {
                 Var::from_tensor(&rand(kv_heads)?)?,
                 rand(heads)?,
             );
+            let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
             let scale = 1.0 / (d as f32).sqrt();
-            let fwd = || crosskv::ops::causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale);
-            let mut f = || fwd().map(|_| ());
+            let mut f = || crosskv::ops::causal_attention(qt, kt, vt, scale).map(|_| ());
             time(3, &mut f)?;
             let fwd_ms = time(ITERS, &mut f)?;
-            let mut fb = || -> candle_core::Result<()> {
-                let grads = (fwd()? * &w)?.sum_all()?.backward()?;
-                for x in [&q, &k, &v] {
-                    grads.get(x.as_tensor()).expect("a gradient");
+            let mut fb = || crosskv::ops::causal_attention_with_grads(qt, kt, vt, &w, scale).map(|_| ());
+            time(3, &mut fb)?;
+            let fb_ms = time(ITERS, &mut fb)?;
+            let mut ag = || -> candle_core::Result<()> {
+                let out = crosskv::ops::causal_attention(qt, kt, vt, scale)?;
+                let grads = (out * &w)?.sum_all()?.backward()?;
+                for x in [qt, kt, vt] {
+                    grads.get(x).expect("a gradient");
                 }
                 Ok(())
             };
-            time(3, &mut fb)?;
-            let fb_ms = time(ITERS, &mut fb)?;
+            time(3, &mut ag)?;
+            let ag_ms = time(ITERS, &mut ag)?;
             let flops = 4.0 * (b * heads * t * t * d) as f64 / 2.0;
             let tf = |f: f64, ms: f64| f / (ms * 1e-3) / 1e12;
             println!(
-                "| {heads}/{kv_heads} | {d} | {b} | {t} | {fwd_ms:.3} | {:.0} | {fb_ms:.3} | {:.0} |",
+                "| {heads}/{kv_heads} | {d} | {b} | {t} | {fwd_ms:.3} | {:.0} | {fb_ms:.3} | {:.0} | {ag_ms:.3} |",
                 tf(flops, fwd_ms),
                 tf(3.5 * flops, fb_ms)
             );

@@ -35,12 +35,17 @@ struct FaParams {
 unsafe impl DeviceRepr for FaParams {}
 
 /// Dynamic shared memory: `FwdCfg<D>::SMEM` (Q, two stages of K and V) and
-/// `BwdCfg<D>::SMEM` (K, V, two stages of Q, dO, LSE, Dsum, then dSᵀ).
+/// `BwdCfg<D>::SMEM` (K, V, two stages of Q, dO, LSE, Dsum).
 fn fwd_smem(d: usize) -> usize {
     5 * TILE * d * 2
 }
 fn bwd_smem(d: usize) -> usize {
-    2 * TILE * d * 2 + 2 * (2 * TILE * d * 2 + 2 * TILE * 4) + TILE * TILE * 2
+    2 * TILE * d * 2 + 2 * (2 * TILE * d * 2 + 2 * TILE * 4)
+}
+
+/// `fa_bwd_dq`: Q, dO, then two stages of K and V.
+fn dq_smem(d: usize) -> usize {
+    6 * TILE * d * 2
 }
 
 /// The kernel-name suffix, after checking what the kernels support.
@@ -185,63 +190,70 @@ pub(crate) fn backward(
     let p = params(d, scale, hsplit(&dev, d)?);
     let (nq, nk) = (d.q_len(), d.kv_len());
     let n = nq + 2 * nk;
-    let mut acc = dev.alloc_zeros::<f32>(n)?;
+    // A group split over CTAs sums its dK, dV in f32 first; else they are stored directly.
+    let split = p.hsplit > 1;
+    let mut acc = dev.alloc_zeros::<f32>(if split { 2 * nk } else { 1 })?;
     let mut dsum = unsafe { dev.alloc::<f32>(d.b * d.heads * tp)? };
     let dot_cfg = config((d.b * d.heads * tp).div_ceil(4), FWD_THREADS, 0);
-    let smem = bwd_smem(d.d);
-    let bwd_cfg = config(
+    let kv_cfg = config(
         p.n_tiles as usize * d.kv_heads * d.b * p.hsplit as usize,
         BWD_THREADS,
-        smem,
+        bwd_smem(d.d),
     );
-    let cast_cfg = config(n.div_ceil(256).min(1 << 16), 256, 0);
+    let dq_cfg = config(p.n_tiles as usize * d.heads * d.b, FWD_THREADS, dq_smem(d.d));
+    let cast_cfg = config((2 * nk).div_ceil(256).min(1 << 16), 256, 0);
     let lse = lse.0.as_cuda_slice::<f32>()?.slice(l0..l1);
-    let (dot_name, bwd_name, cast_name) = (
-        format!("fa_bwd_dot_{sfx}_d{}", d.d),
-        format!("fa_bwd_{sfx}_d{}", d.d),
-        format!("fa_cast_{sfx}"),
-    );
-    macro_rules! go {
-        ($t:ty) => {{
-            let s = |i: usize| -> Result<_> { Ok(x[i].0.as_cuda_slice::<$t>()?.slice(ranges[i].0..ranges[i].1)) };
-            let (qv, kv, vv, ov, gv) = (s(0)?, s(1)?, s(2)?, s(3)?, s(4)?);
-            let f = dev.get_or_load_custom_func(&dot_name, MODULE, ptx::FLASH_ATTENTION)?;
-            let mut b = f.builder();
-            b.arg(&mut dsum).arg(&ov).arg(&gv).arg(&p);
-            unsafe { b.launch(dot_cfg) }.w()?;
-
-            let f = dev.get_or_load_custom_func(&bwd_name, MODULE, ptx::FLASH_ATTENTION)?;
+    let name = |k: &str| format!("fa_{k}_{sfx}_d{}", d.d);
+    let load = |name: &str, smem: usize| -> Result<_> {
+        let f = dev.get_or_load_custom_func(name, MODULE, ptx::FLASH_ATTENTION)?;
+        if smem > 0 {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
             .w()?;
-            {
-                let (mut dq, mut rest) = acc.split_at_mut(nq);
-                let (mut dk, mut dv) = rest.split_at_mut(nk);
-                let mut b = f.builder();
-                b.arg(&mut dq)
-                    .arg(&mut dk)
-                    .arg(&mut dv)
-                    .arg(&qv)
-                    .arg(&kv)
-                    .arg(&vv)
-                    .arg(&gv)
-                    .arg(&lse)
-                    .arg(&dsum)
-                    .arg(&p);
-                unsafe { b.launch(bwd_cfg) }.w()?;
-            }
+        }
+        Ok(f)
+    };
+    macro_rules! go {
+        ($t:ty) => {{
+            let s = |i: usize| -> Result<_> { Ok(x[i].0.as_cuda_slice::<$t>()?.slice(ranges[i].0..ranges[i].1)) };
+            let (qv, kv, vv, ov, gv) = (s(0)?, s(1)?, s(2)?, s(3)?, s(4)?);
+            let f = load(&name("bwd_dot"), 0)?;
+            let mut b = f.builder();
+            b.arg(&mut dsum).arg(&ov).arg(&gv).arg(&p);
+            unsafe { b.launch(dot_cfg) }.w()?;
 
             let mut out = unsafe { dev.alloc::<$t>(n)? };
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            let f = dev.get_or_load_custom_func(&cast_name, MODULE, ptx::FLASH_ATTENTION)?;
-            let n64 = n as u64;
+            let (mut out_dq, mut out_kv) = out.split_at_mut(nq);
+            {
+                let (mut dk, mut dv) = out_kv.split_at_mut(nk);
+                let (mut dk_acc, mut dv_acc) = if split {
+                    acc.split_at_mut(nk)
+                } else {
+                    acc.split_at_mut(0) // not read: the kernel stores dK, dV directly
+                };
+                let f = load(&name("bwd_dkdv"), bwd_smem(d.d))?;
+                let mut b = f.builder();
+                b.arg(&mut dk).arg(&mut dv).arg(&mut dk_acc).arg(&mut dv_acc);
+                b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
+                unsafe { b.launch(kv_cfg) }.w()?;
+            }
+            let f = load(&name("bwd_dq"), dq_smem(d.d))?;
             let mut b = f.builder();
-            b.arg(&mut out).arg(&acc).arg(&n64);
-            unsafe { b.launch(cast_cfg) }.w()?;
+            b.arg(&mut out_dq);
+            b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
+            unsafe { b.launch(dq_cfg) }.w()?;
+            if split {
+                let f = load(&format!("fa_cast_{sfx}"), 0)?;
+                let n64 = (2 * nk) as u64;
+                let mut b = f.builder();
+                b.arg(&mut out_kv).arg(&acc).arg(&n64);
+                unsafe { b.launch(cast_cfg) }.w()?;
+            }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }

@@ -23,7 +23,7 @@
 use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
 use std::sync::Mutex;
 
 const OP: &str = "causal_attention";
@@ -73,6 +73,57 @@ impl Dims {
 /// scores scaled by `scale` (usually `1/sqrt(d)`); differentiable in q, k and v. See the
 /// module docs for which path runs where.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    if !fused(q, k, v)? {
+        return causal_attention_composite(q, k, v, scale);
+    }
+    if q.elem_count() == 0 {
+        return q.zeros_like();
+    }
+    let op = FlashAttn {
+        scale,
+        lse: Mutex::new(None),
+    };
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// The forward and the gradients for a given `dout` (dL/d out, q's shape and dtype) in
+/// one call, without candle's autograd: `(out, dq, dk, dv)`. The same ops as
+/// [`causal_attention`] and its backward; the benchmark times the kernels with it.
+pub fn causal_attention_with_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    if dout.shape() != q.shape() || dout.dtype() != q.dtype() {
+        candle_core::bail!("{OP}: dout {:?} {:?} does not match q", dout.shape(), dout.dtype());
+    }
+    if !fused(q, k, v)? || q.elem_count() == 0 {
+        let [q, k, v] = [q, k, v].map(|x| Var::from_tensor(&x.detach()));
+        let (q, k, v) = (q?, k?, v?);
+        let out = causal_attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
+        let grads = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let g = |x: &Var| match grads.get(x.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => x.as_tensor().zeros_like(),
+        };
+        return Ok((out, g(&q)?, g(&k)?, g(&v)?));
+    }
+    let op = FlashAttn {
+        scale,
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    let out = q.apply_op3_no_bwd(&k, &v, &op)?;
+    let (dq, dk, dv) = op.grads(&q, &k, &v, &out, dout)?;
+    Ok((out, dq, dk, dv))
+}
+
+/// Checks the inputs; whether the fused op runs (else the composite).
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
     Dims::of(q.layout(), k.layout(), v.layout())?;
     let dtype = q.dtype();
     if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || k.dtype() != dtype || v.dtype() != dtype {
@@ -86,22 +137,11 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
     if !k.device().same_device(q.device()) || !v.device().same_device(q.device()) {
         candle_core::bail!("{OP}: q, k and v must be on one device");
     }
-    if q.elem_count() == 0 {
-        return q.zeros_like();
-    }
-    let fused = match q.device() {
+    Ok(match q.device() {
         Device::Cpu => true,
         Device::Cuda(_) => dtype != DType::F32 && matches!(q.dim(3)?, 64 | 128),
         _ => false,
-    };
-    if !fused {
-        return causal_attention_composite(q, k, v, scale);
-    }
-    let op = FlashAttn {
-        scale,
-        lse: Mutex::new(None),
-    };
-    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+    })
 }
 
 /// The same attention from candle ops in f32 (O(t²) memory): the fallback where the
@@ -215,6 +255,14 @@ impl CustomOp3 for FlashAttn {
         res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.grads(q, k, v, res, g)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FlashAttn {
+    /// dq, dk, dv from the forward's inputs, its output `o` and dL/dO `g`.
+    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let saved = self.lse.lock().expect("causal_attention lse").clone();
         let lse = match saved {
             Some(lse) => lse,
@@ -231,7 +279,7 @@ impl CustomOp3 for FlashAttn {
         };
         let op = FlashAttnBwd {
             scale: self.scale,
-            o: aligned(&res.detach())?,
+            o: aligned(&o.detach())?,
             g: aligned(&g.detach())?,
             lse,
         };
@@ -239,9 +287,9 @@ impl CustomOp3 for FlashAttn {
         let flat = q.apply_op3_no_bwd(k, v, &op)?;
         let (nq, nk) = (d.q_len(), d.kv_len());
         Ok((
-            Some(flat.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(flat.narrow(0, nq, nk)?.reshape(k.shape())?),
-            Some(flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+            flat.narrow(0, 0, nq)?.reshape(q.shape())?,
+            flat.narrow(0, nq, nk)?.reshape(k.shape())?,
+            flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
         ))
     }
 }

@@ -6,7 +6,7 @@
 
 use crate::common::Rng;
 use candle_core::{DType, Device, Tensor, Var, D};
-use crosskv::ops::{causal_attention, causal_attention_composite};
+use crosskv::ops::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 
 /// The formulation `Model::forward_dense` had: per batch row, [t, heads, d] in f32.
 fn composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor {
@@ -112,6 +112,11 @@ fn causal_attention_and_its_gradients_match_the_composite() {
             &v,
             &w,
         );
+        // The same op and backward without autograd: the same numbers.
+        let (o, dq, dk, dv) = causal_attention_with_grads(&q, &k, &v, &w, scale).unwrap();
+        for (x, y) in [o, dq, dk, dv].iter().zip(&got) {
+            assert_eq!(flat(x), flat(y), "causal_attention_with_grads b{b} t{t}");
+        }
         for (j, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
             let e = rel_err(&got[j], &want[j]);
             assert!(e <= 1e-4, "b{b} t{t} heads {h}/{kvh} d{d}: {name} relative error {e}");
