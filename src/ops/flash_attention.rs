@@ -12,8 +12,9 @@
 //! and an f32 LSE packed into a bf16 output would not survive; recomputing it would cost
 //! another Q·Kᵀ pass). `bwd` gets O back as the op's result and runs a second op whose
 //! one output is `[dq | dk | dv]` flat in q's dtype; dK, dV of a KV head are summed over
-//! the query heads of its group. On CUDA nothing is O(t²): dQ, dK, dV accumulate in f32
-//! buffers of the inputs' sizes, plus LSE and rowsum(dO·O) per row.
+//! the query heads of its group. On CUDA nothing is O(t²): besides LSE and rowsum(dO·O)
+//! per row, only f32 buffers for dK and dV when a GQA/MQA group is split over CTAs
+//! (`cuda_flash.rs`).
 //!
 //! Which path runs: the op on the CPU (f32/f16/bf16) and on CUDA for f16/bf16 with
 //! head_dim 64 or 128. Anything else on CUDA (f32 inputs, other head dims) and other
