@@ -11,7 +11,7 @@
 
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
-    use candle_core::{DType, Device, Tensor, D};
+    use candle_core::{DType, Tensor, D};
     use crosskv::ops::SeqSpan;
 
     const ITERS: usize = 30;

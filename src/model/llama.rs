@@ -398,10 +398,6 @@ impl Model {
         let positions = Tensor::arange(0u32, t as u32, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &self.device)?;
         let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
@@ -412,24 +408,10 @@ impl Model {
             let (k, v) = produced[self.layout.producer_of_slot(a.slot)]
                 .clone()
                 .expect("producers run before their consumers");
-            let group = a.heads / a.kv_heads;
-            // [kv_heads, t, d] → [heads, t, d], each KV head serving `group` query heads.
-            let expand = |m: &Tensor| -> Result<Tensor> {
-                let m = m.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
-                let (kvh, tt, dd) = m.dims3()?;
-                m.unsqueeze(1)?
-                    .expand((kvh, group, tt, dd))?
-                    .reshape((kvh * group, tt, dd))
-            };
-            let (k, v) = (expand(&k)?, expand(&v)?);
-            let q = q.to_dtype(DType::F32)?.transpose(0, 1)?.contiguous()?;
-            let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? / (a.head_dim as f64).sqrt())?;
-            // The differentiable softmax (candle's fused softmax_last_dim has no backward):
-            // this path is the training path's forward too.
-            let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
-            let o = p
-                .matmul(&v)?
-                .transpose(0, 1)?
+            // Fused causal attention (differentiable; f32 inside on the CPU, the flash
+            // kernels on CUDA in f16/bf16): [t, heads, d] as a batch of one.
+            let scale = 1.0 / (a.head_dim as f32).sqrt();
+            let o = crate::ops::causal_attention(&q.unsqueeze(0)?, &k.unsqueeze(0)?, &v.unsqueeze(0)?, scale)?
                 .reshape((t, a.heads * a.head_dim))?
                 .to_dtype(self.dtype)?;
             (x, normed) = self.finish_layer(i, &x, &o)?;

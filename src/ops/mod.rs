@@ -6,7 +6,10 @@ pub mod argmax;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
+mod cuda_flash;
+#[cfg(feature = "cuda")]
 mod cuda_fused;
+pub mod flash_attention;
 pub mod paged_attention;
 pub mod parallel;
 pub mod qmatmul;
@@ -15,6 +18,7 @@ pub mod rms_norm;
 pub mod rope;
 
 pub use argmax::argmax_rows;
+pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;

@@ -8,6 +8,7 @@ mod default_model;
 mod dtypes;
 mod engine;
 mod eval;
+mod flash_attention;
 mod fused_ops;
 mod gguf;
 mod golden;

@@ -1,0 +1,498 @@
+//! `causal_attention`: fused causal multi-head attention for training, forward and
+//! backward (flash-attention-2 style on CUDA: `kernels/flash_attention.cu`, launched by
+//! `cuda_flash.rs`). The CPU paths below are the f32-accumulating references the
+//! kernels must match.
+//!
+//! q is `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]` with `heads` a multiple of
+//! `kv_heads` (MHA, GQA, MQA: query head `h` reads KV head `h / (heads / kv_heads)`);
+//! query row i attends to keys 0..=i. The output is `[b, t, heads, d]` in q's dtype.
+//!
+//! Backward: the forward saves each row's logsumexp (LSE, f32) as FA2 does, in the op
+//! instance that candle's autograd graph keeps for `bwd` (a custom op has one output,
+//! and an f32 LSE packed into a bf16 output would not survive; recomputing it would cost
+//! another Q·Kᵀ pass). `bwd` gets O back as the op's result and runs a second op whose
+//! one output is `[dq | dk | dv]` flat in q's dtype; dK, dV of a KV head are summed over
+//! the query heads of its group. On CUDA nothing is O(t²): besides LSE and rowsum(dO·O)
+//! per row, only f32 buffers for dK and dV when a GQA/MQA group is split over CTAs
+//! (`cuda_flash.rs`).
+//!
+//! Which path runs: the op on the CPU (f32/f16/bf16) and on CUDA for f16/bf16 with
+//! head_dim 64 or 128. Anything else on CUDA (f32 inputs, other head dims) and other
+//! devices take [`causal_attention_composite`]: candle ops in f32 (expand the KV heads,
+//! Q·Kᵀ, masked softmax, ·V), differentiable by candle's autograd, with O(t²) memory.
+
+use super::parallel::for_each_chunk_mut;
+use super::{contiguous, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
+use std::sync::Mutex;
+
+const OP: &str = "causal_attention";
+
+/// The shapes of one call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    fn of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (b, t, heads, d) = q.shape().dims4()?;
+        let kv_heads = k.dims().get(2).copied().unwrap_or(0);
+        if k.dims() != [b, t, kv_heads, d] || v.dims() != k.dims() || kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!(
+                "{OP}: q {:?}, k {:?}, v {:?}; [b, t, heads, d] and [b, t, kv_heads, d] with heads a multiple of kv_heads expected",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            );
+        }
+        Ok(Dims {
+            b,
+            t,
+            heads,
+            kv_heads,
+            d,
+        })
+    }
+    pub(crate) fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    pub(crate) fn q_len(&self) -> usize {
+        self.b * self.t * self.heads * self.d
+    }
+    pub(crate) fn kv_len(&self) -> usize {
+        self.b * self.t * self.kv_heads * self.d
+    }
+}
+
+/// Causal attention of `q` (`[b, t, heads, d]`) over `k`, `v` (`[b, t, kv_heads, d]`),
+/// scores scaled by `scale` (usually `1/sqrt(d)`); differentiable in q, k and v. See the
+/// module docs for which path runs where.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    if !fused(q, k, v)? {
+        return causal_attention_composite(q, k, v, scale);
+    }
+    if q.elem_count() == 0 {
+        return q.zeros_like();
+    }
+    let op = FlashAttn {
+        scale,
+        lse: Mutex::new(None),
+    };
+    aligned(q)?.apply_op3(&aligned(k)?, &aligned(v)?, op)
+}
+
+/// The forward and the gradients for a given `dout` (dL/d out, q's shape and dtype) in
+/// one call, without candle's autograd: `(out, dq, dk, dv)`. The same ops as
+/// [`causal_attention`] and its backward; the benchmark times the kernels with it.
+pub fn causal_attention_with_grads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dout: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
+    if dout.shape() != q.shape() || dout.dtype() != q.dtype() {
+        candle_core::bail!("{OP}: dout {:?} {:?} does not match q", dout.shape(), dout.dtype());
+    }
+    if !fused(q, k, v)? || q.elem_count() == 0 {
+        let [q, k, v] = [q, k, v].map(|x| Var::from_tensor(&x.detach()));
+        let (q, k, v) = (q?, k?, v?);
+        let out = causal_attention_composite(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
+        let grads = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
+        let g = |x: &Var| match grads.get(x.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => x.as_tensor().zeros_like(),
+        };
+        return Ok((out, g(&q)?, g(&k)?, g(&v)?));
+    }
+    let op = FlashAttn {
+        scale,
+        lse: Mutex::new(None),
+    };
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    let out = q.apply_op3_no_bwd(&k, &v, &op)?;
+    let (dq, dk, dv) = op.grads(&q, &k, &v, &out, dout)?;
+    Ok((out, dq, dk, dv))
+}
+
+/// Checks the inputs; whether the fused op runs (else the composite).
+fn fused(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+    Dims::of(q.layout(), k.layout(), v.layout())?;
+    let dtype = q.dtype();
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) || k.dtype() != dtype || v.dtype() != dtype {
+        candle_core::bail!(
+            "{OP}: q, k, v are {:?}, {:?}, {:?}; one of f32, f16, bf16 expected",
+            dtype,
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    if !k.device().same_device(q.device()) || !v.device().same_device(q.device()) {
+        candle_core::bail!("{OP}: q, k and v must be on one device");
+    }
+    Ok(match q.device() {
+        Device::Cpu => true,
+        Device::Cuda(_) => dtype != DType::F32 && matches!(q.dim(3)?, 64 | 128),
+        _ => false,
+    })
+}
+
+/// The same attention from candle ops in f32 (O(t²) memory): the fallback where the
+/// fused op has no kernel, and the formulation the op replaced in the model.
+pub fn causal_attention_composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let d = Dims::of(q.layout(), k.layout(), v.layout())?;
+    // [b, t, kv_heads, d] → [b, heads, t, d], each KV head serving `group` query heads.
+    let expand = |m: &Tensor| -> Result<Tensor> {
+        m.to_dtype(DType::F32)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .unsqueeze(2)?
+            .expand((d.b, d.kv_heads, d.group(), d.t, d.d))?
+            .reshape((d.b, d.heads, d.t, d.d))
+    };
+    let (k32, v32) = (expand(k)?, expand(v)?);
+    let q32 = q.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+    let mask: Vec<f32> = (0..d.t)
+        .flat_map(|i| (0..d.t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(mask, (d.t, d.t), q.device())?;
+    let scores = (q32.matmul(&k32.transpose(2, 3)?.contiguous()?)? * scale as f64)?;
+    // candle_nn's softmax is differentiable (its fused softmax_last_dim has no backward).
+    let p = candle_nn::ops::softmax(&scores.broadcast_add(&mask)?, candle_core::D::Minus1)?;
+    p.matmul(&v32)?.transpose(1, 2)?.to_dtype(q.dtype())?.contiguous()
+}
+
+/// Contiguous and 16-byte aligned (what the kernels' vector loads need); a copy if not.
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    if t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
+}
+
+/// The forward op; `lse` is what it saves for the backward: f32 `[b, t, heads]` on the
+/// CPU, `[b, heads, t rounded up to 64]` on CUDA.
+struct FlashAttn {
+    scale: f32,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl FlashAttn {
+    fn save(&self, lse: Tensor) {
+        *self.lse.lock().expect("causal_attention lse") = Some(lse);
+    }
+}
+
+impl CustomOp3 for FlashAttn {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(ql, kl, vl)?;
+        fn run<T: Elem + WithDType>(
+            d: Dims,
+            scale: f32,
+            x: [(&CpuStorage, &Layout); 3],
+        ) -> Result<(CpuStorage, Vec<f32>)> {
+            let [q, k, v] = x.map(|(s, l)| to_f32::<T>(s, l));
+            let (o, lse) = cpu_forward(&q?, &k?, &v?, d, scale);
+            Ok((T::to_cpu_storage_owned(o.into_iter().map(T::from_f32).collect()), lse))
+        }
+        let x = [(q, ql), (k, kl), (v, vl)];
+        let (out, lse) = match q.dtype() {
+            DType::F32 => run::<f32>(d, self.scale, x)?,
+            DType::F16 => run::<half::f16>(d, self.scale, x)?,
+            DType::BF16 => run::<half::bf16>(d, self.scale, x)?,
+            dt => candle_core::bail!("{OP}: {dt:?} is not supported (f32/f16/bf16)"),
+        };
+        self.save(Tensor::from_vec(lse, (d.b, d.t, d.heads), &Device::Cpu)?);
+        Ok((out, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = Dims::of(ql, kl, vl)?;
+        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, (q, ql), (k, kl), (v, vl))?;
+        self.save(Tensor::from_storage(
+            Storage::Cuda(lse),
+            lse_shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+        Ok((out, ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = self.grads(q, k, v, res, g)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl FlashAttn {
+    /// dq, dk, dv from the forward's inputs, its output `o` and dL/dO `g`.
+    fn grads(&self, q: &Tensor, k: &Tensor, v: &Tensor, o: &Tensor, g: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let saved = self.lse.lock().expect("causal_attention lse").clone();
+        let lse = match saved {
+            Some(lse) => lse,
+            None => {
+                // Not expected (the forward saves it); recompute rather than fail.
+                let f = FlashAttn {
+                    scale: self.scale,
+                    lse: Mutex::new(None),
+                };
+                q.apply_op3_no_bwd(k, v, &f)?;
+                let lse = f.lse.lock().expect("causal_attention lse").take();
+                lse.ok_or_else(|| candle_core::Error::Msg(format!("{OP}: no LSE saved")))?
+            }
+        };
+        let op = FlashAttnBwd {
+            scale: self.scale,
+            o: aligned(&o.detach())?,
+            g: aligned(&g.detach())?,
+            lse,
+        };
+        let d = Dims::of(q.layout(), k.layout(), v.layout())?;
+        let flat = q.apply_op3_no_bwd(k, v, &op)?;
+        let (nq, nk) = (d.q_len(), d.kv_len());
+        Ok((
+            flat.narrow(0, 0, nq)?.reshape(q.shape())?,
+            flat.narrow(0, nq, nk)?.reshape(k.shape())?,
+            flat.narrow(0, nq + nk, nk)?.reshape(v.shape())?,
+        ))
+    }
+}
+
+/// The backward op: inputs q, k, v; O, dO and the forward's LSE ride along. Output
+/// `[dq | dk | dv]` flat, in q's dtype.
+struct FlashAttnBwd {
+    scale: f32,
+    o: Tensor,
+    g: Tensor,
+    lse: Tensor,
+}
+
+impl CustomOp3 for FlashAttnBwd {
+    fn name(&self) -> &'static str {
+        "causal_attention_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Dims::of(ql, kl, vl)?;
+        let (os, ol) = self.o.storage_and_layout();
+        let (gs, gl) = self.g.storage_and_layout();
+        let (ls, ll) = self.lse.storage_and_layout();
+        let (Storage::Cpu(os), Storage::Cpu(gs), Storage::Cpu(ls)) = (&*os, &*gs, &*ls) else {
+            candle_core::bail!("{OP}: the saved O, dO and LSE must be on the CPU");
+        };
+        if ol.shape() != ql.shape() || gl.shape() != ql.shape() || ll.dims() != [d.b, d.t, d.heads] {
+            candle_core::bail!("{OP}: O {:?} / dO {:?} / LSE {:?} do not fit q {:?}", ol, gl, ll, ql);
+        }
+        let lse = contiguous(ls.as_slice::<f32>()?, ll, OP, "lse")?;
+        fn run<T: Elem + WithDType>(
+            d: Dims,
+            scale: f32,
+            x: [(&CpuStorage, &Layout); 5],
+            lse: &[f32],
+        ) -> Result<CpuStorage> {
+            let [q, k, v, o, g] = x.map(|(s, l)| to_f32::<T>(s, l));
+            let out = cpu_backward(&q?, &k?, &v?, &o?, &g?, lse, d, scale);
+            Ok(T::to_cpu_storage_owned(out.into_iter().map(T::from_f32).collect()))
+        }
+        let x = [(q, ql), (k, kl), (v, vl), (os, ol), (gs, gl)];
+        let out = match q.dtype() {
+            DType::F32 => run::<f32>(d, self.scale, x, lse)?,
+            DType::F16 => run::<half::f16>(d, self.scale, x, lse)?,
+            DType::BF16 => run::<half::bf16>(d, self.scale, x, lse)?,
+            dt => candle_core::bail!("{OP}: {dt:?} is not supported (f32/f16/bf16)"),
+        };
+        Ok((out, Shape::from(d.q_len() + 2 * d.kv_len())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = Dims::of(ql, kl, vl)?;
+        let (os, ol) = self.o.storage_and_layout();
+        let (gs, gl) = self.g.storage_and_layout();
+        let (ls, ll) = self.lse.storage_and_layout();
+        match (&*os, &*gs, &*ls) {
+            (Storage::Cuda(o), Storage::Cuda(g), Storage::Cuda(lse)) => {
+                super::cuda_flash::backward(d, self.scale, [(q, ql), (k, kl), (v, vl), (o, ol), (g, gl)], (lse, ll))
+            }
+            _ => candle_core::bail!("{OP}: the saved O, dO and LSE must be on CUDA"),
+        }
+    }
+}
+
+/// A contiguous input as f32 (a copy; the reference computes in f32).
+fn to_f32<T: Elem + WithDType>(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    Ok(contiguous(s.as_slice::<T>()?, l, OP, "an input")?
+        .iter()
+        .map(|x| x.to_f32())
+        .collect())
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums: the loop vectorises (a single running sum would not).
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+/// Row `i` of head `h` of a `[b, t, heads, d]` buffer.
+fn row(x: &[f32], d: Dims, heads: usize, bb: usize, i: usize, h: usize) -> &[f32] {
+    let off = ((bb * d.t + i) * heads + h) * d.d;
+    &x[off..off + d.d]
+}
+
+/// The reference forward: O (`[b, t, heads, d]`) and LSE (`[b, t, heads]`), in parallel
+/// over tokens.
+fn cpu_forward(q: &[f32], k: &[f32], v: &[f32], d: Dims, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let per_tok = d.heads * d.d + d.heads; // a token's O rows, then its LSEs
+    let mut buf = vec![0f32; d.b * d.t * per_tok];
+    for_each_chunk_mut(&mut buf, per_tok, |tok, out| {
+        let (bb, i) = (tok / d.t, tok % d.t);
+        let (o, lse) = out.split_at_mut(d.heads * d.d);
+        let mut p = vec![0f32; i + 1];
+        for h in 0..d.heads {
+            let kvh = h / d.group();
+            let qi = row(q, d, d.heads, bb, i, h);
+            for (j, pj) in p.iter_mut().enumerate() {
+                *pj = scale * dot(qi, row(k, d, d.kv_heads, bb, j, kvh));
+            }
+            let m = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut l = 0f32;
+            for pj in p.iter_mut() {
+                *pj = (*pj - m).exp();
+                l += *pj;
+            }
+            let oh = &mut o[h * d.d..(h + 1) * d.d];
+            for (j, &pj) in p.iter().enumerate() {
+                axpy(oh, pj / l, row(v, d, d.kv_heads, bb, j, kvh));
+            }
+            lse[h] = m + l.ln();
+        }
+    });
+    let mut o = Vec::with_capacity(d.q_len());
+    let mut lse = Vec::with_capacity(d.b * d.t * d.heads);
+    for tok in buf.chunks(per_tok) {
+        o.extend_from_slice(&tok[..d.heads * d.d]);
+        lse.extend_from_slice(&tok[d.heads * d.d..]);
+    }
+    (o, lse)
+}
+
+/// The reference backward, `[dq | dk | dv]`: with P = exp(scale·q·kᵀ − LSE), dP = dO·vᵀ
+/// and Dsum = rowsum(dO∘O): dS = P∘(dP − Dsum), dq = scale·dS·k, dk = scale·dSᵀ·q and
+/// dv = Pᵀ·dO, dk and dv summed over each KV head's query heads. Two passes (over query
+/// rows for dq, over key rows for dk and dv) that recompute P, so each task owns its
+/// output rows.
+#[allow(clippy::too_many_arguments)]
+fn cpu_backward(q: &[f32], k: &[f32], v: &[f32], o: &[f32], g: &[f32], lse: &[f32], d: Dims, scale: f32) -> Vec<f32> {
+    let dsum: Vec<f32> = o.chunks(d.d).zip(g.chunks(d.d)).map(|(o, g)| dot(o, g)).collect();
+    let at = |bb: usize, i: usize, h: usize| (bb * d.t + i) * d.heads + h; // LSE, Dsum index
+    let mut dq = vec![0f32; d.q_len()];
+    for_each_chunk_mut(&mut dq, d.heads * d.d, |tok, out| {
+        let (bb, i) = (tok / d.t, tok % d.t);
+        for h in 0..d.heads {
+            let kvh = h / d.group();
+            let (qi, gi) = (row(q, d, d.heads, bb, i, h), row(g, d, d.heads, bb, i, h));
+            let (l, ds_i) = (lse[at(bb, i, h)], dsum[at(bb, i, h)]);
+            let dqh = &mut out[h * d.d..(h + 1) * d.d];
+            for j in 0..=i {
+                let kj = row(k, d, d.kv_heads, bb, j, kvh);
+                let p = (scale * dot(qi, kj) - l).exp();
+                let ds = p * (dot(gi, row(v, d, d.kv_heads, bb, j, kvh)) - ds_i);
+                axpy(dqh, scale * ds, kj);
+            }
+        }
+    });
+    let per_tok = 2 * d.kv_heads * d.d; // a token's dK rows, then its dV rows
+    let mut dkv = vec![0f32; d.b * d.t * per_tok];
+    for_each_chunk_mut(&mut dkv, per_tok, |tok, out| {
+        let (bb, j) = (tok / d.t, tok % d.t);
+        let (dk, dv) = out.split_at_mut(d.kv_heads * d.d);
+        for kvh in 0..d.kv_heads {
+            let (kj, vj) = (row(k, d, d.kv_heads, bb, j, kvh), row(v, d, d.kv_heads, bb, j, kvh));
+            let dkh = &mut dk[kvh * d.d..(kvh + 1) * d.d];
+            let dvh = &mut dv[kvh * d.d..(kvh + 1) * d.d];
+            for h in kvh * d.group()..(kvh + 1) * d.group() {
+                for i in j..d.t {
+                    let (qi, gi) = (row(q, d, d.heads, bb, i, h), row(g, d, d.heads, bb, i, h));
+                    let p = (scale * dot(qi, kj) - lse[at(bb, i, h)]).exp();
+                    axpy(dvh, p, gi);
+                    let ds = p * (dot(gi, vj) - dsum[at(bb, i, h)]);
+                    axpy(dkh, scale * ds, qi);
+                }
+            }
+        }
+    });
+    let mut out = dq;
+    out.reserve(2 * d.kv_len());
+    for half in 0..2 {
+        for tok in dkv.chunks(per_tok) {
+            out.extend_from_slice(&tok[half * d.kv_heads * d.d..(half + 1) * d.kv_heads * d.d]);
+        }
+    }
+    out
+}
