@@ -22,8 +22,15 @@ fn cuda_kernels() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    // The shared headers (kernels/*.cuh) are part of every kernel's cache key.
+    let mut headers: Vec<std::path::PathBuf> = std::fs::read_dir("kernels")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+        .collect();
+    headers.sort();
     let mut builder = cudaforge::KernelBuilder::new()
         .source_dir("kernels")
+        .watch(headers)
         .arg("-O3")
         .arg("-std=c++17")
         .arg("--expt-relaxed-constexpr");
