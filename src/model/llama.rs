@@ -291,6 +291,12 @@ impl Model {
     pub fn set_all_reduce(&mut self, comm: std::sync::Arc<dyn AllReduce>) {
         self.all_reduce = Some(comm);
     }
+    /// This rank failed mid-step: its peers must not wait for it in an all-reduce.
+    pub fn abort_all_reduce(&self) {
+        if let Some(c) = &self.all_reduce {
+            c.abort();
+        }
+    }
     pub fn shard(&self) -> Shard {
         self.shard
     }

@@ -198,22 +198,26 @@ impl Runner {
     /// Every rank runs the step on its own thread (they meet in each layer's
     /// all-reduce); rank 0's logits are the step's. Other ranks skip the `lm_head`.
     /// Not through the CPU pool (`ops::parallel::in_pool`): a rank waiting in an
-    /// all-reduce must not hold a pool worker another rank's ops need.
+    /// all-reduce must not hold a pool worker another rank's ops need. A rank that
+    /// fails aborts the group's all-reduce, so the others return instead of waiting
+    /// for it (then every later step fails: the ranks are out of step).
     fn step_tensor_parallel(&self, host: &HostStep) -> Result<Tensor> {
+        let run = |model: &Model, cache: &KvCache, logits: bool| {
+            let out = host
+                .upload(model.device())
+                .and_then(|input| model.forward_rank(&input, cache, logits));
+            if out.is_err() {
+                model.abort_all_reduce();
+            }
+            out
+        };
         std::thread::scope(|s| {
             let peers: Vec<_> = self
                 .peers
                 .iter()
-                .map(|(model, cache)| {
-                    s.spawn(move || {
-                        let input = host.upload(model.device())?;
-                        model.forward_rank(&input, cache, false).map(|_| ())
-                    })
-                })
+                .map(|(model, cache)| s.spawn(move || run(model, cache, false).map(|_| ())))
                 .collect();
-            let logits = host
-                .upload(self.model.device())
-                .and_then(|input| self.model.forward_rank(&input, &self.cache, true));
+            let logits = run(&self.model, &self.cache, true);
             for p in peers {
                 p.join()
                     .map_err(|_| candle_core::Error::Msg("a tensor-parallel rank panicked".into()))??;

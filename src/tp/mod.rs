@@ -18,7 +18,7 @@ pub mod nccl;
 use crate::model::Model;
 use candle_core::{Device, Result, Tensor};
 use std::ops::Range;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Which share of the model this rank holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,16 +141,30 @@ fn connect_gpus(_: &mut [Model]) -> Result<()> {
 /// from its own thread, at the same points of the same forward.
 pub trait AllReduce: Send + Sync + std::fmt::Debug {
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor>;
+    /// A rank failed and will not reach its next all-reduce: the others must not wait
+    /// for it. After this every all-reduce of the group fails at once.
+    fn abort(&self) {}
 }
 
 /// The in-process transport: ranks are threads; each deposits its partial sum, and all
 /// of them add the deposits in rank order, so every rank's total is bit-identical (the
-/// residual streams of the ranks must not drift apart).
+/// residual streams of the ranks must not drift apart). A two-phase barrier (deposit,
+/// then read) on a condition variable, so that [`AllReduce::abort`] can wake it.
 #[derive(Debug)]
 struct Exchange {
-    slots: Mutex<Vec<Option<Tensor>>>,
-    deposited: Barrier,
-    read: Barrier,
+    round: Mutex<Round>,
+    changed: Condvar,
+    world: usize,
+}
+
+#[derive(Debug)]
+struct Round {
+    slots: Vec<Option<Tensor>>,
+    deposited: usize,
+    read: usize,
+    /// Every rank has deposited; ranks are taking the parts.
+    reading: bool,
+    aborted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -163,31 +177,71 @@ impl LocalGroup {
     /// One handle per rank, rank order.
     pub fn new(world: usize) -> Vec<LocalGroup> {
         let ex = Arc::new(Exchange {
-            slots: Mutex::new(vec![None; world]),
-            deposited: Barrier::new(world),
-            read: Barrier::new(world),
+            round: Mutex::new(Round {
+                slots: vec![None; world],
+                deposited: 0,
+                read: 0,
+                reading: false,
+                aborted: false,
+            }),
+            changed: Condvar::new(),
+            world,
         });
         (0..world).map(|rank| LocalGroup { rank, ex: ex.clone() }).collect()
     }
 }
 
+fn aborted() -> candle_core::Error {
+    candle_core::Error::Msg("all-reduce: another tensor-parallel rank failed".into())
+}
+
 impl AllReduce for LocalGroup {
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        let lock = || self.ex.slots.lock().expect("all-reduce slots");
-        lock()[self.rank] = Some(x.clone());
-        self.ex.deposited.wait();
-        let parts: Vec<Tensor> = lock()
+        let ex = &self.ex;
+        let wait = |r| ex.changed.wait(r).expect("all-reduce lock");
+        let mut r = ex.round.lock().expect("all-reduce lock");
+        // The previous round is read by everyone before this one's deposits.
+        while r.reading && !r.aborted {
+            r = wait(r);
+        }
+        if r.aborted {
+            return Err(aborted());
+        }
+        r.slots[self.rank] = Some(x.clone());
+        r.deposited += 1;
+        if r.deposited == ex.world {
+            r.reading = true;
+            ex.changed.notify_all();
+        }
+        while !r.reading && !r.aborted {
+            r = wait(r);
+        }
+        if r.aborted {
+            return Err(aborted());
+        }
+        let parts: Vec<Tensor> = r
+            .slots
             .iter()
             .map(|t| t.clone().expect("every rank deposited"))
             .collect();
-        // Everyone has read before anyone deposits the next round.
-        self.ex.read.wait();
+        r.read += 1;
+        if r.read == ex.world {
+            r.slots.iter_mut().for_each(|s| *s = None);
+            (r.deposited, r.read, r.reading) = (0, 0, false);
+            ex.changed.notify_all();
+        }
+        drop(r);
         let dev = x.device();
         let mut sum = parts[0].to_device(dev)?;
         for p in &parts[1..] {
             sum = (sum + p.to_device(dev)?)?;
         }
         Ok(sum)
+    }
+
+    fn abort(&self) {
+        self.ex.round.lock().expect("all-reduce lock").aborted = true;
+        self.ex.changed.notify_all();
     }
 }
 
@@ -257,5 +311,27 @@ mod tests {
         for o in outs {
             assert_eq!(o, vec![15.0, 3.0]);
         }
+    }
+
+    #[test]
+    fn an_aborted_group_wakes_the_ranks_waiting_in_it() {
+        let groups = LocalGroup::new(3);
+        let x = Tensor::new(&[1f32], &candle_core::Device::Cpu).unwrap();
+        let results: Vec<bool> = std::thread::scope(|s| {
+            let waiting: Vec<_> = groups[..2]
+                .iter()
+                .map(|g| {
+                    let x = x.clone();
+                    s.spawn(move || g.all_reduce_sum(&x).is_err())
+                })
+                .collect();
+            // Rank 2 fails instead of reaching the all-reduce.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            groups[2].abort();
+            waiting.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results, vec![true, true]);
+        // And later rounds fail at once instead of waiting.
+        assert!(groups[0].all_reduce_sum(&x).is_err());
     }
 }

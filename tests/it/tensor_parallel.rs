@@ -343,3 +343,52 @@ fn capacity_per_gpu_counts_each_ranks_kv_heads() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tensor-parallel-size 3"));
 }
+
+/// A rank whose all-reduce fails (as a rank failing mid-forward would leave its peers):
+/// the step returns an error instead of leaving rank 0 waiting in its all-reduce.
+#[test]
+fn a_failing_rank_fails_the_step_instead_of_hanging_it() {
+    use crosskv::tp::{AllReduce, LocalGroup};
+    use std::sync::Arc;
+    #[derive(Debug)]
+    struct Failing(LocalGroup);
+    impl AllReduce for Failing {
+        fn all_reduce_sum(&self, _: &Tensor) -> candle_core::Result<Tensor> {
+            candle_core::bail!("this rank broke")
+        }
+        fn abort(&self) {
+            self.0.abort()
+        }
+    }
+    let ck = Tiny::new(2, 4, 2, 8, 32, 61).seed(12).write();
+    let mut ranks = model::load_model_dir_ranks(ck.path(), &opts(2)).unwrap();
+    let mut groups = LocalGroup::new(2);
+    let failing = groups.pop().unwrap();
+    ranks[0].set_all_reduce(Arc::new(groups.pop().unwrap()));
+    ranks[1].set_all_reduce(Arc::new(Failing(failing)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let layout = ranks[0].layout().clone();
+        let runner = Runner::tensor_parallel(ranks, 8, BLOCK).unwrap();
+        let mut mgr = KvManager::new(layout, 8, BLOCK);
+        mgr.allocate(0, 3).unwrap();
+        let step = SeqStep {
+            seq: 0,
+            tokens: vec![1, 2, 3],
+            start_pos: 0,
+            all_logits: false,
+        };
+        let first = runner.step(&mgr, std::slice::from_ref(&step)).map(|_| ());
+        let second = runner.step(&mgr, &[step]).map(|_| ());
+        let _ = tx.send((first, second));
+    });
+    let (first, second) = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the step returned instead of hanging");
+    let e = first.unwrap_err().to_string();
+    assert!(
+        e.contains("broke") || e.contains("another tensor-parallel rank failed"),
+        "{e}"
+    );
+    assert!(second.is_err(), "the ranks are out of step: later steps fail too");
+}
