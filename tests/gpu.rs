@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{Rng, Tiny};
+use common::{flat, Rng, Tiny};
 use crosskv::kv::KvManager;
 use crosskv::model::LoadOptions;
 use crosskv::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rope, SeqSpan};
@@ -26,17 +26,6 @@ fn tol(dtype: DType) -> f32 {
         DType::F32 => 1e-4,
         _ => 1e-2,
     }
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// max |got - want| / max |want|; infinite when `got` has a NaN/inf (an unwritten element).

@@ -4,7 +4,7 @@
 
 #![allow(dead_code)]
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use crosskv::config::kv_source_from_json;
 use crosskv::model::{self, LoadOptions, Model};
 use serde_json::{json, Value};
@@ -241,4 +241,25 @@ pub fn crosskv(args: &[&str]) -> std::process::Output {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .expect("the crosskv binary runs")
+}
+
+/// Every element as f32, on the host.
+pub fn flat(t: &Tensor) -> Vec<f32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// max |got - want| / max |want|; every element of `got` must be finite.
+pub fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let (g, w) = (flat(got), flat(want));
+    assert!(g.iter().all(|x| x.is_finite()), "non-finite output");
+    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }

@@ -4,7 +4,7 @@
 //! gradients of q, k and v (the backward op, K/V gradients summed over each group),
 //! for MHA, GQA and MQA and lengths that are not a multiple of anything.
 
-use crate::common::Rng;
+use crate::common::{flat, rel_err, Rng};
 use candle_core::{DType, Device, Tensor, Var, D};
 use crosskv::ops::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 
@@ -50,24 +50,6 @@ fn composite(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Tensor {
         })
         .collect();
     Tensor::stack(&rows, 0).unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// max |got - want| / max |want|.
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (flat(got), flat(want));
-    assert!(g.iter().all(|x| x.is_finite()), "non-finite output");
-    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-    g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
 
 /// (b, t, heads, kv_heads, d): MHA, GQA, MQA; t of 1, odd, around 64.

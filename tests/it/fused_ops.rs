@@ -3,29 +3,11 @@
 //! f32 equal to the last bits, f16/bf16 within rounding; both RoPE conventions; odd
 //! shapes; bad inputs are errors.
 
-use crate::common::Rng;
+use crate::common::{flat, rel_err, Rng};
 use candle_core::{DType, Device, Tensor, D};
 use crosskv::config::ModelConfig;
 use crosskv::model::rope::Rope;
 use crosskv::ops::{add_rms_norm, rms_norm, rope};
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// max |got - want| / max |want|.
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (flat(got), flat(want));
-    assert!(g.iter().all(|x| x.is_finite()), "non-finite output");
-    let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-    g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
-}
 
 fn tol(dtype: DType) -> f32 {
     match dtype {
