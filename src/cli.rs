@@ -267,9 +267,11 @@ pub struct CapacityArgs {
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// A HF safetensors directory or repo id.
+    /// A HF safetensors directory or repo id, or a GGUF file (exported to a HF
+    /// directory: dequantized to f32, re-shared only when asked); absent: the embedded
+    /// default model (GGUF).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     #[command(flatten)]
     pub sharing: SharingArgs,
     /// Output directory.
@@ -497,12 +499,9 @@ pub fn capacity_table(r: &CapacityReport) -> String {
 }
 
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
-    let sharing = args
-        .sharing
-        .sharing()?
-        .context("convert needs --cla-share-factor F or --kv-source LIST")?;
-    let source = model::resolve_source(Some(&args.model))?;
-    let (n, layers, kv_layers) = crate::convert::convert(source, &sharing, &args.out)?;
+    let sharing = args.sharing.sharing()?;
+    let source = model::resolve_source(args.model.as_deref())?;
+    let (n, layers, kv_layers) = crate::convert::convert(source, sharing.as_ref(), &args.out)?;
     println!(
         "wrote {} ({n} tensors; {layers} layers, {kv_layers} KV layers)",
         args.out.display()

@@ -318,6 +318,12 @@ impl Model {
         }
     }
 
+    /// Whether RoPE rotates adjacent pairs (GGUF llama checkpoints, whose Q/K rows
+    /// llama.cpp permuted) rather than HF's halves.
+    pub fn rope_interleaved(&self) -> bool {
+        self.rope.interleaved()
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }

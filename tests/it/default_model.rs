@@ -176,3 +176,56 @@ fn default_model_reshared_at_load_halves_its_kv_layers_and_still_runs() {
     let (ids, _) = runner::generate(&runner, &mut mgr, &m.tokenizer, &prompt, &opts, |_| {}).unwrap();
     assert_eq!(ids.len(), 4);
 }
+
+/// `crosskv convert` of the default GGUF: a HF directory whose f32 weights (Q/K rows
+/// un-permuted to rotate-half RoPE) give the dequantized GGUF model's logits, whose
+/// tokenizer files tokenize like the GGUF's, and which re-shares on the way out.
+#[test]
+fn default_model_exports_to_a_hf_directory_with_the_same_logits_and_tokens() {
+    let exact = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    let gguf = load_default(exact.clone());
+    let source = {
+        let _guard = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+        model::resolve_source(None).unwrap()
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tmp.path().join("plain");
+    let (_, layers, kv_layers) = crosskv::convert::convert(source.clone(), None, &plain).unwrap();
+    assert_eq!((layers, kv_layers), (30, 30));
+    let hf = model::load(model::ModelSource::Dir(plain.clone()), &LoadOptions::default()).unwrap();
+    assert!(!hf.model.rope_interleaved(), "the export uses HF's rotate-half RoPE");
+
+    let text = "Shakespeare wrote 154 sonnets, didn't he?  Yes:\n\tmany.";
+    let ids = gguf.tokenizer.encode(text, false).unwrap();
+    assert_eq!(hf.tokenizer.encode(text, false).unwrap(), ids);
+    assert_eq!(hf.tokenizer.decode(&ids, false).unwrap(), text);
+    assert_eq!(hf.tokenizer.eos_ids, gguf.tokenizer.eos_ids);
+    assert_eq!(hf.tokenizer.chat_template, gguf.tokenizer.chat_template);
+
+    // Un-permuting reorders each head's dimensions, so q·k sums in another order: f32
+    // rounding differs (~1e-5); a wrong permutation or tokenizer is off by O(1).
+    let want = gguf.model.forward_dense(&ids).unwrap();
+    let got = hf.model.forward_dense(&ids).unwrap();
+    let err = crate::common::rel_err(&got, &want);
+    assert!(err < 1e-4, "exported model's logits: relative error {err}");
+    drop(hf);
+    std::fs::remove_dir_all(&plain).unwrap();
+
+    // Exported and re-shared in one go = the GGUF re-shared at load.
+    let cla = tmp.path().join("cla2");
+    let (_, _, kv_layers) = crosskv::convert::convert(source, Some(&KvSharing::ShareFactor(2)), &cla).unwrap();
+    assert_eq!(kv_layers, 15);
+    let hf_cla = model::load_model_dir(&cla, &LoadOptions::default()).unwrap();
+    let gguf_cla = load_default(LoadOptions {
+        sharing: Some(KvSharing::ShareFactor(2)),
+        ..exact
+    });
+    let err = crate::common::rel_err(
+        &hf_cla.forward_dense(&ids).unwrap(),
+        &gguf_cla.model.forward_dense(&ids).unwrap(),
+    );
+    assert!(err < 1e-4, "exported CLA2 model's logits: relative error {err}");
+}
