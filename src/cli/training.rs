@@ -97,6 +97,10 @@ pub struct FinetuneArgs {
     pub model: Option<PathBuf>,
     #[command(flatten)]
     pub sharing: SharingArgs,
+    /// How each re-shared producer's K/V projections start: its own (`first`), or the
+    /// mean of those of the layers that will read its cache (`mean`).
+    #[arg(long, value_enum, default_value = "first")]
+    pub kv_init: crate::convert::KvInit,
     #[command(flatten)]
     pub train: TrainFlags,
 }
@@ -221,7 +225,7 @@ pub fn finetune(args: &FinetuneArgs) -> anyhow::Result<()> {
             let Some(m) = &args.model else {
                 bail!("--model is required (or --resume)")
             };
-            (None, Trainable::from_dir(m, sharing, &device)?, m.clone())
+            (None, Trainable::from_dir(m, sharing, args.kv_init, &device)?, m.clone())
         }
     };
     let tok = model::Tok::from_dir(&tok_dir, &t.model.config().eos_token_ids)?;

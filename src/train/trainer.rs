@@ -50,16 +50,19 @@ impl Trainable {
     }
 
     /// A HF checkpoint directory, re-shared first when `sharing` is given (a plain
-    /// checkpoint → CLA: the consumers' K/V projections are dropped).
-    pub fn from_dir(dir: &Path, sharing: Option<KvSharing>, device: &Device) -> anyhow::Result<Self> {
+    /// checkpoint → CLA; `init` picks the producers' K/V projections).
+    pub fn from_dir(
+        dir: &Path,
+        sharing: Option<KvSharing>,
+        init: crate::convert::KvInit,
+        device: &Device,
+    ) -> anyhow::Result<Self> {
         let opts = LoadOptions {
             dtype: Some(DType::F32),
-            sharing,
             ..Default::default()
         };
         let m = crate::model::load_model_dir(dir, &opts)?;
-        let tensors = crate::convert::checkpoint_tensors(&m)?;
-        let cfg = m.config().clone();
+        let (cfg, tensors) = crate::convert::reshared_checkpoint(&m, sharing.as_ref(), init)?;
         Self::from_tensors(&cfg, tensors, device)
     }
 

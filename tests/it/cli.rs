@@ -263,3 +263,66 @@ fn convert_writes_a_cla_checkpoint_that_loads_like_resharing_at_load() {
     assert!(!o.status.success() && !stderr(&o).contains("panicked"));
     assert!(stderr(&o).contains("--cla-share-factor"), "{}", stderr(&o));
 }
+
+#[test]
+fn convert_with_mean_kv_init_averages_each_groups_projections() {
+    let src = Tiny::new(4, 4, 2, 8, 32, 61).seed(901).write();
+    let out = tempfile::tempdir().unwrap();
+    let out_dir = out.path().join("cla2-mean");
+    let path = |p: &Path| p.display().to_string();
+    let o = crosskv(&[
+        "convert",
+        "--model",
+        &path(src.path()),
+        "--cla-share-factor",
+        "2",
+        "--kv-init",
+        "mean",
+        "--out",
+        &path(&out_dir),
+    ]);
+    assert_ok(&o);
+    let got = candle_core::safetensors::load(out_dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let want = &src.tensors;
+    for (producer, consumer) in [(0, 1), (2, 3)] {
+        for p in ["k_proj", "v_proj"] {
+            let name = |l: usize| format!("model.layers.{l}.self_attn.{p}.weight");
+            let mean = ((&want[&name(producer)] + &want[&name(consumer)]).unwrap() / 2.0).unwrap();
+            let diff =
+                crate::common::max_abs_diff(&crate::common::flat(&got[&name(producer)]), &crate::common::flat(&mean));
+            assert!(diff < 1e-6, "{}: {diff}", name(producer));
+            assert!(!got.contains_key(&name(consumer)));
+        }
+    }
+    let converted = model::load_model_dir(&out_dir, &LoadOptions::default()).unwrap();
+    assert_eq!(converted.layout().kv_source(), &[0, 0, 2, 2]);
+
+    // Re-sharing a CLA2 checkpoint by 4: layer 0's cache is read by layers that used
+    // two distinct projections (0's and 2's), and their mean is taken once each.
+    let mut tensors = got.clone();
+    crosskv::convert::reshare_tensors(
+        &mut tensors,
+        &[0, 0, 2, 2],
+        &[0, 0, 0, 0],
+        crosskv::convert::KvInit::Mean,
+    )
+    .unwrap();
+    let name = |l: usize| format!("model.layers.{l}.self_attn.k_proj.weight");
+    let mean = ((&got[&name(0)] + &got[&name(2)]).unwrap() / 2.0).unwrap();
+    let diff = crate::common::max_abs_diff(&crate::common::flat(&tensors[&name(0)]), &crate::common::flat(&mean));
+    assert!(diff < 1e-6, "{diff}");
+    assert!(!tensors.contains_key(&name(2)));
+    // `first` keeps the producer's own.
+    let mut tensors = got.clone();
+    crosskv::convert::reshare_tensors(
+        &mut tensors,
+        &[0, 0, 2, 2],
+        &[0, 0, 0, 0],
+        crosskv::convert::KvInit::First,
+    )
+    .unwrap();
+    assert_eq!(
+        crate::common::flat(&tensors[&name(0)]),
+        crate::common::flat(&got[&name(0)])
+    );
+}

@@ -3,6 +3,7 @@
 //! through the paged runner.
 
 use crosskv::config::KvSharing;
+use crosskv::convert::KvInit;
 use crosskv::kv::KvManager;
 use crosskv::model::{self, ChatMessage, LoadOptions, LoadedModel};
 use crosskv::runner::{self, GenerateOptions, Runner, SamplingParams, SeqStep};
@@ -193,7 +194,7 @@ fn default_model_exports_to_a_hf_directory_with_the_same_logits_and_tokens() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let plain = tmp.path().join("plain");
-    let (_, layers, kv_layers) = crosskv::convert::convert(source.clone(), None, &plain).unwrap();
+    let (_, layers, kv_layers) = crosskv::convert::convert(source.clone(), None, KvInit::First, &plain).unwrap();
     assert_eq!((layers, kv_layers), (30, 30));
     let hf = model::load(model::ModelSource::Dir(plain.clone()), &LoadOptions::default()).unwrap();
     assert!(!hf.model.rope_interleaved(), "the export uses HF's rotate-half RoPE");
@@ -216,7 +217,8 @@ fn default_model_exports_to_a_hf_directory_with_the_same_logits_and_tokens() {
 
     // Exported and re-shared in one go = the GGUF re-shared at load.
     let cla = tmp.path().join("cla2");
-    let (_, _, kv_layers) = crosskv::convert::convert(source, Some(&KvSharing::ShareFactor(2)), &cla).unwrap();
+    let (_, _, kv_layers) =
+        crosskv::convert::convert(source, Some(&KvSharing::ShareFactor(2)), KvInit::First, &cla).unwrap();
     assert_eq!(kv_layers, 15);
     let hf_cla = model::load_model_dir(&cla, &LoadOptions::default()).unwrap();
     let gguf_cla = load_default(LoadOptions {
