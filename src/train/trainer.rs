@@ -151,17 +151,11 @@ pub struct StepLog {
     pub tokens_per_s: f64,
 }
 
-/// Mean next-token cross-entropy over `batch` windows: one graph.
+/// Mean next-token cross-entropy over `batch` windows (all one length, as
+/// `pack_windows` makes them): one batched forward, one cross-entropy.
 fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor> {
-    let mut total: Option<Tensor> = None;
-    for w in batch {
-        let l = super::eval::window_loss(model, w)?;
-        total = Some(match total {
-            None => l,
-            Some(t) => (t + l)?,
-        });
-    }
-    total.expect("a non-empty batch") / batch.len() as f64
+    let windows: Vec<&[u32]> = batch.iter().map(|w| w.as_slice()).collect();
+    super::eval::windows_loss(model, &windows)
 }
 
 /// Scales every gradient by `clip / norm` when their global L2 norm exceeds `clip`;
