@@ -161,13 +161,17 @@ fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor>
 /// Scales every gradient by `clip / norm` when their global L2 norm exceeds `clip`;
 /// returns the norm before clipping.
 fn clip_gradients(grads: &mut GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<f64> {
-    let mut sq = 0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+    // Each tensor's sum of squares stays on the device (f64, as the host sum was); one
+    // scalar comes back, so the step syncs with the device once here, not per tensor.
+    let squares = vars
+        .iter()
+        .filter_map(|(_, v)| grads.get(v.as_tensor()))
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok(0.0);
     }
-    let norm = sq.sqrt();
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
     if clip > 0.0 && norm > clip {
         for (_, v) in vars {
             if let Some(g) = grads.get(v.as_tensor()) {
