@@ -2,6 +2,7 @@
 //! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` and `cuda_fused.rs` launch
 //! `kernels/*.cu`) must match.
 
+pub mod adamw;
 pub mod argmax;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -17,6 +18,7 @@ pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
 
+pub use adamw::adamw_update;
 pub use argmax::argmax_rows;
 pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
