@@ -48,8 +48,9 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * self.weight.to(x.dtype)
 
 
-def rope(x, cos, sin):  # x [b, heads, t, d]; halves rotated (HF layout)
+def rope(x, cos, sin):  # x [b, heads, t, d]; halves rotated (HF layout), in x's dtype
     x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
 
 
@@ -93,10 +94,7 @@ class Llama(nn.Module):
                 nn.init.normal_(w, std=0.02)
 
     def forward(self, ids, targets):
-        x = self.embed(ids)
-        # Q and K come out of autocast's matmuls in bf16: rotate them in bf16 too.
-        dt = torch.bfloat16 if torch.is_autocast_enabled() else x.dtype
-        cos, sin = self.cos.to(dt), self.sin.to(dt)
+        x, cos, sin = self.embed(ids), self.cos, self.sin
         kv = None
         for layer in self.layers:
             x, kv = layer(x, cos, sin, kv)
