@@ -26,6 +26,8 @@ pub struct Scalars {
     /// Decoupled weight decay's factor `1 − lr·wd`.
     decay: f32,
     lr: f32,
+    /// Gradient clipping's factor, applied as the gradient is read (1 when not clipping).
+    grad_scale: f32,
 }
 
 #[cfg(feature = "cuda")]
@@ -47,11 +49,22 @@ impl Scalars {
             eps: eps as f32,
             decay: (1.0 - lr * weight_decay) as f32,
             lr: lr as f32,
+            grad_scale: 1.0,
+        }
+    }
+
+    /// The gradient read as `g · scale` (rounded to f32 as candle's `g * scale` rounds
+    /// it): clipping folded into the update instead of a scaled copy of every gradient.
+    pub fn with_grad_scale(self, scale: f64) -> Self {
+        Scalars {
+            grad_scale: scale as f32,
+            ..self
         }
     }
 
     fn moments(&self, m: &mut [f32], v: &mut [f32], g: &[f32]) {
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            let g = g * self.grad_scale;
             *m = *m * self.beta1 + g * self.one_minus_beta1;
             *v = *v * self.beta2 + (g * g) * self.one_minus_beta2;
         }

@@ -109,9 +109,16 @@ impl AdamW {
     }
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (gradient clipping's factor),
+    /// exactly as if they had been scaled first, without writing scaled copies.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let p = self.params;
-        let scalars = Scalars::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.step);
+        let scalars =
+            Scalars::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.step).with_grad_scale(grad_scale);
         for s in &self.slots {
             if let Some(g) = grads.get(s.var.as_tensor()) {
                 adamw_update(s.var.as_tensor(), &s.mv, g, &scalars)?;
@@ -223,6 +230,27 @@ mod tests {
             b.set_learning_rate(lr);
             a.step(&loss(&ours).backward().unwrap()).unwrap();
             b.step(&loss(&theirs).backward().unwrap()).unwrap();
+        }
+        for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
+            let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_scaled_step_equals_a_step_on_scaled_gradients() {
+        let (ours, theirs) = (vars(0.2), vars(0.2));
+        let p = AdamWParams::new(0.05, 0.1);
+        let (mut a, mut b) = (AdamW::new(&ours, p).unwrap(), AdamW::new(&theirs, p).unwrap());
+        for step in 0..4 {
+            let scale = [1.0, 0.3, 0.07, 1.0][step];
+            a.step_scaled(&loss(&ours).backward().unwrap(), scale).unwrap();
+            let mut grads = loss(&theirs).backward().unwrap();
+            for (_, v) in &theirs {
+                let g = (grads.get(v.as_tensor()).unwrap() * scale).unwrap();
+                grads.insert(v.as_tensor(), g);
+            }
+            b.step(&grads).unwrap();
         }
         for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
             let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());

@@ -158,9 +158,9 @@ fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor>
     super::eval::windows_loss(model, &windows)
 }
 
-/// Scales every gradient by `clip / norm` when their global L2 norm exceeds `clip`;
-/// returns the norm before clipping.
-fn clip_gradients(grads: &mut GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<f64> {
+/// The gradients' global L2 norm, and the factor that clips it to `clip` (`clip / norm`
+/// when the norm exceeds it, else 1), which the optimizer applies as it reads them.
+fn clip_gradients(grads: &GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<(f64, f64)> {
     // Each tensor's sum of squares stays on the device (f64, as the host sum was); one
     // scalar comes back, so the step syncs with the device once here, not per tensor.
     let squares = vars
@@ -169,18 +169,11 @@ fn clip_gradients(grads: &mut GradStore, vars: &[(String, Var)], clip: f64) -> c
         .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
         .collect::<candle_core::Result<Vec<_>>>()?;
     if squares.is_empty() {
-        return Ok(0.0);
+        return Ok((0.0, 1.0));
     }
     let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
-    if clip > 0.0 && norm > clip {
-        for (_, v) in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * (clip / norm))?;
-                grads.insert(v.as_tensor(), scaled);
-            }
-        }
-    }
-    Ok(norm)
+    let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
+    Ok((norm, scale))
 }
 
 /// A training run's state beside the model: the optimizer (its step count is the run's)
@@ -253,9 +246,9 @@ impl Trainer {
             }
         };
         let loss = batch_loss(model, &batch)?;
-        let mut grads = loss.backward()?;
-        let grad_norm = clip_gradients(&mut grads, &t.vars, o.grad_clip)?;
-        self.opt.step(&grads)?;
+        let grads = loss.backward()?;
+        let (grad_norm, grad_scale) = clip_gradients(&grads, &t.vars, o.grad_clip)?;
+        self.opt.step_scaled(&grads, grad_scale)?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
         Ok(StepLog {
             step: step + 1,
