@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod argmax;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
@@ -20,6 +21,7 @@ pub mod rope;
 
 pub use adamw::adamw_update;
 pub use argmax::argmax_rows;
+pub use cross_entropy::cross_entropy;
 pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};

@@ -35,7 +35,7 @@ pub fn windows_loss(model: &Model, windows: &[&[u32]]) -> Result<Tensor> {
     let logits = model.forward_dense_batch(&inputs)?.to_dtype(DType::F32)?;
     let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
     let targets = Tensor::new(targets.as_slice(), logits.device())?;
-    candle_nn::loss::cross_entropy(&logits, &targets)
+    crate::ops::cross_entropy(&logits, &targets)
 }
 
 /// Negative log-likelihood summed over the targets of one window, in f64.

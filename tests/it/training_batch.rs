@@ -1,11 +1,12 @@
 //! The training step's batched forward (`Model::forward_dense_batch`: b windows as one
 //! `[b·t, …]` graph, attention on `[b, t, heads, d]`) against one `forward_dense` per
 //! window on a tiny random CLA model: the same logits, the same batch loss (the mean of
-//! the windows' mean losses, as the step computed it before) and the same gradients.
+//! the windows' mean losses through candle_nn's cross-entropy, as the step computed it
+//! before) and the same gradients.
 
 use crate::common::{flat, max_abs_diff, Rng, Tiny};
 use candle_core::{Device, Tensor};
-use crosskv::train::eval::{window_loss, windows_loss};
+use crosskv::train::eval::windows_loss;
 use crosskv::train::Trainable;
 use serde_json::json;
 
@@ -44,10 +45,13 @@ fn batch_loss_and_gradients_equal_the_mean_over_windows() {
     let (t, windows) = setup();
     let batch: Vec<&[u32]> = windows.iter().map(|w| w.as_slice()).collect();
     let batched = windows_loss(&t.model, &batch).unwrap();
-    // The step's loss before batching: one graph per window, their mean.
+    // The step's loss before batching: one graph per window (candle_nn's cross-entropy,
+    // as it was), their mean.
     let mut per_window: Option<Tensor> = None;
     for w in &batch {
-        let l = window_loss(&t.model, w).unwrap();
+        let logits = t.model.forward_dense(&w[..w.len() - 1]).unwrap();
+        let targets = Tensor::new(&w[1..], &Device::Cpu).unwrap();
+        let l = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
         per_window = Some(match per_window {
             None => l,
             Some(s) => (s + l).unwrap(),
