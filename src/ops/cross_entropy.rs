@@ -154,6 +154,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 mod cuda {
     use crate::ops::cuda::{contiguous, ptx, suffix};
     use crate::ops::cuda_fused::output;
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{DType, Layout, Result};
