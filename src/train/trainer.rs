@@ -1,11 +1,12 @@
 //! Training and fine-tuning on the serving model's own code: every checkpoint tensor is
 //! a candle `Var` (f32 master weights), the model is built from them with
-//! `Model::load`, and `forward_dense` (differentiable, see the ops' backward passes)
-//! gives the next-token loss. AdamW with the paper's settings (β = (0.9, 0.95), weight
-//! decay 0.1, gradient clipping 1.0, linear warm-up then cosine decay to 10 % of the
-//! peak learning rate). With a compute dtype other than f32 (bf16 on the GPU), each
-//! step builds the model from the variables cast to it: the casts are differentiable,
-//! so the gradients reach the f32 variables; the loss is taken in f32.
+//! `Model::load`, and `forward_dense_batch` (differentiable, see the ops' backward
+//! passes; one graph for the step's windows) gives the next-token loss. AdamW with the
+//! paper's settings (β = (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, linear
+//! warm-up then cosine decay to 10 % of the peak learning rate). With a compute dtype
+//! other than f32 (bf16 on the GPU), each step builds the model from the variables cast
+//! to it: the casts are differentiable, so the gradients reach the f32 variables; the
+//! loss is taken in f32.
 
 use super::adamw::{AdamW, AdamWParams};
 use super::data::DataOrder;
