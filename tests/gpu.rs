@@ -771,3 +771,139 @@ fn flash_attention_forward_dense_matches_cpu() {
     eprintln!("forward_dense bf16: CUDA rel err {e:.2e}, CPU bf16 {yardstick:.2e}");
     assert!(e <= 2.0 * yardstick.max(1e-2), "forward_dense bf16 on CUDA: {e}");
 }
+
+/// The training step's batched forward on CUDA in bf16 (the flash kernels with b = 3):
+/// its logits match the CPU f32 model's within twice what bf16 alone costs on the CPU.
+#[test]
+fn forward_dense_batch_matches_cpu() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(43);
+    let mut ck = tiny.write();
+    ck.config["max_position_embeddings"] = json!(160);
+    ck.save();
+    let opts = |dtype, device: Device| LoadOptions {
+        dtype: Some(dtype),
+        device,
+        ..LoadOptions::default()
+    };
+    let cpu = ck.load();
+    let cpu_bf16 = ck.load_with(&opts(DType::BF16, Device::Cpu));
+    let cuda = ck.load_with(&opts(DType::BF16, dev.clone()));
+    let mut rng = Rng::new(6);
+    let windows: Vec<Vec<u32>> = (0..3).map(|_| rng.tokens(150, tiny.vocab)).collect();
+    let seqs: Vec<&[u32]> = windows.iter().map(|w| w.as_slice()).collect();
+    let want = flat(&cpu.forward_dense_batch(&seqs).unwrap());
+    let yardstick = rel_err(&flat(&cpu_bf16.forward_dense_batch(&seqs).unwrap()), &want);
+    let e = rel_err(&flat(&cuda.forward_dense_batch(&seqs).unwrap()), &want);
+    eprintln!("forward_dense_batch bf16 (b = 3): CUDA rel err {e:.2e}, CPU bf16 {yardstick:.2e}");
+    assert!(e <= 2.0 * yardstick.max(1e-2), "forward_dense_batch bf16 on CUDA: {e}");
+}
+
+/// The fused AdamW kernels against their CPU reference over five steps: the same IEEE
+/// operations in the same order, so the variable and both moments agree bit for bit.
+#[test]
+fn adamw_update_matches_cpu_bit_for_bit() {
+    use crosskv::ops::adamw::Scalars;
+    use crosskv::ops::adamw_update;
+    let dev = gpu();
+    let mut rng = Rng::new(21);
+    // Odd sizes: the grid-stride loop's tail; 300k: several elements per thread.
+    for n in [1usize, 1023, 300_001] {
+        let theta = rng.tensor(&[n], 1.0, 0.0);
+        let mv = Tensor::cat(
+            &[rng.tensor(&[n], 0.01, 0.0), rng.tensor(&[n], 1e-4, 0.0).sqr().unwrap()],
+            0,
+        )
+        .unwrap()
+        .reshape((2, n))
+        .unwrap();
+        let (theta_c, mv_c) = (theta.copy().unwrap(), mv.copy().unwrap());
+        let (theta_g, mv_g) = (theta.to_device(&dev).unwrap(), mv.to_device(&dev).unwrap());
+        for step in 1..=5 {
+            let g = rng.tensor(&[n], 0.1, 0.0);
+            // Clipping's factor on every other step.
+            let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
+            let s = Scalars::new(3e-4 * step as f64, 0.9, 0.95, 1e-8, 0.1, step).with_grad_scale(scale);
+            adamw_update(&theta_c, &mv_c, &g, &s).unwrap();
+            adamw_update(&theta_g, &mv_g, &g.to_device(&dev).unwrap(), &s).unwrap();
+        }
+        for (what, c, g) in [("theta", &theta_c, &theta_g), ("moments", &mv_c, &mv_g)] {
+            let (c, g) = (flat(c), flat(g));
+            let diff = c.iter().zip(&g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            eprintln!(
+                "adamw n = {n}: {what} differs in {diff} elements, rel err {:.2e}",
+                rel_err(&g, &c)
+            );
+            assert_eq!(diff, 0, "adamw n = {n}: {what}");
+        }
+    }
+}
+
+/// A few f32 training steps (batched forward, autograd, clipping on the device, fused
+/// AdamW) of a tiny CLA model on CUDA follow the CPU's losses and grad norms.
+#[test]
+fn training_steps_on_cuda_match_cpu() {
+    use crosskv::train::{TrainOptions, Trainable, Trainer};
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(44);
+    let ck = tiny.write();
+    let mut rng = Rng::new(7);
+    let windows: Vec<Vec<u32>> = (0..8).map(|_| rng.tokens(33, tiny.vocab)).collect();
+    let opts = TrainOptions {
+        steps: 4,
+        batch_size: 4,
+        lr: 1e-2,
+        warmup: 1,
+        weight_decay: 0.1,
+        grad_clip: 1.0,
+        seed: 3,
+        dtype: DType::F32,
+    };
+    let run = |device: &Device| {
+        let t = Trainable::from_dir(ck.path(), None, device).unwrap();
+        let mut tr = Trainer::new(&t, windows.len(), opts.clone()).unwrap();
+        (0..4)
+            .map(|_| {
+                let l = tr.step(&t, &windows).unwrap();
+                (l.loss, l.grad_norm)
+            })
+            .collect::<Vec<_>>()
+    };
+    let (cpu, cuda) = (run(&Device::Cpu), run(&dev));
+    eprintln!("training steps (loss, grad norm): CPU {cpu:?}, CUDA {cuda:?}");
+    for ((lc, nc), (lg, ng)) in cpu.iter().zip(&cuda) {
+        assert!((lc - lg).abs() <= 1e-3 * lc.abs(), "loss CPU {lc} vs CUDA {lg}");
+        assert!((nc - ng).abs() <= 1e-3 * nc.abs(), "grad norm CPU {nc} vs CUDA {ng}");
+    }
+}
+
+/// The cross-entropy kernels (forward: each row's loss and log-sum-exp; backward: the
+/// logits' gradient) against the CPU reference, f32 and bf16 logits, the training
+/// vocabulary (32000) and odd widths.
+#[test]
+fn cross_entropy_matches_cpu() {
+    use candle_core::Var;
+    let dev = gpu();
+    let mut rng = Rng::new(33);
+    for (rows, cols) in [(64usize, 32000usize), (5, 1), (9, 777)] {
+        let targets = Tensor::new(rng.tokens(rows, cols).as_slice(), &Device::Cpu).unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let (xc, xg) = pair(&mut rng, &[rows, cols], dtype, &dev);
+            let (xc, xg) = (Var::from_tensor(&xc).unwrap(), Var::from_tensor(&xg).unwrap());
+            let lc = crosskv::ops::cross_entropy(xc.as_tensor(), &targets).unwrap();
+            let lg = crosskv::ops::cross_entropy(xg.as_tensor(), &targets.to_device(&dev).unwrap()).unwrap();
+            let (a, b) = (flat(&lg)[0], flat(&lc)[0]);
+            eprintln!("cross_entropy {rows}x{cols} {dtype:?}: loss CUDA {a} CPU {b}");
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+            let (gc, gg) = (lc.backward().unwrap(), lg.backward().unwrap());
+            let (gc, gg) = (gc.get(xc.as_tensor()).unwrap(), gg.get(xg.as_tensor()).unwrap());
+            let e = rel_err(&flat(gg), &flat(gc));
+            eprintln!("cross_entropy {rows}x{cols} {dtype:?}: gradient rel err {e:.2e}");
+            assert!(e <= tol(dtype), "gradient rel err {e}");
+        }
+    }
+}

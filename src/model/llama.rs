@@ -405,9 +405,28 @@ impl Model {
     /// The reference path: one full causal forward of one sequence with no cache.
     /// Consumers use the K/V their producer computed in this same pass. f32 logits `[tokens, vocab]`.
     pub fn forward_dense(&self, tokens: &[u32]) -> Result<Tensor> {
-        let t = tokens.len();
-        let ids = Tensor::new(tokens, &self.device)?;
-        let positions = Tensor::arange(0u32, t as u32, &self.device)?;
+        self.forward_dense_batch(&[tokens])
+    }
+
+    /// [`Model::forward_dense`] of `b` sequences of one length `t` in one graph (the
+    /// training step's batch): every projection, norm and the MLP run once on the flat
+    /// `[b·t, …]` rows (positions `0..t` repeated per sequence), attention on
+    /// `[b, t, heads, d]`. f32 logits `[b·t, vocab]`, sequence by sequence.
+    pub fn forward_dense_batch(&self, seqs: &[&[u32]]) -> Result<Tensor> {
+        let (b, t) = (seqs.len(), seqs.first().map_or(0, |s| s.len()));
+        if b == 0 {
+            candle_core::bail!("forward_dense_batch: no sequences");
+        }
+        if let Some(s) = seqs.iter().find(|s| s.len() != t) {
+            candle_core::bail!(
+                "forward_dense_batch: sequences of {} and {t} tokens (one length needed)",
+                s.len()
+            );
+        }
+        let flat: Vec<u32> = seqs.concat();
+        let ids = Tensor::new(flat.as_slice(), &self.device)?;
+        let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        let positions = Tensor::new(pos.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
         let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
@@ -418,14 +437,21 @@ impl Model {
                 produced[i] = kv;
             }
             let (k, v) = produced[self.layout.producer_of_slot(a.slot)]
-                .clone()
+                .as_ref()
                 .expect("producers run before their consumers");
             // Fused causal attention (differentiable; f32 inside on the CPU, the flash
-            // kernels on CUDA in f16/bf16): [t, heads, d] as a batch of one.
+            // kernels on CUDA in f16/bf16). The flat rows are sequence-major, so
+            // `[b·t, heads, d]` → `[b, t, heads, d]` is a free reshape.
+            let batched = |m: &Tensor, heads: usize| m.reshape((b, t, heads, a.head_dim));
             let scale = 1.0 / (a.head_dim as f32).sqrt();
-            let o = crate::ops::causal_attention(&q.unsqueeze(0)?, &k.unsqueeze(0)?, &v.unsqueeze(0)?, scale)?
-                .reshape((t, a.heads * a.head_dim))?
-                .to_dtype(self.dtype)?;
+            let o = crate::ops::causal_attention(
+                &batched(&q, a.heads)?,
+                &batched(k, a.kv_heads)?,
+                &batched(v, a.kv_heads)?,
+                scale,
+            )?
+            .reshape((b * t, a.heads * a.head_dim))?
+            .to_dtype(self.dtype)?;
             (x, normed) = self.finish_layer(i, &x, &o)?;
         }
         self.logits(&normed)

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 const WARP_ROW_MAX: usize = 1024;
 
 /// An output of `n` elements (at least one allocated), NaN-filled when tests ask.
-fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+pub(crate) fn output<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     let mut out = unsafe { dev.alloc::<T>(n.max(1))? };
     if POISON.load(Ordering::Relaxed) {
         poison(dev, &mut out)?;

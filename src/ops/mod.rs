@@ -2,7 +2,9 @@
 //! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` and `cuda_fused.rs` launch
 //! `kernels/*.cu`) must match.
 
+pub mod adamw;
 pub mod argmax;
+pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(feature = "cuda")]
@@ -17,7 +19,9 @@ pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
 
+pub use adamw::adamw_update;
 pub use argmax::argmax_rows;
+pub use cross_entropy::cross_entropy;
 pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};

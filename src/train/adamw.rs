@@ -1,8 +1,13 @@
 //! AdamW whose state can be saved and loaded (candle_nn's keeps its moments private).
 //! The same math as `candle_nn::AdamW`: bias-corrected moments, decoupled weight decay
 //! `θ ← θ·(1 − lr·wd)`, then `θ ← θ − lr·m̂ / (√v̂ + eps)`. A variable with no gradient
-//! this step is left alone, its moments too.
+//! this step is left alone, its moments too. Each variable's update is two fused in-place
+//! ops (`ops::adamw_update`; one kernel each on CUDA) rather than ~15 candle ops and
+//! their temporaries: the optimizer step is memory-bound, and at ~150 tensors a step the
+//! launches add up.
 
+use crate::ops::adamw::Scalars;
+use crate::ops::adamw_update;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -33,9 +38,18 @@ impl AdamWParams {
 struct Slot {
     name: String,
     var: Var,
-    /// First and second moments (PyTorch's `exp_avg`, `exp_avg_sq`).
-    m: Tensor,
-    v: Tensor,
+    /// First and second moments (PyTorch's `exp_avg`, `exp_avg_sq`) in one f32 tensor,
+    /// `[2, …var's dims]`: the fused update writes both in one pass.
+    mv: Tensor,
+}
+
+impl Slot {
+    fn m(&self) -> Result<Tensor> {
+        self.mv.get(0)
+    }
+    fn v(&self) -> Result<Tensor> {
+        self.mv.get(1)
+    }
 }
 
 pub struct AdamW {
@@ -73,12 +87,12 @@ impl AdamW {
             .iter()
             .filter(|(_, v)| v.dtype().is_float())
             .map(|(name, var)| {
-                let z = var.zeros_like()?.detach();
+                let mut dims = vec![2];
+                dims.extend_from_slice(var.dims());
                 Ok(Slot {
                     name: name.clone(),
                     var: var.clone(),
-                    m: z.clone(),
-                    v: z,
+                    mv: Tensor::zeros(dims, DType::F32, var.device())?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -95,29 +109,20 @@ impl AdamW {
     }
 
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_scaled(grads, 1.0)
+    }
+
+    /// [`AdamW::step`] on the gradients times `grad_scale` (gradient clipping's factor),
+    /// exactly as if they had been scaled first, without writing scaled copies.
+    pub fn step_scaled(&mut self, grads: &GradStore, grad_scale: f64) -> Result<()> {
         self.step += 1;
-        let AdamWParams {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.params;
-        let scale_m = 1f64 / (1f64 - beta1.powi(self.step as i32));
-        let scale_v = 1f64 / (1f64 - beta2.powi(self.step as i32));
-        for s in self.slots.iter_mut() {
-            let Some(g) = grads.get(s.var.as_tensor()) else {
-                continue;
-            };
-            let next_m = ((&s.m * beta1)? + (g * (1.0 - beta1))?)?;
-            let next_v = ((&s.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let m_hat = (&next_m * scale_m)?;
-            let v_hat = (&next_v * scale_v)?;
-            let theta = (s.var.as_tensor() * (1f64 - lr * weight_decay))?;
-            let adjusted = (m_hat / (v_hat.sqrt()? + eps)?)?;
-            s.var.set(&(theta - (adjusted * lr)?)?)?;
-            s.m = next_m.detach();
-            s.v = next_v.detach();
+        let p = self.params;
+        let scalars =
+            Scalars::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.step).with_grad_scale(grad_scale);
+        for s in &self.slots {
+            if let Some(g) = grads.get(s.var.as_tensor()) {
+                adamw_update(s.var.as_tensor(), &s.mv, g, &scalars)?;
+            }
         }
         Ok(())
     }
@@ -126,8 +131,8 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut t: HashMap<String, Tensor> = HashMap::new();
         for s in &self.slots {
-            t.insert(format!("{M}{}", s.name), s.m.clone());
-            t.insert(format!("{V}{}", s.name), s.v.clone());
+            t.insert(format!("{M}{}", s.name), s.m()?);
+            t.insert(format!("{V}{}", s.name), s.v()?);
         }
         t.insert(STEP.into(), Tensor::new(&[self.step as i64], &Device::Cpu)?);
         candle_core::safetensors::save(&t, path)
@@ -150,7 +155,8 @@ impl AdamW {
         };
         let mut opt = AdamW::new(vars, params).map_err(read)?;
         for s in opt.slots.iter_mut() {
-            for (prefix, dst) in [(M, &mut s.m), (V, &mut s.v)] {
+            let mut mv = Vec::with_capacity(2);
+            for prefix in [M, V] {
                 let key = format!("{prefix}{}", s.name);
                 let t = saved.remove(&key).ok_or_else(|| StateError::Missing(s.name.clone()))?;
                 if t.dims() != s.var.dims() {
@@ -160,11 +166,12 @@ impl AdamW {
                         model: s.var.dims().to_vec(),
                     });
                 }
-                *dst = t
-                    .to_dtype(s.var.dtype())
-                    .and_then(|t| t.to_device(s.var.device()))
-                    .map_err(read)?;
+                mv.push(t);
             }
+            s.mv = Tensor::stack(&mv, 0)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_device(s.var.device()))
+                .map_err(read)?;
         }
         if let Some(extra) = saved.keys().min() {
             let name = extra.strip_prefix(V).or(extra.strip_prefix(M)).unwrap_or(extra);
@@ -223,6 +230,27 @@ mod tests {
             b.set_learning_rate(lr);
             a.step(&loss(&ours).backward().unwrap()).unwrap();
             b.step(&loss(&theirs).backward().unwrap()).unwrap();
+        }
+        for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
+            let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_scaled_step_equals_a_step_on_scaled_gradients() {
+        let (ours, theirs) = (vars(0.2), vars(0.2));
+        let p = AdamWParams::new(0.05, 0.1);
+        let (mut a, mut b) = (AdamW::new(&ours, p).unwrap(), AdamW::new(&theirs, p).unwrap());
+        for step in 0..4 {
+            let scale = [1.0, 0.3, 0.07, 1.0][step];
+            a.step_scaled(&loss(&ours).backward().unwrap(), scale).unwrap();
+            let mut grads = loss(&theirs).backward().unwrap();
+            for (_, v) in &theirs {
+                let g = (grads.get(v.as_tensor()).unwrap() * scale).unwrap();
+                grads.insert(v.as_tensor(), g);
+            }
+            b.step(&grads).unwrap();
         }
         for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
             let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());

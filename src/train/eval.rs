@@ -13,39 +13,66 @@ pub struct Perplexity {
     pub nll: f64,
 }
 
+/// Windows scored per forward in [`perplexity`]: one graph for several windows (fewer,
+/// larger matmuls) with the logits of a batch (`[batch·t, vocab]` f32) still small.
+const EVAL_BATCH: usize = 8;
+
 /// Mean next-token cross-entropy of one window (`window[1..]` given `window[..n-1]`):
 /// a scalar tensor that training differentiates and eval reads.
 pub fn window_loss(model: &Model, window: &[u32]) -> Result<Tensor> {
-    let n = window.len();
+    windows_loss(model, &[window])
+}
+
+/// Mean next-token cross-entropy over all `b·(n−1)` targets of `b` windows of one length
+/// `n`, in one batched forward ([`Model::forward_dense_batch`]). With equal lengths this
+/// is also the mean of the windows' own means (the training step's batch loss).
+pub fn windows_loss(model: &Model, windows: &[&[u32]]) -> Result<Tensor> {
+    let n = windows.first().map_or(0, |w| w.len());
     if n < 2 {
         candle_core::bail!("a window needs at least 2 tokens");
     }
-    let logits = model.forward_dense(&window[..n - 1])?.to_dtype(DType::F32)?;
-    let targets = Tensor::new(&window[1..], logits.device())?;
-    candle_nn::loss::cross_entropy(&logits, &targets)
+    let inputs: Vec<&[u32]> = windows.iter().map(|w| &w[..w.len().saturating_sub(1)]).collect();
+    let logits = model.forward_dense_batch(&inputs)?.to_dtype(DType::F32)?;
+    let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    let targets = Tensor::new(targets.as_slice(), logits.device())?;
+    crate::ops::cross_entropy(&logits, &targets)
 }
 
 /// Negative log-likelihood summed over the targets of one window, in f64.
 pub fn window_nll(model: &Model, window: &[u32]) -> Result<f64> {
-    let mean = window_loss(model, window)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    Ok(mean * (window.len() - 1) as f64)
+    windows_nll(model, &[window])
 }
 
-/// Perplexity of `model` over `windows` (see `data::pack_windows`); `progress` is called
-/// after each window with (windows done, mean NLL so far).
+/// Negative log-likelihood summed over the targets of windows of one length, in f64.
+fn windows_nll(model: &Model, windows: &[&[u32]]) -> Result<f64> {
+    let mean = windows_loss(model, windows)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    Ok(mean * windows.iter().map(|w| w.len() - 1).sum::<usize>() as f64)
+}
+
+/// Perplexity of `model` over `windows` (see `data::pack_windows`), scored up to
+/// `EVAL_BATCH` windows of one length at a time; `progress` is called after each such
+/// batch with (windows done, mean NLL so far).
 pub fn perplexity(model: &Model, windows: &[Vec<u32>], mut progress: impl FnMut(usize, f64)) -> Result<Perplexity> {
     let max = model.max_positions();
-    let (mut nll, mut tokens) = (0f64, 0usize);
-    for (i, w) in windows.iter().enumerate() {
-        if w.len() - 1 > max {
-            candle_core::bail!(
-                "a window of {} tokens is longer than the model's {max} positions",
-                w.len() - 1
-            );
-        }
-        nll += window_nll(model, w)?;
-        tokens += w.len() - 1;
-        progress(i + 1, nll / tokens as f64);
+    let (mut nll, mut tokens, mut done) = (0f64, 0usize, 0usize);
+    if let Some(w) = windows.iter().find(|w| w.len().saturating_sub(1) > max) {
+        candle_core::bail!(
+            "a window of {} tokens is longer than the model's {max} positions",
+            w.len() - 1
+        );
+    }
+    while done < windows.len() {
+        let n = windows[done].len();
+        let batch: Vec<&[u32]> = windows[done..]
+            .iter()
+            .take(EVAL_BATCH)
+            .take_while(|w| w.len() == n)
+            .map(|w| w.as_slice())
+            .collect();
+        nll += windows_nll(model, &batch)?;
+        tokens += batch.iter().map(|w| w.len() - 1).sum::<usize>();
+        done += batch.len();
+        progress(done, nll / tokens as f64);
     }
     if tokens == 0 {
         candle_core::bail!("no windows to evaluate");

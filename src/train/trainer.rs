@@ -1,11 +1,12 @@
 //! Training and fine-tuning on the serving model's own code: every checkpoint tensor is
 //! a candle `Var` (f32 master weights), the model is built from them with
-//! `Model::load`, and `forward_dense` (differentiable, see the ops' backward passes)
-//! gives the next-token loss. AdamW with the paper's settings (β = (0.9, 0.95), weight
-//! decay 0.1, gradient clipping 1.0, linear warm-up then cosine decay to 10 % of the
-//! peak learning rate). With a compute dtype other than f32 (bf16 on the GPU), each
-//! step builds the model from the variables cast to it: the casts are differentiable,
-//! so the gradients reach the f32 variables; the loss is taken in f32.
+//! `Model::load`, and `forward_dense_batch` (differentiable, see the ops' backward
+//! passes; one graph for the step's windows) gives the next-token loss. AdamW with the
+//! paper's settings (β = (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, linear
+//! warm-up then cosine decay to 10 % of the peak learning rate). With a compute dtype
+//! other than f32 (bf16 on the GPU), each step builds the model from the variables cast
+//! to it: the casts are differentiable, so the gradients reach the f32 variables; the
+//! loss is taken in f32.
 
 use super::adamw::{AdamW, AdamWParams};
 use super::data::DataOrder;
@@ -154,38 +155,29 @@ pub struct StepLog {
     pub tokens_per_s: f64,
 }
 
-/// Mean next-token cross-entropy over `batch` windows: one graph.
+/// Mean next-token cross-entropy over `batch` windows (all one length, as
+/// `pack_windows` makes them): one batched forward, one cross-entropy.
 fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor> {
-    let mut total: Option<Tensor> = None;
-    for w in batch {
-        let l = super::eval::window_loss(model, w)?;
-        total = Some(match total {
-            None => l,
-            Some(t) => (t + l)?,
-        });
-    }
-    total.expect("a non-empty batch") / batch.len() as f64
+    let windows: Vec<&[u32]> = batch.iter().map(|w| w.as_slice()).collect();
+    super::eval::windows_loss(model, &windows)
 }
 
-/// Scales every gradient by `clip / norm` when their global L2 norm exceeds `clip`;
-/// returns the norm before clipping.
-fn clip_gradients(grads: &mut GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<f64> {
-    let mut sq = 0f64;
-    for (_, v) in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
+/// The gradients' global L2 norm, and the factor that clips it to `clip` (`clip / norm`
+/// when the norm exceeds it, else 1), which the optimizer applies as it reads them.
+fn clip_gradients(grads: &GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<(f64, f64)> {
+    // Each tensor's sum of squares stays on the device (f64, as the host sum was); one
+    // scalar comes back, so the step syncs with the device once here, not per tensor.
+    let squares = vars
+        .iter()
+        .filter_map(|(_, v)| grads.get(v.as_tensor()))
+        .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if squares.is_empty() {
+        return Ok((0.0, 1.0));
     }
-    let norm = sq.sqrt();
-    if clip > 0.0 && norm > clip {
-        for (_, v) in vars {
-            if let Some(g) = grads.get(v.as_tensor()) {
-                let scaled = (g * (clip / norm))?;
-                grads.insert(v.as_tensor(), scaled);
-            }
-        }
-    }
-    Ok(norm)
+    let norm = Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
+    Ok((norm, scale))
 }
 
 /// A training run's state beside the model: the optimizer (its step count is the run's)
@@ -258,9 +250,9 @@ impl Trainer {
             }
         };
         let loss = batch_loss(model, &batch)?;
-        let mut grads = loss.backward()?;
-        let grad_norm = clip_gradients(&mut grads, &t.vars, o.grad_clip)?;
-        self.opt.step(&grads)?;
+        let grads = loss.backward()?;
+        let (grad_norm, grad_scale) = clip_gradients(&grads, &t.vars, o.grad_clip)?;
+        self.opt.step_scaled(&grads, grad_scale)?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
         Ok(StepLog {
             step: step + 1,

@@ -355,3 +355,42 @@ fn rope_rejects_bad_inputs_with_errors() {
     .unwrap();
     assert_eq!((q0.dims(), k0.unwrap().dims()), (&[0, 4, 8][..], &[0, 2, 8][..]));
 }
+
+/// The fused cross-entropy against candle_nn's composite: the loss and its gradient in
+/// f32 (to f32 rounding) and from f16/bf16 logits (against the composite on the same
+/// values in f32); a wide vocabulary, one column, strongly peaked rows; bad targets fail.
+#[test]
+fn cross_entropy_matches_candle_nn_with_its_gradient() {
+    use candle_core::Var;
+    let mut rng = Rng::new(31);
+    for (rows, cols, scale) in [(7usize, 1000usize, 3.0f32), (3, 1, 1.0), (5, 50, 40.0)] {
+        let targets: Vec<u32> = rng.tokens(rows, cols);
+        let targets = Tensor::new(targets.as_slice(), &Device::Cpu).unwrap();
+        let base = rng.tensor(&[rows, cols], scale, 0.0);
+        for dtype in DTYPES {
+            let x = Var::from_tensor(&base.to_dtype(dtype).unwrap()).unwrap();
+            let x32 = Var::from_tensor(&x.to_dtype(DType::F32).unwrap()).unwrap();
+            let ours = crosskv::ops::cross_entropy(x.as_tensor(), &targets).unwrap();
+            let want = candle_nn::loss::cross_entropy(x32.as_tensor(), &targets).unwrap();
+            let (a, b) = (ours.to_scalar::<f32>().unwrap(), want.to_scalar::<f32>().unwrap());
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{rows}x{cols} {dtype:?}: loss {a} vs {b}"
+            );
+            let g = ours.backward().unwrap();
+            let gw = want.backward().unwrap();
+            let (g, gw) = (g.get(x.as_tensor()).unwrap(), gw.get(x32.as_tensor()).unwrap());
+            assert_eq!(g.dtype(), dtype);
+            let e = rel_err(g, gw);
+            assert!(
+                e <= tol(dtype).max(1e-5),
+                "{rows}x{cols} {dtype:?}: gradient rel err {e}"
+            );
+        }
+    }
+    let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+    let e = crosskv::ops::cross_entropy(&x, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("target 4"), "{e}");
+    let e = crosskv::ops::cross_entropy(&x, &Tensor::new(&[1u32], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("u32 [2]"), "{e}");
+}

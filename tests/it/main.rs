@@ -24,3 +24,4 @@ mod sources;
 mod tensor_parallel;
 mod tokenizer;
 mod training;
+mod training_batch;

@@ -1,0 +1,32 @@
+// adamw: one AdamW update of an f32 variable in place, as two kernels over its elements
+// (grid-stride): adamw_moments updates the moments `mv` (m in [0, n), v in [n, 2n)) from
+// the gradient (times clipping's scale), then adamw_params the variable from them. Every step is one IEEE op in
+// the order candle's ops take them (the `_rn` intrinsics keep nvcc from contracting a
+// multiply and an add into an FMA), so the result equals the CPU reference bit for bit.
+// CPU reference: src/ops/adamw.rs.
+#include <stdint.h>
+
+// Mirrors `struct Scalars` in src/ops/adamw.rs.
+struct Scalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2;
+  float scale_m, scale_v, eps, decay, lr, grad_scale;
+};
+
+extern "C" __global__ void adamw_moments(float* __restrict__ mv, const float* __restrict__ g, uint64_t n,
+                                         Scalars s) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float gi = __fmul_rn(g[i], s.grad_scale);
+    mv[i] = __fadd_rn(__fmul_rn(mv[i], s.beta1), __fmul_rn(gi, s.one_minus_beta1));
+    mv[n + i] = __fadd_rn(__fmul_rn(mv[n + i], s.beta2), __fmul_rn(__fmul_rn(gi, gi), s.one_minus_beta2));
+  }
+}
+
+extern "C" __global__ void adamw_params(float* __restrict__ theta, const float* __restrict__ mv, uint64_t n,
+                                        Scalars s) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float m_hat = __fmul_rn(mv[i], s.scale_m);
+    const float v_hat = __fmul_rn(mv[n + i], s.scale_v);
+    const float step = __fdiv_rn(m_hat, __fadd_rn(__fsqrt_rn(v_hat), s.eps));
+    theta[i] = __fsub_rn(__fmul_rn(theta[i], s.decay), __fmul_rn(step, s.lr));
+  }
+}

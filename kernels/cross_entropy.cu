@@ -1,0 +1,84 @@
+// cross_entropy: next-token loss of each row of logits `x` ([rows, cols], T) against its
+// target column, computed in f32. CPU reference and launches: src/ops/cross_entropy.rs.
+//
+//   forward:  lse[r] = log Σ_j exp(x[r, j]);  loss[r] = lse[r] − x[r, t[r]]
+//             (`out` is [2, rows] f32: the losses, then the log-sum-exps the backward reads)
+//   backward: dx[r, j] = g[r] · (exp(x[r, j] − lse[r]) − [j = t[r]])   (in T)
+//
+// One CTA per row. The forward keeps a running (max, Σ exp(x − max)) per thread in one
+// pass over the row and merges them across the CTA. A target outside the row gives a
+// NaN loss (the host does not check targets: that would cost a device sync).
+#include <stdint.h>
+
+#include "convert.cuh"
+
+// (m, s) ∪ (m2, s2): the sum of exponentials relative to the larger maximum.
+__device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
+  if (m2 == -INFINITY) return;
+  if (m == -INFINITY) { m = m2; s = s2; return; }
+  const float hi = fmaxf(m, m2);
+  s = s * expf(m - hi) + s2 * expf(m2 - hi);
+  m = hi;
+}
+
+template <typename T>
+__device__ __forceinline__ void forward_impl(const T* __restrict__ x, const uint32_t* __restrict__ t,
+                                             float* __restrict__ out, uint32_t rows, uint32_t cols) {
+  __shared__ float sm[32], ss[32];
+  const uint64_t r = blockIdx.x;
+  const T* row = x + r * cols;
+  float m = -INFINITY, s = 0.f;
+  for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float v = to_f32(row[j]);
+    if (v > m) {
+      s = (m == -INFINITY ? 0.f : s * expf(m - v)) + 1.f;
+      m = v;
+    } else {
+      s += expf(v - m);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+    merge(m, s, m2, s2);
+  }
+  const uint32_t warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (uint32_t w = 1; w < warps; w++) merge(m, s, sm[w], ss[w]);
+    const float lse = m + logf(s);
+    const uint32_t target = t[r];
+    out[r] = target < cols ? lse - to_f32(row[target]) : NAN;
+    out[rows + r] = lse;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void backward_impl(const T* __restrict__ x, const uint32_t* __restrict__ t,
+                                              const float* __restrict__ lse_g, T* __restrict__ dx, uint32_t rows,
+                                              uint32_t cols) {
+  const uint64_t r = blockIdx.x;
+  const float lse = lse_g[r], g = lse_g[rows + r];
+  const uint32_t target = t[r];
+  const T* row = x + r * cols;
+  T* drow = dx + r * cols;
+  for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+    const float p = expf(to_f32(row[j]) - lse);
+    drow[j] = from_f32<T>(g * (p - (j == target ? 1.f : 0.f)));
+  }
+}
+
+#define CE(SUFFIX, T)                                                                                   \
+  extern "C" __global__ void cross_entropy_fwd_##SUFFIX(const T* x, const uint32_t* t, float* out,      \
+                                                          uint32_t rows, uint32_t cols) {              \
+    forward_impl<T>(x, t, out, rows, cols);                                                             \
+  }                                                                                                     \
+  extern "C" __global__ void cross_entropy_bwd_##SUFFIX(const T* x, const uint32_t* t, const float* lse_g, \
+                                                          T* dx, uint32_t rows, uint32_t cols) {        \
+    backward_impl<T>(x, t, lse_g, dx, rows, cols);                                                      \
+  }
+
+CE(f32, float)
+CE(f16, __half)
+CE(bf16, __nv_bfloat16)

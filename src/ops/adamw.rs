@@ -1,0 +1,213 @@
+//! `adamw_update`: one AdamW step of an f32 variable in place, in two ops (one kernel
+//! each on CUDA, `kernels/adamw.cu`) instead of the ~15 candle ops the same math takes:
+//! the moments `mv` (`[2, …]`: m then v) from the gradient, then the variable from them.
+//! Both read and write each element once, with no temporaries.
+//!
+//! The CPU path below is the reference: the same f32 operations in the order candle's
+//! ops take them (scalars rounded from f64 to f32 as `affine` does), so it equals
+//! `candle_nn::AdamW` bit for bit (`train::adamw`'s test) and the kernel equals it.
+//! Candle's `x * c` is `affine(c, 0)`, `x·c + 0`: the `+ 0` only turns a −0 into +0,
+//! which no comparison or later step tells apart, so it is left out here.
+
+use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
+
+/// The step's scalars in f32. Mirrors `struct Scalars` in kernels/adamw.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct Scalars {
+    beta1: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    /// The bias corrections `1 / (1 − βᵗ)`.
+    scale_m: f32,
+    scale_v: f32,
+    eps: f32,
+    /// Decoupled weight decay's factor `1 − lr·wd`.
+    decay: f32,
+    lr: f32,
+    /// Gradient clipping's factor, applied as the gradient is read (1 when not clipping).
+    grad_scale: f32,
+}
+
+#[cfg(feature = "cuda")]
+// SAFETY: plain `#[repr(C)]` f32 fields, the kernel's struct layout.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for Scalars {}
+
+impl Scalars {
+    /// Update number `step` (1-based, the bias correction's t) with these settings; each
+    /// scalar computed in f64 and rounded once, as candle's ops round theirs.
+    pub fn new(lr: f64, beta1: f64, beta2: f64, eps: f64, weight_decay: f64, step: usize) -> Self {
+        let t = step as i32;
+        Scalars {
+            beta1: beta1 as f32,
+            one_minus_beta1: (1.0 - beta1) as f32,
+            beta2: beta2 as f32,
+            one_minus_beta2: (1.0 - beta2) as f32,
+            scale_m: (1.0 / (1.0 - beta1.powi(t))) as f32,
+            scale_v: (1.0 / (1.0 - beta2.powi(t))) as f32,
+            eps: eps as f32,
+            decay: (1.0 - lr * weight_decay) as f32,
+            lr: lr as f32,
+            grad_scale: 1.0,
+        }
+    }
+
+    /// The gradient read as `g · scale` (rounded to f32 as candle's `g * scale` rounds
+    /// it): clipping folded into the update instead of a scaled copy of every gradient.
+    pub fn with_grad_scale(self, scale: f64) -> Self {
+        Scalars {
+            grad_scale: scale as f32,
+            ..self
+        }
+    }
+
+    fn moments(&self, m: &mut [f32], v: &mut [f32], g: &[f32]) {
+        for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+            let g = g * self.grad_scale;
+            *m = *m * self.beta1 + g * self.one_minus_beta1;
+            *v = *v * self.beta2 + (g * g) * self.one_minus_beta2;
+        }
+    }
+
+    fn params(&self, theta: &mut [f32], m: &[f32], v: &[f32]) {
+        for ((x, &m), &v) in theta.iter_mut().zip(m).zip(v) {
+            let (m_hat, v_hat) = (m * self.scale_m, v * self.scale_v);
+            let step = m_hat / (v_hat.sqrt() + self.eps);
+            *x = *x * self.decay - step * self.lr;
+        }
+    }
+}
+
+/// The moments: dst `mv` (`[2·n]`), src the gradient (`[n]`).
+struct Moments(Scalars);
+/// The variable: dst θ (`[n]`), src the updated `mv`.
+struct Params(Scalars);
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [f32]> {
+    super::contiguous(s.as_slice::<f32>()?, l, op, what)
+}
+
+fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a mut [f32]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))?;
+    match s {
+        CpuStorage::F32(d) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("{op}: {what} must be f32"),
+    }
+}
+
+impl InplaceOp2 for Moments {
+    fn name(&self) -> &'static str {
+        "adamw_moments"
+    }
+    fn cpu_fwd(&self, mv: &mut CpuStorage, ml: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let g = f32_slice(g, gl, self.name(), "the gradient")?;
+        let (m, v) = f32_slice_mut(mv, ml, self.name(), "the moments")?.split_at_mut(g.len());
+        self.0.moments(m, v, g);
+        Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        mv: &mut candle_core::CudaStorage,
+        ml: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        cuda::launch("adamw_moments", mv, ml, g, gl, self.0)
+    }
+}
+
+impl InplaceOp2 for Params {
+    fn name(&self) -> &'static str {
+        "adamw_params"
+    }
+    fn cpu_fwd(&self, theta: &mut CpuStorage, tl: &Layout, mv: &CpuStorage, ml: &Layout) -> Result<()> {
+        let theta = f32_slice_mut(theta, tl, self.name(), "the variable")?;
+        let (m, v) = f32_slice(mv, ml, self.name(), "the moments")?.split_at(theta.len());
+        self.0.params(theta, m, v);
+        Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        theta: &mut candle_core::CudaStorage,
+        tl: &Layout,
+        mv: &candle_core::CudaStorage,
+        ml: &Layout,
+    ) -> Result<()> {
+        cuda::launch("adamw_params", theta, tl, mv, ml, self.0)
+    }
+}
+
+/// One AdamW update in place: `moments` (f32 `[2, …theta's dims]`, m then v) from `grad`,
+/// then `theta` (f32) from them. Not differentiable (an optimizer step).
+pub fn adamw_update(theta: &Tensor, moments: &Tensor, grad: &Tensor, s: &Scalars) -> Result<()> {
+    const OP: &str = "adamw_update";
+    let n = theta.elem_count();
+    if grad.elem_count() != n || moments.elem_count() != 2 * n {
+        candle_core::bail!(
+            "{OP}: variable {:?}, gradient {:?} and moments {:?} do not match",
+            theta.dims(),
+            grad.dims(),
+            moments.dims()
+        );
+    }
+    for (t, what) in [(theta, "variable"), (moments, "moments"), (grad, "gradient")] {
+        if t.dtype() != DType::F32 {
+            candle_core::bail!("{OP}: the {what} is {:?} (f32 only)", t.dtype());
+        }
+        if !t.device().same_device(theta.device()) {
+            candle_core::bail!("{OP}: variable, moments and gradient must be on one device");
+        }
+    }
+    if !theta.is_contiguous() || !moments.is_contiguous() {
+        candle_core::bail!("{OP}: the variable and its moments must be contiguous");
+    }
+    moments.inplace_op2(&grad.contiguous()?, &Moments(*s))?;
+    theta.inplace_op2(moments, &Params(*s))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::Scalars;
+    use crate::ops::cuda::{contiguous, ptx};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{Layout, Result};
+
+    /// `name` over `dst` (n elements of the variable, or 2n of the moments) and `src`:
+    /// n is the variable's size, the smaller of the two.
+    pub(super) fn launch(
+        name: &str,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        src: &CudaStorage,
+        sl: &Layout,
+        s: Scalars,
+    ) -> Result<()> {
+        let (d0, d1) = contiguous(dl, name, "dst")?;
+        let (s0, s1) = contiguous(sl, name, "src")?;
+        let n = (d1 - d0).min(s1 - s0);
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = dst.device.clone();
+        let f = dev.get_or_load_custom_func(name, "crosskv_adamw", ptx::ADAMW)?;
+        let src = src.as_cuda_slice::<f32>()?.slice(s0..s1);
+        let mut dst = dst.as_cuda_slice_mut::<f32>()?.slice_mut(d0..d1);
+        let n64 = n as u64;
+        let mut b = f.builder();
+        b.arg(&mut dst).arg(&src).arg(&n64).arg(&s);
+        // Memory-bound: enough 256-thread blocks to fill the GPU, each striding on.
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(8192) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
