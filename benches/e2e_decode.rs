@@ -325,6 +325,9 @@ impl StepBytes {
 struct Decode {
     total_ms: f64,
     forward_ms: f64,
+    /// Host time `Runner::step` took to return (launches queued, nothing awaited): when
+    /// it is close to `forward_ms`, the GPU waits on the CPU.
+    enqueue_ms: f64,
     sample_ms: f64,
     /// Mean context length (keys attended) over the timed steps.
     mean_ctx: f64,
@@ -344,7 +347,7 @@ fn decode(c: &Ctx, runner: &Runner, mgr: &KvManager, batch: usize, context: usiz
         })
         .collect();
     let mut tokens: Vec<u32> = (0..batch).map(|s| ((s * 7919 + 13) % vocab) as u32).collect();
-    let (mut total, mut forward, mut sample) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut total, mut forward, mut sample, mut enqueue) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..c.warmup + c.steps {
         let steps: Vec<SeqStep> = (0..batch)
             .map(|s| SeqStep {
@@ -357,6 +360,7 @@ fn decode(c: &Ctx, runner: &Runner, mgr: &KvManager, batch: usize, context: usiz
         c.dev.synchronize()?;
         let t0 = Instant::now();
         let logits = runner.step(mgr, &steps)?;
+        let queued = Instant::now();
         c.dev.synchronize()?;
         let t1 = Instant::now();
         // As the engine does: greedy rows take the device's argmax, others come whole.
@@ -373,11 +377,13 @@ fn decode(c: &Ctx, runner: &Runner, mgr: &KvManager, batch: usize, context: usiz
             total.push((t2 - t0).as_secs_f64() * 1e3);
             forward.push((t1 - t0).as_secs_f64() * 1e3);
             sample.push((t2 - t1).as_secs_f64() * 1e3);
+            enqueue.push((queued - t0).as_secs_f64() * 1e3);
         }
     }
     Ok(Decode {
         total_ms: median(total),
         forward_ms: median(forward),
+        enqueue_ms: median(enqueue),
         sample_ms: median(sample),
         // Step i attends context + i + 1 keys.
         mean_ctx: (context + c.warmup) as f64 + (c.steps + 1) as f64 / 2.0,
@@ -412,6 +418,7 @@ fn perf(c: &Ctx, b: &StepBytes, batch: usize, d: &Decode) -> Perf {
         json: json!({
             "ms_per_step": d.total_ms,
             "forward_ms": d.forward_ms,
+            "forward_enqueue_ms": d.enqueue_ms,
             "logits_to_host_and_sample_ms": d.sample_ms,
             "tokens_per_s": tok_s,
             "weight_bytes_per_step": w,

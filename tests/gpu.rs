@@ -864,7 +864,7 @@ fn training_steps_on_cuda_match_cpu() {
         dtype: DType::F32,
     };
     let run = |device: &Device| {
-        let t = Trainable::from_dir(ck.path(), None, device).unwrap();
+        let t = Trainable::from_dir(ck.path(), None, crosskv::convert::KvInit::First, device).unwrap();
         let mut tr = Trainer::new(&t, windows.len(), opts.clone()).unwrap();
         (0..4)
             .map(|_| {
