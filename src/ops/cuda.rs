@@ -350,7 +350,6 @@ pub(crate) fn paged_attention(
         prepare(
             &dev,
             seqs,
-            block_table,
             max_blocks,
             scale,
             tokens,
@@ -361,22 +360,31 @@ pub(crate) fn paged_attention(
             q.dtype(),
         )
     };
-    // The step's plan for this slot, made by its first layer (the same shapes follow:
-    // one model); without a memo, a plan for this call only.
+    // The step's plan, made by the first layer and shared by every KV slot (they all
+    // see the same spans: only their block tables differ, uploaded once per slot);
+    // without a memo, a plan for this call only.
     let mut own;
     let mut memo;
-    let pr: &mut Prepared = match plans {
+    let (pr, table): (&mut Prepared, &Slice<u32>) = match plans {
         Some((p, slot)) => {
             memo = p.cuda.lock().expect("attention plans");
             let key = (tokens, heads, kv_heads, d, q.dtype());
-            if memo.get(&slot).is_none_or(|pr| pr.key != key) {
-                memo.insert(slot, fresh()?);
+            let memo = &mut *memo;
+            if memo.prepared.as_ref().is_none_or(|pr| pr.key != key) {
+                memo.prepared = Some(fresh()?);
+                memo.tables.clear();
             }
-            memo.get_mut(&slot).expect("inserted above")
+            if !memo.tables.contains_key(&slot) {
+                memo.tables.insert(slot, upload_table(&dev, block_table)?);
+            }
+            (
+                memo.prepared.as_mut().expect("made above"),
+                memo.tables.get(&slot).expect("inserted above"),
+            )
         }
         None => {
-            own = fresh()?;
-            &mut own
+            own = (fresh()?, upload_table(&dev, block_table)?);
+            (&mut own.0, &own.1)
         }
     };
     macro_rules! go {
@@ -388,7 +396,7 @@ pub(crate) fn paged_attention(
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            launch(&dev, pr, &mut out, &qv, &kv, &vv)?;
+            launch(&dev, pr, table, &mut out, &qv, &kv, &vv)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -426,8 +434,28 @@ pub fn device(ordinal: usize) -> Result<candle_core::Device> {
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 
-/// Everything a paged-attention launch needs besides q, the caches and the output: the
-/// plan and its device copies, the partition scratch and the kernels.
+/// A step's paged-attention memo on CUDA (inside [`super::AttentionPlans`]): the plan
+/// every KV slot shares, and each slot's block table on the device.
+#[derive(Default)]
+pub(crate) struct CudaPlans {
+    prepared: Option<Prepared>,
+    tables: std::collections::HashMap<usize, Slice<u32>>,
+}
+
+/// A `[seqs, max_blocks]` block table on the device (one zero when empty: no
+/// zero-length buffers).
+fn upload_table(dev: &CudaDevice, block_table: &[u32]) -> Result<Slice<u32>> {
+    Ok(if block_table.is_empty() {
+        dev.clone_htod(&[0u32])?
+    } else {
+        dev.clone_htod(block_table)?
+    })
+}
+
+/// Everything a paged-attention launch needs besides q, the caches, the block table
+/// and the output: the plan and its device copies, the partition scratch and the
+/// kernels. Launches on one stream run in order, so every layer of a step can reuse
+/// the scratch (and the tensor-core kernels leave their partition counters at zero).
 pub(crate) struct Prepared {
     /// (tokens, heads, kv_heads, head_dim, dtype) it was made for.
     key: (usize, usize, usize, usize, DType),
@@ -440,7 +468,6 @@ pub(crate) struct Prepared {
     rows: usize,
     seqs_d: Slice<u32>,
     work_d: Slice<u32>,
-    table_d: Slice<u32>,
     tmp_acc: Slice<f32>,
     tmp_ml: Slice<f32>,
     /// Tensor cores: per (item, KV head), how many partitions are done (zeros; the last
@@ -458,7 +485,6 @@ pub(crate) struct Prepared {
 fn prepare(
     dev: &CudaDevice,
     seqs: &[SeqSpan],
-    block_table: &[u32],
     max_blocks: usize,
     scale: f32,
     tokens: usize,
@@ -509,7 +535,6 @@ fn prepare(
         rows,
         seqs_d: dev.clone_htod(&or_one(&flat))?,
         work_d: dev.clone_htod(&p.work)?,
-        table_d: dev.clone_htod(&or_one(block_table))?,
         tmp_acc,
         tmp_ml,
         counters,
@@ -572,6 +597,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usi
 fn launch<T: DeviceRepr>(
     dev: &CudaDevice,
     pr: &mut Prepared,
+    table: &Slice<u32>,
     out: &mut Slice<T>,
     q: &View<'_, T>,
     k: &View<'_, T>,
@@ -606,7 +632,7 @@ fn launch<T: DeviceRepr>(
                 .arg(v)
                 .arg(&pr.seqs_d)
                 .arg(&pr.work_d)
-                .arg(&pr.table_d)
+                .arg(table)
                 .arg(&pr.params);
             unsafe { b.launch(grid(pr.num_work, 0)) }.w()?;
         }
@@ -638,7 +664,7 @@ fn launch<T: DeviceRepr>(
                     .arg(v)
                     .arg(&pr.seqs_d)
                     .arg(&pr.work_d)
-                    .arg(&pr.table_d)
+                    .arg(table)
                     .arg(&pr.params)
                     .arg(&base)
                     .arg(&mut pr.counters);
@@ -686,7 +712,6 @@ pub fn bench_paged_attention(
     let mut pr = prepare(
         &dev,
         seqs,
-        block_table,
         max_blocks,
         scale,
         tokens,
@@ -706,6 +731,7 @@ pub fn bench_paged_attention(
         }
     }
     let (qv, kv, vv) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
+    let table = upload_table(&dev, block_table)?;
     let mut out = unsafe { dev.alloc::<half::bf16>(tokens * heads * d)? };
     let stream = dev.cuda_stream();
     let ctx = stream.context().clone();
@@ -715,7 +741,7 @@ pub fn bench_paged_attention(
         .w()?;
     events[0].record(&stream).w()?;
     for e in &events[1..] {
-        launch(&dev, &mut pr, &mut out, &qv, &kv, &vv)?;
+        launch(&dev, &mut pr, &table, &mut out, &qv, &kv, &vv)?;
         e.record(&stream).w()?;
     }
     stream.synchronize().w()?;

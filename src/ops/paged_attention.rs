@@ -22,15 +22,16 @@ pub struct SeqSpan {
 }
 
 /// A per-step memo for paged attention: every layer that reads one KV slot in one step
-/// sees the same spans and block table, so the slot's checks run once, and on CUDA its
-/// launch plan and the device copies of spans, work list and table are made once (20
-/// layers × three host-to-device copies a step otherwise). Make one per step
+/// sees the same spans and block table, so the slot's checks run once; on CUDA the
+/// launch plan, the device copies of spans and work list and the scratch are made once
+/// for all slots (every slot sees the same spans), and each slot's table is uploaded
+/// once (20 layers × six driver calls a step otherwise). Make one per step
 /// (`Model::forward` does) and never reuse it with other spans or tables.
 #[derive(Default)]
 pub struct AttentionPlans {
     checked: std::sync::Mutex<std::collections::HashSet<usize>>,
     #[cfg(feature = "cuda")]
-    pub(crate) cuda: std::sync::Mutex<std::collections::HashMap<usize, super::cuda::Prepared>>,
+    pub(crate) cuda: std::sync::Mutex<super::cuda::CudaPlans>,
 }
 
 struct PagedAttention<'a> {
