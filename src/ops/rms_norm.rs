@@ -149,10 +149,31 @@ impl CustomOp2 for RmsNorm {
     }
 }
 
-/// Gradients of `y = x / sqrt(mean(x²) + eps) * w` given dL/dy = `g`, in f32 with candle
-/// ops (so on any device), returned in x's and w's dtypes:
-/// dx = r·(g∘w) − x·r³·mean((g∘w)∘x), dw = Σ_rows g∘x·r, with r = 1/sqrt(mean(x²) + eps).
-fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+/// Widest row the fused backward takes (its CTA keeps a row of dw in shared memory).
+pub(crate) const BWD_MAX_HIDDEN: usize = 12 * 1024;
+
+/// Gradients of `y = x / sqrt(mean(x²) + eps) * w` given dL/dy = `g`, in f32, returned
+/// in x's and w's dtypes: dx = r·(g∘w) − x·r³·mean((g∘w)∘x), dw = Σ_rows g∘x·r, with
+/// r = 1/sqrt(mean(x²) + eps). One fused op ([`RmsNormBwd`]: a kernel on CUDA) instead
+/// of a dozen f32 candle passes and a strided column sum per norm, which dominated
+/// training steps; [`rms_norm_grads_composite`] is its reference.
+pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let hidden = w.elem_count();
+    if hidden > BWD_MAX_HIDDEN || g.dtype() != x.dtype() || w.dtype() != x.dtype() {
+        return rms_norm_grads_composite(x, w, g, eps);
+    }
+    let x2 = x.reshape(((), hidden))?.contiguous()?;
+    let g2 = g.reshape(((), hidden))?.contiguous()?;
+    let rows = x2.dim(0)?;
+    let packed = x2.apply_op3_no_bwd(&w.flatten_all()?.contiguous()?, &g2, &RmsNormBwd { eps })?;
+    Ok((
+        packed.narrow(0, 0, rows)?.reshape(x.shape())?.to_dtype(x.dtype())?,
+        packed.narrow(0, rows, 1)?.reshape(w.shape())?.to_dtype(w.dtype())?,
+    ))
+}
+
+/// [`rms_norm_grads`] with candle ops (any device, any dtypes): the reference.
+pub fn rms_norm_grads_composite(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     use candle_core::D;
     let hidden = w.elem_count();
     let x32 = x.to_dtype(DType::F32)?.reshape(((), hidden))?;
@@ -167,6 +188,99 @@ fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(Tenso
         dx.reshape(x.shape())?.to_dtype(x.dtype())?,
         dw.reshape(w.shape())?.to_dtype(w.dtype())?,
     ))
+}
+
+/// The RMSNorm backward as one op on `(x [rows, hidden], w [hidden], g [rows, hidden])`,
+/// one dtype: f32 `[rows + 1, hidden]`, the rows of dx then dw.
+struct RmsNormBwd {
+    eps: f32,
+}
+
+fn cpu_rms_norm_bwd<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
+    let hidden = w.len();
+    let rows = x.len() / hidden;
+    let mut out = vec![0f32; (rows + 1) * hidden];
+    let (dx, dw) = out.split_at_mut(rows * hidden);
+    for ((xr, gr), dr) in x.chunks(hidden).zip(g.chunks(hidden)).zip(dx.chunks_mut(hidden)) {
+        let ss: f32 = xr.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+        let dot: f32 = xr
+            .iter()
+            .zip(gr)
+            .zip(w)
+            .map(|((xv, gv), wv)| gv.to_f32() * wv.to_f32() * xv.to_f32())
+            .sum();
+        let inv = 1.0 / (ss / hidden as f32 + eps).sqrt();
+        let c = inv * inv * inv * (dot / hidden as f32);
+        for j in 0..hidden {
+            let (xv, gv) = (xr[j].to_f32(), gr[j].to_f32());
+            dr[j] = inv * gv * w[j].to_f32() - xv * c;
+            dw[j] += gv * xv * inv;
+        }
+    }
+    out
+}
+
+impl CustomOp3 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms_norm_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+        g: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        const OP: &str = "rms_norm_bwd";
+        let (rows, hidden) = xl.shape().dims2()?;
+        if wl.shape().elem_count() != hidden || gl.shape() != xl.shape() {
+            candle_core::bail!(
+                "{OP}: x {:?}, w {:?}, g {:?} do not match",
+                xl.shape(),
+                wl.shape(),
+                gl.shape()
+            );
+        }
+        fn go<T: Elem + WithDType>(
+            x: &CpuStorage,
+            xl: &Layout,
+            w: &CpuStorage,
+            wl: &Layout,
+            g: &CpuStorage,
+            gl: &Layout,
+            eps: f32,
+        ) -> Result<Vec<f32>> {
+            Ok(cpu_rms_norm_bwd(
+                contiguous(x.as_slice::<T>()?, xl, OP, "x")?,
+                contiguous(w.as_slice::<T>()?, wl, OP, "w")?,
+                contiguous(g.as_slice::<T>()?, gl, OP, "g")?,
+                eps,
+            ))
+        }
+        let out = match (x.dtype(), w.dtype(), g.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => go::<f32>(x, xl, w, wl, g, gl, self.eps)?,
+            (DType::F16, DType::F16, DType::F16) => go::<half::f16>(x, xl, w, wl, g, gl, self.eps)?,
+            (DType::BF16, DType::BF16, DType::BF16) => go::<half::bf16>(x, xl, w, wl, g, gl, self.eps)?,
+            d => candle_core::bail!("{OP}: dtypes {d:?}: one of f32/f16/bf16 expected"),
+        };
+        Ok((CpuStorage::F32(out), Shape::from((rows + 1, hidden))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda_fused::rms_norm_bwd(x, xl, w, wl, g, gl, self.eps)
+    }
 }
 
 struct AddRmsNorm {
