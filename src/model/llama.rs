@@ -98,7 +98,8 @@ pub struct Model {
 impl Layer {
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
         let gu = Linear::forward_many(x, &[&self.gate, &self.up])?;
-        self.down.forward(&(candle_nn::ops::silu(&gu[0])? * &gu[1])?)
+        // silu(gate) · up as one op (one kernel each way on CUDA).
+        self.down.forward(&crate::ops::swiglu(&gu[0], &gu[1])?)
     }
 }
 

@@ -18,6 +18,7 @@ pub mod qmatmul;
 pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
+pub mod swiglu;
 
 pub use adamw::adamw_update;
 pub use argmax::argmax_rows;
@@ -28,6 +29,7 @@ pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope;
+pub use swiglu::swiglu;
 
 use candle_core::{CpuStorage, Layout, Result};
 

@@ -136,6 +136,49 @@ fn rms_norm_grads_fused_match_the_composite() {
     }
 }
 
+/// `swiglu` = candle's `silu(g) · u`, forward and gradients, in f32 and bf16 (against
+/// the composite in f32: ours computes in f32 and rounds once, candle's bf16 composite
+/// rounds at every step).
+#[test]
+fn swiglu_matches_the_candle_composite_and_its_gradients() {
+    use candle_core::Var;
+    let mut rng = Rng::new(78);
+    for dtype in [DType::F32, DType::BF16] {
+        for shape in [[1usize, 7usize], [37, 300], [64, 1000]] {
+            let (g32, u32_, dy32) = (
+                rng.tensor(&shape, 3.0, 0.0),
+                rng.tensor(&shape, 1.0, 0.0),
+                rng.tensor(&shape, 1.0, 0.0),
+            );
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let (g32, u32_, dy32) = (cast(&g32), cast(&u32_), cast(&dy32));
+            let g = Var::from_tensor(&g32.to_dtype(dtype).unwrap()).unwrap();
+            let u = Var::from_tensor(&u32_.to_dtype(dtype).unwrap()).unwrap();
+            let dy = dy32.to_dtype(dtype).unwrap();
+            let (rg, ru) = (Var::from_tensor(&g32).unwrap(), Var::from_tensor(&u32_).unwrap());
+            let ours = crosskv::ops::swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+            let theirs = (candle_nn::ops::silu(rg.as_tensor()).unwrap() * ru.as_tensor()).unwrap();
+            let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let e = rel_err(&ours.to_dtype(DType::F32).unwrap(), &theirs);
+            assert!(e < bound, "{dtype:?} {shape:?}: forward {e}");
+            let go = (&ours * &dy)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gt = (&theirs * &dy32).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, v, r) in [("gate", &g, &rg), ("up", &u, &ru)] {
+                let got = go.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+                let e = rel_err(&got, gt.get(r.as_tensor()).unwrap());
+                assert!(e < bound, "{dtype:?} {shape:?}: d{name} {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn norms_reject_bad_inputs_with_errors() {
     let x = Tensor::zeros((2, 8), DType::F32, &Device::Cpu).unwrap();

@@ -1,0 +1,39 @@
+// swiglu: the gated MLP's activation, y = silu(g) * u (g, u, y of one dtype T; computed in
+// f32), and its backward given dy:
+//   s = 1 / (1 + exp(-g)),  dg = dy * u * s * (1 + g * (1 - s)),  du = dy * g * s
+// (`d` holds [2, n]: dg then du). CPU reference: src/ops/swiglu.rs. Grid-stride loops.
+#include <stdint.h>
+
+#include "convert.cuh"
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+
+template <typename T>
+__device__ __forceinline__ void fwd_impl(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ y,
+                                         uint64_t n) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float gv = to_f32(g[i]);
+    y[i] = from_f32<T>(gv * sigmoid(gv) * to_f32(u[i]));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void bwd_impl(const T* __restrict__ g, const T* __restrict__ u, const T* __restrict__ dy,
+                                         T* __restrict__ d, uint64_t n) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float gv = to_f32(g[i]), uv = to_f32(u[i]), dv = to_f32(dy[i]);
+    const float s = sigmoid(gv);
+    d[i] = from_f32<T>(dv * uv * s * (1.f + gv * (1.f - s)));
+    d[n + i] = from_f32<T>(dv * gv * s);
+  }
+}
+
+#define SWIGLU(SFX, T)                                                                                      \
+  extern "C" __global__ void swiglu_fwd_##SFX(const T* g, const T* u, T* y, uint64_t n) { fwd_impl<T>(g, u, y, n); } \
+  extern "C" __global__ void swiglu_bwd_##SFX(const T* g, const T* u, const T* dy, T* d, uint64_t n) {      \
+    bwd_impl<T>(g, u, dy, d, n);                                                                            \
+  }
+
+SWIGLU(f32, float)
+SWIGLU(f16, __half)
+SWIGLU(bf16, __nv_bfloat16)

@@ -1,0 +1,234 @@
+//! `swiglu(gate, up) = silu(gate) · up`, the gated MLP's activation, as one op with a
+//! fused backward: candle's `silu(g) * u` is two kernels forward and about ten
+//! elementwise passes backward over `[tokens, ffn]`, the largest activations of a
+//! training step (measured: ~2 ms a layer at 8192 × 2048 on an H200). Computed in f32,
+//! stored in the inputs' dtype. The CPU loops are the reference `kernels/swiglu.cu`
+//! must match.
+
+use super::parallel::for_each_chunk_mut;
+use super::{contiguous, Elem};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+
+const OP: &str = "swiglu";
+/// Elements per CPU task.
+const TASK_ELEMS: usize = 16 * 1024;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct Swiglu;
+/// Backward: `(g, u, dy)` → `[2, ..]`: dg, then du.
+struct SwigluBwd;
+
+fn cpu_fwd_t<T: Elem + WithDType>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut y = vec![T::from_f32(0.0); g.len()];
+    for_each_chunk_mut(&mut y, TASK_ELEMS, |i, out| {
+        let base = i * TASK_ELEMS;
+        for (j, o) in out.iter_mut().enumerate() {
+            let gv = g[base + j].to_f32();
+            *o = T::from_f32(gv * sigmoid(gv) * u[base + j].to_f32());
+        }
+    });
+    y
+}
+
+fn cpu_bwd_t<T: Elem + WithDType>(g: &[T], u: &[T], dy: &[T]) -> Vec<T> {
+    let n = g.len();
+    let mut d = vec![T::from_f32(0.0); 2 * n];
+    let (dg, du) = d.split_at_mut(n);
+    for_each_chunk_mut(dg, TASK_ELEMS, |i, out| {
+        let base = i * TASK_ELEMS;
+        for (j, o) in out.iter_mut().enumerate() {
+            let (gv, uv, dv) = (g[base + j].to_f32(), u[base + j].to_f32(), dy[base + j].to_f32());
+            let s = sigmoid(gv);
+            *o = T::from_f32(dv * uv * s * (1.0 + gv * (1.0 - s)));
+        }
+    });
+    for_each_chunk_mut(du, TASK_ELEMS, |i, out| {
+        let base = i * TASK_ELEMS;
+        for (j, o) in out.iter_mut().enumerate() {
+            let (gv, dv) = (g[base + j].to_f32(), dy[base + j].to_f32());
+            *o = T::from_f32(dv * gv * sigmoid(gv));
+        }
+    });
+    d
+}
+
+fn check(a: &Layout, b: &Layout, what: &str) -> Result<()> {
+    if a.shape() != b.shape() {
+        candle_core::bail!("{OP}: {what} {:?} does not match gate {:?}", b.shape(), a.shape());
+    }
+    Ok(())
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        OP
+    }
+
+    fn cpu_fwd(&self, g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> Result<(CpuStorage, Shape)> {
+        check(gl, ul, "up")?;
+        fn go<T: Elem + WithDType>(g: &CpuStorage, gl: &Layout, u: &CpuStorage, ul: &Layout) -> Result<CpuStorage> {
+            let y = cpu_fwd_t(
+                contiguous(g.as_slice::<T>()?, gl, OP, "gate")?,
+                contiguous(u.as_slice::<T>()?, ul, OP, "up")?,
+            );
+            Ok(T::to_cpu_storage_owned(y))
+        }
+        let out = match (g.dtype(), u.dtype()) {
+            (DType::F32, DType::F32) => go::<f32>(g, gl, u, ul)?,
+            (DType::F16, DType::F16) => go::<half::f16>(g, gl, u, ul)?,
+            (DType::BF16, DType::BF16) => go::<half::bf16>(g, gl, u, ul)?,
+            d => candle_core::bail!("{OP}: {d:?}: gate and up of one of f32/f16/bf16 expected"),
+        };
+        Ok((out, gl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check(gl, ul, "up")?;
+        Ok((cuda::run(&[(g, gl), (u, ul)], 1)?, gl.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwigluBwd)?;
+        Ok((Some(d.get(0)?), Some(d.get(1)?)))
+    }
+}
+
+impl CustomOp3 for SwigluBwd {
+    fn name(&self) -> &'static str {
+        "swiglu_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        gl: &Layout,
+        u: &CpuStorage,
+        ul: &Layout,
+        dy: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(gl, ul, "up")?;
+        check(gl, dl, "dy")?;
+        fn go<T: Elem + WithDType>(
+            g: &CpuStorage,
+            gl: &Layout,
+            u: &CpuStorage,
+            ul: &Layout,
+            dy: &CpuStorage,
+            dl: &Layout,
+        ) -> Result<CpuStorage> {
+            let d = cpu_bwd_t(
+                contiguous(g.as_slice::<T>()?, gl, OP, "gate")?,
+                contiguous(u.as_slice::<T>()?, ul, OP, "up")?,
+                contiguous(dy.as_slice::<T>()?, dl, OP, "dy")?,
+            );
+            Ok(T::to_cpu_storage_owned(d))
+        }
+        let out = match (g.dtype(), u.dtype(), dy.dtype()) {
+            (DType::F32, DType::F32, DType::F32) => go::<f32>(g, gl, u, ul, dy, dl)?,
+            (DType::F16, DType::F16, DType::F16) => go::<half::f16>(g, gl, u, ul, dy, dl)?,
+            (DType::BF16, DType::BF16, DType::BF16) => go::<half::bf16>(g, gl, u, ul, dy, dl)?,
+            d => candle_core::bail!("{OP}: {d:?}: gate, up and dy of one of f32/f16/bf16 expected"),
+        };
+        Ok((out, stacked(gl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+        u: &candle_core::CudaStorage,
+        ul: &Layout,
+        dy: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        check(gl, ul, "up")?;
+        check(gl, dl, "dy")?;
+        Ok((cuda::run(&[(g, gl), (u, ul), (dy, dl)], 2)?, stacked(gl)))
+    }
+}
+
+/// `[2, ..]` of a layout's shape.
+fn stacked(l: &Layout) -> Shape {
+    let mut dims = vec![2];
+    dims.extend_from_slice(l.dims());
+    Shape::from(dims)
+}
+
+/// `silu(gate) · up`, differentiable (fused backward).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::OP;
+    use crate::ops::cuda::{contiguous, ptx, suffix};
+    use crate::ops::cuda_fused::output;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::{DType, Layout, Result};
+
+    /// The forward (`inputs` = gate, up; `outputs` = 1) or backward (gate, up, dy; 2).
+    pub(super) fn run(inputs: &[(&CudaStorage, &Layout)], outputs: usize) -> Result<CudaStorage> {
+        let dtype = inputs[0].0.dtype();
+        if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
+            candle_core::bail!("{OP}: inputs of one dtype expected");
+        }
+        let n = inputs[0].1.shape().elem_count();
+        let ranges = inputs
+            .iter()
+            .map(|(_, l)| contiguous(l, OP, "input"))
+            .collect::<Result<Vec<_>>>()?;
+        let dev = inputs[0].0.device.clone();
+        let name = format!(
+            "swiglu_{}_{}",
+            if outputs == 1 { "fwd" } else { "bwd" },
+            suffix(dtype, OP)?
+        );
+        let f = dev.get_or_load_custom_func(&name, "crosskv_swiglu", ptx::SWIGLU)?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        macro_rules! go {
+            ($t:ty) => {{
+                let views = inputs
+                    .iter()
+                    .zip(&ranges)
+                    .map(|((s, _), (a, b))| Ok(s.as_cuda_slice::<$t>()?.slice(*a..*b)))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut out = output::<$t>(&dev, outputs * n)?;
+                if n > 0 {
+                    let mut b = f.builder();
+                    for v in &views {
+                        b.arg(v);
+                    }
+                    b.arg(&mut out).arg(&n64);
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dtype {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+}
