@@ -52,9 +52,9 @@ build() {
   # `nccl` (tensor parallelism) includes `cuda`.
   cargo build --release --features nccl --bin crosskv
   local json tests
-  local bench e2e flash train ops
+  local bench e2e flash train ops trainops
   json=$(cargo test --release --features nccl --no-run --test gpu --bench decode_attention --bench e2e_decode \
-    --bench flash_attention --bench op_overhead --bench train_throughput \
+    --bench flash_attention --bench op_overhead --bench train_throughput --bench train_ops \
     --message-format=json)
   exe() {
     printf '%s\n' "$json" | python3 -c '
@@ -69,16 +69,18 @@ for line in sys.stdin:
   e2e=$(exe e2e_decode)
   flash=$(exe flash_attention)
   ops=$(exe op_overhead)
+  trainops=$(exe train_ops)
   train=$(exe train_throughput)
   [ -n "$tests" ] || { echo "no gpu test binary built" >&2; exit 1; }
   [ -n "$bench" ] || { echo "no decode_attention bench binary built" >&2; exit 1; }
   [ -n "$e2e" ] || { echo "no e2e_decode bench binary built" >&2; exit 1; }
   [ -n "$flash" ] || { echo "no flash_attention bench binary built" >&2; exit 1; }
   [ -n "$ops" ] || { echo "no op_overhead bench binary built" >&2; exit 1; }
+  [ -n "$trainops" ] || { echo "no train_ops bench binary built" >&2; exit 1; }
   [ -n "$train" ] || { echo "no train_throughput bench binary built" >&2; exit 1; }
   mkdir -p .gpu
   for pair in "$tests:gpu-tests" "$bench:decode-attention" "$e2e:e2e-decode" "$flash:flash-attention" "$ops:op-overhead" \
-    "$train:train-throughput" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
+    "$train:train-throughput" "$trainops:train-ops" "$CARGO_TARGET_DIR/release/crosskv:crosskv"; do
     local src=${pair%%:*} name=${pair##*:}
     strip -o ".gpu/$name" "$src"
     xz -6 -f ".gpu/$name"
