@@ -14,7 +14,7 @@
 #   H32-MQA       16 query heads of 32, 1 KV head           (half of H64-MQA's KV)
 # The paper's claim: MQA-CLA2 is close to MQA at half its KV cache, and better than the
 # MQA with half the head dimension (the same KV bytes). Runs go to every GPU in parallel.
-# Env: STEPS (default 400), BATCH (16), LRS ("1e-3 2e-3 4e-3").
+# Env: STEPS (default 400), BATCH (16), LRS ("1e-3 2e-3 4e-3"), PARALLEL (1 run at a time per GPU).
 set -euo pipefail
 CORPUS=${1:?usage: experiment-a.sh CORPUS.tar.gz OUT [CROSSKV]}
 OUT=${2:?usage: experiment-a.sh CORPUS.tar.gz OUT [CROSSKV]}
@@ -64,13 +64,16 @@ run_job() {
     || echo "run $m $lr on $dev failed: $(tail -n 3 "$OUT/err-$m-$lr.txt")" >&2
   rm -f "$OUT/run-$m-$lr/optimizer.safetensors"
 }
-# One queue per GPU, run side by side.
+# One queue per GPU, run side by side, PARALLEL runs at once on each GPU (a small
+# model's step is launch-bound: runs side by side overlap).
 for ((g = 0; g < GPUS; g++)); do
   (
     for ((i = g; i < ${#jobs[@]}; i += GPUS)); do
+      while [ "$(jobs -rp | wc -l)" -ge "${PARALLEL:-1}" ]; do wait -n || true; done
       # shellcheck disable=SC2086
-      run_job "$g" ${jobs[$i]}
+      run_job "$g" ${jobs[$i]} &
     done
+    wait
   ) &
 done
 wait
