@@ -374,13 +374,11 @@ pub(crate) fn paged_attention(
                 memo.prepared = Some(fresh()?);
                 memo.tables.clear();
             }
-            if !memo.tables.contains_key(&slot) {
-                memo.tables.insert(slot, upload_table(&dev, block_table)?);
-            }
-            (
-                memo.prepared.as_mut().expect("made above"),
-                memo.tables.get(&slot).expect("inserted above"),
-            )
+            let table: &Slice<u32> = match memo.tables.entry(slot) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(upload_table(&dev, block_table)?),
+            };
+            (memo.prepared.as_mut().expect("made above"), table)
         }
         None => {
             own = (fresh()?, upload_table(&dev, block_table)?);
