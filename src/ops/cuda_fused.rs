@@ -285,15 +285,7 @@ pub(crate) fn rms_norm_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "rms_norm_bwd";
     let sfx = suffix(x.dtype(), OP)?;
-    let (rows, hidden) = xl.shape().dims2()?;
-    if wl.shape().elem_count() != hidden || gl.shape() != xl.shape() {
-        candle_core::bail!(
-            "{OP}: x {:?}, w {:?}, g {:?} do not match",
-            xl.shape(),
-            wl.shape(),
-            gl.shape()
-        );
-    }
+    let (rows, hidden) = super::rms_norm::bwd_dims(xl, wl, gl)?;
     if w.dtype() != x.dtype() || g.dtype() != x.dtype() {
         candle_core::bail!("{OP}: x, w and g must share one dtype");
     }

@@ -190,6 +190,20 @@ pub fn rms_norm_grads_composite(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) ->
     ))
 }
 
+/// `(rows, hidden)` of the backward's inputs, checked to fit together (both backends).
+pub(crate) fn bwd_dims(xl: &Layout, wl: &Layout, gl: &Layout) -> Result<(usize, usize)> {
+    let (rows, hidden) = xl.shape().dims2()?;
+    if wl.shape().elem_count() != hidden || gl.shape() != xl.shape() {
+        candle_core::bail!(
+            "rms_norm_bwd: x {:?}, w {:?}, g {:?} do not match",
+            xl.shape(),
+            wl.shape(),
+            gl.shape()
+        );
+    }
+    Ok((rows, hidden))
+}
+
 /// The RMSNorm backward as one op on `(x [rows, hidden], w [hidden], g [rows, hidden])`,
 /// one dtype: f32 `[rows + 1, hidden]`, the rows of dx then dw.
 struct RmsNormBwd {
@@ -235,15 +249,7 @@ impl CustomOp3 for RmsNormBwd {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         const OP: &str = "rms_norm_bwd";
-        let (rows, hidden) = xl.shape().dims2()?;
-        if wl.shape().elem_count() != hidden || gl.shape() != xl.shape() {
-            candle_core::bail!(
-                "{OP}: x {:?}, w {:?}, g {:?} do not match",
-                xl.shape(),
-                wl.shape(),
-                gl.shape()
-            );
-        }
+        let (rows, hidden) = bwd_dims(xl, wl, gl)?;
         fn go<T: Elem + WithDType>(
             x: &CpuStorage,
             xl: &Layout,
