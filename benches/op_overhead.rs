@@ -49,15 +49,19 @@ fn sync(dev: &Device) -> Result<()> {
     Ok(dev.synchronize()?)
 }
 
-/// `(enqueue µs, µs per call)` of `iters` calls of `f`.
-fn time(dev: &Device, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64)> {
+/// `(enqueue µs, µs per call)` of `iters` calls of `f` (its result dropped).
+fn time<T, E: Into<anyhow::Error>>(
+    dev: &Device,
+    iters: usize,
+    mut f: impl FnMut() -> std::result::Result<T, E>,
+) -> Result<(f64, f64)> {
     for _ in 0..3 {
-        f()?;
+        f().map_err(Into::into)?;
     }
     sync(dev)?;
     let start = Instant::now();
     for _ in 0..iters {
-        f()?;
+        f().map_err(Into::into)?;
     }
     let enqueue = start.elapsed().as_secs_f64();
     sync(dev)?;
@@ -117,33 +121,15 @@ fn main() -> Result<()> {
 
     let mut table_rows: Vec<(&str, (f64, f64))> = Vec::new();
     let n = args.iters;
-    table_rows.push((
-        "q_proj matmul [B,2048]·[2048,2048]",
-        time(&dev, n, || {
-            linear(&x, &wq)?;
-            Ok(())
-        })?,
-    ));
-    table_rows.push((
-        "k_proj matmul [B,2048]·[2048,128]",
-        time(&dev, n, || {
-            linear(&x, &wk)?;
-            Ok(())
-        })?,
-    ));
+    table_rows.push(("q_proj matmul [B,2048]·[2048,2048]", time(&dev, n, || linear(&x, &wq))?));
+    table_rows.push(("k_proj matmul [B,2048]·[2048,128]", time(&dev, n, || linear(&x, &wk))?));
     table_rows.push((
         "rope (q and k)",
-        time(&dev, n, || {
-            ops::rope(&q, Some(&k), &positions, &cos, &sin, false)?;
-            Ok(())
-        })?,
+        time(&dev, n, || ops::rope(&q, Some(&k), &positions, &cos, &sin, false))?,
     ));
     table_rows.push((
         "reshape_and_cache (k)",
-        time(&dev, n, || {
-            ops::reshape_and_cache(&k_cache, &k, &rows)?;
-            Ok(())
-        })?,
+        time(&dev, n, || ops::reshape_and_cache(&k_cache, &k, &rows))?,
     ));
     table_rows.push((
         "paged attention, plan made each call",
@@ -176,72 +162,32 @@ fn main() -> Result<()> {
                 blocks_per_seq,
                 scale,
                 Some((&shared, 0)),
-            )?;
-            Ok(())
+            )
         })?,
     ));
-    table_rows.push((
-        "o_proj matmul [B,2048]·[2048,2048]",
-        time(&dev, n, || {
-            linear(&x, &wo)?;
-            Ok(())
-        })?,
-    ));
+    table_rows.push(("o_proj matmul [B,2048]·[2048,2048]", time(&dev, n, || linear(&x, &wo))?));
     table_rows.push((
         "add + rms_norm (fused)",
-        time(&dev, n, || {
-            ops::add_rms_norm(&x, &x, &norm_w, 1e-5)?;
-            Ok(())
-        })?,
+        time(&dev, n, || ops::add_rms_norm(&x, &x, &norm_w, 1e-5))?,
     ));
     table_rows.push((
         "gate_proj matmul [B,2048]·[2048,5472]",
-        time(&dev, n, || {
-            linear(&x, &wg)?;
-            Ok(())
-        })?,
+        time(&dev, n, || linear(&x, &wg))?,
     ));
-    table_rows.push((
-        "silu",
-        time(&dev, n, || {
-            candle_nn::ops::silu(&gate)?;
-            Ok(())
-        })?,
-    ));
-    table_rows.push((
-        "mul [B,5472]",
-        time(&dev, n, || {
-            (&gate * &gate)?;
-            Ok(())
-        })?,
-    ));
+    table_rows.push(("silu", time(&dev, n, || candle_nn::ops::silu(&gate))?));
+    table_rows.push(("mul [B,5472]", time(&dev, n, || &gate * &gate)?));
     table_rows.push((
         "down_proj matmul [B,5472]·[5472,2048]",
-        time(&dev, n, || {
-            linear(&gate, &wd)?;
-            Ok(())
-        })?,
+        time(&dev, n, || linear(&gate, &wd))?,
     ));
-    table_rows.push((
-        "add of two [B,2048] (candle's floor)",
-        time(&dev, n, || {
-            (&x + &x)?;
-            Ok(())
-        })?,
-    ));
+    table_rows.push(("add of two [B,2048] (candle's floor)", time(&dev, n, || &x + &x)?));
     table_rows.push((
         "alloc: Tensor::zeros [B,2048]",
-        time(&dev, n, || {
-            Tensor::zeros((b, HIDDEN), dtype, &dev)?;
-            Ok(())
-        })?,
+        time(&dev, n, || Tensor::zeros((b, HIDDEN), dtype, &dev))?,
     ));
     table_rows.push((
         "upload 64 u32 (Tensor::new)",
-        time(&dev, n, || {
-            Tensor::new(&[0u32; 64], &dev)?;
-            Ok(())
-        })?,
+        time(&dev, n, || Tensor::new(&[0u32; 64], &dev))?,
     ));
     // One producer layer as the model runs it (q, k, v projections; rope; K and V
     // written; attention; o; norm; gate, up, silu·up, down; norm).
