@@ -919,6 +919,41 @@ fn cross_entropy_matches_cpu() {
     }
 }
 
+/// The embedding op on CUDA (forward: candle's index_select; backward: the atomic
+/// scatter of kernels/embedding.cu) against the CPU op, f32 and bf16 tables at the
+/// training shape (32000 × 768, 8192 ids, many repeated) and an odd one. The atomics
+/// reorder each row's sum, so gradients match to f32 rounding (bf16: after the cast).
+#[test]
+fn embedding_matches_cpu() {
+    use candle_core::Var;
+    let dev = gpu();
+    let mut rng = Rng::new(43);
+    for (vocab, hidden, n) in [(32000usize, 768usize, 8192usize), (5, 3, 37)] {
+        // Ids from a small range too, so rows repeat many times.
+        let mut ids = rng.tokens(n / 2, vocab);
+        ids.extend(rng.tokens(n - n / 2, vocab.min(64)));
+        let idc = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let idg = idc.to_device(&dev).unwrap();
+        let (wc, wg) = pair(&mut rng, &[n, hidden], DType::F32, &dev);
+        for dtype in [DType::F32, DType::BF16] {
+            let (tc, tg) = pair(&mut rng, &[vocab, hidden], dtype, &dev);
+            let (tc, tg) = (Var::from_tensor(&tc).unwrap(), Var::from_tensor(&tg).unwrap());
+            let oc = crosskv::ops::embedding(tc.as_tensor(), &idc).unwrap();
+            let og = crosskv::ops::embedding(tg.as_tensor(), &idg).unwrap();
+            assert_eq!(flat(&og), flat(&oc), "embedding {vocab}x{hidden} {dtype:?}: forward");
+            let lc = (oc.to_dtype(DType::F32).unwrap() * &wc).unwrap().sum_all().unwrap();
+            let lg = (og.to_dtype(DType::F32).unwrap() * &wg).unwrap().sum_all().unwrap();
+            let (gc, gg) = (lc.backward().unwrap(), lg.backward().unwrap());
+            let (gc, gg) = (gc.get(tc.as_tensor()).unwrap(), gg.get(tg.as_tensor()).unwrap());
+            assert_eq!(gg.dtype(), dtype);
+            let e = rel_err(&flat(gg), &flat(gc));
+            eprintln!("embedding {vocab}x{hidden} {dtype:?}: gradient rel err {e:.2e}");
+            let bound = if dtype == DType::F32 { 1e-5 } else { tol(dtype) };
+            assert!(e <= bound, "{dtype:?}: gradient rel err {e}");
+        }
+    }
+}
+
 /// The fused RMSNorm backward kernel (dx per row, dw accumulated over rows with one
 /// atomic per column and CTA) against the CPU composite, f32 and bf16, the training
 /// shape (8192 rows of 768) and odd ones.

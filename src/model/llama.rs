@@ -428,7 +428,8 @@ impl Model {
         let ids = Tensor::new(flat.as_slice(), &self.device)?;
         let pos: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
         let positions = Tensor::new(pos.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        // The custom op's backward scatters with atomics; candle's (index_add) is very slow on CUDA.
+        let mut x = crate::ops::embedding(&self.embed, &ids)?;
         let mut normed = self.norm_before(0).forward(&x)?;
         let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
         for (i, layer) in self.layers.iter().enumerate() {

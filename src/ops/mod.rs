@@ -11,6 +11,7 @@ pub mod cuda;
 mod cuda_flash;
 #[cfg(feature = "cuda")]
 mod cuda_fused;
+pub mod embedding;
 pub mod flash_attention;
 pub mod paged_attention;
 pub mod parallel;
@@ -23,6 +24,7 @@ pub mod swiglu;
 pub use adamw::adamw_update;
 pub use argmax::argmax_rows;
 pub use cross_entropy::cross_entropy;
+pub use embedding::embedding;
 pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};

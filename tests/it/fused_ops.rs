@@ -458,3 +458,52 @@ fn cross_entropy_matches_candle_nn_with_its_gradient() {
     let e = crosskv::ops::cross_entropy(&x, &Tensor::new(&[1u32], &Device::Cpu).unwrap()).unwrap_err();
     assert!(e.to_string().contains("u32 [2]"), "{e}");
 }
+
+/// The embedding op against `index_select`: the forward equal in every dtype; the table
+/// gradient (repeated ids) bit-equal to candle's `index_add` backward in f32, and from
+/// f16/bf16 tables equal to that f32 gradient cast down (the op sums in f32); bad ids fail.
+#[test]
+fn embedding_matches_index_select_with_its_gradient() {
+    use candle_core::Var;
+    let mut rng = Rng::new(51);
+    for (vocab, hidden, n) in [(50usize, 24usize, 200usize), (7, 1, 9), (1, 5, 3), (300, 77, 64)] {
+        let mut ids = rng.tokens(n, vocab);
+        ids[n - 1] = ids[0]; // at least one repeat
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap();
+        let base = rng.tensor(&[vocab, hidden], 1.0, 0.0);
+        // A weight per output element, so each row's gradient differs.
+        let w = rng.tensor(&[n, hidden], 1.0, 0.0);
+        for dtype in DTYPES {
+            let t = Var::from_tensor(&base.to_dtype(dtype).unwrap()).unwrap();
+            let ours = crosskv::ops::embedding(t.as_tensor(), &ids).unwrap();
+            let want = t.as_tensor().index_select(&ids, 0).unwrap();
+            assert_eq!((ours.dims(), ours.dtype()), (&[n, hidden][..], dtype));
+            assert_eq!(flat(&ours), flat(&want), "{vocab}x{hidden} {dtype:?}: forward");
+            // Output gradients representable in `dtype`, so the f32 sums compare exactly.
+            let w = w.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let loss = |x: &Tensor| (x.to_dtype(DType::F32).unwrap() * &w).unwrap().sum_all().unwrap();
+            let g = loss(&ours).backward().unwrap();
+            let g = g.get(t.as_tensor()).unwrap();
+            assert_eq!(g.dtype(), dtype);
+            if dtype == DType::F32 {
+                let gw = loss(&want).backward().unwrap();
+                let gw = gw.get(t.as_tensor()).unwrap();
+                assert_eq!(flat(g), flat(gw), "{vocab}x{hidden}: gradient");
+            } else {
+                // candle's index_add sums in the half dtype; compare with the f32 sums.
+                let t32 = Var::from_tensor(&t.to_dtype(DType::F32).unwrap()).unwrap();
+                let g32 = loss(&t32.as_tensor().index_select(&ids, 0).unwrap())
+                    .backward()
+                    .unwrap();
+                let g32 = g32.get(t32.as_tensor()).unwrap().to_dtype(dtype).unwrap();
+                assert_eq!(flat(g), flat(&g32), "{vocab}x{hidden} {dtype:?}: gradient");
+            }
+        }
+    }
+    let t = Tensor::zeros((4, 3), DType::F32, &Device::Cpu).unwrap();
+    assert!(crosskv::ops::embedding(&t, &Tensor::new(&[1u32, 4], &Device::Cpu).unwrap()).is_err());
+    let e = crosskv::ops::embedding(&t, &Tensor::new(&[[1u32]], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("u32 [n]"), "{e}");
+    let e = crosskv::ops::embedding(&t, &Tensor::new(&[1i64], &Device::Cpu).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("u32 [n]"), "{e}");
+}
