@@ -744,15 +744,19 @@ fn flash_attention_matches_cpu() {
     }
 }
 
-/// The model's dense (training) forward runs the flash kernels on CUDA in bf16: its
-/// logits over 150 tokens (three query tiles) match the CPU f32 model within twice what
-/// bf16 alone costs on the CPU.
-#[test]
-fn flash_attention_forward_dense_matches_cpu() {
-    let dev = gpu();
+/// A tiny CLA2 model (160 positions, seeded) loaded three ways: f32 on the CPU (the
+/// reference), bf16 on the CPU (what bf16 alone costs) and bf16 on CUDA.
+fn tiny_cla_three_ways(
+    seed: u64,
+) -> (
+    Tiny,
+    crosskv::model::Model,
+    crosskv::model::Model,
+    crosskv::model::Model,
+) {
     let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
         .cla("cla_share_factor", json!(2))
-        .seed(42);
+        .seed(seed);
     let mut ck = tiny.write();
     ck.config["max_position_embeddings"] = json!(160);
     ck.save();
@@ -763,7 +767,16 @@ fn flash_attention_forward_dense_matches_cpu() {
     };
     let cpu = ck.load();
     let cpu_bf16 = ck.load_with(&opts(DType::BF16, Device::Cpu));
-    let cuda = ck.load_with(&opts(DType::BF16, dev.clone()));
+    let cuda = ck.load_with(&opts(DType::BF16, gpu()));
+    (tiny, cpu, cpu_bf16, cuda)
+}
+
+/// The model's dense (training) forward runs the flash kernels on CUDA in bf16: its
+/// logits over 150 tokens (three query tiles) match the CPU f32 model within twice what
+/// bf16 alone costs on the CPU.
+#[test]
+fn flash_attention_forward_dense_matches_cpu() {
+    let (tiny, cpu, cpu_bf16, cuda) = tiny_cla_three_ways(42);
     let tokens = Rng::new(5).tokens(150, tiny.vocab);
     let want = flat(&cpu.forward_dense(&tokens).unwrap());
     let yardstick = rel_err(&flat(&cpu_bf16.forward_dense(&tokens).unwrap()), &want);
@@ -776,21 +789,7 @@ fn flash_attention_forward_dense_matches_cpu() {
 /// its logits match the CPU f32 model's within twice what bf16 alone costs on the CPU.
 #[test]
 fn forward_dense_batch_matches_cpu() {
-    let dev = gpu();
-    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
-        .cla("cla_share_factor", json!(2))
-        .seed(43);
-    let mut ck = tiny.write();
-    ck.config["max_position_embeddings"] = json!(160);
-    ck.save();
-    let opts = |dtype, device: Device| LoadOptions {
-        dtype: Some(dtype),
-        device,
-        ..LoadOptions::default()
-    };
-    let cpu = ck.load();
-    let cpu_bf16 = ck.load_with(&opts(DType::BF16, Device::Cpu));
-    let cuda = ck.load_with(&opts(DType::BF16, dev.clone()));
+    let (tiny, cpu, cpu_bf16, cuda) = tiny_cla_three_ways(43);
     let mut rng = Rng::new(6);
     let windows: Vec<Vec<u32>> = (0..3).map(|_| rng.tokens(150, tiny.vocab)).collect();
     let seqs: Vec<&[u32]> = windows.iter().map(|w| w.as_slice()).collect();
