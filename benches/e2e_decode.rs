@@ -98,6 +98,10 @@ struct Args {
     /// bytes, roofline and KV capacity are then per GPU.
     #[arg(long, alias = "tp", default_value_t = 1)]
     tensor_parallel_size: usize,
+    /// Decode steps as CUDA graphs (`graph`), op by op (`eager`), or each row both ways
+    /// side by side (`both`, the default; the capacity rows then use graphs, as `serve`).
+    #[arg(long, value_enum, default_value = "both")]
+    graphs: Graphs,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -190,7 +194,35 @@ impl Shape {
 }
 
 /// What the run shares: device, dtype, steps, measured copy bandwidth.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Debug)]
+enum Graphs {
+    Graph,
+    Eager,
+    Both,
+}
+
+impl Graphs {
+    /// Whether each run uses graphs, in table order.
+    fn modes(self) -> &'static [bool] {
+        match self {
+            Graphs::Graph => &[true],
+            Graphs::Eager => &[false],
+            Graphs::Both => &[false, true],
+        }
+    }
+}
+
+fn mode_name(graphs: bool) -> &'static str {
+    if graphs {
+        "graph"
+    } else {
+        "eager"
+    }
+}
+
 struct Ctx {
+    /// Decode with CUDA graphs (`Runner::set_cuda_graphs`): each e2e row once per entry.
+    graph_modes: &'static [bool],
     dev: Device,
     dtype: DType,
     block_size: usize,
@@ -525,7 +557,7 @@ impl Table {
 }
 
 fn e2e(c: &Ctx, shapes: &[Shape], batches: &[usize], contexts: &[usize]) -> Result<()> {
-    let mut table = Table::new(&format!("| model | batch | context | {PERF_HEAD} |"));
+    let mut table = Table::new(&format!("| model | decode | batch | context | {PERF_HEAD} |"));
     let (max_b, max_ctx) = (
         *batches.iter().max().unwrap_or(&1),
         *contexts.iter().max().unwrap_or(&1),
@@ -537,22 +569,32 @@ fn e2e(c: &Ctx, shapes: &[Shape], batches: &[usize], contexts: &[usize]) -> Resu
         let bytes = StepBytes::of(&ranks[0])?;
         let layout = ranks[0].layout().clone();
         let blocks = max_b * per_seq_max.div_ceil(c.block_size) * layout.kv_layers();
-        let runner = runner_with_random_cache(c, &ranks, blocks)?;
+        let mut runner = runner_with_random_cache(c, &ranks, blocks)?;
         for &batch in batches {
             for &context in contexts {
                 let mut mgr = KvManager::new(layout.clone(), blocks, c.block_size);
                 for s in 0..batch {
                     mgr.allocate(s as u64, context + c.warmup + c.steps)?;
                 }
-                let d = decode(c, &runner, &mgr, batch, context)?;
-                let p = perf(c, &bytes, batch, &d);
-                table.row(format!("| {} | {batch} | {context} | {} |", label(c, shape), p.cells));
-                rows.push(merge(
-                    json!({"bench": "e2e_decode", "engine": "crosskv", "model": label(c, shape),
-                           "tensor_parallel_size": c.tp,
-                           "batch": batch, "context": context, "steps": c.steps, "warmup": c.warmup}),
-                    p.json,
-                ));
+                // Eager and graph side by side; a graph is captured by the first warm-up step.
+                for &graphs in c.graph_modes {
+                    let on = runner.set_cuda_graphs(graphs);
+                    let d = decode(c, &runner, &mgr, batch, context)?;
+                    let p = perf(c, &bytes, batch, &d);
+                    let mode = mode_name(on);
+                    table.row(format!(
+                        "| {} | {mode} | {batch} | {context} | {} |",
+                        label(c, shape),
+                        p.cells
+                    ));
+                    rows.push(merge(
+                        json!({"bench": "e2e_decode", "engine": "crosskv", "model": label(c, shape),
+                               "decode": mode, "graphs_captured": runner.cuda_graphs_captured(),
+                               "tensor_parallel_size": c.tp,
+                               "batch": batch, "context": context, "steps": c.steps, "warmup": c.warmup}),
+                        p.json,
+                    ));
+                }
             }
         }
     }
@@ -578,7 +620,9 @@ fn capacity_model(
     let layout = ranks[0].layout().clone();
     // The blocks a budget buys do not depend on the sequence length.
     let num_blocks = layout.capacity(budget, c.block_size, 1).num_blocks;
-    let runner = runner_with_random_cache(c, &ranks, num_blocks)?;
+    let mut runner = runner_with_random_cache(c, &ranks, num_blocks)?;
+    // As `serve` decodes: with graphs unless only eager runs were asked for.
+    let mode = mode_name(runner.set_cuda_graphs(c.graph_modes.contains(&true)));
     let mut rows = Vec::new();
     for &context in contexts {
         let per_seq = context + c.warmup + c.steps;
@@ -593,7 +637,7 @@ fn capacity_model(
         let mut j = json!({"bench": "capacity", "engine": "crosskv", "model": label(c, shape),
             "tensor_parallel_size": c.tp,
             "kv_budget_bytes": budget, "kv_cache_bytes": runner.cache().bytes(),
-            "context": context, "tokens_per_seq": per_seq,
+            "context": context, "tokens_per_seq": per_seq, "decode": mode,
             "kv_bytes_per_token": cap.kv_bytes_per_token, "block_bytes": cap.block_bytes,
             "num_blocks": cap.num_blocks, "computed_max_batch": cap.max_concurrency,
             "measured_max_batch": measured, "equal": equal,
@@ -691,6 +735,7 @@ fn main() -> Result<()> {
     }
     let (copy_gbs, how) = copy_bandwidth(&dev, t)?;
     let c = Ctx {
+        graph_modes: if dev.is_cuda() { a.graphs.modes() } else { &[false] },
         dev,
         dtype,
         block_size: a.block_size,
@@ -715,6 +760,9 @@ fn main() -> Result<()> {
         }
     );
     println!("copy bandwidth: {copy_gbs:.0} GB/s (read + write; {how})");
+    println!(
+        "decode: eager = the forward op by op; graph = one CUDA graph launch per step (captured per padded batch size and block-table width; captured in the first warm-up step)"
+    );
     println!(
         "no prefill: the KV cache is filled with random values, so a decode step costs what it would after a prefill"
     );

@@ -19,7 +19,9 @@
 //   - larger items (prefill chunks) give each warp its own 16 rows over the whole tile.
 // Long contexts are split into partitions of `part_size` keys (grid z); each writes its
 // unnormalised O with its max and sum, and the item's last partition to finish (an
-// atomic count per item) combines them.
+// atomic count per item) combines them. part_size 0 (a captured decode graph, whose
+// contexts change from launch to launch) splits each item's own keys evenly over the
+// num_parts partitions, in whole tiles.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -180,8 +182,10 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   const uint32_t nrows = ntok * p.hpc;
   const uint32_t first_pos = ctx - q_len + tok0;  // position of row 0
   const uint32_t n_keys = first_pos + ntok;      // keys the last row sees
-  const uint32_t kbeg = part * p.part_size;
-  const uint32_t kend = min(kbeg + p.part_size, n_keys);
+  const uint32_t part_size =
+      p.part_size ? p.part_size : (n_keys + p.num_parts * TK - 1) / (p.num_parts * TK) * TK;
+  const uint32_t kbeg = part * part_size;
+  const uint32_t kend = min(kbeg + part_size, n_keys);
   if (kbeg >= kend) return;  // the reduction reads only partitions with keys
   const uint32_t* table = block_table + (uint64_t)w[0] * p.max_blocks;
 
@@ -359,7 +363,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   __shared__ uint32_t last;
   __threadfence();
   __syncthreads();
-  const uint32_t parts = min(p.num_parts, (n_keys + p.part_size - 1) / p.part_size);
+  const uint32_t parts = min(p.num_parts, (n_keys + part_size - 1) / part_size);
   if (tid == 0) {
     uint32_t* c = counters + (uint64_t)wi * p.kv_heads + kvh;
     last = atomicAdd(c, 1u) + 1 == parts;

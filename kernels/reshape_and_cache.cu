@@ -13,7 +13,9 @@ __device__ __forceinline__ void reshape_and_cache_impl(
     uint32_t row, uint64_t cache_rows) {
   const uint32_t t = blockIdx.x;
   const uint64_t p = pos[t];
-  if (p >= cache_rows) return;  // the host checks positions; never write out of bounds
+  // The host checks positions; never write out of bounds. 0xffffffff (SKIP_ROW) is a
+  // decode graph's padding row: written nowhere.
+  if (p >= cache_rows || p == 0xffffffffu) return;
   T* dst = cache + p * row;
   const T* src = rows + (uint64_t)t * row;
   const uint32_t bytes = row * sizeof(T);

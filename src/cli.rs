@@ -105,6 +105,10 @@ pub struct ModelArgs {
     /// NCCL between them; build with --features nccl), or N threads on the CPU.
     #[arg(long, alias = "tp", default_value_t = 1)]
     pub tensor_parallel_size: usize,
+    /// CUDA: run every decode step eagerly, op by op, instead of as a CUDA graph
+    /// captured per batch size (vLLM's flag).
+    #[arg(long)]
+    pub enforce_eager: bool,
 }
 
 /// `--device cpu | cuda[:N]`.
@@ -334,11 +338,13 @@ fn runner_for(
     loaded: model::LoadedModel,
     tokens: usize,
     block_size: usize,
+    cuda_graphs: bool,
 ) -> anyhow::Result<(Runner, KvManager, model::Tok)> {
     let layout = loaded.model.layout().clone();
     let num_blocks = tokens.div_ceil(block_size) * layout.kv_layers();
     let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
-    let runner = Runner::tensor_parallel(ranks, num_blocks, block_size)?;
+    let mut runner = Runner::tensor_parallel(ranks, num_blocks, block_size)?;
+    runner.set_cuda_graphs(cuda_graphs);
     Ok((runner, KvManager::new(layout, num_blocks, block_size), loaded.tokenizer))
 }
 
@@ -367,7 +373,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     }
     let max_pos = loaded.model.max_positions();
     let total = (prompt.len() + args.max_tokens).min(max_pos);
-    let (runner, mut mgr, tok) = runner_for(loaded, total, args.block_size)?;
+    let (runner, mut mgr, tok) = runner_for(loaded, total, args.block_size, !args.model.enforce_eager)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         sampling: SamplingParams {
@@ -525,7 +531,12 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .repeat(args.prompt_tokens / 8 + 1);
     let mut prompt = loaded.tokenizer.encode(&text, false)?;
     prompt.truncate(args.prompt_tokens);
-    let (runner, mut mgr, tok) = runner_for(loaded, args.prompt_tokens + args.decode_tokens, args.block_size)?;
+    let (runner, mut mgr, tok) = runner_for(
+        loaded,
+        args.prompt_tokens + args.decode_tokens,
+        args.block_size,
+        !args.model.enforce_eager,
+    )?;
     let opts = GenerateOptions {
         max_tokens: args.decode_tokens,
         sampling: SamplingParams::default(),
@@ -682,6 +693,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_queued_requests: args.max_queued_requests,
         prefix_caching: !args.no_prefix_caching,
+        cuda_graphs: !args.model.enforce_eager,
     };
     let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
     Ok(EngineHandle::start_ranks(ranks, loaded.tokenizer, config)?)

@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     pub max_queued_requests: usize,
     pub prefix_caching: bool,
+    /// CUDA: decode steps as captured graphs (`Runner::set_cuda_graphs`).
+    pub cuda_graphs: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,12 +187,18 @@ impl EngineHandle {
         if world > 1 {
             tracing::info!("tensor parallelism: {world} ranks; the KV figures above are per rank");
         }
-        let runner = Runner::tensor_parallel(
+        let mut runner = Runner::tensor_parallel(
             std::iter::once(model).chain(ranks).collect(),
             cap.num_blocks,
             config.block_size,
         )
         .map_err(|e| EngineError::Start(e.to_string()))?;
+        if runner.set_cuda_graphs(config.cuda_graphs) {
+            tracing::info!(
+                "decode steps of up to {} sequences run as CUDA graphs (--enforce-eager: off)",
+                crate::runner::MAX_GRAPH_BATCH
+            );
+        }
         let kv = KvManager::new(layout, cap.num_blocks, config.block_size);
         let scheduler = Scheduler::new(
             SchedulerConfig {

@@ -372,11 +372,27 @@ impl Model {
     /// [`Model::forward`] for one tensor-parallel rank: only the rank whose logits are
     /// used (`logits`) runs the `lm_head`.
     pub fn forward_rank(&self, step: &StepInput, cache: &KvCache, logits: bool) -> Result<Option<Tensor>> {
+        // Layers reading one slot share its checks and (CUDA) launch plan this step.
+        self.forward_planned(step, cache, &AttentionPlans::default(), logits)
+    }
+
+    /// 1/√head_dim, the attention scale.
+    pub fn attention_scale(&self) -> f32 {
+        1.0 / (self.cfg.head_dim as f32).sqrt()
+    }
+
+    /// [`Model::forward_rank`] with the step's attention plans made by the caller: a
+    /// CUDA decode graph brings plans whose device buffers outlive the step.
+    pub fn forward_planned(
+        &self,
+        step: &StepInput,
+        cache: &KvCache,
+        plans: &AttentionPlans,
+        logits: bool,
+    ) -> Result<Option<Tensor>> {
         let mut x = self.embed.index_select(&step.input_ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
-        let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
-        // Layers reading one slot share its checks and (CUDA) launch plan this step.
-        let plans = AttentionPlans::default();
+        let scale = self.attention_scale();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
@@ -392,7 +408,7 @@ impl Model {
                 &step.block_tables[a.slot],
                 step.max_blocks,
                 scale,
-                Some((&plans, a.slot)),
+                Some((plans, a.slot)),
             )?;
             let t = o.dim(0)?;
             (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;

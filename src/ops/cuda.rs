@@ -251,7 +251,11 @@ struct Plan {
 }
 
 /// `slots`: CTAs of the decode kernel that run at once (see [`auto_part_size`]).
+/// `part_ctx`: the context the partitions are sized for (default: the longest span's);
+/// the partitions still cover the longest span.
+#[allow(clippy::too_many_arguments)]
 fn plan(
+    part_ctx: Option<usize>,
     seqs: &[SeqSpan],
     tokens: usize,
     heads: usize,
@@ -296,7 +300,8 @@ fn plan(
     }
     let max_ctx = seqs.iter().map(|s| s.ctx_len as usize).max().unwrap_or(0);
     let items = work.len() / 3 * kv_heads;
-    let part_size = part_size_override().unwrap_or_else(|| auto_part_size(max_ctx, items, slots));
+    let part_size =
+        part_size_override().unwrap_or_else(|| auto_part_size(part_ctx.unwrap_or(max_ctx).max(1), items, slots));
     Plan {
         work,
         num_small,
@@ -349,6 +354,7 @@ pub(crate) fn paged_attention(
     let fresh = || {
         prepare(
             &dev,
+            None,
             seqs,
             max_blocks,
             scale,
@@ -365,24 +371,35 @@ pub(crate) fn paged_attention(
     // without a memo, a plan for this call only.
     let mut own;
     let mut memo;
-    let (pr, table): (&mut Prepared, &Slice<u32>) = match plans {
+    let (pr, table): (&mut Prepared, View<'_, u32>) = match plans {
         Some((p, slot)) => {
             memo = p.cuda.lock().expect("attention plans");
             let key = (tokens, heads, kv_heads, d, q.dtype());
             let memo = &mut *memo;
             if memo.prepared.as_ref().is_none_or(|pr| pr.key != key) {
+                if memo.fixed.is_some() {
+                    // A captured graph's buffers are fixed: a step of another shape
+                    // must not replace them.
+                    candle_core::bail!("{OP}: a decode graph's plans were made for another shape");
+                }
                 memo.prepared = Some(fresh()?);
                 memo.tables.clear();
             }
-            let table: &Slice<u32> = match memo.tables.entry(slot) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(upload_table(&dev, block_table)?),
+            let table = match &memo.fixed {
+                // The decode graph's tables: one buffer, slot after slot, refilled before
+                // each launch.
+                Some(f) => f.tables.slice(slot * f.stride..(slot + 1) * f.stride),
+                None => match memo.tables.entry(slot) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(upload_table(&dev, block_table)?),
+                }
+                .as_view(),
             };
             (memo.prepared.as_mut().expect("made above"), table)
         }
         None => {
             own = (fresh()?, upload_table(&dev, block_table)?);
-            (&mut own.0, &own.1)
+            (&mut own.0, own.1.as_view())
         }
     };
     macro_rules! go {
@@ -394,7 +411,7 @@ pub(crate) fn paged_attention(
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            launch(&dev, pr, table, &mut out, &qv, &kv, &vv)?;
+            launch(&dev, pr, &table, &mut out, &qv, &kv, &vv)?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -438,6 +455,162 @@ type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 pub(crate) struct CudaPlans {
     prepared: Option<Prepared>,
     tables: std::collections::HashMap<usize, Slice<u32>>,
+    /// A decode graph's fixed buffers (`AttentionPlans::for_decode_graph`): then
+    /// `prepared` is made once, for the graph's shape, and never replaced.
+    fixed: Option<FixedTables>,
+}
+
+/// Every KV slot's `[batch, max_blocks]` block table in one device buffer, slot after
+/// slot, so one copy refills them all before a graph launch; the spans likewise. Both
+/// are staged in page-locked host memory: the copy is a DMA the host does not wait for.
+struct FixedTables {
+    tables: Slice<u32>,
+    tables_staged: Pinned<u32>,
+    seqs_staged: Pinned<u32>,
+    /// `batch * max_blocks`: one slot's entries.
+    stride: usize,
+    max_blocks: usize,
+    block_size: usize,
+}
+
+type Pinned<T> = candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>;
+
+/// Page-locked host memory for `len` values (cached, not write-combined: the host
+/// writes it piecemeal).
+fn pinned(dev: &CudaDevice, len: usize) -> Result<Pinned<u32>> {
+    let ctx = dev.cuda_stream().context().clone();
+    let mut p = unsafe { ctx.alloc_pinned_with_flags::<u32>(len.max(1), 0) }.w()?;
+    p.as_mut_slice().w()?.fill(0);
+    Ok(p)
+}
+
+/// Where a decode graph's step writes its block tables before
+/// [`super::AttentionPlans::refill_decode_graph`] copies them: slot `s`'s table of
+/// row `i` at `[s * stride + i * max_blocks..][..max_blocks]`.
+pub(crate) struct TableStaging<'a> {
+    pub tables: &'a mut [u32],
+    pub stride: usize,
+    pub max_blocks: usize,
+}
+
+impl super::AttentionPlans {
+    /// The attention plans of a captured decode graph (`runner::graphs`): `batch`
+    /// sequences of one new token each, block tables `max_blocks` wide for each of
+    /// `slots` KV slots. Its device buffers (spans, work list, tables, partition
+    /// scratch) keep their addresses for the graph's life; [`Self::refill_decode_graph`]
+    /// rewrites their contents before each launch. The partitions cover the longest
+    /// context the tables can hold (`max_blocks * block_size`), so one graph serves
+    /// every context up to it: shorter sequences leave their trailing partitions empty
+    /// (those CTAs return at once), as the shorter sequences of any batch do.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn for_decode_graph(
+        dev: &candle_core::Device,
+        batch: usize,
+        max_blocks: usize,
+        slots: usize,
+        (heads, kv_heads, d): (usize, usize, usize),
+        block_size: usize,
+        dtype: DType,
+        scale: f32,
+    ) -> Result<Self> {
+        let cuda = dev.as_cuda_device()?;
+        let longest = (max_blocks * block_size) as u32;
+        let spans: Vec<SeqSpan> = (0..batch as u32)
+            .map(|i| SeqSpan {
+                q_start: i,
+                q_len: 1,
+                ctx_len: longest,
+            })
+            .collect();
+        // Sized for the shortest context this table width serves (it is used once the
+        // longest context passes half the width: `runner::graphs::blocks_bucket`), so a
+        // wave is full there; longer contexts fill more partitions of the same size.
+        let shortest = (max_blocks / 2).max(1) * block_size;
+        let mut prepared = prepare(
+            cuda,
+            Some(shortest),
+            &spans,
+            max_blocks,
+            scale,
+            batch,
+            heads,
+            kv_heads,
+            d,
+            block_size,
+            dtype,
+        )?;
+        if prepared.kernel == Kernel::TensorCore && prepared.num_parts > 1 {
+            // The tensor-core kernels split each sequence's own keys evenly over the
+            // partitions a wave needs at the shortest context (`part_size` 0): no
+            // partition of a few keys, whatever the context. Fewer partitions than planned
+            // for the widest table: the scratch is big enough.
+            let parts = shortest.div_ceil(prepared.params.part_size as usize).max(1);
+            prepared.params.part_size = 0;
+            prepared.params.num_parts = parts as u32;
+            prepared.num_parts = parts;
+        }
+        let plans = Self::default();
+        {
+            let mut memo = plans.cuda.lock().expect("attention plans");
+            memo.prepared = Some(prepared);
+            let len = slots * batch * max_blocks;
+            memo.fixed = Some(FixedTables {
+                tables: cuda.alloc_zeros::<u32>(len.max(1))?,
+                tables_staged: pinned(cuda, len)?,
+                seqs_staged: pinned(cuda, 3 * batch)?,
+                stride: batch * max_blocks,
+                max_blocks,
+                block_size,
+            });
+        }
+        // The runner checks what it stages (`runner::graphs`) instead of the forward.
+        plans.checked.lock().expect("plans").extend(0..slots);
+        Ok(plans)
+    }
+
+    /// Refills the graph's spans and block tables: `seqs` (one token each, as
+    /// [`Self::for_decode_graph`] was made for), and the tables `write_tables` stages
+    /// (checked by it: block ids inside the cache); then one copy each on the stream,
+    /// ordered after the previous launch that read them.
+    pub(crate) fn refill_decode_graph(
+        &self,
+        seqs: &[SeqSpan],
+        write_tables: impl FnOnce(TableStaging<'_>) -> Result<()>,
+    ) -> Result<()> {
+        let mut memo = self.cuda.lock().expect("attention plans");
+        let memo = &mut *memo;
+        let (Some(pr), Some(fixed)) = (memo.prepared.as_mut(), memo.fixed.as_mut()) else {
+            candle_core::bail!("refill_decode_graph: these plans were not made for a decode graph");
+        };
+        let batch = pr.key.0;
+        if seqs.len() != batch {
+            candle_core::bail!(
+                "refill_decode_graph: {} spans for a graph of {batch} sequences",
+                seqs.len()
+            );
+        }
+        if let Some((i, s)) = seqs.iter().enumerate().find(|(i, s)| {
+            s.q_start as usize != *i
+                || s.q_len != 1
+                || s.ctx_len == 0
+                || s.ctx_len as usize > fixed.max_blocks * fixed.block_size
+        }) {
+            candle_core::bail!("refill_decode_graph: span {i} {s:?} does not fit the graph");
+        }
+        let flat = fixed.seqs_staged.as_mut_slice().w()?;
+        for (dst, s) in flat.chunks_exact_mut(3).zip(seqs) {
+            dst.copy_from_slice(&[s.q_start, s.q_len, s.ctx_len]);
+        }
+        write_tables(TableStaging {
+            tables: fixed.tables_staged.as_mut_slice().w()?,
+            stride: fixed.stride,
+            max_blocks: fixed.max_blocks,
+        })?;
+        let stream = pr.seqs_d.stream().clone();
+        stream.memcpy_htod(&fixed.seqs_staged, &mut pr.seqs_d).w()?;
+        stream.memcpy_htod(&fixed.tables_staged, &mut fixed.tables).w()?;
+        Ok(())
+    }
 }
 
 /// A `[seqs, max_blocks]` block table on the device (one zero when empty: no
@@ -482,6 +655,7 @@ pub(crate) struct Prepared {
 #[allow(clippy::too_many_arguments)]
 fn prepare(
     dev: &CudaDevice,
+    part_ctx: Option<usize>,
     seqs: &[SeqSpan],
     max_blocks: usize,
     scale: f32,
@@ -494,7 +668,16 @@ fn prepare(
 ) -> Result<Prepared> {
     let sfx = suffix(dtype, "paged_attention")?;
     let kernel = Kernel::for_dtype(dtype);
-    let p = plan(seqs, tokens, heads, kv_heads, d, kernel, slots(dev, kernel, d, dtype)?);
+    let p = plan(
+        part_ctx,
+        seqs,
+        tokens,
+        heads,
+        kv_heads,
+        d,
+        kernel,
+        slots(dev, kernel, d, dtype)?,
+    );
     let rows = kernel.rows(d);
     let num_work = p.work.len() / 3;
     let params = Params {
@@ -595,7 +778,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usi
 fn launch<T: DeviceRepr>(
     dev: &CudaDevice,
     pr: &mut Prepared,
-    table: &Slice<u32>,
+    table: &View<'_, u32>,
     out: &mut Slice<T>,
     q: &View<'_, T>,
     k: &View<'_, T>,
@@ -709,6 +892,7 @@ pub fn bench_paged_attention(
     let (_, block_size, kv_heads, _) = k_cache.dims4()?;
     let mut pr = prepare(
         &dev,
+        None,
         seqs,
         max_blocks,
         scale,
@@ -739,7 +923,7 @@ pub fn bench_paged_attention(
         .w()?;
     events[0].record(&stream).w()?;
     for e in &events[1..] {
-        launch(&dev, &mut pr, &table, &mut out, &qv, &kv, &vv)?;
+        launch(&dev, &mut pr, &table.as_view(), &mut out, &qv, &kv, &vv)?;
         e.record(&stream).w()?;
     }
     stream.synchronize().w()?;
@@ -1012,7 +1196,7 @@ mod tests {
             .into_iter()
             .flat_map(|k| [(32, 1), (8, 8), (12, 4), (34, 2), (16, 1)].map(|h| (k, h)))
         {
-            let p = plan(&seqs, 40, heads, kv_heads, 128, kernel, 100_000);
+            let p = plan(None, &seqs, 40, heads, kv_heads, 128, kernel, 100_000);
             assert!(p.hpc * p.tpc <= kernel.rows(128));
             assert!(p.hpc <= kernel.max_heads(128));
             assert!(p.num_parts >= 2 && p.num_parts == 700usize.div_ceil(p.part_size));

@@ -29,7 +29,7 @@ pub struct SeqSpan {
 /// (`Model::forward` does) and never reuse it with other spans or tables.
 #[derive(Default)]
 pub struct AttentionPlans {
-    checked: std::sync::Mutex<std::collections::HashSet<usize>>,
+    pub(crate) checked: std::sync::Mutex<std::collections::HashSet<usize>>,
     #[cfg(feature = "cuda")]
     pub(crate) cuda: std::sync::Mutex<super::cuda::CudaPlans>,
 }
@@ -210,7 +210,7 @@ impl CustomOp3 for PagedAttention<'_> {
 /// Every span fits the batch and every table entry in use is a block of the cache.
 /// Checked once at the op's entry for every backend: the CPU loop and the CUDA kernels
 /// trust them.
-fn check_spans(
+pub(crate) fn check_spans(
     seqs: &[SeqSpan],
     block_table: &[u32],
     max_blocks: usize,

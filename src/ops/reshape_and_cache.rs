@@ -1,11 +1,16 @@
 //! `reshape_and_cache`: writes one step's K (or V) rows into their cache positions.
 //! The cache is `[num_blocks, block_size, kv_heads, head_dim]`; a position is
 //! `block * block_size + offset`, so the cache is viewed as rows of `kv_heads * head_dim`.
+//! Position [`SKIP_ROW`] writes nothing: the padding rows of a captured decode graph.
 
 use super::{contiguous, u32_slice, Elem};
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
 struct ReshapeAndCache;
+
+/// A token row that is written nowhere (vLLM's slot -1): a decode graph's batch is
+/// padded up to the size it was captured for, and the padding must not touch the cache.
+pub const SKIP_ROW: u32 = u32::MAX;
 
 fn write_rows<T: Elem>(cache: &mut [T], cl: &Layout, new: &[T], row: usize, pos: &[u32]) -> Result<()> {
     let (start, end) = cl
@@ -13,7 +18,7 @@ fn write_rows<T: Elem>(cache: &mut [T], cl: &Layout, new: &[T], row: usize, pos:
         .ok_or_else(|| candle_core::Error::Msg("reshape_and_cache: the cache must be contiguous".into()))?;
     let cache = &mut cache[start..end];
     let rows = cache.len() / row;
-    for (t, &p) in pos.iter().enumerate() {
+    for (t, &p) in pos.iter().enumerate().filter(|(_, &p)| p != SKIP_ROW) {
         let p = p as usize;
         if p >= rows {
             candle_core::bail!("reshape_and_cache: position {p} is outside the cache ({rows} rows)");

@@ -2,6 +2,8 @@
 //! sequences, mixed) into one batched forward through the paged cache, and samples.
 
 pub mod generate;
+#[cfg(feature = "cuda")]
+pub mod graphs;
 pub mod sampler;
 
 pub use generate::{generate, GenerateOptions, GenerateStats};
@@ -11,6 +13,10 @@ use crate::kv::{KvCache, KvError, KvManager, SeqId};
 use crate::model::{Model, StepInput};
 use crate::ops::SeqSpan;
 use candle_core::{Result, Tensor};
+
+/// The largest decode batch run as a CUDA graph (vLLM's default capture limit too);
+/// larger steps run eagerly.
+pub const MAX_GRAPH_BATCH: usize = 512;
 
 /// One sequence's share of a step: `tokens` are computed at positions
 /// `start_pos..start_pos + tokens.len()`; the manager must already hold blocks for them.
@@ -29,6 +35,9 @@ pub struct Runner {
     /// Tensor parallelism: ranks 1.. (rank 0 is `model` and `cache`), each with its own
     /// cache of its KV heads; every rank runs every step, on its own thread.
     peers: Vec<(Model, KvCache)>,
+    /// Decode steps as CUDA graphs (`Runner::set_cuda_graphs`); `None`: every step eager.
+    #[cfg(feature = "cuda")]
+    graphs: Option<std::sync::Mutex<graphs::DecodeGraphs>>,
 }
 
 /// A step's inputs on the host, before each rank uploads them to its device.
@@ -91,7 +100,41 @@ impl Runner {
             .next()
             .unwrap_or_else(|| Err(candle_core::Error::Msg("a runner needs at least one model".into())))?;
         let peers = ranks.collect::<Result<Vec<_>>>()?;
-        Ok(Runner { model, cache, peers })
+        Ok(Runner {
+            model,
+            cache,
+            peers,
+            #[cfg(feature = "cuda")]
+            graphs: None,
+        })
+    }
+
+    /// Runs decode steps (every sequence one new token, up to
+    /// [`MAX_GRAPH_BATCH`]) as CUDA graphs, captured per batch size and table
+    /// width on first use, as vLLM does (`--enforce-eager` turns it off). Only for one
+    /// CUDA rank; elsewhere, and in builds without `cuda`, steps stay eager. Returns
+    /// whether graphs are on.
+    pub fn set_cuda_graphs(&mut self, on: bool) -> bool {
+        #[cfg(feature = "cuda")]
+        {
+            let usable = on && self.model.device().is_cuda() && self.peers.is_empty();
+            self.graphs = usable.then(Default::default);
+            usable
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = on;
+            false
+        }
+    }
+
+    /// Decode graphs captured so far.
+    pub fn cuda_graphs_captured(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.graphs {
+            return g.lock().map_or(0, |g| g.len());
+        }
+        0
     }
 
     /// Every rank's cache, rank order.
@@ -183,6 +226,16 @@ impl Runner {
     pub fn step(&self, mgr: &KvManager, steps: &[SeqStep]) -> Result<Tensor> {
         if !self.peers.is_empty() {
             return self.step_tensor_parallel(&self.step_host(mgr, steps)?);
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            let logits = graphs
+                .lock()
+                .expect("decode graphs")
+                .run(&self.model, &self.cache, mgr, steps)?;
+            if let Some(logits) = logits {
+                return Ok(logits);
+            }
         }
         let input = self.step_input(mgr, steps)?;
         if self.model.device().is_cuda() {

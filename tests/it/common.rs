@@ -60,6 +60,8 @@ pub struct Tiny {
     /// model mixes producers with and without one).
     pub kv_layernorm: bool,
     pub seed: u64,
+    /// `max_position_embeddings` (64 unless set).
+    pub max_positions: usize,
 }
 
 impl Tiny {
@@ -75,6 +77,7 @@ impl Tiny {
             cla: None,
             kv_layernorm: false,
             seed: 1,
+            max_positions: 64,
         }
     }
     pub fn cla(mut self, key: &str, value: Value) -> Self {
@@ -83,6 +86,10 @@ impl Tiny {
     }
     pub fn with_kv_layernorm(mut self, on: bool) -> Self {
         self.kv_layernorm = on;
+        self
+    }
+    pub fn max_positions(mut self, n: usize) -> Self {
+        self.max_positions = n;
         self
     }
     pub fn seed(mut self, seed: u64) -> Self {
@@ -102,7 +109,7 @@ impl Tiny {
             "head_dim": self.head_dim,
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
-            "max_position_embeddings": 64,
+            "max_position_embeddings": self.max_positions,
             "tie_word_embeddings": false,
             "torch_dtype": "float32",
         });

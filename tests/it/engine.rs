@@ -36,6 +36,7 @@ fn engine(kv_tokens: usize, max_num_seqs: usize, budget: usize) -> TestEngine {
         max_num_batched_tokens: budget,
         max_queued_requests: 64,
         prefix_caching: true,
+        cuda_graphs: false,
     };
     TestEngine {
         handle: EngineHandle::start(model, tokenizer(), config).unwrap(),

@@ -507,3 +507,21 @@ fn embedding_matches_index_select_with_its_gradient() {
     let e = crosskv::ops::embedding(&t, &Tensor::new(&[1i64], &Device::Cpu).unwrap()).unwrap_err();
     assert!(e.to_string().contains("u32 [n]"), "{e}");
 }
+
+/// A decode graph's padding rows (`SKIP_ROW`) are written nowhere; the other rows land
+/// where their positions say, and a position past the cache is still an error.
+#[test]
+fn reshape_and_cache_skips_padding_rows() {
+    use crosskv::ops::reshape_and_cache::SKIP_ROW;
+    let cache = Tensor::zeros((2, 2, 1, 3), DType::F32, &Device::Cpu).unwrap();
+    let new = Tensor::arange(1f32, 10., &Device::Cpu)
+        .unwrap()
+        .reshape((3, 1, 3))
+        .unwrap();
+    let pos = Tensor::new(&[2u32, SKIP_ROW, 0], &Device::Cpu).unwrap();
+    crosskv::ops::reshape_and_cache(&cache, &new, &pos).unwrap();
+    let got: Vec<f32> = cache.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(got, [7., 8., 9., 0., 0., 0., 1., 2., 3., 0., 0., 0.]);
+    let past = Tensor::new(&[4u32, 0, 1], &Device::Cpu).unwrap();
+    assert!(crosskv::ops::reshape_and_cache(&cache, &new, &past).is_err());
+}

@@ -84,6 +84,7 @@ async fn start_with(max_queued_requests: usize) -> Server {
             max_num_batched_tokens: 512,
             max_queued_requests,
             prefix_caching: true,
+            cuda_graphs: false,
         },
     )
     .unwrap();

@@ -83,6 +83,7 @@ async fn start(s: Setup) -> Server {
             max_num_batched_tokens: 512,
             max_queued_requests: s.max_queued_requests,
             prefix_caching: true,
+            cuda_graphs: false,
         },
     )
     .unwrap();
@@ -287,6 +288,7 @@ async fn health_is_503_while_loading_then_200() {
         max_num_batched_tokens: 64,
         max_queued_requests: 4,
         prefix_caching: true,
+        cuda_graphs: false,
     };
     let handle = EngineHandle::start(ck.load(), tokenizer(), cfg).unwrap();
     state.set_ready(handle.clone());

@@ -226,6 +226,7 @@ fn the_engine_serves_a_sharded_model_and_frees_its_blocks() {
         max_num_batched_tokens: 64,
         max_queued_requests: 8,
         prefix_caching: true,
+        cuda_graphs: false,
     };
     let ids = |world: usize| {
         let loaded = model::load(ModelSource::Dir(ck.path().to_path_buf()), &opts(world)).unwrap();

@@ -1,0 +1,323 @@
+//! CUDA graphs for decode steps (issue 4). A decode step issues ~15 candle ops per
+//! layer, each 6-26 µs of host time (allocation, launch), while the GPU needs a few µs
+//! for most of them: eagerly, the step is the host's (BENCHMARKS.md, "Where the decode
+//! step's time goes"). As vLLM does, a step of `n` one-token sequences runs instead as
+//! one captured graph: launched with one driver call, its kernels back to back.
+//!
+//! A graph is captured per (batch bucket, block-table width bucket) and padded up to
+//! it: padding sequences read one cache row and write none ([`SKIP_ROW`]). Everything
+//! the graph reads that changes from step to step lives in fixed device buffers,
+//! rewritten before each launch with three copies from page-locked staging: the tokens,
+//! positions and cache rows ([`Buffers::inputs`]), the spans, and every slot's block
+//! table ([`AttentionPlans::for_decode_graph`]); only the blocks a sequence uses are
+//! staged. The attention's partitions split each sequence's keys evenly, so one graph
+//! serves every context up to its table width. Buffers the forward allocates become the
+//! graph's own allocations (CUDA graph memory nodes), freed inside it.
+
+use super::{SeqStep, MAX_GRAPH_BATCH};
+use crate::kv::{KvCache, KvManager};
+use crate::model::{Model, StepInput};
+use crate::ops::reshape_and_cache::SKIP_ROW;
+use crate::ops::{AttentionPlans, SeqSpan};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, PinnedHostSlice};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
+use std::collections::HashMap;
+
+/// The batch a step of `n` sequences is padded to: powers of two up to 8, then steps of
+/// 16 up to 64 and of 64 beyond, so few graphs cover every batch and padding stays
+/// small where a row is not nearly free (weights dominate small batches).
+pub fn batch_bucket(n: usize) -> usize {
+    match n {
+        0..=8 => n.max(1).next_power_of_two(),
+        9..=64 => n.next_multiple_of(16),
+        _ => n.next_multiple_of(64),
+    }
+}
+
+/// The block-table width a step of at most `max_blocks` blocks per sequence is padded
+/// to: a new graph each time the longest context doubles.
+pub fn blocks_bucket(max_blocks: usize) -> usize {
+    max_blocks.max(8).next_power_of_two()
+}
+
+/// What a decode graph reads and writes, at fixed device addresses.
+struct Buffers {
+    /// `[(2 + slots) * batch]` u32: token ids, positions, then each slot's cache rows.
+    inputs: Tensor,
+    /// What the host writes into `inputs`, staged in page-locked memory.
+    inputs_staged: PinnedHostSlice<u32>,
+    /// The captured forward's input: views of `inputs`, and the logits rows.
+    step: StepInput,
+    plans: AttentionPlans,
+    /// `[batch, vocab]` f32: what each launch leaves.
+    logits: Tensor,
+    batch: usize,
+}
+
+/// One captured decode step.
+struct DecodeGraph {
+    exec: Exec,
+    bufs: Buffers,
+}
+
+/// A graph executable that may move to the engine thread.
+struct Exec(CudaGraph);
+
+// Safety: CUDA graphs must not be used from two threads at once (cudarc leaves
+// `CudaGraph` !Send for that); the runner only touches them under its `Mutex`, one
+// thread at a time, and the driver API itself is thread-safe.
+unsafe impl Send for Exec {}
+
+/// Copies the staged inputs into the graph's input tensor, in place: the buffer keeps
+/// its address.
+struct Upload<'a>(&'a PinnedHostSlice<u32>);
+
+impl candle_core::InplaceOp1 for Upload<'_> {
+    fn name(&self) -> &'static str {
+        "decode_graph_upload"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("decode graphs run on CUDA only")
+    }
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("decode graph inputs must be contiguous".into()))?;
+        if b - a != self.0.len() {
+            candle_core::bail!("decode graph inputs: {} values for {} slots", self.0.len(), b - a);
+        }
+        let stream = s.device().cuda_stream();
+        let mut dst = s.as_cuda_slice_mut::<u32>()?.slice_mut(a..b);
+        stream.memcpy_htod(self.0, &mut dst).w()
+    }
+}
+
+impl Buffers {
+    fn new(model: &Model, cache: &KvCache, batch: usize, max_blocks: usize) -> Result<Self> {
+        let dev = model.device();
+        let cuda = dev.as_cuda_device()?;
+        let slots = model.layout().kv_layers();
+        let (_, block_size, kv_heads, d) = cache.k().dims4()?;
+        let plans = AttentionPlans::for_decode_graph(
+            dev,
+            batch,
+            max_blocks,
+            slots,
+            (model.config().num_attention_heads, kv_heads, d),
+            block_size,
+            model.dtype(),
+            model.attention_scale(),
+        )?;
+        let len = (2 + slots) * batch;
+        let inputs = Tensor::zeros(len, DType::U32, dev)?;
+        let inputs_staged = unsafe { cuda.cuda_stream().context().alloc_pinned_with_flags::<u32>(len, 0) }.w()?;
+        // The forward's host-side view (its spans and tables are not read on CUDA: the
+        // plans bring their own, refilled each step).
+        let step = StepInput {
+            input_ids: inputs.narrow(0, 0, batch)?,
+            positions: inputs.narrow(0, batch, batch)?,
+            cache_rows: (0..slots)
+                .map(|s| inputs.narrow(0, (2 + s) * batch, batch))
+                .collect::<Result<_>>()?,
+            seqs: (0..batch as u32)
+                .map(|i| SeqSpan {
+                    q_start: i,
+                    q_len: 1,
+                    ctx_len: 1,
+                })
+                .collect(),
+            block_tables: vec![vec![0; batch * max_blocks]; slots],
+            max_blocks,
+            logits_rows: Tensor::arange(0u32, batch as u32, dev)?,
+        };
+        let logits = Tensor::zeros((batch, model.config().vocab_size), DType::F32, dev)?;
+        Ok(Buffers {
+            inputs,
+            inputs_staged,
+            step,
+            plans,
+            logits,
+            batch,
+        })
+    }
+
+    /// Stages the step of `steps` (one token each) in the graph's buffers, padded: ids,
+    /// positions and every slot's cache rows, the spans, and every slot's table, each
+    /// checked against the cache; then copies them to the device.
+    fn fill(&mut self, mgr: &KvManager, steps: &[SeqStep], num_blocks: usize) -> Result<()> {
+        let (batch, n) = (self.batch, steps.len());
+        let slots = self.step.cache_rows.len();
+        let bs = mgr.block_size();
+        let staged = self.inputs_staged.as_mut_slice().w()?;
+        let (ids, rest) = staged.split_at_mut(batch);
+        let (positions, rows) = rest.split_at_mut(batch);
+        let mut seqs = Vec::with_capacity(batch);
+        for (i, s) in steps.iter().enumerate() {
+            ids[i] = s.tokens[0];
+            positions[i] = s.start_pos as u32;
+            for slot in 0..slots {
+                rows[slot * batch + i] = mgr.cache_position(s.seq, slot, s.start_pos).map_err(kv_err)?;
+            }
+            seqs.push(SeqSpan {
+                q_start: i as u32,
+                q_len: 1,
+                ctx_len: s.start_pos as u32 + 1,
+            });
+        }
+        // Padding: token 0 at position 0, written nowhere, attending to one key (row 0
+        // of its table, block 0: any block will do, its output row is dropped).
+        ids[n..].fill(0);
+        positions[n..].fill(0);
+        for slot in 0..slots {
+            rows[slot * batch + n..(slot + 1) * batch].fill(SKIP_ROW);
+        }
+        seqs.extend((n as u32..batch as u32).map(|i| SeqSpan {
+            q_start: i,
+            q_len: 1,
+            ctx_len: 1,
+        }));
+        self.plans.refill_decode_graph(&seqs, |t| {
+            for (i, s) in steps.iter().enumerate() {
+                let used = (s.start_pos + 1).div_ceil(bs);
+                for (slot, table) in mgr.tables(s.seq).map_err(kv_err)?.iter().enumerate() {
+                    let src = table.get(..used).ok_or_else(|| {
+                        candle_core::Error::Msg(format!("sequence {} has no block for position {}", s.seq, s.start_pos))
+                    })?;
+                    if let Some(b) = src.iter().find(|&&b| b as usize >= num_blocks) {
+                        candle_core::bail!(
+                            "sequence {}'s table holds block {b}, past the cache's {num_blocks}",
+                            s.seq
+                        );
+                    }
+                    let at = slot * t.stride + i * t.max_blocks;
+                    t.tables[at..at + used].copy_from_slice(src);
+                }
+            }
+            for slot in 0..slots {
+                for i in n..batch {
+                    t.tables[slot * t.stride + i * t.max_blocks] = 0;
+                }
+            }
+            Ok(())
+        })?;
+        self.inputs.inplace_op1(&Upload(&self.inputs_staged))
+    }
+
+    /// The step the graph holds, issued on the stream: the forward, its logits copied
+    /// into [`Buffers::logits`].
+    fn forward(&self, model: &Model, cache: &KvCache) -> Result<()> {
+        let out = model
+            .forward_planned(&self.step, cache, &self.plans, true)?
+            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))?;
+        self.logits.slice_set(&out, 0, 0)
+    }
+}
+
+impl DecodeGraph {
+    /// Captures the forward of `bufs` (already filled with a step) after an eager
+    /// warm-up of that step, which it computes: its cache writes are the graph's own,
+    /// so the launch that follows repeats them.
+    fn capture(model: &Model, cache: &KvCache, bufs: Buffers) -> Result<Self> {
+        let cuda = model.device().as_cuda_device()?;
+        let stream = cuda.cuda_stream();
+        // candle uploads a few shape vectors (index_select's); with its cache on they are
+        // uploaded once, by the warm-up, and reused by the capture, which may not copy
+        // from the host. The warm-up also loads every kernel.
+        let _cached_uploads = cuda.enable_cuda_graph_htod_cache();
+        bufs.forward(model, cache)?;
+        stream.synchronize().w()?;
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let captured = bufs.forward(model, cache);
+        // Always ends the capture, so a failed one leaves the stream usable.
+        let exec = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+        captured?;
+        let exec = exec?.ok_or_else(|| candle_core::Error::Msg("the decode graph captured nothing".into()))?;
+        exec.upload().w()?;
+        Ok(DecodeGraph { exec: Exec(exec), bufs })
+    }
+}
+
+fn kv_err(e: crate::kv::KvError) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// The runner's captured decode graphs, by (batch, block-table width).
+#[derive(Default)]
+pub(super) struct DecodeGraphs {
+    graphs: HashMap<(usize, usize), DecodeGraph>,
+    /// A capture failed: this runner stays eager (the error was logged once).
+    failed: bool,
+}
+
+impl DecodeGraphs {
+    /// Runs `steps` as a graph when a graph can take them (every sequence one token and
+    /// one logits row, at most [`MAX_GRAPH_BATCH`]): f32 logits `[n, vocab]`. `None`:
+    /// run them eagerly.
+    pub(super) fn run(
+        &mut self,
+        model: &Model,
+        cache: &KvCache,
+        mgr: &KvManager,
+        steps: &[SeqStep],
+    ) -> Result<Option<Tensor>> {
+        let n = steps.len();
+        if self.failed || n == 0 || n > MAX_GRAPH_BATCH || steps.iter().any(|s| s.tokens.len() != 1) {
+            return Ok(None);
+        }
+        let mut max_blocks = 1;
+        for s in steps {
+            if s.start_pos + 1 > model.max_positions() {
+                candle_core::bail!(
+                    "sequence {} reaches position {}, past the model's {}",
+                    s.seq,
+                    s.start_pos + 1,
+                    model.max_positions()
+                );
+            }
+            max_blocks = max_blocks.max((s.start_pos + 1).div_ceil(mgr.block_size()));
+        }
+        let num_blocks = cache.k().dim(0)?;
+        let key = (batch_bucket(n), blocks_bucket(max_blocks));
+        let graph = match self.graphs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let g = e.into_mut();
+                g.bufs.fill(mgr, steps, num_blocks)?;
+                g
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let captured = Buffers::new(model, cache, key.0, key.1).and_then(|mut bufs| {
+                    bufs.fill(mgr, steps, num_blocks)?;
+                    DecodeGraph::capture(model, cache, bufs)
+                });
+                match captured {
+                    Ok(g) => {
+                        tracing::debug!(
+                            "captured a decode graph for batch {} and tables {} blocks wide",
+                            key.0,
+                            key.1
+                        );
+                        e.insert(g)
+                    }
+                    Err(err) => {
+                        tracing::warn!("decode steps run without CUDA graphs: capturing one failed: {err}");
+                        self.failed = true;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        graph.exec.0.launch().w()?;
+        // A copy: the next launch overwrites the graph's logits while the engine may
+        // still hold these.
+        Ok(Some(graph.bufs.logits.narrow(0, 0, n)?.copy()?))
+    }
+
+    /// Graphs captured so far.
+    pub(super) fn len(&self) -> usize {
+        self.graphs.len()
+    }
+}
