@@ -1,7 +1,9 @@
 // reshape_and_cache: writes one step's K (or V) rows into their cache rows.
 // The cache is [num_blocks, block_size, kv_heads, head_dim] viewed as rows of
 // `row = kv_heads * head_dim` elements; token t goes to row pos[t]
-// (block * block_size + offset). One thread block per token row.
+// (block * block_size + offset); token t's row is read at rows + t * src_stride (a
+// contiguous [tokens, row] or a column slice of a wider matrix). One thread block per
+// token row.
 // CPU reference: src/ops/reshape_and_cache.rs.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -10,14 +12,14 @@
 template <typename T>
 __device__ __forceinline__ void reshape_and_cache_impl(
     T* __restrict__ cache, const T* __restrict__ rows, const uint32_t* __restrict__ pos,
-    uint32_t row, uint64_t cache_rows) {
+    uint32_t row, uint64_t cache_rows, uint64_t src_stride) {
   const uint32_t t = blockIdx.x;
   const uint64_t p = pos[t];
   // The host checks positions; never write out of bounds. 0xffffffff (SKIP_ROW) is a
   // decode graph's padding row: written nowhere.
   if (p >= cache_rows || p == 0xffffffffu) return;
   T* dst = cache + p * row;
-  const T* src = rows + (uint64_t)t * row;
+  const T* src = rows + (uint64_t)t * src_stride;
   const uint32_t bytes = row * sizeof(T);
   if ((bytes % 16) == 0 && (reinterpret_cast<uintptr_t>(dst) % 16) == 0 &&
       (reinterpret_cast<uintptr_t>(src) % 16) == 0) {
@@ -31,8 +33,8 @@ __device__ __forceinline__ void reshape_and_cache_impl(
 
 #define RAC(NAME, T)                                                                      \
   extern "C" __global__ void NAME(T* cache, const T* rows, const uint32_t* pos,           \
-                                  uint32_t row, uint64_t cache_rows) {                    \
-    reshape_and_cache_impl<T>(cache, rows, pos, row, cache_rows);                         \
+                                  uint32_t row, uint64_t cache_rows, uint64_t src_stride) { \
+    reshape_and_cache_impl<T>(cache, rows, pos, row, cache_rows, src_stride);             \
   }
 
 RAC(reshape_and_cache_f32, float)

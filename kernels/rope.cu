@@ -1,7 +1,9 @@
 // Rotary position embeddings for Q and K in one launch. CPU reference:
 // src/ops/rope.rs; launch: src/ops/cuda_fused.rs.
 //
-// q: [tokens, heads, D], k: [tokens, kv_heads, D] (kv_heads may be 0: Q only),
+// q: [tokens, heads, D], k: [tokens, kv_heads, D] (kv_heads may be 0: Q only), token t's
+// heads at q + t * q_stride (k + t * k_stride): contiguous, or column slices of one
+// fused [tokens, (heads + 2 kv_heads) D] projection,
 // pos: [tokens] u32, cos/sin: [max_pos, D/2]. out holds the rotated Q
 // ([tokens, heads, D]) followed by the rotated K ([tokens, kv_heads, D]).
 // Pair j of a head (j < D/2) is (j, j + D/2) for the half rotation of Hugging Face
@@ -22,7 +24,8 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
                                           const T* __restrict__ k, const T* __restrict__ cos,
                                           const T* __restrict__ sin, const uint32_t* __restrict__ pos,
                                           uint32_t tokens, uint32_t heads, uint32_t kv_heads,
-                                          uint32_t half, uint32_t max_pos, uint32_t interleaved) {
+                                          uint32_t half, uint32_t max_pos, uint32_t interleaved,
+                                          uint64_t q_stride, uint64_t k_stride) {
   const uint32_t t = blockIdx.x;
   const uint32_t idx = blockIdx.y * blockDim.x + threadIdx.x;
   if (idx >= (heads + kv_heads) * half) return;
@@ -31,13 +34,11 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
   const T* src;
   T* dst;
   if (h < heads) {
-    const uint64_t row = (uint64_t)t * heads + h;
-    src = q + row * d;
-    dst = out + row * d;
+    src = q + t * q_stride + h * d;
+    dst = out + ((uint64_t)t * heads + h) * d;
   } else {
-    const uint64_t row = (uint64_t)t * kv_heads + (h - heads);
-    src = k + row * d;
-    dst = out + (uint64_t)tokens * heads * d + row * d;
+    src = k + t * k_stride + (h - heads) * d;
+    dst = out + (uint64_t)tokens * heads * d + ((uint64_t)t * kv_heads + (h - heads)) * d;
   }
   const uint32_t i1 = interleaved ? 2 * j : j;
   const uint32_t i2 = interleaved ? 2 * j + 1 : j + half;
@@ -58,8 +59,9 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
   extern "C" __global__ void rope_##SFX(T* out, const T* q, const T* k, const T* cos, const T* sin, \
                                         const uint32_t* pos, uint32_t tokens, uint32_t heads,       \
                                         uint32_t kv_heads, uint32_t half, uint32_t max_pos,         \
-                                        uint32_t interleaved) {                                     \
-    rope_impl<T>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved);    \
+                                        uint32_t interleaved, uint64_t q_stride, uint64_t k_stride) { \
+    rope_impl<T>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved,     \
+                 q_stride, k_stride);                                                               \
   }
 
 ROPE(f32, float)

@@ -28,11 +28,33 @@ __device__ __forceinline__ void bwd_impl(const T* __restrict__ g, const T* __res
   }
 }
 
+// The forward on one fused gate/up projection gu [rows, 2 cols] (gate columns, then up):
+// y [rows, cols] = silu(gu[:, :cols]) * gu[:, cols:].
+template <typename T>
+__device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restrict__ y, uint64_t rows,
+                                            uint64_t cols) {
+  const uint64_t n = rows * cols;
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const uint64_t r = i / cols, c = i % cols;
+    const float gv = to_f32(gu[r * 2 * cols + c]);
+    y[i] = from_f32<T>(gv * sigmoid(gv) * to_f32(gu[r * 2 * cols + cols + c]));
+  }
+}
+
 #define SWIGLU(SFX, T)                                                                                      \
   extern "C" __global__ void swiglu_fwd_##SFX(const T* g, const T* u, T* y, uint64_t n) { fwd_impl<T>(g, u, y, n); } \
   extern "C" __global__ void swiglu_bwd_##SFX(const T* g, const T* u, const T* dy, T* d, uint64_t n) {      \
     bwd_impl<T>(g, u, dy, d, n);                                                                            \
   }
+
+#define SWIGLU_PACKED(SFX, T)                                                                        \
+  extern "C" __global__ void swiglu_packed_##SFX(const T* gu, T* y, uint64_t rows, uint64_t cols) { \
+    packed_impl<T>(gu, y, rows, cols);                                                                 \
+  }
+
+SWIGLU_PACKED(f32, float)
+SWIGLU_PACKED(f16, __half)
+SWIGLU_PACKED(bf16, __nv_bfloat16)
 
 SWIGLU(f32, float)
 SWIGLU(f16, __half)

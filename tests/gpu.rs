@@ -1022,6 +1022,76 @@ fn swiglu_matches_cpu() {
     }
 }
 
+/// The serving path's fused projections on CUDA: `swiglu_packed` of a stacked gate/up
+/// matrix, RoPE of Q and K read as column slices of one QKV matrix, and the cache write
+/// of V read the same way, each against the CPU on the same (contiguous) inputs.
+#[test]
+fn fused_projection_ops_match_cpu() {
+    let dev = gpu();
+    let mut rng = Rng::new(9);
+    for dtype in [DType::F32, DType::BF16] {
+        // swiglu_packed: [rows, 2f].
+        for (rows, f) in [(64, 5472), (3, 5), (1, 48)] {
+            let (c, g) = pair(&mut rng, &[rows, 2 * f], dtype, &dev);
+            let want = flat(&crosskv::ops::swiglu_packed(&c).unwrap());
+            let unfused =
+                flat(&crosskv::ops::swiglu(&c.narrow(1, 0, f).unwrap(), &c.narrow(1, f, f).unwrap()).unwrap());
+            assert_eq!(want, unfused, "the CPU reference is the unfused swiglu");
+            let got = flat(&crosskv::ops::swiglu_packed(&g).unwrap());
+            let e = rel_err(&got, &want);
+            eprintln!("swiglu_packed [{rows}, 2x{f}] {dtype:?}: {e:.2e}");
+            assert!(e < tol(dtype), "{dtype:?} swiglu_packed [{rows}, {f}]: {e}");
+        }
+        // RoPE and the cache write on slices of a [t, heads + 2 kv_heads, d] projection.
+        let (t, heads, kvh, d, max_pos) = (7, 8, 2, 64, 32);
+        let (qkv_c, qkv_g) = pair(&mut rng, &[t, heads + 2 * kvh, d], dtype, &dev);
+        let (cos_c, cos_g) = pair(&mut rng, &[max_pos, d / 2], dtype, &dev);
+        let (sin_c, sin_g) = pair(&mut rng, &[max_pos, d / 2], dtype, &dev);
+        let pos_c = Tensor::new(&[3u32, 0, 31, 7, 7, 12, 1], &Device::Cpu).unwrap();
+        let pos_g = pos_c.to_device(&dev).unwrap();
+        let slices = |x: &Tensor| {
+            (
+                x.narrow(1, 0, heads).unwrap(),
+                x.narrow(1, heads, kvh).unwrap(),
+                x.narrow(1, heads + kvh, kvh).unwrap(),
+            )
+        };
+        let (qc, kc, vc) = slices(&qkv_c);
+        let (qg, kg, vg) = slices(&qkv_g);
+        assert!(!qg.is_contiguous() && !vg.is_contiguous());
+        let (rq_c, rk_c) = rope(
+            &qc.contiguous().unwrap(),
+            Some(&kc.contiguous().unwrap()),
+            &pos_c,
+            &cos_c,
+            &sin_c,
+            false,
+        )
+        .unwrap();
+        let (rq_g, rk_g) = rope(&qg, Some(&kg), &pos_g, &cos_g, &sin_g, false).unwrap();
+        let eq = rel_err(&flat(&rq_g), &flat(&rq_c));
+        let ek = rel_err(&flat(&rk_g.unwrap()), &flat(&rk_c.unwrap()));
+        assert!(
+            eq < tol(dtype) && ek < tol(dtype),
+            "{dtype:?} rope on slices: q {eq}, k {ek}"
+        );
+        let (cache_c, cache_g) = pair(&mut rng, &[4, 4, kvh, d], dtype, &dev);
+        let rows_c = Tensor::new(
+            &[5u32, 0, 15, 9, crosskv::ops::reshape_and_cache::SKIP_ROW, 2, 11],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rows_g = rows_c.to_device(&dev).unwrap();
+        reshape_and_cache(&cache_c, &vc.contiguous().unwrap(), &rows_c).unwrap();
+        reshape_and_cache(&cache_g, &vg, &rows_g).unwrap();
+        assert!(
+            flat(&cache_g) == flat(&cache_c),
+            "{dtype:?}: the cache write of a V slice differs"
+        );
+        eprintln!("rope / reshape_and_cache on QKV slices {dtype:?}: q {eq:.2e}, k {ek:.2e}, cache exact");
+    }
+}
+
 /// Decode steps as CUDA graphs give the eager steps' logits and leave the same cache:
 /// a tiny CLA model (GQA 4/2, share factor 2) decodes ragged sequences at batch sizes
 /// that need padding (5 → a graph of 8, 3 → 4) so graphs are captured, reused with new

@@ -61,6 +61,8 @@ struct KvProj {
 #[derive(Debug, Clone)]
 struct Attention {
     q: Linear,
+    /// q, k and v stacked (`Model::fuse_projections`): one matmul for a producer.
+    qkv: Option<Linear>,
     o: Linear,
     /// `Some` for producers only.
     kv: Option<KvProj>,
@@ -77,6 +79,8 @@ struct Layer {
     post_norm: RmsNorm,
     gate: Linear,
     up: Linear,
+    /// gate and up stacked (`Model::fuse_projections`).
+    gate_up: Option<Linear>,
     down: Linear,
 }
 
@@ -97,9 +101,34 @@ pub struct Model {
 
 impl Layer {
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(gate_up) = &self.gate_up {
+            return self.down.forward(&crate::ops::swiglu_packed(&gate_up.forward(x)?)?);
+        }
         let gu = Linear::forward_many(x, &[&self.gate, &self.up])?;
         // silu(gate) · up as one op (one kernel each way on CUDA).
         self.down.forward(&crate::ops::swiglu(&gu[0], &gu[1])?)
+    }
+}
+
+impl Layer {
+    /// On CUDA a decode step's small matmuls cost more in launches than in bytes: a
+    /// producer's q/k/v (without the paper's separate K/V norm) and the MLP's gate/up
+    /// become one stacked matmul each, the separate linears views of it (no extra
+    /// memory). Quantized weights and training variables stay apart.
+    fn fuse_projections(&mut self) -> Result<()> {
+        if let Some(kv) = self.attn.kv.as_mut().filter(|kv| kv.norm.is_none()) {
+            if let Some((qkv, parts)) = Linear::fused(&[&self.attn.q, &kv.k, &kv.v])? {
+                let [q, k, v]: [Linear; 3] = parts.try_into().expect("three parts");
+                (self.attn.q, kv.k, kv.v) = (q, k, v);
+                self.attn.qkv = Some(qkv);
+            }
+        }
+        if let Some((gate_up, parts)) = Linear::fused(&[&self.gate, &self.up])? {
+            let [gate, up]: [Linear; 2] = parts.try_into().expect("two parts");
+            (self.gate, self.up) = (gate, up);
+            self.gate_up = Some(gate_up);
+        }
+        Ok(())
     }
 }
 
@@ -114,6 +143,18 @@ impl Attention {
         positions: &Tensor,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
         let t = normed.dim(0)?;
+        if let Some(qkv) = &self.qkv {
+            // One matmul; Q, K and V are column slices of its rows, which RoPE and the
+            // cache write read in place.
+            let y = qkv
+                .forward(normed)?
+                .reshape((t, self.heads + 2 * self.kv_heads, self.head_dim))?;
+            let q = y.narrow(1, 0, self.heads)?;
+            let k = y.narrow(1, self.heads, self.kv_heads)?;
+            let v = y.narrow(1, self.heads + self.kv_heads, self.kv_heads)?;
+            let (q, k) = rope.rotate(&q, Some(&k), positions)?;
+            return Ok((q, Some((k.expect("rotate returns k when given k"), v))));
+        }
         let (q, kv) = match &self.kv {
             None => (self.q.forward(normed)?, None),
             // Q, K and V from one input: one fused call.
@@ -219,6 +260,7 @@ impl Model {
                 input_norm: RmsNorm::load(w, &format!("{p}.input_layernorm.weight"), h, cfg.rms_norm_eps)?,
                 attn: Attention {
                     q: w.linear_part(&format!("{a}.q_proj"), nh * d, h, cfg.attention_bias, &q_part)?,
+                    qkv: None,
                     o: w.linear_part(
                         &format!("{a}.o_proj"),
                         h,
@@ -247,6 +289,7 @@ impl Model {
                     cfg.mlp_bias,
                     &up_part,
                 )?,
+                gate_up: None,
                 down: w.linear_part(
                     &format!("{p}.mlp.down_proj"),
                     h,
@@ -273,6 +316,14 @@ impl Model {
             name: "rope".into(),
             reason: e.to_string(),
         })?;
+        if w.device().is_cuda() {
+            for (i, l) in layers.iter_mut().enumerate() {
+                l.fuse_projections().map_err(|e| WeightsError::Load {
+                    name: format!("model.layers.{i}"),
+                    reason: e.to_string(),
+                })?;
+            }
+        }
         Ok(Model {
             embed: w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
             layers,

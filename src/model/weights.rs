@@ -76,6 +76,43 @@ impl Linear {
         }
     }
 
+    /// One linear computing `ls`' outputs side by side (their weights stacked by rows:
+    /// one matmul instead of several), and each of `ls` again as a view of the stacked
+    /// weight (no second copy). `None` unless every weight is a dense tensor that is not a
+    /// training variable (autograd must keep reaching the variables), and all or none
+    /// have a bias.
+    pub fn fused(ls: &[&Linear]) -> candle_core::Result<Option<(Linear, Vec<Linear>)>> {
+        let dense: Option<Vec<&Tensor>> = ls
+            .iter()
+            .map(|l| match &l.weight {
+                LinearWeight::Candle(QMatMul::Tensor(t)) if !t.is_variable() => Some(t),
+                _ => None,
+            })
+            .collect();
+        let Some(ws) = dense else { return Ok(None) };
+        let biases: Option<Vec<&Tensor>> = ls.iter().map(|l| l.bias.as_ref()).collect();
+        if ws.is_empty() || (biases.is_none() && ls.iter().any(|l| l.bias.is_some())) {
+            return Ok(None);
+        }
+        let stacked = Tensor::cat(&ws, 0)?;
+        let stacked_bias = biases.map(|b| Tensor::cat(&b, 0)).transpose()?;
+        let mut parts = Vec::with_capacity(ls.len());
+        let mut row = 0;
+        for w in &ws {
+            let n = w.dim(0)?;
+            parts.push(Linear {
+                weight: LinearWeight::Candle(QMatMul::Tensor(stacked.narrow(0, row, n)?)),
+                bias: stacked_bias.as_ref().map(|b| b.narrow(0, row, n)).transpose()?,
+            });
+            row += n;
+        }
+        let fused = Linear {
+            weight: LinearWeight::Candle(QMatMul::Tensor(stacked)),
+            bias: stacked_bias,
+        };
+        Ok(Some((fused, parts)))
+    }
+
     /// The weight as a dense tensor (for `convert`).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {

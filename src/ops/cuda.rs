@@ -28,6 +28,34 @@ pub(crate) fn contiguous(l: &Layout, op: &str, what: &str) -> Result<(usize, usi
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))
 }
 
+/// `(offset of row 0, row stride, elements a row)` of a layout whose dims after the
+/// first are contiguous, rows any stride apart: a contiguous tensor, or a column slice
+/// of a wider matrix (a fused projection's Q, K or V part).
+pub(crate) fn row_strided(l: &Layout, op: &str, what: &str) -> Result<(usize, usize, usize)> {
+    let (dims, stride) = (l.dims(), l.stride());
+    if dims.is_empty() {
+        candle_core::bail!("{op}: {what} has no rows");
+    }
+    let row: usize = dims[1..].iter().product();
+    let mut want = 1;
+    for i in (1..dims.len()).rev() {
+        if dims[i] > 1 && stride[i] != want {
+            candle_core::bail!("{op}: {what} must be contiguous within a row");
+        }
+        want *= dims[i];
+    }
+    let row_stride = if dims[0] > 1 { stride[0] } else { row };
+    if row_stride < row {
+        candle_core::bail!("{op}: {what}'s rows overlap");
+    }
+    Ok((l.start_offset(), row_stride, row))
+}
+
+/// Whether [`row_strided`] takes this layout.
+pub fn is_row_strided(l: &Layout) -> bool {
+    row_strided(l, "", "").is_ok()
+}
+
 pub(crate) fn suffix(dtype: DType, op: &str) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
@@ -75,7 +103,8 @@ pub(crate) fn reshape_and_cache(
     let tokens = dims[0];
     let row: usize = dims[1..].iter().product();
     let (c0, c1) = contiguous(cl, OP, "the cache")?;
-    let (n0, n1) = contiguous(nl, OP, "new rows")?;
+    let (n0, src_stride, _) = row_strided(nl, OP, "new rows")?;
+    let n1 = n0 + dims[0].saturating_sub(1) * src_stride + row;
     let (p0, p1) = contiguous(pl, OP, "positions")?;
     if p1 - p0 != tokens {
         candle_core::bail!("{OP}: {} positions for {tokens} rows", p1 - p0);
@@ -101,7 +130,13 @@ pub(crate) fn reshape_and_cache(
             let src = new.as_cuda_slice::<$t>()?.slice(n0..n1);
             let mut dst = cache.as_cuda_slice_mut::<$t>()?.slice_mut(c0..c1);
             let mut b = f.builder();
-            b.arg(&mut dst).arg(&src).arg(&pos).arg(&row32).arg(&cache_rows);
+            let src_stride = src_stride as u64;
+            b.arg(&mut dst)
+                .arg(&src)
+                .arg(&pos)
+                .arg(&row32)
+                .arg(&cache_rows)
+                .arg(&src_stride);
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         }};

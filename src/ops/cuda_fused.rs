@@ -2,7 +2,7 @@
 //! (`rms_norm`, `add_rms_norm`) and `kernels/rope.cu`. The ops' CPU paths
 //! (`rms_norm.rs`, `rope.rs`) are the references; these are their `cuda_fwd`.
 
-use super::cuda::{contiguous, poison, ptx, suffix, POISON};
+use super::cuda::{contiguous, poison, ptx, row_strided, suffix, POISON};
 use super::rope::RopeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -178,7 +178,8 @@ pub(crate) fn rope(
     if chunks > 65535 || tokens > i32::MAX as usize {
         candle_core::bail!("{OP}: {tokens} tokens × {pairs} pairs is too large for one launch");
     }
-    let (q0, q1) = contiguous(ql, OP, "q")?;
+    let (q0, q_stride, _) = row_strided(ql, OP, "q")?;
+    let q1 = q0 + tokens.saturating_sub(1) * q_stride + heads * d;
     let (p0, p1) = contiguous(pos.1, OP, "positions")?;
     if p1 - p0 != tokens {
         candle_core::bail!("{OP}: {} positions for {tokens} tokens", p1 - p0);
@@ -213,13 +214,15 @@ pub(crate) fn rope(
             if nq + nk > 0 {
                 let qs = q.as_cuda_slice::<$t>()?.slice(q0..q1);
                 // Q only: the kernel never reads k (kv_heads is 0); q stands in for it.
-                let ks = match k {
+                let (ks, k_stride) = match k {
                     Some((ks, kl)) => {
-                        let (k0, k1) = contiguous(kl, OP, "k")?;
-                        ks.as_cuda_slice::<$t>()?.slice(k0..k1)
+                        let (k0, k_stride, _) = row_strided(kl, OP, "k")?;
+                        let k1 = k0 + tokens.saturating_sub(1) * k_stride + kv_heads * d;
+                        (ks.as_cuda_slice::<$t>()?.slice(k0..k1), k_stride as u64)
                     }
-                    None => q.as_cuda_slice::<$t>()?.slice(q0..q1),
+                    None => (q.as_cuda_slice::<$t>()?.slice(q0..q1), 0),
                 };
+                let q_stride = q_stride as u64;
                 let cv = cos.as_cuda_slice::<$t>()?.slice(c0..c1);
                 let sv = sin.as_cuda_slice::<$t>()?.slice(s0..s1);
                 let f = dev.get_or_load_custom_func(&format!("rope_{sfx}"), "crosskv_rope", ptx::ROPE)?;
@@ -228,6 +231,7 @@ pub(crate) fn rope(
                 for a in &args {
                     b.arg(a);
                 }
+                b.arg(&q_stride).arg(&k_stride);
                 unsafe { b.launch(cfg) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())

@@ -31,7 +31,7 @@ pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::rope;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_packed};
 
 use candle_core::{CpuStorage, Layout, Result};
 

@@ -83,6 +83,12 @@ pub fn reshape_and_cache(cache: &Tensor, new: &Tensor, positions: &Tensor) -> Re
     if (nh, nd) != (kv_heads, head_dim) {
         candle_core::bail!("reshape_and_cache: rows are [_, {nh}, {nd}], cache wants [_, {kv_heads}, {head_dim}]");
     }
+    // CUDA reads rows any stride apart (K or V sliced from a fused projection); the CPU
+    // reference wants them contiguous.
+    #[cfg(feature = "cuda")]
+    if new.device().is_cuda() && crate::ops::cuda::is_row_strided(new.layout()) {
+        return cache.inplace_op3(new, positions, &ReshapeAndCache);
+    }
     let new = new.contiguous()?;
     cache.inplace_op3(&new, positions, &ReshapeAndCache)
 }

@@ -278,9 +278,18 @@ pub fn rope(
         sin: sin.contiguous()?,
         interleaved,
     };
-    let q = q.contiguous()?;
+    // CUDA reads Q and K rows any stride apart (slices of a fused QKV projection); the
+    // CPU reference wants them contiguous.
+    let rows = |x: &Tensor| -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && crate::ops::cuda::is_row_strided(x.layout()) {
+            return Ok(x.clone());
+        }
+        x.contiguous()
+    };
+    let q = rows(q)?;
     let out = match k {
-        Some(k) => q.apply_op3(&k.contiguous()?, &positions.contiguous()?, op)?,
+        Some(k) => q.apply_op3(&rows(k)?, &positions.contiguous()?, op)?,
         None => q.apply_op2(&positions.contiguous()?, op)?,
     };
     let nq = t * heads * d;

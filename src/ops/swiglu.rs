@@ -172,6 +172,52 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
+/// `silu(gu[:, :f]) · gu[:, f:]` of one fused gate/up projection `gu` `[rows, 2f]` (the
+/// serving MLP's: one matmul for gate and up). No backward: training keeps gate and up
+/// apart.
+pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
+    let (_, two_f) = gu.dims2()?;
+    if two_f % 2 != 0 {
+        candle_core::bail!("{OP}: a fused gate/up projection has an even width, not {two_f}");
+    }
+    gu.contiguous()?.apply_op1_no_bwd(&SwigluPacked)
+}
+
+struct SwigluPacked;
+
+impl candle_core::CustomOp1 for SwigluPacked {
+    fn name(&self) -> &'static str {
+        "swiglu_packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, two_f) = l.shape().dims2()?;
+        let f = two_f / 2;
+        // The reference: gate and up split out, then the unfused forward.
+        fn go<T: Elem + WithDType>(s: &CpuStorage, l: &Layout, f: usize) -> Result<CpuStorage> {
+            let gu = contiguous(s.as_slice::<T>()?, l, OP, "gu")?;
+            let (g, u): (Vec<T>, Vec<T>) = gu
+                .chunks_exact(2 * f.max(1))
+                .flat_map(|row| row[..f].iter().copied().zip(row[f..].iter().copied()))
+                .unzip();
+            Ok(T::to_cpu_storage_owned(cpu_fwd_t(&g, &u)))
+        }
+        let out = match s.dtype() {
+            DType::F32 => go::<f32>(s, l, f)?,
+            DType::F16 => go::<half::f16>(s, l, f)?,
+            DType::BF16 => go::<half::bf16>(s, l, f)?,
+            d => candle_core::bail!("{OP}: {d:?}: gu of one of f32/f16/bf16 expected"),
+        };
+        Ok((out, Shape::from((rows, f))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, two_f) = l.shape().dims2()?;
+        Ok((cuda::packed(s, l, rows, two_f / 2)?, Shape::from((rows, two_f / 2))))
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::OP;
@@ -226,6 +272,38 @@ mod cuda {
             }};
         }
         Ok(match dtype {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+
+    /// `swiglu_packed`: `gu` `[rows, 2f]` contiguous → `[rows, f]`.
+    pub(super) fn packed(s: &CudaStorage, l: &Layout, rows: usize, f: usize) -> Result<CudaStorage> {
+        let (a, b) = contiguous(l, OP, "gu")?;
+        let dev = s.device.clone();
+        let name = format!("swiglu_packed_{}", suffix(s.dtype(), OP)?);
+        let fun = dev.get_or_load_custom_func(&name, "crosskv_swiglu", ptx::SWIGLU)?;
+        let n = rows * f;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows64, f64_) = (rows as u64, f as u64);
+        macro_rules! go {
+            ($t:ty) => {{
+                let gu = s.as_cuda_slice::<$t>()?.slice(a..b);
+                let mut out = output::<$t>(&dev, n)?;
+                if n > 0 {
+                    let mut bld = fun.builder();
+                    bld.arg(&gu).arg(&mut out).arg(&rows64).arg(&f64_);
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
             DType::F32 => go!(f32),
             DType::F16 => go!(half::f16),
             _ => go!(half::bf16),

@@ -525,3 +525,17 @@ fn reshape_and_cache_skips_padding_rows() {
     let past = Tensor::new(&[4u32, 0, 1], &Device::Cpu).unwrap();
     assert!(crosskv::ops::reshape_and_cache(&cache, &new, &past).is_err());
 }
+
+/// `swiglu_packed` of a stacked gate/up matrix is the unfused `swiglu` of its halves,
+/// to the last bit; an odd width is an error.
+#[test]
+fn swiglu_packed_is_swiglu_of_the_halves() {
+    let mut rng = Rng::new(3);
+    for (rows, f) in [(4, 6), (1, 1), (3, 17)] {
+        let gu = rng.tensor(&[rows, 2 * f], 1.0, 0.0);
+        let want = flat(&crosskv::ops::swiglu(&gu.narrow(1, 0, f).unwrap(), &gu.narrow(1, f, f).unwrap()).unwrap());
+        assert_eq!(flat(&crosskv::ops::swiglu_packed(&gu).unwrap()), want);
+    }
+    let odd = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+    assert!(crosskv::ops::swiglu_packed(&odd).is_err());
+}
