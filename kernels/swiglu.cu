@@ -29,15 +29,18 @@ __device__ __forceinline__ void bwd_impl(const T* __restrict__ g, const T* __res
 }
 
 // The forward on one fused gate/up projection gu [rows, 2 cols] (gate columns, then up):
-// y [rows, cols] = silu(gu[:, :cols]) * gu[:, cols:].
+// y [rows, cols] = silu(gu[:, :cols]) * gu[:, cols:]. Rows along grid y, columns along
+// x (no 64-bit division per element).
 template <typename T>
-__device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restrict__ y, uint64_t rows,
-                                            uint64_t cols) {
-  const uint64_t n = rows * cols;
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
-    const uint64_t r = i / cols, c = i % cols;
-    const float gv = to_f32(gu[r * 2 * cols + c]);
-    y[i] = from_f32<T>(gv * sigmoid(gv) * to_f32(gu[r * 2 * cols + cols + c]));
+__device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restrict__ y, uint32_t rows,
+                                            uint32_t cols) {
+  for (uint32_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T* g = gu + (uint64_t)r * 2 * cols;
+    T* yr = y + (uint64_t)r * cols;
+    for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      const float gv = to_f32(g[c]);
+      yr[c] = from_f32<T>(gv * sigmoid(gv) * to_f32(g[cols + c]));
+    }
   }
 }
 
@@ -48,7 +51,7 @@ __device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restr
   }
 
 #define SWIGLU_PACKED(SFX, T)                                                                        \
-  extern "C" __global__ void swiglu_packed_##SFX(const T* gu, T* y, uint64_t rows, uint64_t cols) { \
+  extern "C" __global__ void swiglu_packed_##SFX(const T* gu, T* y, uint32_t rows, uint32_t cols) { \
     packed_impl<T>(gu, y, rows, cols);                                                                 \
   }
 

@@ -539,7 +539,8 @@ fn tiny_model_schedule_ranks(
 fn argmax_rows_matches_cpu() {
     let dev = gpu();
     let mut rng = Rng::new(77);
-    for (rows, cols) in [(1, 1), (3, 7), (256, 50304), (5, 1000)] {
+    // 1002 columns: rows alternately 16-byte aligned (float4 loads) or not, and a tail.
+    for (rows, cols) in [(1, 1), (3, 7), (256, 50304), (5, 1000), (4, 1002)] {
         let mut v: Vec<f32> = rng.tensor(&[rows * cols], -4.0, 4.0).to_vec1().unwrap();
         if cols >= 7 {
             v[0] = f32::NAN; // row 0 starts with NaN

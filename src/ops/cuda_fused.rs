@@ -265,7 +265,7 @@ pub(crate) fn argmax_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
         b.arg(&x).arg(&mut out).arg(&cols32);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            block_dim: (1024, 1, 1), // NT in kernels/argmax.cu
             shared_mem_bytes: 0,
         };
         unsafe { b.launch(cfg) }.w()?;

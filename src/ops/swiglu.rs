@@ -285,19 +285,22 @@ mod cuda {
         let name = format!("swiglu_packed_{}", suffix(s.dtype(), OP)?);
         let fun = dev.get_or_load_custom_func(&name, "crosskv_swiglu", ptx::SWIGLU)?;
         let n = rows * f;
+        if rows > u32::MAX as usize || f > u32::MAX as usize {
+            candle_core::bail!("{OP}: [{rows}, 2 × {f}] is too large for one launch");
+        }
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+            grid_dim: (f.div_ceil(256).clamp(1, 64) as u32, rows.clamp(1, 65535) as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows64, f64_) = (rows as u64, f as u64);
+        let (rows32, f32_) = (rows as u32, f as u32);
         macro_rules! go {
             ($t:ty) => {{
                 let gu = s.as_cuda_slice::<$t>()?.slice(a..b);
                 let mut out = output::<$t>(&dev, n)?;
                 if n > 0 {
                     let mut bld = fun.builder();
-                    bld.arg(&gu).arg(&mut out).arg(&rows64).arg(&f64_);
+                    bld.arg(&gu).arg(&mut out).arg(&rows32).arg(&f32_);
                     unsafe { bld.launch(cfg) }.w()?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
