@@ -246,6 +246,49 @@ PY
     kill -TERM "$pid"; wait "$pid" || rc=1
     port=$((port + 1))
   done
+  # Decode steps as CUDA graphs under the engine: 24 concurrent greedy requests of
+  # different lengths (the batch shrinks as they finish: graphs of several sizes), bf16,
+  # against the same requests with --enforce-eager.
+  local mode
+  for mode in graph eager; do
+    local flag=""
+    [ "$mode" = eager ] && flag="--enforce-eager"
+    # shellcheck disable=SC2086
+    CROSSKV_LOG=info .gpu/crosskv serve --model "$dir/model" --device cuda --dtype bf16 $flag \
+      --port "$port" > "$out/serve-$mode.log" 2>&1 &
+    local pid=$! i
+    for i in $(seq 1 120); do
+      curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+      sleep 0.5
+    done
+    python3 - "$port" "$out/concurrent-$mode.json" <<'PY' || rc=1
+import json, sys, urllib.request, concurrent.futures as cf
+port, path = sys.argv[1], sys.argv[2]
+model = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models"))["data"][0]["id"]
+def one(i):
+    body = json.dumps({"model": model, "prompt": f"fn f{i}(x: u32) ->", "max_tokens": 8 + 3 * i,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        out = json.load(r)
+    return out["choices"][0]["text"], out["usage"]["completion_tokens"]
+with cf.ThreadPoolExecutor(24) as ex:
+    res = list(ex.map(one, range(24)))
+json.dump(res, open(path, "w"))
+print(sys.argv[2], "completion tokens", sum(t for _, t in res))
+PY
+    kill -TERM "$pid"; wait "$pid" || rc=1
+    port=$((port + 1))
+  done
+  python3 - "$out/concurrent-graph.json" "$out/concurrent-eager.json" <<'PY' | tee "$out/concurrent-summary.txt"
+import json, sys
+g, e = (json.load(open(p)) for p in sys.argv[1:])
+same = sum(a[0] == b[0] for a, b in zip(g, e))
+print(f"graph vs eager (bf16, 24 concurrent requests): {same}/24 texts identical; "
+      f"tokens {sum(t for _, t in g)} vs {sum(t for _, t in e)}")
+PY
+  grep -h "CUDA graphs\|without CUDA graphs" "$out"/serve-graph.log | head -3
   echo "== summary =="
   tail -n 3 "$out/train-log.jsonl"; cat "$out/train.json"
   for f in "$out"/generate-tp*.txt "$out"/completion-tp*.json; do echo "$f: $(cat "$f")"; done
