@@ -30,3 +30,25 @@ extern "C" __global__ void adamw_params(float* __restrict__ theta, const float* 
     theta[i] = __fsub_rn(__fmul_rn(theta[i], s.decay), __fmul_rn(step, s.lr));
   }
 }
+
+// sum_squares: acc[0] += Σ g[i]² (f32 accumulation: a grid-stride share per thread, a
+// warp then block sum, one atomicAdd per block). Gradient clipping's global norm, one
+// launch per variable into one scalar (candle's sqr + sum_all reduce a whole tensor in
+// one block). CPU reference: src/ops/adamw.rs.
+extern "C" __global__ void sum_squares_f32(float* __restrict__ acc, const float* __restrict__ g, uint64_t n) {
+  float s = 0.f;
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float v = g[i];
+    s = fmaf(v, v, s);
+  }
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float part[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) part[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int w = 0; w < (int)(blockDim.x + 31) / 32; w++) t += part[w];
+    atomicAdd(acc, t);
+  }
+}

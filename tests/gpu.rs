@@ -1238,3 +1238,26 @@ fn decode_graph_case(
     }
     eprintln!("decode graphs {dtype:?} block {block}: {captured} graphs, worst logits rel err {worst:.2e}");
 }
+
+/// Gradient clipping's sum of squares on CUDA (one atomicAdd per block into one f32)
+/// against the CPU's f64 sum, accumulated over several tensors into one scalar.
+#[test]
+fn sum_squares_matches_cpu() {
+    let dev = gpu();
+    let mut rng = Rng::new(13);
+    let shapes: [&[usize]; 4] = [&[1], &[3, 7], &[1000], &[32000, 768]];
+    let acc_c = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let acc_g = Tensor::zeros(1, DType::F32, &dev).unwrap();
+    for shape in shapes {
+        let (c, g) = pair(&mut rng, shape, DType::F32, &dev);
+        crosskv::ops::sum_squares_into(&acc_c, &c).unwrap();
+        crosskv::ops::sum_squares_into(&acc_g, &g).unwrap();
+    }
+    let (want, got) = (flat(&acc_c)[0], flat(&acc_g)[0]);
+    let e = ((got - want) / want).abs();
+    eprintln!(
+        "sum_squares over 4 tensors ({} elements): CUDA {got}, CPU {want}, rel err {e:.2e}",
+        1 + 21 + 1000 + 32000 * 768
+    );
+    assert!(e < 1e-5, "sum of squares: CUDA {got}, CPU {want}");
+}

@@ -170,6 +170,41 @@ pub fn adamw_update(theta: &Tensor, moments: &Tensor, grad: &Tensor, s: &Scalars
     theta.inplace_op2(moments, &Params(*s))
 }
 
+/// `acc[0] += Σ g²` (`acc` f32 `[1]`, `g` f32): one variable's share of gradient
+/// clipping's global norm, accumulated on the device (one launch on CUDA, where candle's
+/// `sqr` + `sum_all` reduce a whole gradient in a single block). The CPU sums in f64.
+pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<()> {
+    const OP: &str = "sum_squares_into";
+    if acc.dtype() != DType::F32 || acc.elem_count() != 1 || g.dtype() != DType::F32 {
+        candle_core::bail!("{OP}: an f32 [1] accumulator and an f32 gradient expected");
+    }
+    acc.inplace_op2(&g.contiguous()?, &SumSquares)
+}
+
+struct SumSquares;
+
+impl InplaceOp2 for SumSquares {
+    fn name(&self) -> &'static str {
+        "sum_squares_into"
+    }
+    fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let g = f32_slice(g, gl, self.name(), "gradient")?;
+        let acc = f32_slice_mut(acc, al, self.name(), "accumulator")?;
+        acc[0] += g.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32;
+        Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        acc: &mut candle_core::CudaStorage,
+        al: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<()> {
+        cuda::sum_squares(acc, al, g, gl)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Scalars;
@@ -204,6 +239,30 @@ mod cuda {
         // Memory-bound: enough 256-thread blocks to fill the GPU, each striding on.
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(256).min(8192) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    pub(super) fn sum_squares(acc: &mut CudaStorage, al: &Layout, g: &CudaStorage, gl: &Layout) -> Result<()> {
+        const OP: &str = "sum_squares_into";
+        let (a0, a1) = contiguous(al, OP, "accumulator")?;
+        let (g0, g1) = contiguous(gl, OP, "gradient")?;
+        let n = g1 - g0;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = acc.device.clone();
+        let f = dev.get_or_load_custom_func("sum_squares_f32", "crosskv_adamw", ptx::ADAMW)?;
+        let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+        let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
+        let n64 = n as u64;
+        let mut b = f.builder();
+        b.arg(&mut acc).arg(&g).arg(&n64);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(1024).min(1056) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -539,3 +539,18 @@ fn swiglu_packed_is_swiglu_of_the_halves() {
     let odd = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
     assert!(crosskv::ops::swiglu_packed(&odd).is_err());
 }
+
+/// `sum_squares_into` adds each tensor's sum of squares to the accumulator; other dtypes
+/// are an error.
+#[test]
+fn sum_squares_accumulates() {
+    let acc = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    crosskv::ops::sum_squares_into(&acc, &Tensor::new(&[1f32, -2., 3.], &Device::Cpu).unwrap()).unwrap();
+    crosskv::ops::sum_squares_into(&acc, &Tensor::new(&[[0.5f32], [4.]], &Device::Cpu).unwrap()).unwrap();
+    assert_eq!(flat(&acc), [14.0 + 0.25 + 16.0]);
+    let bf = Tensor::new(&[1f32], &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    assert!(crosskv::ops::sum_squares_into(&acc, &bf).is_err());
+}
