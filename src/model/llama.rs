@@ -316,14 +316,6 @@ impl Model {
             name: "rope".into(),
             reason: e.to_string(),
         })?;
-        if w.device().is_cuda() {
-            for (i, l) in layers.iter_mut().enumerate() {
-                l.fuse_projections().map_err(|e| WeightsError::Load {
-                    name: format!("model.layers.{i}"),
-                    reason: e.to_string(),
-                })?;
-            }
-        }
         Ok(Model {
             embed: w.tensor("model.embed_tokens.weight", &[cfg.vocab_size, h])?,
             layers,
@@ -337,6 +329,18 @@ impl Model {
             shard,
             all_reduce: None,
         })
+    }
+
+    /// For serving on CUDA (the runner calls it; a no-op elsewhere): a producer's q/k/v
+    /// and every MLP's gate/up become one stacked matmul each ([`Linear::fused`]). Not
+    /// for training: the stacked weights' consumers (`swiglu_packed`) have no backward.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        if self.device.is_cuda() {
+            for l in self.layers.iter_mut() {
+                l.fuse_projections()?;
+            }
+        }
+        Ok(())
     }
 
     /// The transport that completes this rank's partial sums (tensor parallelism only).

@@ -173,14 +173,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// `silu(gu[:, :f]) · gu[:, f:]` of one fused gate/up projection `gu` `[rows, 2f]` (the
-/// serving MLP's: one matmul for gate and up). No backward: training keeps gate and up
-/// apart.
+/// serving MLP's: one matmul for gate and up). Differentiable (the halves' gradients
+/// side by side), though training keeps gate and up apart.
 pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
     let (_, two_f) = gu.dims2()?;
     if two_f % 2 != 0 {
         candle_core::bail!("{OP}: a fused gate/up projection has an even width, not {two_f}");
     }
-    gu.contiguous()?.apply_op1_no_bwd(&SwigluPacked)
+    gu.contiguous()?.apply_op1(SwigluPacked)
 }
 
 struct SwigluPacked;
@@ -215,6 +215,13 @@ impl candle_core::CustomOp1 for SwigluPacked {
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
         let (rows, two_f) = l.shape().dims2()?;
         Ok((cuda::packed(s, l, rows, two_f / 2)?, Shape::from((rows, two_f / 2))))
+    }
+
+    fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let f = gu.dim(1)? / 2;
+        let (g, u) = (gu.narrow(1, 0, f)?.contiguous()?, gu.narrow(1, f, f)?.contiguous()?);
+        let d = g.apply_op3_no_bwd(&u, &dy.contiguous()?, &SwigluBwd)?;
+        Ok(Some(Tensor::cat(&[d.get(0)?, d.get(1)?], 1)?))
     }
 }
 

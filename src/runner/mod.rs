@@ -85,7 +85,9 @@ impl Runner {
     /// their all-reduce already connected, see `tp::connect`): one block table for all,
     /// `num_blocks` blocks of each rank's own KV heads on each rank's device.
     pub fn tensor_parallel(models: Vec<Model>, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let mut ranks = models.into_iter().map(|model| {
+        let mut ranks = models.into_iter().map(|mut model| {
+            // Serving only: stacked q/k/v and gate/up matmuls on CUDA.
+            model.fuse_projections()?;
             let cache = KvCache::new(
                 num_blocks,
                 block_size,

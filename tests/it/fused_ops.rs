@@ -538,6 +538,25 @@ fn swiglu_packed_is_swiglu_of_the_halves() {
     }
     let odd = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
     assert!(crosskv::ops::swiglu_packed(&odd).is_err());
+    // Its gradient is the halves' gradients side by side.
+    let gu = candle_core::Var::from_tensor(&rng.tensor(&[3, 8], 1.0, 0.0)).unwrap();
+    let w = rng.tensor(&[3, 4], 1.0, 0.0);
+    let packed = (crosskv::ops::swiglu_packed(gu.as_tensor()).unwrap() * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let got = flat(packed.backward().unwrap().get(gu.as_tensor()).unwrap());
+    let halves = (crosskv::ops::swiglu(
+        &gu.as_tensor().narrow(1, 0, 4).unwrap(),
+        &gu.as_tensor().narrow(1, 4, 4).unwrap(),
+    )
+    .unwrap()
+        * &w)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let want = flat(halves.backward().unwrap().get(gu.as_tensor()).unwrap());
+    assert_eq!(got, want);
 }
 
 /// `sum_squares_into` adds each tensor's sum of squares to the accumulator; other dtypes
