@@ -32,7 +32,8 @@ pub fn windows_loss(model: &Model, windows: &[&[u32]]) -> Result<Tensor> {
         candle_core::bail!("a window needs at least 2 tokens");
     }
     let inputs: Vec<&[u32]> = windows.iter().map(|w| &w[..w.len().saturating_sub(1)]).collect();
-    let logits = model.forward_dense_batch(&inputs)?.to_dtype(DType::F32)?;
+    // The logits in the model's dtype: the loss kernel reads f16/bf16 and computes in f32.
+    let logits = model.forward_dense_batch_in_dtype(&inputs)?;
     let targets: Vec<u32> = windows.iter().flat_map(|w| w[1..].iter().copied()).collect();
     let targets = Tensor::new(targets.as_slice(), logits.device())?;
     crate::ops::cross_entropy(&logits, &targets)
