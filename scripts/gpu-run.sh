@@ -194,6 +194,19 @@ device_tp() {
 # f32 master weights) from a small CLA2 config on this repository's text, then
 # `crosskv serve` on it at 1 rank and (with 2+ GPUs) 2 ranks, one greedy completion
 # each over HTTP (f32, so the two must agree), and `crosskv generate` likewise.
+# Starts `crosskv serve --port PORT ARGS...` in the background, logging to LOG, and waits
+# (up to a minute) until it answers /health; its pid in SERVE_PID.
+serve_bg() {
+  local port=$1 log=$2 i
+  shift 2
+  CROSSKV_LOG=info .gpu/crosskv serve --port "$port" "$@" > "$log" 2>&1 &
+  SERVE_PID=$!
+  for i in $(seq 1 120); do
+    curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+    sleep 0.5
+  done
+}
+
 device_serve() {
   local out=$1 rc=0 dir=.gpu/serve
   xz -dkf .gpu/crosskv.xz && chmod +x .gpu/crosskv
@@ -230,13 +243,9 @@ PY
     [ "$tp" -le "$gpus" ] || break
     .gpu/crosskv generate --model "$dir/model" --device cuda --dtype f32 --tensor-parallel-size "$tp" \
       --prompt "fn main" --max-tokens 24 > "$out/generate-tp$tp.txt" 2> "$out/generate-tp$tp.err" || rc=1
-    CROSSKV_LOG=info .gpu/crosskv serve --model "$dir/model" --device cuda --dtype f32 --tensor-parallel-size "$tp" \
-      --port "$port" > "$out/serve-tp$tp.log" 2>&1 &
-    local pid=$! i
-    for i in $(seq 1 120); do
-      curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
-      sleep 0.5
-    done
+    local pid
+    serve_bg "$port" "$out/serve-tp$tp.log" --model "$dir/model" --device cuda --dtype f32 --tensor-parallel-size "$tp"
+    pid=$SERVE_PID
     local model
     model=$(curl -s "http://127.0.0.1:$port/v1/models" | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
     curl -s "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
@@ -254,13 +263,8 @@ PY
     local flag=""
     [ "$mode" = eager ] && flag="--enforce-eager"
     # shellcheck disable=SC2086
-    CROSSKV_LOG=info .gpu/crosskv serve --model "$dir/model" --device cuda --dtype bf16 $flag \
-      --port "$port" > "$out/serve-$mode.log" 2>&1 &
-    local pid=$! i
-    for i in $(seq 1 120); do
-      curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
-      sleep 0.5
-    done
+    serve_bg "$port" "$out/serve-$mode.log" --model "$dir/model" --device cuda --dtype bf16 $flag
+    pid=$SERVE_PID
     python3 - "$port" "$out/concurrent-$mode.json" <<'PY' || rc=1
 import json, sys, urllib.request, concurrent.futures as cf
 port, path = sys.argv[1], sys.argv[2]
