@@ -1123,9 +1123,14 @@ fn decode_graphs_match_eager() {
             device: dev.clone(),
             ..LoadOptions::default()
         });
-        // (block size, prompt of sequence s = first + s * stride, blocks per slot, graphs at least)
-        for (block, first, stride, blocks, want_graphs) in [(4, 25, 1, 64, 4), (16, 600, 97, 400, 3)] {
-            decode_graph_case(&model, &cpu, &tiny, dtype, block, (first, stride), blocks, want_graphs);
+        // (block size, prompt of sequence s = first + s * stride, blocks per slot, graphs
+        // wanted: at least that many captured, or with Some(limit) exactly the limit kept)
+        for (block, first, stride, blocks, graphs) in [
+            (4, 25, 1, 64, (4, None)),
+            (4, 25, 1, 64, (2, Some(2))),
+            (16, 600, 97, 400, (3, None)),
+        ] {
+            decode_graph_case(&model, &cpu, &tiny, dtype, block, (first, stride), blocks, graphs);
         }
     }
 }
@@ -1144,13 +1149,18 @@ fn decode_graph_case(
     block: usize,
     (first, stride): (usize, usize),
     blocks: usize,
-    want_graphs: usize,
+    (want_graphs, limit): (usize, Option<usize>),
 ) {
     let n = blocks * model.layout().kv_layers();
     let eager = Runner::new(model.clone(), n, block).unwrap();
     let mut graph = Runner::new(model.clone(), n, block).unwrap();
     let reference = Runner::new(cpu.clone(), n, block).unwrap();
     assert!(graph.set_cuda_graphs(true), "graphs are on for one CUDA rank");
+    if let Some(limit) = limit {
+        // Fewer graphs kept than the schedule needs: older ones are dropped and
+        // captured again, and the logits must not notice.
+        graph.set_cuda_graphs_limit(limit);
+    }
     let mut managers = [
         KvManager::new(model.layout().clone(), n, block),
         KvManager::new(model.layout().clone(), n, block),
@@ -1227,10 +1237,13 @@ fn decode_graph_case(
     // Batches 5, 3 and 1 in graphs of 8, 4 and 1 (and with blocks of 4, tables of 8
     // blocks, then 16: the longest sequence passes 32 tokens).
     let captured = graph.cuda_graphs_captured();
-    assert!(
-        captured >= want_graphs,
-        "{captured} graphs captured, want at least {want_graphs}"
-    );
+    match limit {
+        None => assert!(
+            captured >= want_graphs,
+            "{captured} graphs captured, want at least {want_graphs}"
+        ),
+        Some(l) => assert_eq!(captured, l, "graphs held under a limit of {l}"),
+    }
     // The padding wrote nothing: both caches hold the same K/V everywhere (in f32, where
     // the graph's hidden states, hence every later layer's K/V, equal the eager ones).
     if dtype == DType::F32 {

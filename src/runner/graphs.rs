@@ -26,8 +26,8 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor};
 use std::collections::HashMap;
 
 /// The batch a step of `n` sequences is padded to: powers of two up to 8, then steps of
-/// 16 up to 64 and of 64 beyond, so few graphs cover every batch and padding stays
-/// small where a row is not nearly free (weights dominate small batches).
+/// 16 up to 64 and of 64 beyond. Few graphs cover every batch, and a padding row costs
+/// little next to the weights every step reads (at most a quarter more rows past 8).
 pub fn batch_bucket(n: usize) -> usize {
     match n {
         0..=8 => n.max(1).next_power_of_two(),
@@ -60,7 +60,14 @@ struct Buffers {
 struct DecodeGraph {
     exec: Exec,
     bufs: Buffers,
+    /// The run counter when it last ran (least recently used goes first).
+    last_used: u64,
 }
+
+/// The most graphs a runner keeps: each holds its own activations, logits and staging
+/// (up to ~150 MB at batch 512), and batch buckets × table widths could otherwise grow
+/// to about a hundred as contexts lengthen.
+pub const MAX_GRAPHS: usize = 24;
 
 /// A graph executable that may move to the engine thread.
 struct Exec(CudaGraph);
@@ -237,7 +244,11 @@ impl DecodeGraph {
         captured?;
         let exec = exec?.ok_or_else(|| candle_core::Error::Msg("the decode graph captured nothing".into()))?;
         exec.upload().w()?;
-        Ok(DecodeGraph { exec: Exec(exec), bufs })
+        Ok(DecodeGraph {
+            exec: Exec(exec),
+            bufs,
+            last_used: 0,
+        })
     }
 }
 
@@ -249,6 +260,10 @@ fn kv_err(e: crate::kv::KvError) -> candle_core::Error {
 #[derive(Default)]
 pub(super) struct DecodeGraphs {
     graphs: HashMap<(usize, usize), DecodeGraph>,
+    /// Graph runs so far (the clock of `DecodeGraph::last_used`).
+    runs: u64,
+    /// The most graphs kept; 0 means [`MAX_GRAPHS`].
+    pub(super) limit: usize,
     /// A capture failed: this runner stays eager (the error was logged once).
     failed: bool,
 }
@@ -282,6 +297,11 @@ impl DecodeGraphs {
         }
         let num_blocks = cache.k().dim(0)?;
         let key = (batch_bucket(n), blocks_bucket(max_blocks));
+        let limit = if self.limit == 0 { MAX_GRAPHS } else { self.limit };
+        if !self.graphs.contains_key(&key) && self.graphs.len() >= limit {
+            self.evict_least_recent(model)?;
+        }
+        self.runs += 1;
         let graph = match self.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let g = e.into_mut();
@@ -310,14 +330,30 @@ impl DecodeGraphs {
                 }
             }
         };
+        graph.last_used = self.runs;
         graph.exec.0.launch().w()?;
         // A copy: the next launch overwrites the graph's logits while the engine may
         // still hold these.
         Ok(Some(graph.bufs.logits.narrow(0, 0, n)?.copy()?))
     }
 
-    /// Graphs captured so far.
+    /// Graphs held now.
     pub(super) fn len(&self) -> usize {
         self.graphs.len()
+    }
+
+    /// Drops the graph that ran longest ago, once the GPU has finished with it.
+    fn evict_least_recent(&mut self, model: &Model) -> Result<()> {
+        let Some(key) = self.graphs.iter().min_by_key(|(_, g)| g.last_used).map(|(k, _)| *k) else {
+            return Ok(());
+        };
+        model.device().synchronize()?;
+        self.graphs.remove(&key);
+        tracing::debug!(
+            "dropped the decode graph for batch {} and tables {} blocks wide",
+            key.0,
+            key.1
+        );
+        Ok(())
     }
 }

@@ -130,7 +130,18 @@ impl Runner {
         }
     }
 
-    /// Decode graphs captured so far.
+    /// Keeps at most `n` decode graphs (default `graphs::MAX_GRAPHS`), dropping the one
+    /// that ran longest ago to capture another. No effect without graphs.
+    pub fn set_cuda_graphs_limit(&mut self, n: usize) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.graphs {
+            g.get_mut().expect("decode graphs").limit = n.max(1);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = n;
+    }
+
+    /// Decode graphs held now.
     pub fn cuda_graphs_captured(&self) -> usize {
         #[cfg(feature = "cuda")]
         if let Some(g) = &self.graphs {
