@@ -10,16 +10,17 @@
 //! against a dense f32 reference (gathered through the block tables) on the GPU.
 
 #[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
     use candle_core::{DType, Tensor, D};
     use crosskv::ops::SeqSpan;
 
     const ITERS: usize = 30;
     let dev = crosskv::ops::cuda::device(0)?;
-    let median = |mut v: Vec<f32>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2] as f64
-    };
+    // CUDA event times are f32; widening keeps their order, so the median is the same.
+    let median = |v: Vec<f32>| common::median(v.into_iter().map(f64::from).collect());
     let copy_bytes = 2usize << 30;
     crosskv::ops::cuda::bench_copy(&dev, copy_bytes, 3)?;
     let copy_ms = median(crosskv::ops::cuda::bench_copy(&dev, copy_bytes, 20)?);

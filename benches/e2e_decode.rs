@@ -28,6 +28,9 @@
 //! maxima must be equal (the binary exits non-zero otherwise); the max batch is then
 //! decoded as above.
 
+mod common;
+use common::median;
+
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
@@ -233,11 +236,6 @@ struct Ctx {
     copy_gbs: f64,
     /// Tensor-parallel ranks (GPUs `dev`, `dev + 1`, …).
     tp: usize,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Device-to-device copy bandwidth, read + write counted (GB/s), and how it was measured.
@@ -712,8 +710,7 @@ fn capacity(c: &Ctx, pairs: &[(Shape, Shape, u64)], contexts: &[usize]) -> Resul
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    let default_device = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
-    let dev = crosskv::cli::parse_device(a.device.as_deref().unwrap_or(default_device))?;
+    let dev = common::device(a.device.as_deref())?;
     let dtype = a
         .dtype
         .map(DtypeArg::dtype)

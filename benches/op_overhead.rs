@@ -13,6 +13,8 @@
 //! launches (fusion, CUDA graphs) make it faster. The last rows time a whole layer and a
 //! trivial candle op (an add of two small tensors) as the floor of what any op costs.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
@@ -72,11 +74,7 @@ fn time<T, E: Into<anyhow::Error>>(
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let dev = match args.device.as_deref() {
-        Some(d) => crosskv::cli::parse_device(d)?,
-        None if cfg!(feature = "cuda") => crosskv::cli::parse_device("cuda")?,
-        None => Device::Cpu,
-    };
+    let dev = common::device(args.device.as_deref())?;
     let dtype = if dev.is_cuda() { DType::BF16 } else { DType::F32 };
     let b = args.batch;
     let rnd = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 0.02, shape, &dev)?.to_dtype(dtype)?) };

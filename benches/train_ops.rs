@@ -10,6 +10,9 @@
 //! fixed random tensor), with the device synchronised around every run; medians of 5
 //! after 2 warm-ups. Multiply a per-layer op by 12 layers to compare with a step.
 
+mod common;
+use common::median;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use clap::Parser;
@@ -38,11 +41,6 @@ const HEAD_DIM: usize = 64;
 const FFN: usize = 2048;
 const VOCAB: usize = 32000;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Median ms of `f` with the device synchronised around each run.
 fn time(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut runs = Vec::new();
@@ -60,11 +58,7 @@ fn time(dev: &Device, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let dev = match args.device.as_deref() {
-        Some(d) => crosskv::cli::parse_device(d)?,
-        None if cfg!(feature = "cuda") => crosskv::cli::parse_device("cuda")?,
-        None => Device::Cpu,
-    };
+    let dev = common::device(args.device.as_deref())?;
     let dt = if dev.is_cuda() { DType::BF16 } else { DType::F32 };
     let n = args.tokens;
     let b = n / args.seq;

@@ -19,6 +19,8 @@
 //! attention scores and their product with V, the causal mask counted in full as PaLM
 //! (appendix B) does.
 
+mod common;
+
 use anyhow::{bail, Result};
 use candle_core::DType;
 use clap::Parser;
@@ -100,16 +102,9 @@ fn matmul_params(s: &Shape, kv_heads: usize, cla: usize) -> usize {
     s.layers * (2 * h * q + 3 * h * s.ffn) + producers * 2 * h * kv_heads * s.head_dim + h * s.vocab
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 fn main() -> Result<()> {
     let a = Args::parse();
-    let default_device = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
-    let dev = crosskv::cli::parse_device(a.device.as_deref().unwrap_or(default_device))?;
+    let dev = common::device(a.device.as_deref())?;
     let dtype = a
         .dtype
         .map(DtypeArg::dtype)
@@ -206,7 +201,7 @@ fn main() -> Result<()> {
                 timed.push(s);
             }
         }
-        let med = median(&timed);
+        let med = common::median(timed.clone());
         let mean = timed.iter().sum::<f64>() / timed.len() as f64;
         let mfu = |s: f64| 100.0 * flops_per_token * tokens / s / (a.peak_tflops * 1e12);
         summary.push(format!(

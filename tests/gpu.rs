@@ -9,7 +9,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{flat, Rng, Tiny};
+use common::{flat, grads_of, Rng, Tiny};
 use crosskv::kv::KvManager;
 use crosskv::model::LoadOptions;
 use crosskv::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rope, SeqSpan};
@@ -1006,14 +1006,7 @@ fn swiglu_matches_cpu() {
             let run = |g: Tensor, u: Tensor, dy: &Tensor| {
                 let (g, u) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
                 let y = crosskv::ops::swiglu(g.as_tensor(), u.as_tensor()).unwrap();
-                let grads = (&y * dy)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let grads = grads_of(&y, dy);
                 let (a, b) = (
                     grads.get(g.as_tensor()).unwrap().clone(),
                     grads.get(u.as_tensor()).unwrap().clone(),

@@ -345,7 +345,8 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
-/// `[2, ..x]`: the shape of `add_rms_norm`'s one output (the sum, then the normed rows).
+/// `[2, ..x]`: the shape of an op's two results stacked in one output (`add_rms_norm`'s
+/// sum then normed rows; SwiGLU's two gradients).
 pub(crate) fn stacked(xl: &Layout) -> Shape {
     let mut dims = vec![2];
     dims.extend_from_slice(xl.dims());

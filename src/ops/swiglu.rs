@@ -6,6 +6,7 @@
 //! must match.
 
 use super::parallel::for_each_chunk_mut;
+use super::rms_norm::stacked;
 use super::{contiguous, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
@@ -158,13 +159,6 @@ impl CustomOp3 for SwigluBwd {
         check(gl, dl, "dy")?;
         Ok((cuda::run(&[(g, gl), (u, ul), (dy, dl)], 2)?, stacked(gl)))
     }
-}
-
-/// `[2, ..]` of a layout's shape.
-fn stacked(l: &Layout) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(l.dims());
-    Shape::from(dims)
 }
 
 /// `silu(gate) · up`, differentiable (fused backward).

@@ -120,8 +120,10 @@ impl Buffers {
         let len = (2 + slots) * batch;
         let inputs = Tensor::zeros(len, DType::U32, dev)?;
         let inputs_staged = unsafe { cuda.cuda_stream().context().alloc_pinned_with_flags::<u32>(len, 0) }.w()?;
-        // The forward's host-side view (its spans and tables are not read on CUDA: the
-        // plans bring their own, refilled each step).
+        // The forward's host-side view. On CUDA the attention reads its spans and tables
+        // from the plans' device buffers (refilled each step, and checked then), so the
+        // host tables are left empty (0 blocks wide) rather than held as a copy no one
+        // reads: up to 20 slots × 512 sequences × 512 blocks a graph.
         let step = StepInput {
             input_ids: inputs.narrow(0, 0, batch)?,
             positions: inputs.narrow(0, batch, batch)?,
@@ -135,8 +137,8 @@ impl Buffers {
                     ctx_len: 1,
                 })
                 .collect(),
-            block_tables: vec![vec![0; batch * max_blocks]; slots],
-            max_blocks,
+            block_tables: vec![Vec::new(); slots],
+            max_blocks: 0,
             logits_rows: Tensor::arange(0u32, batch as u32, dev)?,
         };
         let logits = Tensor::zeros((batch, model.config().vocab_size), DType::F32, dev)?;

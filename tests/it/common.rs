@@ -251,6 +251,19 @@ pub fn crosskv(args: &[&str]) -> std::process::Output {
 }
 
 /// Every element as f32, on the host.
+/// The gradients of `Σ y·dy` (the product in y's dtype, summed in f32): what every tensor
+/// `y` depends on receives when `dy` flows back into `y`.
+pub fn grads_of(y: &Tensor, dy: &Tensor) -> candle_core::backprop::GradStore {
+    (y * dy)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 pub fn flat(t: &Tensor) -> Vec<f32> {
     t.to_device(&Device::Cpu)
         .unwrap()

@@ -3,7 +3,7 @@
 //! f32 equal to the last bits, f16/bf16 within rounding; both RoPE conventions; odd
 //! shapes; bad inputs are errors.
 
-use crate::common::{flat, rel_err, Rng};
+use crate::common::{flat, grads_of, rel_err, Rng};
 use candle_core::{DType, Device, Tensor, D};
 use crosskv::config::ModelConfig;
 use crosskv::model::rope::Rope;
@@ -161,14 +161,7 @@ fn swiglu_matches_the_candle_composite_and_its_gradients() {
             let bound = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
             let e = rel_err(&ours.to_dtype(DType::F32).unwrap(), &theirs);
             assert!(e < bound, "{dtype:?} {shape:?}: forward {e}");
-            let go = (&ours * &dy)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let go = grads_of(&ours, &dy);
             let gt = (&theirs * &dy32).unwrap().sum_all().unwrap().backward().unwrap();
             for (name, v, r) in [("gate", &g, &rg), ("up", &u, &ru)] {
                 let got = go.get(v.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
@@ -541,21 +534,14 @@ fn swiglu_packed_is_swiglu_of_the_halves() {
     // Its gradient is the halves' gradients side by side.
     let gu = candle_core::Var::from_tensor(&rng.tensor(&[3, 8], 1.0, 0.0)).unwrap();
     let w = rng.tensor(&[3, 4], 1.0, 0.0);
-    let packed = (crosskv::ops::swiglu_packed(gu.as_tensor()).unwrap() * &w)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let got = flat(packed.backward().unwrap().get(gu.as_tensor()).unwrap());
-    let halves = (crosskv::ops::swiglu(
-        &gu.as_tensor().narrow(1, 0, 4).unwrap(),
-        &gu.as_tensor().narrow(1, 4, 4).unwrap(),
-    )
-    .unwrap()
-        * &w)
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let want = flat(halves.backward().unwrap().get(gu.as_tensor()).unwrap());
+    let packed = crosskv::ops::swiglu_packed(gu.as_tensor()).unwrap();
+    let got = flat(grads_of(&packed, &w).get(gu.as_tensor()).unwrap());
+    let (g, u) = (
+        gu.as_tensor().narrow(1, 0, 4).unwrap(),
+        gu.as_tensor().narrow(1, 4, 4).unwrap(),
+    );
+    let halves = crosskv::ops::swiglu(&g, &u).unwrap();
+    let want = flat(grads_of(&halves, &w).get(gu.as_tensor()).unwrap());
     assert_eq!(got, want);
 }
 
