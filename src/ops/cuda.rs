@@ -516,7 +516,7 @@ type Pinned<T> = candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<T>;
 
 /// Page-locked host memory for `len` values (cached, not write-combined: the host
 /// writes it piecemeal).
-fn pinned(dev: &CudaDevice, len: usize) -> Result<Pinned<u32>> {
+pub(crate) fn pinned(dev: &CudaDevice, len: usize) -> Result<Pinned<u32>> {
     let ctx = dev.cuda_stream().context().clone();
     let mut p = unsafe { ctx.alloc_pinned_with_flags::<u32>(len.max(1), 0) }.w()?;
     p.as_mut_slice().w()?.fill(0);
@@ -537,10 +537,11 @@ impl super::AttentionPlans {
     /// sequences of one new token each, block tables `max_blocks` wide for each of
     /// `slots` KV slots. Its device buffers (spans, work list, tables, partition
     /// scratch) keep their addresses for the graph's life; [`Self::refill_decode_graph`]
-    /// rewrites their contents before each launch. The partitions cover the longest
-    /// context the tables can hold (`max_blocks * block_size`), so one graph serves
-    /// every context up to it: shorter sequences leave their trailing partitions empty
-    /// (those CTAs return at once), as the shorter sequences of any batch do.
+    /// rewrites their contents before each launch. One graph serves every context the
+    /// tables can hold (`max_blocks * block_size`): the tensor-core kernels split each
+    /// sequence's own keys evenly over a fixed number of partitions; the f32 kernel's
+    /// fixed-size partitions cover the longest context, and a shorter sequence leaves
+    /// its trailing ones empty (those CTAs return at once).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn for_decode_graph(
         dev: &candle_core::Device,

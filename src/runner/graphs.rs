@@ -119,7 +119,7 @@ impl Buffers {
         )?;
         let len = (2 + slots) * batch;
         let inputs = Tensor::zeros(len, DType::U32, dev)?;
-        let inputs_staged = unsafe { cuda.cuda_stream().context().alloc_pinned_with_flags::<u32>(len, 0) }.w()?;
+        let inputs_staged = crate::ops::cuda::pinned(cuda, len)?;
         // The forward's host-side view. On CUDA the attention reads its spans and tables
         // from the plans' device buffers (refilled each step, and checked then), so the
         // host tables are left empty (0 blocks wide) rather than held as a copy no one
