@@ -333,7 +333,8 @@ impl Model {
 
     /// For serving on CUDA (the runner calls it; a no-op elsewhere): a producer's q/k/v
     /// and every MLP's gate/up become one stacked matmul each ([`Linear::fused`]). Not
-    /// for training: the stacked weights' consumers (`swiglu_packed`) have no backward.
+    /// for training: its bf16 model is rebuilt from the f32 variables every step, and
+    /// stacking would copy every weight again each time.
     pub fn fuse_projections(&mut self) -> Result<()> {
         if self.device.is_cuda() {
             for l in self.layers.iter_mut() {
