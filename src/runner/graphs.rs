@@ -287,15 +287,7 @@ impl DecodeGraphs {
         }
         let mut max_blocks = 1;
         for s in steps {
-            if s.start_pos + 1 > model.max_positions() {
-                candle_core::bail!(
-                    "sequence {} reaches position {}, past the model's {}",
-                    s.seq,
-                    s.start_pos + 1,
-                    model.max_positions()
-                );
-            }
-            max_blocks = max_blocks.max((s.start_pos + 1).div_ceil(mgr.block_size()));
+            max_blocks = max_blocks.max(s.end(model)?.div_ceil(mgr.block_size()));
         }
         let num_blocks = cache.k().dim(0)?;
         let key = (batch_bucket(n), blocks_bucket(max_blocks));

@@ -29,6 +29,25 @@ pub struct SeqStep {
     pub all_logits: bool,
 }
 
+impl SeqStep {
+    /// The position after this step's tokens, checked: at least one token, and no
+    /// position past the model's.
+    fn end(&self, model: &Model) -> Result<usize> {
+        if self.tokens.is_empty() {
+            candle_core::bail!("sequence {} has no tokens to compute", self.seq);
+        }
+        let end = self.start_pos + self.tokens.len();
+        if end > model.max_positions() {
+            candle_core::bail!(
+                "sequence {} reaches position {end}, past the model's {}",
+                self.seq,
+                model.max_positions()
+            );
+        }
+        Ok(end)
+    }
+}
+
 pub struct Runner {
     model: Model,
     cache: KvCache,
@@ -183,17 +202,7 @@ impl Runner {
         let mut logits_rows = Vec::with_capacity(steps.len());
         let mut max_blocks = 1;
         for s in steps {
-            if s.tokens.is_empty() {
-                candle_core::bail!("sequence {} has no tokens to compute", s.seq);
-            }
-            let end = s.start_pos + s.tokens.len();
-            if end > self.model.max_positions() {
-                candle_core::bail!(
-                    "sequence {} reaches position {end}, past the model's {}",
-                    s.seq,
-                    self.model.max_positions()
-                );
-            }
+            let end = s.end(&self.model)?;
             seqs.push(SeqSpan {
                 q_start: ids.len() as u32,
                 q_len: s.tokens.len() as u32,
