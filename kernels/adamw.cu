@@ -6,6 +6,8 @@
 // CPU reference: src/ops/adamw.rs.
 #include <stdint.h>
 
+#include "convert.cuh"
+
 // Mirrors `struct Scalars` in src/ops/adamw.rs.
 struct Scalars {
   float beta1, one_minus_beta1, beta2, one_minus_beta2;
@@ -31,14 +33,48 @@ extern "C" __global__ void adamw_params(float* __restrict__ theta, const float* 
   }
 }
 
+// adamw_mixed_*: the same update for mixed precision, in one pass: the gradient is the
+// compute copy's (bf16/f16), the f32 master θ and its moments are updated exactly as the
+// two kernels above update them, and the compute copy is rewritten as θ rounded to its
+// dtype (round to nearest even, as candle's cast rounds). The forward and backward read
+// the copy; nothing casts the master each step.
+template <typename T>
+__device__ __forceinline__ void adamw_mixed_impl(float* __restrict__ theta, float* __restrict__ mv,
+                                                 T* __restrict__ copy, const T* __restrict__ g, uint64_t n,
+                                                 const Scalars& s) {
+  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+    const float gi = __fmul_rn(to_f32(g[i]), s.grad_scale);
+    const float m = __fadd_rn(__fmul_rn(mv[i], s.beta1), __fmul_rn(gi, s.one_minus_beta1));
+    const float v = __fadd_rn(__fmul_rn(mv[n + i], s.beta2), __fmul_rn(__fmul_rn(gi, gi), s.one_minus_beta2));
+    mv[i] = m;
+    mv[n + i] = v;
+    const float m_hat = __fmul_rn(m, s.scale_m);
+    const float v_hat = __fmul_rn(v, s.scale_v);
+    const float step = __fdiv_rn(m_hat, __fadd_rn(__fsqrt_rn(v_hat), s.eps));
+    const float t = __fsub_rn(__fmul_rn(theta[i], s.decay), __fmul_rn(step, s.lr));
+    theta[i] = t;
+    copy[i] = from_f32<T>(t);
+  }
+}
+
+#define ADAMW_MIXED(SUFFIX, T)                                                                          \
+  extern "C" __global__ void adamw_mixed_##SUFFIX(float* theta, float* mv, T* copy, const T* g, uint64_t n, \
+                                                  Scalars s) {                                          \
+    adamw_mixed_impl<T>(theta, mv, copy, g, n, s);                                                      \
+  }
+
+ADAMW_MIXED(f16, __half)
+ADAMW_MIXED(bf16, __nv_bfloat16)
+
 // sum_squares: acc[0] += Σ g[i]² (f32 accumulation: a grid-stride share per thread, a
 // warp then block sum, one atomicAdd per block). Gradient clipping's global norm, one
 // launch per variable into one scalar (candle's sqr + sum_all reduce a whole tensor in
 // one block). CPU reference: src/ops/adamw.rs.
-extern "C" __global__ void sum_squares_f32(float* __restrict__ acc, const float* __restrict__ g, uint64_t n) {
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(float* __restrict__ acc, const T* __restrict__ g, uint64_t n) {
   float s = 0.f;
   for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
-    const float v = g[i];
+    const float v = to_f32(g[i]);
     s = fmaf(v, v, s);
   }
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -52,3 +88,12 @@ extern "C" __global__ void sum_squares_f32(float* __restrict__ acc, const float*
     atomicAdd(acc, t);
   }
 }
+
+#define SUM_SQUARES(SUFFIX, T)                                                                   \
+  extern "C" __global__ void sum_squares_##SUFFIX(float* acc, const T* g, uint64_t n) {          \
+    sum_squares_impl<T>(acc, g, n);                                                              \
+  }
+
+SUM_SQUARES(f32, float)
+SUM_SQUARES(f16, __half)
+SUM_SQUARES(bf16, __nv_bfloat16)

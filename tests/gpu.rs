@@ -843,6 +843,44 @@ fn adamw_update_matches_cpu_bit_for_bit() {
     }
 }
 
+/// The mixed-precision AdamW kernel (bf16 gradient and compute copy, f32 master and
+/// moments, one pass) against the CPU reference (the f32 update, then a cast): master,
+/// moments and copy agree bit for bit over five steps, in bf16 and f16.
+#[test]
+fn adamw_update_mixed_matches_cpu_bit_for_bit() {
+    use crosskv::ops::adamw::Scalars;
+    use crosskv::ops::adamw_update_mixed;
+    let dev = gpu();
+    let mut rng = Rng::new(22);
+    for dtype in [DType::BF16, DType::F16] {
+        for n in [1usize, 1023, 300_001] {
+            let theta = rng.tensor(&[n], 1.0, 0.0);
+            let mv = Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap();
+            let copy = theta.to_dtype(dtype).unwrap();
+            let (theta_c, mv_c, copy_c) = (theta.copy().unwrap(), mv.copy().unwrap(), copy.copy().unwrap());
+            let [theta_g, mv_g, copy_g] = [&theta, &mv, &copy].map(|t| t.to_device(&dev).unwrap());
+            for step in 1..=5 {
+                let g = rng.tensor(&[n], 0.1, 0.0).to_dtype(dtype).unwrap();
+                let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
+                let s = Scalars::new(3e-4 * step as f64, 0.9, 0.95, 1e-8, 0.1, step).with_grad_scale(scale);
+                adamw_update_mixed(&theta_c, &mv_c, &copy_c, &g, &s).unwrap();
+                adamw_update_mixed(&theta_g, &mv_g, &copy_g, &g.to_device(&dev).unwrap(), &s).unwrap();
+            }
+            for (what, c, g) in [
+                ("theta", &theta_c, &theta_g),
+                ("moments", &mv_c, &mv_g),
+                ("copy", &copy_c, &copy_g),
+            ] {
+                let (c, g) = (flat(c), flat(g));
+                let diff = c.iter().zip(&g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                eprintln!("adamw mixed {dtype:?} n = {n}: {what} differs in {diff} elements");
+                assert_eq!(diff, 0, "adamw mixed {dtype:?} n = {n}: {what}");
+            }
+            assert_ne!(flat(&theta_g), flat(&theta), "the update moved nothing");
+        }
+    }
+}
+
 /// A few f32 training steps (batched forward, autograd, clipping on the device, fused
 /// AdamW) of a tiny CLA model on CUDA follow the CPU's losses and grad norms.
 #[test]
@@ -1263,8 +1301,10 @@ fn sum_squares_matches_cpu() {
     let shapes: [&[usize]; 4] = [&[1], &[3, 7], &[1000], &[32000, 768]];
     let acc_c = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
     let acc_g = Tensor::zeros(1, DType::F32, &dev).unwrap();
-    for shape in shapes {
-        let (c, g) = pair(&mut rng, shape, DType::F32, &dev);
+    // Mixed precision's gradients are bf16/f16: the kernel widens them as it reads.
+    let dtypes = [DType::F32, DType::BF16, DType::F16, DType::F32];
+    for (shape, dtype) in shapes.into_iter().zip(dtypes) {
+        let (c, g) = pair(&mut rng, shape, dtype, &dev);
         crosskv::ops::sum_squares_into(&acc_c, &c).unwrap();
         crosskv::ops::sum_squares_into(&acc_g, &g).unwrap();
     }

@@ -375,7 +375,7 @@ fn run(
                     opts.steps, r.state.steps, opts.steps
                 );
             }
-            Trainer::resume(opt, order, train_windows.len(), opts.clone())?
+            Trainer::resume(&t, opt, order, train_windows.len(), opts.clone())?
         }
     };
     let done = trainer.step_done();

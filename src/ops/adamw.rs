@@ -170,13 +170,76 @@ pub fn adamw_update(theta: &Tensor, moments: &Tensor, grad: &Tensor, s: &Scalars
     theta.inplace_op2(moments, &Params(*s))
 }
 
+/// [`adamw_update`] for mixed precision: `theta` is the f32 master, `copy` the compute
+/// copy (bf16/f16, same shape) the model reads and `grad` is in (the copy's dtype). The
+/// gradient is read as f32 (exact), the master and moments updated exactly as
+/// [`adamw_update`] updates them, then `copy` becomes the new master rounded to its
+/// dtype. On CUDA all of it is one kernel, one pass over the five tensors; on the CPU it
+/// is the reference: the f32 update, then a cast.
+pub fn adamw_update_mixed(theta: &Tensor, moments: &Tensor, copy: &Tensor, grad: &Tensor, s: &Scalars) -> Result<()> {
+    const OP: &str = "adamw_update_mixed";
+    if copy.dims() != theta.dims() || grad.elem_count() != theta.elem_count() {
+        candle_core::bail!(
+            "{OP}: variable {:?}, compute copy {:?} and gradient {:?} do not match",
+            theta.dims(),
+            copy.dims(),
+            grad.dims()
+        );
+    }
+    if !matches!(copy.dtype(), DType::BF16 | DType::F16) || grad.dtype() != copy.dtype() {
+        candle_core::bail!(
+            "{OP}: a bf16/f16 compute copy and a gradient of its dtype expected, got {:?} and {:?}",
+            copy.dtype(),
+            grad.dtype()
+        );
+    }
+    if !copy.is_contiguous() {
+        candle_core::bail!("{OP}: the compute copy must be contiguous");
+    }
+    #[cfg(feature = "cuda")]
+    if theta.device().is_cuda() {
+        return cuda::mixed(theta, moments, copy, &grad.contiguous()?, s);
+    }
+    adamw_update(theta, moments, &grad.to_dtype(DType::F32)?, s)?;
+    copy.inplace_op2(theta, &CastInto)
+}
+
+/// `dst ← src` rounded to dst's dtype, in place (the CPU path of the compute copy's
+/// refresh; the CUDA kernel writes it as it updates the master).
+struct CastInto;
+
+impl InplaceOp2 for CastInto {
+    fn name(&self) -> &'static str {
+        "cast_into"
+    }
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dl: &Layout, src: &CpuStorage, sl: &Layout) -> Result<()> {
+        let src = f32_slice(src, sl, self.name(), "the variable")?;
+        let (a, b) = dl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("cast_into: the copy must be contiguous".into()))?;
+        match dst {
+            CpuStorage::BF16(d) => d[a..b]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &x)| *d = half::bf16::from_f32(x)),
+            CpuStorage::F16(d) => d[a..b]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, &x)| *d = half::f16::from_f32(x)),
+            _ => candle_core::bail!("cast_into: a bf16/f16 copy expected"),
+        }
+        Ok(())
+    }
+}
+
 /// `acc[0] += Σ g²` (`acc` f32 `[1]`, `g` f32): one variable's share of gradient
 /// clipping's global norm, accumulated on the device (one launch on CUDA, where candle's
 /// `sqr` + `sum_all` reduce a whole gradient in a single block). The CPU sums in f64.
 pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<()> {
     const OP: &str = "sum_squares_into";
-    if acc.dtype() != DType::F32 || acc.elem_count() != 1 || g.dtype() != DType::F32 {
-        candle_core::bail!("{OP}: an f32 [1] accumulator and an f32 gradient expected");
+    if acc.dtype() != DType::F32 || acc.elem_count() != 1 || !matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
+        candle_core::bail!("{OP}: an f32 [1] accumulator and an f32/bf16/f16 gradient expected");
     }
     acc.inplace_op2(&g.contiguous()?, &SumSquares)
 }
@@ -188,9 +251,13 @@ impl InplaceOp2 for SumSquares {
         "sum_squares_into"
     }
     fn cpu_fwd(&self, acc: &mut CpuStorage, al: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
-        let g = f32_slice(g, gl, self.name(), "gradient")?;
+        let sum: f64 = match g {
+            CpuStorage::BF16(d) => squares(super::contiguous(d, gl, self.name(), "gradient")?, |v| v.to_f64()),
+            CpuStorage::F16(d) => squares(super::contiguous(d, gl, self.name(), "gradient")?, |v| v.to_f64()),
+            _ => squares(f32_slice(g, gl, self.name(), "gradient")?, |&v| v as f64),
+        };
         let acc = f32_slice_mut(acc, al, self.name(), "accumulator")?;
-        acc[0] += g.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32;
+        acc[0] += sum as f32;
         Ok(())
     }
     #[cfg(feature = "cuda")]
@@ -205,13 +272,18 @@ impl InplaceOp2 for SumSquares {
     }
 }
 
+fn squares<T>(g: &[T], f: impl Fn(&T) -> f64) -> f64 {
+    g.iter().map(|v| f(v) * f(v)).sum()
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Scalars;
-    use crate::ops::cuda::{contiguous, ptx};
+    use crate::ops::cuda::{contiguous, ptx, suffix};
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
-    use candle_core::{Layout, Result};
+    use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
+    use std::cell::RefCell;
 
     /// `name` over `dst` (n elements of the variable, or 2n of the moments) and `src`:
     /// n is the variable's size, the smaller of the two.
@@ -255,18 +327,101 @@ mod cuda {
             return Ok(());
         }
         let dev = acc.device.clone();
-        let f = dev.get_or_load_custom_func("sum_squares_f32", "crosskv_adamw", ptx::ADAMW)?;
-        let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+        let name = format!("sum_squares_{}", suffix(g.dtype(), OP)?);
+        let f = dev.get_or_load_custom_func(&name, "crosskv_adamw", ptx::ADAMW)?;
         let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
         let n64 = n as u64;
-        let mut b = f.builder();
-        b.arg(&mut acc).arg(&g).arg(&n64);
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(1024).min(1056) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        unsafe { b.launch(cfg) }.w()?;
+        macro_rules! go {
+            ($t:ty) => {{
+                let g = g.as_cuda_slice::<$t>()?.slice(g0..g1);
+                let mut b = f.builder();
+                b.arg(&mut acc).arg(&g).arg(&n64);
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match g.dtype() {
+            DType::BF16 => go!(half::bf16),
+            DType::F16 => go!(half::f16),
+            _ => go!(f32),
+        }
         Ok(())
+    }
+
+    /// Lends one tensor's storage mutably to `f` (an in-place op that only runs `f`), so
+    /// that nesting three of them holds the write locks of master, moments and copy at
+    /// once: candle's in-place ops lend one mutable storage each.
+    struct Lend<F>(F);
+
+    impl<F: Fn(&mut CudaStorage, &Layout) -> Result<()>> InplaceOp1 for Lend<F> {
+        fn name(&self) -> &'static str {
+            "adamw_update_mixed"
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            candle_core::bail!("adamw_update_mixed: the CUDA path got a CPU tensor")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+            (self.0)(s, l)
+        }
+    }
+
+    /// The mixed-precision update as one kernel (`adamw_mixed_{bf16,f16}`).
+    pub(super) fn mixed(theta: &Tensor, mv: &Tensor, copy: &Tensor, g: &Tensor, s: &Scalars) -> Result<()> {
+        const OP: &str = "adamw_update_mixed";
+        let n = theta.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let (gs, gl) = g.storage_and_layout();
+        let Storage::Cuda(gs) = &*gs else {
+            candle_core::bail!("{OP}: the gradient is not on the GPU");
+        };
+        let (g0, g1) = contiguous(gl, OP, "the gradient")?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).min(8192) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        theta.inplace_op1(&Lend(|ts: &mut CudaStorage, tl: &Layout| {
+            let ts = RefCell::new(ts);
+            mv.inplace_op1(&Lend(|ms: &mut CudaStorage, ml: &Layout| {
+                let ms = RefCell::new(ms);
+                copy.inplace_op1(&Lend(|cs: &mut CudaStorage, cl: &Layout| {
+                    let (mut ts, mut ms) = (ts.borrow_mut(), ms.borrow_mut());
+                    let (t0, t1) = contiguous(tl, OP, "the variable")?;
+                    let (m0, m1) = contiguous(ml, OP, "the moments")?;
+                    let (c0, c1) = contiguous(cl, OP, "the compute copy")?;
+                    let dev = cs.device.clone();
+                    let name = format!("adamw_mixed_{}", suffix(cs.dtype(), OP)?);
+                    let f = dev.get_or_load_custom_func(&name, "crosskv_adamw", ptx::ADAMW)?;
+                    let mut theta = ts.as_cuda_slice_mut::<f32>()?.slice_mut(t0..t1);
+                    let mut mv = ms.as_cuda_slice_mut::<f32>()?.slice_mut(m0..m1);
+                    macro_rules! go {
+                        ($t:ty) => {{
+                            let mut copy = cs.as_cuda_slice_mut::<$t>()?.slice_mut(c0..c1);
+                            let g = gs.as_cuda_slice::<$t>()?.slice(g0..g1);
+                            let mut b = f.builder();
+                            b.arg(&mut theta)
+                                .arg(&mut mv)
+                                .arg(&mut copy)
+                                .arg(&g)
+                                .arg(&n64)
+                                .arg(s);
+                            unsafe { b.launch(cfg) }.w()?;
+                        }};
+                    }
+                    match cs.dtype() {
+                        DType::BF16 => go!(half::bf16),
+                        _ => go!(half::f16),
+                    }
+                    Ok(())
+                }))
+            }))
+        }))
     }
 }

@@ -7,7 +7,7 @@
 //! launches add up.
 
 use crate::ops::adamw::Scalars;
-use crate::ops::adamw_update;
+use crate::ops::{adamw_update, adamw_update_mixed};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -37,7 +37,11 @@ impl AdamWParams {
 
 struct Slot {
     name: String,
+    /// The f32 master weight (what is saved and what the moments belong to).
     var: Var,
+    /// Mixed precision: the variable the model computes with (bf16/f16), rewritten from
+    /// the master by every update; the gradients are this copy's.
+    copy: Option<Var>,
     /// First and second moments (PyTorch's `exp_avg`, `exp_avg_sq`) in one f32 tensor,
     /// `[2, …var's dims]`: the fused update writes both in one pass.
     mv: Tensor,
@@ -92,11 +96,35 @@ impl AdamW {
                 Ok(Slot {
                     name: name.clone(),
                     var: var.clone(),
+                    copy: None,
                     mv: Tensor::zeros(dims, DType::F32, var.device())?,
                 })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { slots, step: 0, params })
+    }
+
+    /// Mixed precision: each master gets a compute copy in `dtype` (bf16/f16), which
+    /// [`AdamW::compute_vars`] hands to the model and every update rewrites from the
+    /// master; the masters' own f32→`dtype` casts and their gradients' casts back drop
+    /// out of the step. F32 keeps the masters as the compute variables.
+    pub fn keep_compute_copies(&mut self, dtype: DType) -> Result<()> {
+        for s in self.slots.iter_mut() {
+            s.copy = match dtype {
+                DType::F32 => None,
+                DType::BF16 | DType::F16 => Some(Var::from_tensor(&s.var.as_tensor().to_dtype(dtype)?)?),
+                d => candle_core::bail!("compute dtype {d:?}: f32, bf16 or f16 only"),
+            };
+        }
+        Ok(())
+    }
+
+    /// The variables the model computes with, by name: the compute copies, or the masters.
+    pub fn compute_vars(&self) -> Vec<(String, Var)> {
+        self.slots
+            .iter()
+            .map(|s| (s.name.clone(), s.copy.clone().unwrap_or_else(|| s.var.clone())))
+            .collect()
     }
 
     /// Updates done so far.
@@ -120,8 +148,17 @@ impl AdamW {
         let scalars =
             Scalars::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.step).with_grad_scale(grad_scale);
         for s in &self.slots {
-            if let Some(g) = grads.get(s.var.as_tensor()) {
-                adamw_update(s.var.as_tensor(), &s.mv, g, &scalars)?;
+            match &s.copy {
+                Some(copy) => {
+                    if let Some(g) = grads.get(copy.as_tensor()) {
+                        adamw_update_mixed(s.var.as_tensor(), &s.mv, copy.as_tensor(), g, &scalars)?;
+                    }
+                }
+                None => {
+                    if let Some(g) = grads.get(s.var.as_tensor()) {
+                        adamw_update(s.var.as_tensor(), &s.mv, g, &scalars)?;
+                    }
+                }
             }
         }
         Ok(())
@@ -255,6 +292,50 @@ mod tests {
         for ((_, x), (_, y)) in ours.iter().zip(&theirs) {
             let (x, y) = (x.flatten_all().unwrap(), y.flatten_all().unwrap());
             assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+    }
+
+    /// Mixed precision: the masters move exactly as f32 AdamW moves them on the same
+    /// (bf16) gradients, and the compute copies are the masters rounded to bf16.
+    #[test]
+    fn compute_copies_follow_the_masters() {
+        let (mixed, plain) = (vars(0.4), vars(0.4));
+        let p = AdamWParams::new(0.05, 0.1);
+        let (mut a, mut b) = (AdamW::new(&mixed, p).unwrap(), AdamW::new(&plain, p).unwrap());
+        a.keep_compute_copies(DType::BF16).unwrap();
+        let copies = a.compute_vars();
+        assert!(copies.iter().all(|(_, v)| v.dtype() == DType::BF16));
+        for _ in 0..3 {
+            let grads = loss(&copies).backward().unwrap();
+            let mut as_f32 = loss(&plain).backward().unwrap();
+            for ((_, c), (_, v)) in copies.iter().zip(&plain) {
+                let g = grads.get(c.as_tensor()).unwrap();
+                assert_eq!(g.dtype(), DType::BF16);
+                as_f32.insert(v.as_tensor(), g.to_dtype(DType::F32).unwrap());
+            }
+            a.step_scaled(&grads, 0.5).unwrap();
+            b.step_scaled(&as_f32, 0.5).unwrap();
+        }
+        let start = vars(0.4);
+        for (i, (_, m)) in mixed.iter().enumerate() {
+            let flat = |t: &Tensor| {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(flat(m.as_tensor()), flat(plain[i].1.as_tensor()));
+            assert_eq!(
+                flat(copies[i].1.as_tensor()),
+                flat(&m.as_tensor().to_dtype(DType::BF16).unwrap())
+            );
+            assert_ne!(
+                flat(m.as_tensor()),
+                flat(start[i].1.as_tensor()),
+                "the update moved nothing"
+            );
         }
     }
 

@@ -4,9 +4,10 @@
 //! passes; one graph for the step's windows) gives the next-token loss. AdamW with the
 //! paper's settings (β = (0.9, 0.95), weight decay 0.1, gradient clipping 1.0, linear
 //! warm-up then cosine decay to 10 % of the peak learning rate). With a compute dtype
-//! other than f32 (bf16 on the GPU), each step builds the model from the variables cast
-//! to it: the casts are differentiable, so the gradients reach the f32 variables; the
-//! loss is taken in f32.
+//! other than f32 (bf16 on the GPU) the optimizer keeps a compute copy of every f32
+//! master (`AdamW::keep_compute_copies`); the trainer builds its model once from those
+//! copies, the gradients are theirs, and each update rewrites them from the masters
+//! (no per-step casts of the weights or their gradients). The loss is taken in f32.
 
 use super::adamw::{AdamW, AdamWParams};
 use super::data::DataOrder;
@@ -65,21 +66,6 @@ impl Trainable {
         let m = crate::model::load_model_dir(dir, &opts)?;
         let (cfg, tensors) = crate::convert::reshared_checkpoint(&m, sharing.as_ref(), init)?;
         Self::from_tensors(&cfg, tensors, device)
-    }
-
-    /// The model computing in `dtype`, built from the variables (cast when not f32; the
-    /// casts carry the gradient back to them).
-    pub fn model_in(&self, dtype: DType) -> anyhow::Result<Model> {
-        let weights = Weights::Tensors {
-            tensors: self
-                .vars
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect(),
-            dtype,
-            device: self.model.device().clone(),
-        };
-        Ok(Model::load(self.model.config(), &weights, false)?)
     }
 
     /// Every variable by name, sorted.
@@ -164,28 +150,19 @@ fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor>
 
 /// The gradients' global L2 norm, and the factor that clips it to `clip` (`clip / norm`
 /// when the norm exceeds it, else 1), which the optimizer applies as it reads them.
-fn clip_gradients(grads: &GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<(f64, f64)> {
-    let present: Vec<&Tensor> = vars.iter().filter_map(|(_, v)| grads.get(v.as_tensor())).collect();
+fn clip_gradients(grads: &GradStore, vars: &[Var], clip: f64) -> candle_core::Result<(f64, f64)> {
+    let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v.as_tensor())).collect();
     let Some(first) = present.first() else {
         return Ok((0.0, 1.0));
     };
-    let norm = if first.device().is_cuda() && present.iter().all(|g| g.dtype() == DType::F32) {
-        // One kernel per gradient adds its squares into one f32 on the device (candle's
-        // sqr + sum_all took 15 of a 78 ms step); one scalar comes back.
-        let acc = Tensor::zeros(1, DType::F32, first.device())?;
-        for g in &present {
-            crate::ops::sum_squares_into(&acc, g)?;
-        }
-        (acc.to_vec1::<f32>()?[0] as f64).sqrt()
-    } else {
-        // Each tensor's sum of squares stays on the device (f64, as the host sum was); one
-        // scalar comes back, so the step syncs with the device once here, not per tensor.
-        let squares = present
-            .iter()
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Tensor::stack(&squares, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt()
-    };
+    // One pass per gradient adds its squares into one f32 on the device (one kernel on
+    // CUDA, where candle's sqr + sum_all took 15 of a 78 ms step; bf16 gradients are
+    // widened as they are read, not squared and summed in bf16); one scalar comes back.
+    let acc = Tensor::zeros(1, DType::F32, first.device())?;
+    for g in &present {
+        crate::ops::sum_squares_into(&acc, g)?;
+    }
+    let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
     let scale = if clip > 0.0 && norm > clip { clip / norm } else { 1.0 };
     Ok((norm, scale))
 }
@@ -197,6 +174,11 @@ pub struct Trainer {
     opt: AdamW,
     order: DataOrder,
     windows: usize,
+    /// The variables the forward reads and the gradients belong to: the optimizer's
+    /// compute copies (bf16/f16), or the f32 masters themselves.
+    compute_vars: Vec<Var>,
+    /// The model built from the compute copies (None: f32, the Trainable's own model).
+    compute_model: Option<Model>,
 }
 
 impl Trainer {
@@ -204,22 +186,46 @@ impl Trainer {
     pub fn new(t: &Trainable, windows: usize, opts: TrainOptions) -> anyhow::Result<Self> {
         let opt = AdamW::new(&t.vars, AdamWParams::new(opts.lr, opts.weight_decay))?;
         let order = DataOrder::new(windows, opts.seed);
-        Self::resume(opt, order, windows, opts)
+        Self::resume(t, opt, order, windows, opts)
     }
 
-    /// A run continued from saved optimizer state and data order.
-    pub fn resume(opt: AdamW, order: DataOrder, windows: usize, opts: TrainOptions) -> anyhow::Result<Self> {
+    /// A run of `t` continued from saved optimizer state and data order.
+    pub fn resume(
+        t: &Trainable,
+        mut opt: AdamW,
+        order: DataOrder,
+        windows: usize,
+        opts: TrainOptions,
+    ) -> anyhow::Result<Self> {
         if windows == 0 {
             bail!("no training windows");
         }
         if opts.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        opt.keep_compute_copies(opts.dtype)?;
+        let compute = opt.compute_vars();
+        let compute_model = match opts.dtype {
+            DType::F32 => None,
+            dtype => {
+                let weights = Weights::Tensors {
+                    tensors: compute
+                        .iter()
+                        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                        .collect(),
+                    dtype,
+                    device: t.model.device().clone(),
+                };
+                Some(Model::load(t.model.config(), &weights, false)?)
+            }
+        };
         Ok(Trainer {
             opts,
             opt,
             order,
             windows,
+            compute_vars: compute.into_iter().map(|(_, v)| v).collect(),
+            compute_model,
         })
     }
 
@@ -251,17 +257,10 @@ impl Trainer {
         let o = &self.opts;
         let lr = lr_at(step, o.steps, o.lr, o.warmup);
         self.opt.set_learning_rate(lr);
-        let built;
-        let model = match o.dtype {
-            DType::F32 => &t.model,
-            d => {
-                built = t.model_in(d)?;
-                &built
-            }
-        };
+        let model = self.compute_model.as_ref().unwrap_or(&t.model);
         let loss = batch_loss(model, &batch)?;
         let grads = loss.backward()?;
-        let (grad_norm, grad_scale) = clip_gradients(&grads, &t.vars, o.grad_clip)?;
+        let (grad_norm, grad_scale) = clip_gradients(&grads, &self.compute_vars, o.grad_clip)?;
         self.opt.step_scaled(&grads, grad_scale)?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
         Ok(StepLog {

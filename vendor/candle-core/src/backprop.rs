@@ -445,8 +445,22 @@ impl Tensor {
                         let lhs_grad = grad.matmul(&rhs.t()?)?;
                         grads.accumulate(lhs, &lhs_grad)?;
 
-                        let rhs_grad = lhs.t()?.matmul(&grad)?;
-                        grads.accumulate(rhs, &rhs_grad)?;
+                        // crosskv patch: when rhs is the transpose of a contiguous tensor
+                        // (a linear layer's `w.t()`), its gradient is computed as
+                        // `(gradᵀ·lhs)ᵀ` and stored as that view: the transpose's backward
+                        // turns it back into a contiguous gradient for `w`, where upstream
+                        // made a contiguous copy for the transpose node and a second one
+                        // for `w` (a pass over every weight gradient, twice).
+                        let transposed = matches!(rhs.op(), Some(Op::Transpose(arg, _, _)) if arg.is_contiguous())
+                            && rhs.rank() >= 2
+                            && rhs.t()?.is_contiguous();
+                        if transposed {
+                            let rhs_grad = grad.t()?.matmul(lhs)?.t()?;
+                            grads.accumulate_laid_out(rhs, &rhs_grad, true)?;
+                        } else {
+                            let rhs_grad = lhs.t()?.matmul(&grad)?;
+                            grads.accumulate(rhs, &rhs_grad)?;
+                        }
                     }
                     Op::Cat(args, dim) => {
                         let mut start_idx = 0;
@@ -726,15 +740,23 @@ impl GradStore {
     /// crosskv patch: adds `grad` to `tensor`'s gradient, or makes it the gradient when
     /// there is none yet. Upstream starts every gradient as `zeros_like` and adds the
     /// first contribution to it: a memset and a full add pass per backward node (a third
-    /// of a training step on the GPU). Stored gradients stay contiguous, as the sum was.
+    /// of a training step on the GPU). Stored gradients stay contiguous, as the sum was
+    /// (some backward ops, CPU matmul and scatter among them, need it).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
+        self.accumulate_laid_out(tensor, grad, false)
+    }
+
+    /// [`GradStore::accumulate`], storing a first contribution as it is laid out when
+    /// `as_is`: for a gradient that only a transpose's backward will read, which makes
+    /// it contiguous again by transposing it back.
+    fn accumulate_laid_out(&mut self, tensor: &Tensor, grad: &Tensor, as_is: bool) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get().add(grad)?;
                 entry.insert(sum);
             }
             Entry::Vacant(entry) => {
-                entry.insert(grad.contiguous()?);
+                entry.insert(if as_is { grad.clone() } else { grad.contiguous()? });
             }
         }
         Ok(())
