@@ -63,6 +63,9 @@ struct Args {
     lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -176,8 +179,11 @@ fn main() -> Result<()> {
             n_matmul as f64 / 1e6,
             flops_per_token / 1e9
         );
-        println!("| {variant} step | loss | grad norm | ms | tokens/s | MFU |");
-        println!("| --- | --- | --- | --- | --- | --- |");
+        println!(
+            "| {variant} step | loss | grad norm | ms | tokens/s | MFU | host ms at: forward issued / backward issued / \
+             norm back / update issued / loss back |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
         let tokens = (batch * seq) as f64;
         let mut timed = Vec::new();
         for i in 0..warmup + steps {
@@ -189,13 +195,19 @@ fn main() -> Result<()> {
             let tps = tokens / s;
             let mfu = flops_per_token * tps / (a.peak_tflops * 1e12);
             let note = if i < warmup { " (warm-up)" } else { "" };
+            let p = log.phases;
             println!(
-                "| {}{note} | {:.4} | {:.3} | {:.1} | {tps:.0} | {:.1} % |",
+                "| {}{note} | {:.4} | {:.3} | {:.1} | {tps:.0} | {:.1} % | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} |",
                 log.step,
                 log.loss,
                 log.grad_norm,
                 s * 1e3,
-                100.0 * mfu
+                100.0 * mfu,
+                p.forward,
+                p.backward,
+                p.norm,
+                p.update,
+                p.end
             );
             if i >= warmup {
                 timed.push(s);

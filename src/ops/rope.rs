@@ -18,6 +18,7 @@ const OP: &str = "rope";
 const TASK_ELEMS: usize = 16 * 1024;
 
 /// The op: its inputs are q (and k) and the positions; the model's tables ride along.
+#[derive(Clone)]
 pub(crate) struct RopeOp {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
@@ -288,9 +289,17 @@ pub fn rope(
         x.contiguous()
     };
     let q = rows(q)?;
+    let positions = positions.contiguous()?;
+    // Training: Q and K rotated by one op each. One op's output packs both, and the
+    // gradients of the two views cut from it would each be zero-padded back to the
+    // packed length and then added (a memset, a copy and an add per view).
+    if k.is_some_and(|k| q.track_op() || k.track_op()) {
+        let one = |x: &Tensor| x.apply_op2(&positions, op.clone())?.reshape(x.shape());
+        return Ok((one(&q)?, k.map(|k| one(&rows(k)?)).transpose()?));
+    }
     let out = match k {
-        Some(k) => q.apply_op3(&rows(k)?, &positions.contiguous()?, op)?,
-        None => q.apply_op2(&positions.contiguous()?, op)?,
+        Some(k) => q.apply_op3(&rows(k)?, &positions, op)?,
+        None => q.apply_op2(&positions, op)?,
     };
     let nq = t * heads * d;
     let qr = out.narrow(0, 0, nq)?.reshape((t, heads, d))?;

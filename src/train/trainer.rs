@@ -139,6 +139,27 @@ pub struct StepLog {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// Host time at the end of each phase (benchmarks print it; not logged).
+    #[serde(skip)]
+    pub phases: StepPhases,
+}
+
+/// When each phase of a step returned on the host, ms from the step's start. Only the
+/// gradient norm and the final loss wait for the device, so a phase that returns long
+/// before the device is done was issued faster than it ran, and one that ends late was
+/// bound by the host issuing it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepPhases {
+    /// The forward and the loss issued.
+    pub forward: f64,
+    /// The backward issued.
+    pub backward: f64,
+    /// The gradient norm back on the host (waits for the backward to finish).
+    pub norm: f64,
+    /// The optimizer's updates issued.
+    pub update: f64,
+    /// The loss back on the host (waits for the updates).
+    pub end: f64,
 }
 
 /// Mean next-token cross-entropy over `batch` windows (all one length, as
@@ -257,18 +278,31 @@ impl Trainer {
         let o = &self.opts;
         let lr = lr_at(step, o.steps, o.lr, o.warmup);
         self.opt.set_learning_rate(lr);
+        let ms = || start.elapsed().as_secs_f64() * 1e3;
         let model = self.compute_model.as_ref().unwrap_or(&t.model);
         let loss = batch_loss(model, &batch)?;
+        let forward = ms();
         let grads = loss.backward()?;
+        let backward = ms();
         let (grad_norm, grad_scale) = clip_gradients(&grads, &self.compute_vars, o.grad_clip)?;
+        let norm = ms();
         self.opt.step_scaled(&grads, grad_scale)?;
+        let update = ms();
+        let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
         Ok(StepLog {
             step: step + 1,
-            loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+            loss,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / start.elapsed().as_secs_f64(),
+            phases: StepPhases {
+                forward,
+                backward,
+                norm,
+                update,
+                end: ms(),
+            },
         })
     }
 }

@@ -545,17 +545,19 @@ fn swiglu_packed_is_swiglu_of_the_halves() {
     assert_eq!(got, want);
 }
 
-/// `sum_squares_into` adds each tensor's sum of squares to the accumulator; other dtypes
-/// are an error.
+/// `sum_squares_into` adds each tensor's sum of squares to the accumulator, bf16 and f16
+/// gradients widened first (300² overflows neither); integer tensors are an error.
 #[test]
 fn sum_squares_accumulates() {
     let acc = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
     crosskv::ops::sum_squares_into(&acc, &Tensor::new(&[1f32, -2., 3.], &Device::Cpu).unwrap()).unwrap();
     crosskv::ops::sum_squares_into(&acc, &Tensor::new(&[[0.5f32], [4.]], &Device::Cpu).unwrap()).unwrap();
     assert_eq!(flat(&acc), [14.0 + 0.25 + 16.0]);
-    let bf = Tensor::new(&[1f32], &Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
-    assert!(crosskv::ops::sum_squares_into(&acc, &bf).is_err());
+    let wide = Tensor::new(&[300f32, 0.5], &Device::Cpu).unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        crosskv::ops::sum_squares_into(&acc, &wide.to_dtype(dtype).unwrap()).unwrap();
+    }
+    assert_eq!(flat(&acc), [30.25 + 2.0 * 90_000.25]);
+    let ids = Tensor::new(&[1u32], &Device::Cpu).unwrap();
+    assert!(crosskv::ops::sum_squares_into(&acc, &ids).is_err());
 }
