@@ -155,65 +155,57 @@ RMS_NORM(f32, float)
 RMS_NORM(f16, __half)
 RMS_NORM(bf16, __nv_bfloat16)
 
-// Backward of rms_norm given dL/dy = g, all in f32 (CPU reference: `RmsNormBwd` in
+// Backward of rms_norm given dL/dy = g, computed in f32 (CPU reference: `RmsNormBwd` in
 // src/ops/rms_norm.rs):
 //   r = 1 / sqrt(mean(x^2) + eps)
-//   dx = r * g * w - x * r^3 * mean(g * w * x)        (rows 0..rows of `out`)
-//   dw = sum over rows of g * x * r                    (row `rows` of `out`, zeroed by the host)
-// A CTA takes `rows_per_cta` rows one after another (a block reduction per row), keeps
-// its share of dw in shared memory (`hidden` floats, each thread owning its columns) and
-// adds it to `out` with one atomicAdd per column at the end: the weight gradient costs
-// rows / rows_per_cta atomics per column, not a strided reduction over every row.
+//   dx = r * g * w - x * r^3 * mean(g * w * x)        (rows 0..rows of `out`, in T)
+//   dw = sum over rows of g * x * r                    (row `rows` of `out`, in T)
+// A warp per row (grid-stride over the rows; lanes stride the columns), so a row needs
+// no block barrier: its two sums are warp shuffles. Each CTA sums its rows' share of dw
+// in shared memory (shared atomics), then adds it into the f32 `dw_acc` (zeroed by the
+// host) with one atomicAdd per column; rms_norm_bwd_finish rounds that into `out`'s last
+// row. dx is written in x's dtype directly: no f32 copy of it and no cast.
 template <typename T>
-__device__ __forceinline__ void rms_norm_bwd_impl(float* __restrict__ out, const T* __restrict__ x,
-                                                  const T* __restrict__ w, const T* __restrict__ g,
-                                                  uint32_t rows, uint32_t hidden, float eps,
-                                                  uint32_t rows_per_cta) {
-  extern __shared__ float dw_acc[];
-  __shared__ float red[2][32];
-  const uint32_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) dw_acc[j] = 0.f;
-  const uint64_t r0 = (uint64_t)blockIdx.x * rows_per_cta;
-  const uint64_t r1 = min((uint64_t)rows, r0 + rows_per_cta);
-  for (uint64_t r = r0; r < r1; r++) {
+__device__ __forceinline__ void rms_norm_bwd_impl(T* __restrict__ out, float* __restrict__ dw_acc,
+                                                  const T* __restrict__ x, const T* __restrict__ w,
+                                                  const T* __restrict__ g, uint32_t rows, uint32_t hidden,
+                                                  float eps) {
+  extern __shared__ float dw_s[];
+  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) dw_s[j] = 0.f;
+  __syncthreads();
+  const uint32_t lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  const uint64_t stride = (uint64_t)gridDim.x * warps;
+  for (uint64_t r = (uint64_t)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += stride) {
     const uint64_t off = r * hidden;
     float ss = 0.f, dot = 0.f;
-    for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    for (uint32_t j = lane; j < hidden; j += 32) {
       const float xv = to_f32(x[off + j]);
       ss += xv * xv;
       dot += to_f32(g[off + j]) * to_f32(w[j]) * xv;
     }
     ss = warp_sum(ss);
     dot = warp_sum(dot);
-    __syncthreads();  // the previous row's readers of `red` are done
-    if (lane == 0) {
-      red[0][warp] = ss;
-      red[1][warp] = dot;
-    }
-    __syncthreads();
-    ss = 0.f;
-    dot = 0.f;
-    for (uint32_t i = 0; i < warps; i++) {
-      ss += red[0][i];
-      dot += red[1][i];
-    }
     const float inv = rsqrtf(ss / (float)hidden + eps);
     const float c = inv * inv * inv * (dot / (float)hidden);
-    for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    for (uint32_t j = lane; j < hidden; j += 32) {
       const float xv = to_f32(x[off + j]), gv = to_f32(g[off + j]);
-      out[off + j] = inv * gv * to_f32(w[j]) - xv * c;
-      dw_acc[j] += gv * xv * inv;
+      out[off + j] = from_f32<T>(inv * gv * to_f32(w[j]) - xv * c);
+      atomicAdd(&dw_s[j], gv * xv * inv);
     }
   }
-  float* dw = out + (uint64_t)rows * hidden;
-  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(&dw[j], dw_acc[j]);
+  __syncthreads();
+  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(&dw_acc[j], dw_s[j]);
 }
 
 #define RMS_NORM_BWD(SFX, T)                                                                      \
-  extern "C" __global__ void rms_norm_bwd_##SFX(float* out, const T* x, const T* w, const T* g,  \
-                                                uint32_t rows, uint32_t hidden, float eps,       \
-                                                uint32_t rows_per_cta) {                         \
-    rms_norm_bwd_impl<T>(out, x, w, g, rows, hidden, eps, rows_per_cta);                          \
+  extern "C" __global__ void rms_norm_bwd_##SFX(T* out, float* dw_acc, const T* x, const T* w,   \
+                                                const T* g, uint32_t rows, uint32_t hidden,      \
+                                                float eps) {                                     \
+    rms_norm_bwd_impl<T>(out, dw_acc, x, w, g, rows, hidden, eps);                                \
+  }                                                                                              \
+  extern "C" __global__ void rms_norm_bwd_finish_##SFX(T* dw, const float* dw_acc, uint32_t hidden) { \
+    for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < hidden; j += gridDim.x * blockDim.x) \
+      dw[j] = from_f32<T>(dw_acc[j]);                                                            \
   }
 
 RMS_NORM_BWD(f32, float)

@@ -273,11 +273,8 @@ pub(crate) fn argmax_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
 
-/// Rows of a CTA in `rms_norm_bwd` (see kernels/rms_norm.cu).
-const BWD_ROWS_PER_CTA: usize = 32;
-
 /// The RMSNorm backward (`rms_norm_grads` on CUDA): x, w, g of one dtype, contiguous;
-/// returns f32 `[rows + 1, hidden]`: dx rows, then dw.
+/// returns `[rows + 1, hidden]` in that dtype: dx rows, then dw (summed in f32).
 pub(crate) fn rms_norm_bwd(
     x: &CudaStorage,
     xl: &Layout,
@@ -300,38 +297,53 @@ pub(crate) fn rms_norm_bwd(
     let (w0, w1) = contiguous(wl, OP, "w")?;
     let (g0, g1) = contiguous(gl, OP, "g")?;
     let dev = x.device.clone();
-    // Zeros: the kernel adds into the dw row.
-    let mut out = dev.alloc_zeros::<f32>((rows + 1) * hidden)?;
-    if rows > 0 {
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(BWD_ROWS_PER_CTA) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: (hidden * 4) as u32,
-        };
-        let f = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
-        let (rows32, hidden32, per_cta) = (rows as u32, hidden as u32, BWD_ROWS_PER_CTA as u32);
-        macro_rules! go {
-            ($t:ty) => {{
-                let xs = x.as_cuda_slice::<$t>()?.slice(x0..x1);
-                let ws = w.as_cuda_slice::<$t>()?.slice(w0..w1);
-                let gs = g.as_cuda_slice::<$t>()?.slice(g0..g1);
-                let mut b = f.builder();
+    // dw is summed in f32 here (zeros: the CTAs add into it), then rounded into the last row.
+    let mut dw_acc = dev.alloc_zeros::<f32>(hidden)?;
+    let bwd = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
+    let finish =
+        dev.get_or_load_custom_func(&format!("rms_norm_bwd_finish_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
+    // A warp per row, 8 per CTA, two rows per warp or more: enough CTAs to fill the GPU
+    // (the step is memory-bound), few enough that dw's per-CTA atomics stay cheap.
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(16).clamp(1, 1024) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: (hidden * 4) as u32,
+    };
+    let fin = LaunchConfig {
+        grid_dim: (hidden.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows32, hidden32) = (rows as u32, hidden as u32);
+    macro_rules! go {
+        ($t:ty) => {{
+            let mut out = unsafe { dev.alloc::<$t>((rows + 1) * hidden)? };
+            let xs = x.as_cuda_slice::<$t>()?.slice(x0..x1);
+            let ws = w.as_cuda_slice::<$t>()?.slice(w0..w1);
+            let gs = g.as_cuda_slice::<$t>()?.slice(g0..g1);
+            if rows > 0 {
+                let mut b = bwd.builder();
                 b.arg(&mut out)
+                    .arg(&mut dw_acc)
                     .arg(&xs)
                     .arg(&ws)
                     .arg(&gs)
                     .arg(&rows32)
                     .arg(&hidden32)
-                    .arg(&eps)
-                    .arg(&per_cta);
+                    .arg(&eps);
                 unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match x.dtype() {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            _ => go!(half::bf16),
-        }
+            }
+            let mut dw = out.slice_mut(rows * hidden..);
+            let mut b = finish.builder();
+            b.arg(&mut dw).arg(&dw_acc).arg(&hidden32);
+            unsafe { b.launch(fin) }.w()?;
+            CudaStorage::wrap_cuda_slice(out, dev)
+        }};
     }
-    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((rows + 1, hidden))))
+    let out = match x.dtype() {
+        DType::F32 => go!(f32),
+        DType::F16 => go!(half::f16),
+        _ => go!(half::bf16),
+    };
+    Ok((out, Shape::from((rows + 1, hidden))))
 }

@@ -167,8 +167,8 @@ pub fn rms_norm_grads(x: &Tensor, w: &Tensor, g: &Tensor, eps: f32) -> Result<(T
     let rows = x2.dim(0)?;
     let packed = x2.apply_op3_no_bwd(&w.flatten_all()?.contiguous()?, &g2, &RmsNormBwd { eps })?;
     Ok((
-        packed.narrow(0, 0, rows)?.reshape(x.shape())?.to_dtype(x.dtype())?,
-        packed.narrow(0, rows, 1)?.reshape(w.shape())?.to_dtype(w.dtype())?,
+        packed.narrow(0, 0, rows)?.reshape(x.shape())?,
+        packed.narrow(0, rows, 1)?.reshape(w.shape())?,
     ))
 }
 
@@ -205,12 +205,13 @@ pub(crate) fn bwd_dims(xl: &Layout, wl: &Layout, gl: &Layout) -> Result<(usize, 
 }
 
 /// The RMSNorm backward as one op on `(x [rows, hidden], w [hidden], g [rows, hidden])`,
-/// one dtype: f32 `[rows + 1, hidden]`, the rows of dx then dw.
+/// one dtype: `[rows + 1, hidden]` in that dtype, the rows of dx then dw (computed in
+/// f32, rounded once).
 struct RmsNormBwd {
     eps: f32,
 }
 
-fn cpu_rms_norm_bwd<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
+fn cpu_rms_norm_bwd<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<T> {
     let hidden = w.len();
     let rows = x.len() / hidden;
     let mut out = vec![0f32; (rows + 1) * hidden];
@@ -231,7 +232,7 @@ fn cpu_rms_norm_bwd<T: Elem>(x: &[T], w: &[T], g: &[T], eps: f32) -> Vec<f32> {
             dw[j] += gv * xv * inv;
         }
     }
-    out
+    out.into_iter().map(T::from_f32).collect()
 }
 
 impl CustomOp3 for RmsNormBwd {
@@ -258,13 +259,13 @@ impl CustomOp3 for RmsNormBwd {
             g: &CpuStorage,
             gl: &Layout,
             eps: f32,
-        ) -> Result<Vec<f32>> {
-            Ok(cpu_rms_norm_bwd(
+        ) -> Result<CpuStorage> {
+            Ok(T::to_cpu_storage_owned(cpu_rms_norm_bwd(
                 contiguous(x.as_slice::<T>()?, xl, OP, "x")?,
                 contiguous(w.as_slice::<T>()?, wl, OP, "w")?,
                 contiguous(g.as_slice::<T>()?, gl, OP, "g")?,
                 eps,
-            ))
+            )))
         }
         let out = match (x.dtype(), w.dtype(), g.dtype()) {
             (DType::F32, DType::F32, DType::F32) => go::<f32>(x, xl, w, wl, g, gl, self.eps)?,
@@ -272,7 +273,7 @@ impl CustomOp3 for RmsNormBwd {
             (DType::BF16, DType::BF16, DType::BF16) => go::<half::bf16>(x, xl, w, wl, g, gl, self.eps)?,
             d => candle_core::bail!("{OP}: dtypes {d:?}: one of f32/f16/bf16 expected"),
         };
-        Ok((CpuStorage::F32(out), Shape::from((rows + 1, hidden))))
+        Ok((out, Shape::from((rows + 1, hidden))))
     }
 
     #[cfg(feature = "cuda")]

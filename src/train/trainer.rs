@@ -283,10 +283,16 @@ impl Trainer {
         let loss = batch_loss(model, &batch)?;
         let forward = ms();
         let grads = loss.backward()?;
+        // The forward graph (every saved activation, ~1 000 tensors at 125M) is freed now,
+        // while the device is still running the backward: freeing is ordered on the
+        // stream, and the host would otherwise spend ~8 ms on it after the step with the
+        // device idle (measured on an H100: a third of the step).
+        let loss = loss.detach();
         let backward = ms();
         let (grad_norm, grad_scale) = clip_gradients(&grads, &self.compute_vars, o.grad_clip)?;
         let norm = ms();
         self.opt.step_scaled(&grads, grad_scale)?;
+        drop(grads); // likewise, behind the updates
         let update = ms();
         let loss = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let tokens: usize = batch.iter().map(|w| w.len() - 1).sum();
