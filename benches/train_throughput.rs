@@ -181,7 +181,7 @@ fn main() -> Result<()> {
         );
         println!(
             "| {variant} step | loss | grad norm | ms | tokens/s | MFU | host ms at: forward issued / backward issued / \
-             norm back / update issued / loss back |"
+             norm back / update issued / loss back / step returned |"
         );
         println!("| --- | --- | --- | --- | --- | --- | --- |");
         let tokens = (batch * seq) as f64;
@@ -190,6 +190,7 @@ fn main() -> Result<()> {
             dev.synchronize()?;
             let start = Instant::now();
             let log = trainer.step(&model, &windows)?;
+            let returned = start.elapsed().as_secs_f64() * 1e3;
             dev.synchronize()?;
             let s = start.elapsed().as_secs_f64();
             let tps = tokens / s;
@@ -197,7 +198,7 @@ fn main() -> Result<()> {
             let note = if i < warmup { " (warm-up)" } else { "" };
             let p = log.phases;
             println!(
-                "| {}{note} | {:.4} | {:.3} | {:.1} | {tps:.0} | {:.1} % | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} |",
+                "| {}{note} | {:.4} | {:.3} | {:.1} | {tps:.0} | {:.1} % | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} / {returned:.1} |",
                 log.step,
                 log.loss,
                 log.grad_norm,

@@ -485,6 +485,36 @@ pub fn device(ordinal: usize) -> Result<candle_core::Device> {
     Ok(dev)
 }
 
+/// Keeps memory freed on `dev` in its stream-ordered pool instead of returning it to the
+/// driver. The pool's default release threshold is 0: every synchronisation hands every
+/// free byte back, and the next step maps it again. A training step frees and
+/// reallocates its activations (gigabytes) every step, and syncs twice per step (the
+/// gradient norm, the loss): on an H100 that cost ~7 ms of a ~30 ms step. Training
+/// turns this on; serving, whose KV cache is sized from the driver's free memory at
+/// start-up, leaves the default. No effect on the CPU.
+pub fn retain_freed_memory(dev: &candle_core::Device) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let candle_core::Device::Cuda(d) = dev else {
+        return Ok(());
+    };
+    let cu_dev = d.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep_all = u64::MAX;
+    // SAFETY: plain driver calls on a valid device and its default pool; the attribute
+    // takes a pointer to a u64, which outlives the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result().w()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep_all as *mut u64 as *mut std::ffi::c_void,
+        )
+        .result()
+        .w()?;
+    }
+    Ok(())
+}
+
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 

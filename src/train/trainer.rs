@@ -224,6 +224,8 @@ impl Trainer {
         if opts.batch_size == 0 {
             bail!("--batch-size must be at least 1");
         }
+        #[cfg(feature = "cuda")]
+        crate::ops::cuda::retain_freed_memory(t.model.device())?;
         opt.keep_compute_copies(opts.dtype)?;
         let compute = opt.compute_vars();
         let compute_model = match opts.dtype {
