@@ -5,8 +5,8 @@
 //             (`out` is [2, rows] f32: the losses, then the log-sum-exps the backward reads)
 //   backward: dx[r, j] = g[r] · (exp(x[r, j] − lse[r]) − [j = t[r]])   (in T)
 //
-// One CTA per row. The forward keeps a running (max, Σ exp(x − max)) per thread in one
-// pass over the row and merges them across the CTA. A target outside the row gives a
+// One CTA per row, read in 16-byte vectors where aligned. The forward keeps a running
+// (max, Σ exp(x − max)) per thread in one pass over the row and merges them across the CTA. A target outside the row gives a
 // NaN loss (the host does not check targets: that would cost a device sync).
 #include <stdint.h>
 
@@ -21,6 +21,39 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   m = hi;
 }
 
+// VEC elements of T in one 16-byte load; rows are read that way when the row starts and
+// its length allow (vocabularies are multiples of 8 in practice), else one at a time.
+template <typename T> struct Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+  union {
+    uint4 raw;
+    T v[N];
+  };
+};
+
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const T* p, uint32_t cols) {
+  return ((uintptr_t)p % 16) == 0 && cols % Vec16<T>::N == 0;
+}
+
+// Adds the values of a vector to the running (m, s): their own max first, so one rescale
+// per vector and independent exponentials (the scalar online form chains every expf
+// through s, which left the forward latency-bound).
+template <int N>
+__device__ __forceinline__ void absorb(float& m, float& s, const float (&v)[N]) {
+  float mv = v[0];
+#pragma unroll
+  for (int i = 1; i < N; i++) mv = fmaxf(mv, v[i]);
+  if (mv > m) {
+    s = m == -INFINITY ? 0.f : s * expf(m - mv);
+    m = mv;
+  }
+  float add = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; i++) add += expf(v[i] - m);
+  s += add;
+}
+
 template <typename T>
 __device__ __forceinline__ void forward_impl(const T* __restrict__ x, const uint32_t* __restrict__ t,
                                              float* __restrict__ out, uint32_t rows, uint32_t cols) {
@@ -28,13 +61,21 @@ __device__ __forceinline__ void forward_impl(const T* __restrict__ x, const uint
   const uint64_t r = blockIdx.x;
   const T* row = x + r * cols;
   float m = -INFINITY, s = 0.f;
-  for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
-    const float v = to_f32(row[j]);
-    if (v > m) {
-      s = (m == -INFINITY ? 0.f : s * expf(m - v)) + 1.f;
-      m = v;
-    } else {
-      s += expf(v - m);
+  if (vec_ok(row, cols)) {
+    constexpr int N = Vec16<T>::N;
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    for (uint32_t j = threadIdx.x; j < cols / N; j += blockDim.x) {
+      Vec16<T> a;
+      a.raw = rv[j];
+      float f[N];
+#pragma unroll
+      for (int i = 0; i < N; i++) f[i] = to_f32(a.v[i]);
+      absorb<N>(m, s, f);
+    }
+  } else {
+    for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
+      const float f[1] = {to_f32(row[j])};
+      absorb<1>(m, s, f);
     }
   }
 #pragma unroll
@@ -63,6 +104,22 @@ __device__ __forceinline__ void backward_impl(const T* __restrict__ x, const uin
   const uint32_t target = t[r];
   const T* row = x + r * cols;
   T* drow = dx + r * cols;
+  if (vec_ok(row, cols) && vec_ok(drow, cols)) {
+    constexpr int N = Vec16<T>::N;
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    uint4* dv = reinterpret_cast<uint4*>(drow);
+    for (uint32_t j = threadIdx.x; j < cols / N; j += blockDim.x) {
+      Vec16<T> a, d;
+      a.raw = rv[j];
+#pragma unroll
+      for (int i = 0; i < N; i++) {
+        const float p = expf(to_f32(a.v[i]) - lse);
+        d.v[i] = from_f32<T>(g * (p - (j * N + i == target ? 1.f : 0.f)));
+      }
+      dv[j] = d.raw;
+    }
+    return;
+  }
   for (uint32_t j = threadIdx.x; j < cols; j += blockDim.x) {
     const float p = expf(to_f32(row[j]) - lse);
     drow[j] = from_f32<T>(g * (p - (j == target ? 1.f : 0.f)));

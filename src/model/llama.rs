@@ -104,6 +104,9 @@ impl Layer {
         if let Some(gate_up) = &self.gate_up {
             return self.down.forward(&crate::ops::swiglu_packed(&gate_up.forward(x)?)?);
         }
+        if let Some(gu) = Linear::forward_stacked_variables(x, &[&self.gate, &self.up])? {
+            return self.down.forward(&crate::ops::swiglu_packed(&gu)?);
+        }
         let gu = Linear::forward_many(x, &[&self.gate, &self.up])?;
         // silu(gate) · up as one op (one kernel each way on CUDA).
         self.down.forward(&crate::ops::swiglu(&gu[0], &gu[1])?)

@@ -113,6 +113,29 @@ impl Linear {
         Ok(Some((fused, parts)))
     }
 
+    /// Training: `ls` (dense training variables, no biases) applied to `x` as one matmul
+    /// over their weights stacked by rows, outputs side by side. The stacking is part of
+    /// the graph (a copy of the weights each step, small beside the activations), so each
+    /// variable still gets its gradient, and the backward takes one matmul for the input's
+    /// gradient instead of one per linear plus the sums of their results. `None` when any
+    /// weight is not such a variable (serving stacks its weights once, `Linear::fused`).
+    pub fn forward_stacked_variables(x: &Tensor, ls: &[&Linear]) -> candle_core::Result<Option<Tensor>> {
+        let vars: Option<Vec<&Tensor>> = ls
+            .iter()
+            .map(|l| match (&l.weight, &l.bias) {
+                (LinearWeight::Candle(QMatMul::Tensor(t)), None) if t.is_variable() => Some(t),
+                _ => None,
+            })
+            .collect();
+        match vars {
+            Some(ws) if ws.len() > 1 => {
+                let stacked = Tensor::cat(&ws, 0)?;
+                candle_nn::Linear::new(stacked, None).forward(x).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The weight as a dense tensor (for `convert`).
     pub fn dense_weight(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
