@@ -44,6 +44,24 @@ __device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restr
   }
 }
 
+// The backward on the packed layout: dgu [rows, 2 cols] (dgate columns, then dup) from gu
+// and dy [rows, cols].
+template <typename T>
+__device__ __forceinline__ void packed_bwd_impl(const T* __restrict__ gu, const T* __restrict__ dy,
+                                                T* __restrict__ d, uint32_t rows, uint32_t cols) {
+  for (uint32_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T* g = gu + (uint64_t)r * 2 * cols;
+    const T* dyr = dy + (uint64_t)r * cols;
+    T* dr = d + (uint64_t)r * 2 * cols;
+    for (uint32_t c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+      const float gv = to_f32(g[c]), uv = to_f32(g[cols + c]), dv = to_f32(dyr[c]);
+      const float s = sigmoid(gv);
+      dr[c] = from_f32<T>(dv * uv * s * (1.f + gv * (1.f - s)));
+      dr[cols + c] = from_f32<T>(dv * gv * s);
+    }
+  }
+}
+
 #define SWIGLU(SFX, T)                                                                                      \
   extern "C" __global__ void swiglu_fwd_##SFX(const T* g, const T* u, T* y, uint64_t n) { fwd_impl<T>(g, u, y, n); } \
   extern "C" __global__ void swiglu_bwd_##SFX(const T* g, const T* u, const T* dy, T* d, uint64_t n) {      \
@@ -53,6 +71,10 @@ __device__ __forceinline__ void packed_impl(const T* __restrict__ gu, T* __restr
 #define SWIGLU_PACKED(SFX, T)                                                                        \
   extern "C" __global__ void swiglu_packed_##SFX(const T* gu, T* y, uint32_t rows, uint32_t cols) { \
     packed_impl<T>(gu, y, rows, cols);                                                                 \
+  }                                                                                                    \
+  extern "C" __global__ void swiglu_packed_bwd_##SFX(const T* gu, const T* dy, T* d, uint32_t rows,     \
+                                                     uint32_t cols) {                                  \
+    packed_bwd_impl<T>(gu, dy, d, rows, cols);                                                         \
   }
 
 SWIGLU_PACKED(f32, float)

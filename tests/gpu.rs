@@ -1082,6 +1082,20 @@ fn fused_projection_ops_match_cpu() {
             let e = rel_err(&got, &want);
             eprintln!("swiglu_packed [{rows}, 2x{f}] {dtype:?}: {e:.2e}");
             assert!(e < tol(dtype), "{dtype:?} swiglu_packed [{rows}, {f}]: {e}");
+            // Its backward (training's MLP): the packed gradient of a weighted sum.
+            let (wc, wg) = pair(&mut rng, &[rows, f], dtype, &dev);
+            let grad = |x: &Tensor, w: &Tensor| {
+                let v = candle_core::Var::from_tensor(x).unwrap();
+                let y = crosskv::ops::swiglu_packed(v.as_tensor()).unwrap();
+                let loss = (y.to_dtype(DType::F32).unwrap() * w.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                flat(loss.backward().unwrap().get(v.as_tensor()).unwrap())
+            };
+            let e = rel_err(&grad(&g, &wg), &grad(&c, &wc));
+            eprintln!("swiglu_packed backward [{rows}, 2x{f}] {dtype:?}: {e:.2e}");
+            assert!(e < tol(dtype), "{dtype:?} swiglu_packed backward [{rows}, {f}]: {e}");
         }
         // RoPE and the cache write on slices of a [t, heads + 2 kv_heads, d] projection.
         let (t, heads, kvh, d, max_pos) = (7, 8, 2, 64, 32);

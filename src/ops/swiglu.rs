@@ -167,8 +167,8 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 /// `silu(gu[:, :f]) · gu[:, f:]` of one fused gate/up projection `gu` `[rows, 2f]` (the
-/// serving MLP's: one matmul for gate and up). Differentiable (the halves' gradients
-/// side by side), though training keeps gate and up apart.
+/// MLP's: one matmul for gate and up, in serving and training). Differentiable (the
+/// halves' gradients side by side).
 pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
     let (_, two_f) = gu.dims2()?;
     if two_f % 2 != 0 {
@@ -211,11 +211,72 @@ impl candle_core::CustomOp1 for SwigluPacked {
         Ok((cuda::packed(s, l, rows, two_f / 2)?, Shape::from((rows, two_f / 2))))
     }
 
+    /// The gradient packed as `gu` is (dgate columns, then dup), in one pass: no copies
+    /// of the halves in or out (four `[rows, f]` copies per layer when split and
+    /// concatenated).
     fn bwd(&self, gu: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        let f = gu.dim(1)? / 2;
-        let (g, u) = (gu.narrow(1, 0, f)?.contiguous()?, gu.narrow(1, f, f)?.contiguous()?);
-        let d = g.apply_op3_no_bwd(&u, &dy.contiguous()?, &SwigluBwd)?;
-        Ok(Some(Tensor::cat(&[d.get(0)?, d.get(1)?], 1)?))
+        Ok(Some(gu.apply_op2_no_bwd(&dy.contiguous()?, &SwigluPackedBwd)?))
+    }
+}
+
+/// `(gu [rows, 2f], dy [rows, f])` → `[rows, 2f]`: dgate then dup in each row.
+struct SwigluPackedBwd;
+
+impl CustomOp2 for SwigluPackedBwd {
+    fn name(&self) -> &'static str {
+        "swiglu_packed_bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout, dy: &CpuStorage, dl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, two_f) = l.shape().dims2()?;
+        let f = two_f / 2;
+        if dl.shape().dims2()? != (rows, f) {
+            candle_core::bail!("{OP}: dy {:?} does not fit gu {:?}", dl.shape(), l.shape());
+        }
+        // The reference: the halves split out, the unfused backward, the rows put back.
+        fn go<T: Elem + WithDType>(
+            s: &CpuStorage,
+            l: &Layout,
+            dy: &CpuStorage,
+            dl: &Layout,
+            f: usize,
+        ) -> Result<CpuStorage> {
+            let gu = contiguous(s.as_slice::<T>()?, l, OP, "gu")?;
+            let (g, u): (Vec<T>, Vec<T>) = gu
+                .chunks_exact(2 * f.max(1))
+                .flat_map(|row| row[..f].iter().copied().zip(row[f..].iter().copied()))
+                .unzip();
+            let d = cpu_bwd_t(&g, &u, contiguous(dy.as_slice::<T>()?, dl, OP, "dy")?);
+            let (dg, du) = d.split_at(g.len());
+            let packed = dg
+                .chunks(f.max(1))
+                .zip(du.chunks(f.max(1)))
+                .flat_map(|(a, b)| a.iter().chain(b).copied())
+                .collect();
+            Ok(T::to_cpu_storage_owned(packed))
+        }
+        let out = match (s.dtype(), dy.dtype()) {
+            (DType::F32, DType::F32) => go::<f32>(s, l, dy, dl, f)?,
+            (DType::F16, DType::F16) => go::<half::f16>(s, l, dy, dl, f)?,
+            (DType::BF16, DType::BF16) => go::<half::bf16>(s, l, dy, dl, f)?,
+            d => candle_core::bail!("{OP}: {d:?}: gu and dy of one of f32/f16/bf16 expected"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+        dy: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, two_f) = l.shape().dims2()?;
+        if dl.shape().dims2()? != (rows, two_f / 2) || dy.dtype() != s.dtype() {
+            candle_core::bail!("{OP}: dy {:?} does not fit gu {:?}", dl.shape(), l.shape());
+        }
+        Ok((cuda::packed_bwd(s, l, dy, dl, rows, two_f / 2)?, l.shape().clone()))
     }
 }
 
@@ -273,6 +334,49 @@ mod cuda {
             }};
         }
         Ok(match dtype {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+
+    /// `swiglu_packed`'s backward: `gu` `[rows, 2f]` and `dy` `[rows, f]` → `[rows, 2f]`.
+    pub(super) fn packed_bwd(
+        s: &CudaStorage,
+        l: &Layout,
+        dy: &CudaStorage,
+        dl: &Layout,
+        rows: usize,
+        f: usize,
+    ) -> Result<CudaStorage> {
+        let (a, b) = contiguous(l, OP, "gu")?;
+        let (c, d) = contiguous(dl, OP, "dy")?;
+        let dev = s.device.clone();
+        let name = format!("swiglu_packed_bwd_{}", suffix(s.dtype(), OP)?);
+        let fun = dev.get_or_load_custom_func(&name, "crosskv_swiglu", ptx::SWIGLU)?;
+        if rows > u32::MAX as usize || f > u32::MAX as usize {
+            candle_core::bail!("{OP}: [{rows}, 2 × {f}] is too large for one launch");
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (f.div_ceil(256).clamp(1, 64) as u32, rows.clamp(1, 65535) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows32, f32_) = (rows as u32, f as u32);
+        macro_rules! go {
+            ($t:ty) => {{
+                let gu = s.as_cuda_slice::<$t>()?.slice(a..b);
+                let dy = dy.as_cuda_slice::<$t>()?.slice(c..d);
+                let mut out = output::<$t>(&dev, 2 * rows * f)?;
+                if rows * f > 0 {
+                    let mut bld = fun.builder();
+                    bld.arg(&gu).arg(&dy).arg(&mut out).arg(&rows32).arg(&f32_);
+                    unsafe { bld.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
             DType::F32 => go!(f32),
             DType::F16 => go!(half::f16),
             _ => go!(half::bf16),
