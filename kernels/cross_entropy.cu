@@ -21,21 +21,6 @@ __device__ __forceinline__ void merge(float& m, float& s, float m2, float s2) {
   m = hi;
 }
 
-// VEC elements of T in one 16-byte load; rows are read that way when the row starts and
-// its length allow (vocabularies are multiples of 8 in practice), else one at a time.
-template <typename T> struct Vec16 {
-  static constexpr int N = 16 / sizeof(T);
-  union {
-    uint4 raw;
-    T v[N];
-  };
-};
-
-template <typename T>
-__device__ __forceinline__ bool vec_ok(const T* p, uint32_t cols) {
-  return ((uintptr_t)p % 16) == 0 && cols % Vec16<T>::N == 0;
-}
-
 // Adds the values of a vector to the running (m, s): their own max first, so one rescale
 // per vector and independent exponentials (the scalar online form chains every expf
 // through s, which left the forward latency-bound).

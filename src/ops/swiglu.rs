@@ -358,7 +358,12 @@ mod cuda {
             candle_core::bail!("{OP}: [{rows}, 2 × {f}] is too large for one launch");
         }
         let cfg = LaunchConfig {
-            grid_dim: (f.div_ceil(256).clamp(1, 64) as u32, rows.clamp(1, 65535) as u32, 1),
+            // A thread per 16-byte vector of a row (the kernels' vectorised path).
+            grid_dim: (
+                f.div_ceil(16 / s.dtype().size_in_bytes()).div_ceil(256).clamp(1, 64) as u32,
+                rows.clamp(1, 65535) as u32,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -394,7 +399,12 @@ mod cuda {
             candle_core::bail!("{OP}: [{rows}, 2 × {f}] is too large for one launch");
         }
         let cfg = LaunchConfig {
-            grid_dim: (f.div_ceil(256).clamp(1, 64) as u32, rows.clamp(1, 65535) as u32, 1),
+            // A thread per 16-byte vector of a row (the kernels' vectorised path).
+            grid_dim: (
+                f.div_ceil(16 / s.dtype().size_in_bytes()).div_ceil(256).clamp(1, 64) as u32,
+                rows.clamp(1, 65535) as u32,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
