@@ -70,13 +70,8 @@ ADAMW_MIXED(bf16, __nv_bfloat16)
 // warp then block sum, one atomicAdd per block). Gradient clipping's global norm, one
 // launch per variable into one scalar (candle's sqr + sum_all reduce a whole tensor in
 // one block). CPU reference: src/ops/adamw.rs.
-template <typename T>
-__device__ __forceinline__ void sum_squares_impl(float* __restrict__ acc, const T* __restrict__ g, uint64_t n) {
-  float s = 0.f;
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
-    const float v = to_f32(g[i]);
-    s = fmaf(v, v, s);
-  }
+// Adds the block's per-thread sums s into acc: a warp then block sum, one atomicAdd.
+__device__ __forceinline__ void block_add(float* acc, float s) {
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
   __shared__ float part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -89,9 +84,46 @@ __device__ __forceinline__ void sum_squares_impl(float* __restrict__ acc, const 
   }
 }
 
+template <typename T>
+__device__ __forceinline__ float squares(const T* __restrict__ g, uint64_t n, uint64_t first, uint64_t stride) {
+  float s = 0.f;
+  for (uint64_t i = first; i < n; i += stride) {
+    const float v = to_f32(g[i]);
+    s = fmaf(v, v, s);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ void sum_squares_impl(float* __restrict__ acc, const T* __restrict__ g, uint64_t n) {
+  block_add(acc, squares(g, n, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, (uint64_t)gridDim.x * blockDim.x));
+}
+
+// sum_squares_many: the same over many tensors in one launch (gradient clipping's norm over
+// every gradient). table holds (pointer, length) pairs as u64; tensor i owns blocks
+// starts[i] .. starts[i + 1] (prefix sums), which a block finds by binary search.
+template <typename T>
+__device__ __forceinline__ void sum_squares_many_impl(float* __restrict__ acc, const uint64_t* __restrict__ table,
+                                                      const uint32_t* __restrict__ starts, uint32_t count) {
+  const uint32_t b = blockIdx.x;
+  uint32_t lo = 0, hi = count;
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (starts[mid] <= b) lo = mid; else hi = mid;
+  }
+  const T* g = reinterpret_cast<const T*>(table[2 * lo]);
+  const uint32_t blocks = starts[lo + 1] - starts[lo];
+  block_add(acc, squares(g, table[2 * lo + 1], (uint64_t)(b - starts[lo]) * blockDim.x + threadIdx.x,
+                         (uint64_t)blocks * blockDim.x));
+}
+
 #define SUM_SQUARES(SUFFIX, T)                                                                   \
   extern "C" __global__ void sum_squares_##SUFFIX(float* acc, const T* g, uint64_t n) {          \
     sum_squares_impl<T>(acc, g, n);                                                              \
+  }                                                                                              \
+  extern "C" __global__ void sum_squares_many_##SUFFIX(float* acc, const uint64_t* table,        \
+                                                       const uint32_t* starts, uint32_t count) { \
+    sum_squares_many_impl<T>(acc, table, starts, count);                                         \
   }
 
 SUM_SQUARES(f32, float)

@@ -1329,4 +1329,16 @@ fn sum_squares_matches_cpu() {
         1 + 21 + 1000 + 32000 * 768
     );
     assert!(e < 1e-5, "sum of squares: CUDA {got}, CPU {want}");
+    // Many tensors in one launch (gradient clipping), bf16 like training's gradients:
+    // against the one-by-one CPU sums.
+    let shapes: [&[usize]; 5] = [&[768], &[2304, 768], &[1], &[0], &[32000, 768]];
+    let (cs, gs): (Vec<Tensor>, Vec<Tensor>) = shapes.iter().map(|s| pair(&mut rng, s, DType::BF16, &dev)).unzip();
+    let acc_c = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let acc_g = Tensor::zeros(1, DType::F32, &dev).unwrap();
+    crosskv::ops::sum_squares_many(&acc_c, &cs.iter().collect::<Vec<_>>()).unwrap();
+    crosskv::ops::sum_squares_many(&acc_g, &gs.iter().collect::<Vec<_>>()).unwrap();
+    let (want, got) = (flat(&acc_c)[0], flat(&acc_g)[0]);
+    let e = ((got - want) / want).abs();
+    eprintln!("sum_squares_many over 5 bf16 tensors: CUDA {got}, CPU {want}, rel err {e:.2e}");
+    assert!(e < 1e-5, "sum of squares of many: CUDA {got}, CPU {want}");
 }

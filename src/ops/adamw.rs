@@ -244,6 +244,30 @@ pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<()> {
     acc.inplace_op2(&g.contiguous()?, &SumSquares)
 }
 
+/// [`sum_squares_into`] over many tensors: on CUDA one launch when they share a dtype and
+/// the accumulator's device (gradient clipping over ~110 gradients took as many launches,
+/// 3 % of a training step), else one per tensor. The sum's order differs from the
+/// one-by-one sums' only by f32 rounding.
+pub fn sum_squares_many(acc: &Tensor, gs: &[&Tensor]) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if acc.device().is_cuda()
+        && gs.len() > 1
+        && acc.dtype() == DType::F32
+        && acc.elem_count() == 1
+        && acc.is_contiguous()
+        && gs
+            .iter()
+            .all(|g| g.dtype() == gs[0].dtype() && g.device().same_device(acc.device()))
+    {
+        let gs = gs.iter().map(|g| g.contiguous()).collect::<Result<Vec<_>>>()?;
+        return cuda::sum_squares_many(acc, &gs);
+    }
+    for g in gs {
+        sum_squares_into(acc, g)?;
+    }
+    Ok(())
+}
+
 struct SumSquares;
 
 impl InplaceOp2 for SumSquares {
@@ -353,20 +377,83 @@ mod cuda {
         Ok(())
     }
 
+    /// One `sum_squares_many_*` launch over `gs` (contiguous, one dtype) into `acc`.
+    pub(super) fn sum_squares_many(acc: &Tensor, gs: &[Tensor]) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        const OP: &str = "sum_squares_many";
+        let dtype = gs[0].dtype();
+        let guards: Vec<_> = gs.iter().map(|g| g.storage_and_layout()).collect();
+        let Storage::Cuda(first) = &*guards[0].0 else {
+            candle_core::bail!("{OP}: the gradients are not on the GPU");
+        };
+        let dev = first.device.clone();
+        let stream = dev.cuda_stream();
+        // (pointer, length) of each gradient and the first block of each: a block per 1024
+        // elements, at most 1056 per tensor (as the one-tensor launch).
+        let (mut table, mut starts) = (Vec::with_capacity(2 * gs.len()), vec![0u32]);
+        for (s, l) in &guards {
+            let Storage::Cuda(s) = &**s else {
+                candle_core::bail!("{OP}: the gradients are not on the GPU");
+            };
+            let (a, b) = contiguous(l, OP, "gradient")?;
+            if b == a {
+                continue;
+            }
+            // The pointers are read while the guards hold the storages; the launch below is
+            // ordered before any free of them on the one stream.
+            let ptr = match dtype {
+                DType::BF16 => s.as_cuda_slice::<half::bf16>()?.slice(a..b).device_ptr(&stream).0,
+                DType::F16 => s.as_cuda_slice::<half::f16>()?.slice(a..b).device_ptr(&stream).0,
+                _ => s.as_cuda_slice::<f32>()?.slice(a..b).device_ptr(&stream).0,
+            };
+            table.extend([ptr, (b - a) as u64]);
+            let last = *starts.last().expect("starts begins with 0");
+            starts.push(last + (b - a).div_ceil(1024).min(1056) as u32);
+        }
+        let count = starts.len() - 1;
+        let blocks = *starts.last().expect("starts begins with 0");
+        if count == 0 {
+            return Ok(());
+        }
+        let table = dev.clone_htod(&table)?;
+        let starts = dev.clone_htod(&starts)?;
+        let f = dev.get_or_load_custom_func(
+            &format!("sum_squares_many_{}", suffix(dtype, OP)?),
+            "crosskv_adamw",
+            ptx::ADAMW,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let count = count as u32;
+        acc.inplace_op1(&Lend(OP, |accs: &mut CudaStorage, al: &Layout| {
+            let (a0, a1) = contiguous(al, OP, "accumulator")?;
+            let mut acc = accs.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
+            let mut b = f.builder();
+            b.arg(&mut acc).arg(&table).arg(&starts).arg(&count);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        }))?;
+        drop(guards);
+        Ok(())
+    }
+
     /// Lends one tensor's storage mutably to `f` (an in-place op that only runs `f`), so
     /// that nesting three of them holds the write locks of master, moments and copy at
     /// once: candle's in-place ops lend one mutable storage each.
-    struct Lend<F>(F);
+    struct Lend<F>(&'static str, F);
 
     impl<F: Fn(&mut CudaStorage, &Layout) -> Result<()>> InplaceOp1 for Lend<F> {
         fn name(&self) -> &'static str {
-            "adamw_update_mixed"
+            self.0
         }
         fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            candle_core::bail!("adamw_update_mixed: the CUDA path got a CPU tensor")
+            candle_core::bail!("{}: the CUDA path got a CPU tensor", self.0)
         }
         fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
-            (self.0)(s, l)
+            (self.1)(s, l)
         }
     }
 
@@ -388,11 +475,11 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         let n64 = n as u64;
-        theta.inplace_op1(&Lend(|ts: &mut CudaStorage, tl: &Layout| {
+        theta.inplace_op1(&Lend(OP, |ts: &mut CudaStorage, tl: &Layout| {
             let ts = RefCell::new(ts);
-            mv.inplace_op1(&Lend(|ms: &mut CudaStorage, ml: &Layout| {
+            mv.inplace_op1(&Lend(OP, |ms: &mut CudaStorage, ml: &Layout| {
                 let ms = RefCell::new(ms);
-                copy.inplace_op1(&Lend(|cs: &mut CudaStorage, cl: &Layout| {
+                copy.inplace_op1(&Lend(OP, |cs: &mut CudaStorage, cl: &Layout| {
                     let (mut ts, mut ms) = (ts.borrow_mut(), ms.borrow_mut());
                     let (t0, t1) = contiguous(tl, OP, "the variable")?;
                     let (m0, m1) = contiguous(ml, OP, "the moments")?;

@@ -21,7 +21,7 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use adamw::{adamw_update, adamw_update_mixed, sum_squares_into};
+pub use adamw::{adamw_update, adamw_update_mixed, sum_squares_into, sum_squares_many};
 pub use argmax::argmax_rows;
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;

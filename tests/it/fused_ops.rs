@@ -560,4 +560,13 @@ fn sum_squares_accumulates() {
     assert_eq!(flat(&acc), [30.25 + 2.0 * 90_000.25]);
     let ids = Tensor::new(&[1u32], &Device::Cpu).unwrap();
     assert!(crosskv::ops::sum_squares_into(&acc, &ids).is_err());
+    // Many at once: the same as one by one.
+    let many = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+    let parts = [
+        Tensor::new(&[1f32, -2.], &Device::Cpu).unwrap(),
+        Tensor::new(&[3f32], &Device::Cpu).unwrap(),
+    ];
+    crosskv::ops::sum_squares_many(&many, &parts.iter().collect::<Vec<_>>()).unwrap();
+    assert_eq!(flat(&many), [14.0]);
+    assert!(crosskv::ops::sum_squares_many(&many, &[&ids]).is_err());
 }
