@@ -9,8 +9,9 @@
 // Pair j of a head (j < D/2) is (j, j + D/2) for the half rotation of Hugging Face
 // checkpoints, (2j, 2j + 1) for the interleaved pairs of GGUF ones:
 //   out[i1] = x[i1] cos - x[i2] sin,  out[i2] = x[i1] sin + x[i2] cos   (in f32).
-// Grid: (tokens, ceil((heads + kv_heads) * D/2 / blockDim.x)); one thread per pair,
-// consecutive threads on consecutive pairs. A position past the table (the host
+// Grid: (tokens, ceil((heads + kv_heads) * D/2 / per / blockDim.x)); a thread per `per`
+// pairs (pairs_per_thread: 4 for the half rotation when D/2 allows, else 1), consecutive
+// threads on consecutive pairs. A position past the table (the host
 // cannot check device positions without a sync) writes NaN rather than reading out
 // of bounds.
 #include <cuda_fp16.h>
@@ -18,6 +19,26 @@
 #include <stdint.h>
 
 #include "convert.cuh"
+
+// Four T as one aligned load or store (the vectorised path below).
+template <typename T> struct FourRaw { using Type = uint2; };
+template <> struct FourRaw<float> { using Type = uint4; };
+template <typename T> union Four {
+  typename FourRaw<T>::Type raw;
+  T v[4];
+};
+
+template <typename T>
+__device__ __forceinline__ bool aligned4(const T* p) {
+  return (uintptr_t)p % (4 * sizeof(T)) == 0;
+}
+
+// Pairs per thread: 4 consecutive pairs of the half rotation (loaded as vectors where the
+// addresses allow) when the head's half is a multiple of 4, else one. The launch
+// (src/ops/cuda_fused.rs) sizes its grid with the same rule.
+__device__ __forceinline__ uint32_t pairs_per_thread(uint32_t half, uint32_t interleaved) {
+  return !interleaved && half % 4 == 0 ? 4 : 1;
+}
 
 template <typename T>
 __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restrict__ q,
@@ -27,9 +48,11 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
                                           uint32_t half, uint32_t max_pos, uint32_t interleaved,
                                           uint64_t q_stride, uint64_t k_stride) {
   const uint32_t t = blockIdx.x;
+  const uint32_t per = pairs_per_thread(half, interleaved);
   const uint32_t idx = blockIdx.y * blockDim.x + threadIdx.x;
-  if (idx >= (heads + kv_heads) * half) return;
-  const uint32_t h = idx / half, j = idx % half;
+  const uint32_t groups = half / per;  // per divides half
+  if (idx >= (heads + kv_heads) * groups) return;
+  const uint32_t h = idx / groups, j0 = (idx % groups) * per;
   const uint64_t d = 2 * (uint64_t)half;
   const T* src;
   T* dst;
@@ -40,19 +63,42 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
     src = k + t * k_stride + (h - heads) * d;
     dst = out + (uint64_t)tokens * heads * d + ((uint64_t)t * kv_heads + (h - heads)) * d;
   }
-  const uint32_t i1 = interleaved ? 2 * j : j;
-  const uint32_t i2 = interleaved ? 2 * j + 1 : j + half;
   const uint32_t p = pos[t];
   if (p >= max_pos) {
-    dst[i1] = from_f32<T>(__int_as_float(0x7fc00000));
-    dst[i2] = from_f32<T>(__int_as_float(0x7fc00000));
+    for (uint32_t j = j0; j < j0 + per; j++) {
+      dst[interleaved ? 2 * j : j] = from_f32<T>(__int_as_float(0x7fc00000));
+      dst[interleaved ? 2 * j + 1 : j + half] = from_f32<T>(__int_as_float(0x7fc00000));
+    }
     return;
   }
-  const float c = to_f32(cos[(uint64_t)p * half + j]);
-  const float s = to_f32(sin[(uint64_t)p * half + j]);
-  const float x1 = to_f32(src[i1]), x2 = to_f32(src[i2]);
-  dst[i1] = from_f32<T>(x1 * c - x2 * s);
-  dst[i2] = from_f32<T>(x1 * s + x2 * c);
+  const T* cr = cos + (uint64_t)p * half;
+  const T* sr = sin + (uint64_t)p * half;
+  if (per == 4 && aligned4(src + j0) && aligned4(src + j0 + half) && aligned4(dst + j0) &&
+      aligned4(dst + j0 + half) && aligned4(cr + j0) && aligned4(sr + j0)) {
+    Four<T> a, b, c, s, o1, o2;
+    a.raw = *reinterpret_cast<const typename FourRaw<T>::Type*>(src + j0);
+    b.raw = *reinterpret_cast<const typename FourRaw<T>::Type*>(src + j0 + half);
+    c.raw = *reinterpret_cast<const typename FourRaw<T>::Type*>(cr + j0);
+    s.raw = *reinterpret_cast<const typename FourRaw<T>::Type*>(sr + j0);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      const float x1 = to_f32(a.v[i]), x2 = to_f32(b.v[i]), cv = to_f32(c.v[i]), sv = to_f32(s.v[i]);
+      o1.v[i] = from_f32<T>(x1 * cv - x2 * sv);
+      o2.v[i] = from_f32<T>(x1 * sv + x2 * cv);
+    }
+    *reinterpret_cast<typename FourRaw<T>::Type*>(dst + j0) = o1.raw;
+    *reinterpret_cast<typename FourRaw<T>::Type*>(dst + j0 + half) = o2.raw;
+    return;
+  }
+  for (uint32_t j = j0; j < j0 + per; j++) {
+    const uint32_t i1 = interleaved ? 2 * j : j;
+    const uint32_t i2 = interleaved ? 2 * j + 1 : j + half;
+    const float c = to_f32(cr[j]);
+    const float s = to_f32(sr[j]);
+    const float x1 = to_f32(src[i1]), x2 = to_f32(src[i2]);
+    dst[i1] = from_f32<T>(x1 * c - x2 * s);
+    dst[i2] = from_f32<T>(x1 * s + x2 * c);
+  }
 }
 
 #define ROPE(SFX, T)                                                                              \

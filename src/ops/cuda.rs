@@ -499,20 +499,15 @@ pub fn retain_freed_memory(dev: &candle_core::Device) -> Result<()> {
     };
     let cu_dev = d.cuda_stream().context().cu_device();
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut keep_all = u64::MAX;
-    // SAFETY: plain driver calls on a valid device and its default pool; the attribute
-    // takes a pointer to a u64, which outlives the call.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev).result().w()?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut keep_all as *mut u64 as *mut std::ffi::c_void,
-        )
+    // SAFETY: a plain driver call on a valid device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev) }
         .result()
         .w()?;
-    }
-    Ok(())
+    set_pool_attr(
+        pool,
+        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+        u64::MAX,
+    )
 }
 
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
@@ -1067,6 +1062,19 @@ fn pool_attr(
     Ok(v)
 }
 
+fn set_pool_attr(
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    value: u64,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut v = value;
+    // SAFETY: the u64 attributes take a pointer to a u64, which outlives the call.
+    unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }
+        .result()
+        .w()
+}
+
 /// One device's memory pool around the profiled forward.
 struct PoolWatch {
     stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
@@ -1097,16 +1105,7 @@ impl PoolWatch {
         let used_before = match pool {
             Some(pool) => {
                 let v = pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?;
-                let mut zero = 0u64;
-                unsafe {
-                    sys::cuMemPoolSetAttribute(
-                        pool,
-                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                        &mut zero as *mut u64 as *mut std::ffi::c_void,
-                    )
-                }
-                .result()
-                .w()?;
+                set_pool_attr(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)?;
                 v
             }
             None => 0,

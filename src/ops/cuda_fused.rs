@@ -174,7 +174,14 @@ pub(crate) fn rope(
         candle_core::bail!("{OP}: head_dim {d} must be even and non-zero");
     }
     let pairs = (heads + kv_heads) * half;
-    let chunks = pairs.div_ceil(ROPE_THREADS);
+    // A thread per 4 pairs of the half rotation when the half allows (as the kernel's
+    // pairs_per_thread decides), else per pair.
+    let per = if !op.interleaved && half.is_multiple_of(4) {
+        4
+    } else {
+        1
+    };
+    let chunks = (pairs / per).div_ceil(ROPE_THREADS);
     if chunks > 65535 || tokens > i32::MAX as usize {
         candle_core::bail!("{OP}: {tokens} tokens × {pairs} pairs is too large for one launch");
     }
