@@ -67,9 +67,10 @@ ADAMW_MIXED(f16, __half)
 ADAMW_MIXED(bf16, __nv_bfloat16)
 
 // sum_squares: acc[0] += Σ g[i]² (f32 accumulation: a grid-stride share per thread, a
-// warp then block sum, one atomicAdd per block). Gradient clipping's global norm, one
-// launch per variable into one scalar (candle's sqr + sum_all reduce a whole tensor in
-// one block). CPU reference: src/ops/adamw.rs.
+// warp then block sum, one atomicAdd per block). Gradient clipping's global norm into one
+// scalar (candle's sqr + sum_all reduce a whole tensor in one block). CPU reference:
+// src/ops/adamw.rs.
+
 // Adds the block's per-thread sums s into acc: a warp then block sum, one atomicAdd.
 __device__ __forceinline__ void block_add(float* acc, float s) {
   for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -94,13 +95,8 @@ __device__ __forceinline__ float squares(const T* __restrict__ g, uint64_t n, ui
   return s;
 }
 
-template <typename T>
-__device__ __forceinline__ void sum_squares_impl(float* __restrict__ acc, const T* __restrict__ g, uint64_t n) {
-  block_add(acc, squares(g, n, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x, (uint64_t)gridDim.x * blockDim.x));
-}
-
-// sum_squares_many: the same over many tensors in one launch (gradient clipping's norm over
-// every gradient). table holds (pointer, length) pairs as u64; tensor i owns blocks
+// sum_squares_many: acc[0] += Σ g² over many tensors in one launch (gradient clipping's
+// norm over every gradient; one tensor is the case of one). table holds (pointer, length) pairs as u64; tensor i owns blocks
 // starts[i] .. starts[i + 1] (prefix sums), which a block finds by binary search.
 template <typename T>
 __device__ __forceinline__ void sum_squares_many_impl(float* __restrict__ acc, const uint64_t* __restrict__ table,
@@ -118,9 +114,6 @@ __device__ __forceinline__ void sum_squares_many_impl(float* __restrict__ acc, c
 }
 
 #define SUM_SQUARES(SUFFIX, T)                                                                   \
-  extern "C" __global__ void sum_squares_##SUFFIX(float* acc, const T* g, uint64_t n) {          \
-    sum_squares_impl<T>(acc, g, n);                                                              \
-  }                                                                                              \
   extern "C" __global__ void sum_squares_many_##SUFFIX(float* acc, const uint64_t* table,        \
                                                        const uint32_t* starts, uint32_t count) { \
     sum_squares_many_impl<T>(acc, table, starts, count);                                         \

@@ -232,38 +232,46 @@ impl InplaceOp2 for CastInto {
     }
 }
 
-/// `acc[0] += Σ g²` (`acc` f32 `[1]`, `g` f32): one variable's share of gradient
-/// clipping's global norm, accumulated on the device (one launch on CUDA, where candle's
-/// `sqr` + `sum_all` reduce a whole gradient in a single block). The CPU sums in f64.
+/// `acc[0] += Σ g²` (`acc` f32 `[1]`, `g` f32/bf16/f16, widened as it is read): one
+/// variable's share of gradient clipping's global norm, accumulated on the device (one
+/// launch on CUDA, where candle's `sqr` + `sum_all` reduce a whole gradient in a single
+/// block). The CPU sums in f64.
 pub fn sum_squares_into(acc: &Tensor, g: &Tensor) -> Result<()> {
-    const OP: &str = "sum_squares_into";
-    if acc.dtype() != DType::F32 || acc.elem_count() != 1 || !matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16)
-    {
-        candle_core::bail!("{OP}: an f32 [1] accumulator and an f32/bf16/f16 gradient expected");
-    }
-    acc.inplace_op2(&g.contiguous()?, &SumSquares)
+    sum_squares_many(acc, &[g])
 }
 
-/// [`sum_squares_into`] over many tensors: on CUDA one launch when they share a dtype and
-/// the accumulator's device (gradient clipping over ~110 gradients took as many launches,
-/// 3 % of a training step), else one per tensor. The sum's order differs from the
-/// one-by-one sums' only by f32 rounding.
+/// [`sum_squares_into`] over many tensors: on CUDA one launch per dtype among them
+/// (gradient clipping over ~110 gradients took as many launches, 3 % of a training
+/// step). The sum's order differs from the one-by-one sums' only by f32 rounding.
 pub fn sum_squares_many(acc: &Tensor, gs: &[&Tensor]) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if acc.device().is_cuda()
-        && gs.len() > 1
-        && acc.dtype() == DType::F32
-        && acc.elem_count() == 1
-        && acc.is_contiguous()
-        && gs
+    const OP: &str = "sum_squares_into";
+    if acc.dtype() != DType::F32
+        || acc.elem_count() != 1
+        || gs
             .iter()
-            .all(|g| g.dtype() == gs[0].dtype() && g.device().same_device(acc.device()))
+            .any(|g| !matches!(g.dtype(), DType::F32 | DType::BF16 | DType::F16))
     {
-        let gs = gs.iter().map(|g| g.contiguous()).collect::<Result<Vec<_>>>()?;
-        return cuda::sum_squares_many(acc, &gs);
+        candle_core::bail!("{OP}: an f32 [1] accumulator and f32/bf16/f16 gradients expected");
+    }
+    #[cfg(feature = "cuda")]
+    if acc.device().is_cuda() {
+        if gs.iter().any(|g| !g.device().same_device(acc.device())) {
+            candle_core::bail!("{OP}: the accumulator and the gradients must be on one device");
+        }
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let of_dtype = gs
+                .iter()
+                .filter(|g| g.dtype() == dtype)
+                .map(|g| g.contiguous())
+                .collect::<Result<Vec<_>>>()?;
+            if !of_dtype.is_empty() {
+                cuda::sum_squares_many(acc, &of_dtype)?;
+            }
+        }
+        return Ok(());
     }
     for g in gs {
-        sum_squares_into(acc, g)?;
+        acc.inplace_op2(&g.contiguous()?, &SumSquares)?;
     }
     Ok(())
 }
@@ -283,16 +291,6 @@ impl InplaceOp2 for SumSquares {
         let acc = f32_slice_mut(acc, al, self.name(), "accumulator")?;
         acc[0] += sum as f32;
         Ok(())
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        acc: &mut candle_core::CudaStorage,
-        al: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        cuda::sum_squares(acc, al, g, gl)
     }
 }
 
@@ -343,41 +341,7 @@ mod cuda {
         Ok(())
     }
 
-    pub(super) fn sum_squares(acc: &mut CudaStorage, al: &Layout, g: &CudaStorage, gl: &Layout) -> Result<()> {
-        const OP: &str = "sum_squares_into";
-        let (a0, a1) = contiguous(al, OP, "accumulator")?;
-        let (g0, g1) = contiguous(gl, OP, "gradient")?;
-        let n = g1 - g0;
-        if n == 0 {
-            return Ok(());
-        }
-        let dev = acc.device.clone();
-        let name = format!("sum_squares_{}", suffix(g.dtype(), OP)?);
-        let f = dev.get_or_load_custom_func(&name, "crosskv_adamw", ptx::ADAMW)?;
-        let mut acc = acc.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
-        let n64 = n as u64;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(1024).min(1056) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! go {
-            ($t:ty) => {{
-                let g = g.as_cuda_slice::<$t>()?.slice(g0..g1);
-                let mut b = f.builder();
-                b.arg(&mut acc).arg(&g).arg(&n64);
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match g.dtype() {
-            DType::BF16 => go!(half::bf16),
-            DType::F16 => go!(half::f16),
-            _ => go!(f32),
-        }
-        Ok(())
-    }
-
-    /// One `sum_squares_many_*` launch over `gs` (contiguous, one dtype) into `acc`.
+    /// One `sum_squares_many_*` launch over `gs` (contiguous, one dtype, acc's device) into `acc`.
     pub(super) fn sum_squares_many(acc: &Tensor, gs: &[Tensor]) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         const OP: &str = "sum_squares_many";

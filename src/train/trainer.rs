@@ -171,8 +171,8 @@ fn batch_loss(model: &Model, batch: &[&Vec<u32>]) -> candle_core::Result<Tensor>
 
 /// The gradients' global L2 norm, and the factor that clips it to `clip` (`clip / norm`
 /// when the norm exceeds it, else 1), which the optimizer applies as it reads them.
-fn clip_gradients(grads: &GradStore, vars: &[Var], clip: f64) -> candle_core::Result<(f64, f64)> {
-    let present: Vec<&Tensor> = vars.iter().filter_map(|v| grads.get(v.as_tensor())).collect();
+fn clip_gradients(grads: &GradStore, vars: &[(String, Var)], clip: f64) -> candle_core::Result<(f64, f64)> {
+    let present: Vec<&Tensor> = vars.iter().filter_map(|(_, v)| grads.get(v.as_tensor())).collect();
     let Some(first) = present.first() else {
         return Ok((0.0, 1.0));
     };
@@ -194,9 +194,6 @@ pub struct Trainer {
     opt: AdamW,
     order: DataOrder,
     windows: usize,
-    /// The variables the forward reads and the gradients belong to: the optimizer's
-    /// compute copies (bf16/f16), or the f32 masters themselves.
-    compute_vars: Vec<Var>,
     /// The model built from the compute copies (None: f32, the Trainable's own model).
     compute_model: Option<Model>,
 }
@@ -226,14 +223,14 @@ impl Trainer {
         #[cfg(feature = "cuda")]
         crate::ops::cuda::retain_freed_memory(t.model.device())?;
         opt.keep_compute_copies(opts.dtype)?;
-        let compute = opt.compute_vars();
         let compute_model = match opts.dtype {
             DType::F32 => None,
             dtype => {
                 let weights = Weights::Tensors {
-                    tensors: compute
-                        .iter()
-                        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    tensors: opt
+                        .compute_vars()
+                        .into_iter()
+                        .map(|(n, v)| (n, v.as_tensor().clone()))
                         .collect(),
                     dtype,
                     device: t.model.device().clone(),
@@ -246,7 +243,6 @@ impl Trainer {
             opt,
             order,
             windows,
-            compute_vars: compute.into_iter().map(|(_, v)| v).collect(),
             compute_model,
         })
     }
@@ -294,7 +290,8 @@ impl Trainer {
             value
         };
         let backward = ms();
-        let (grad_norm, grad_scale) = clip_gradients(&grads, &self.compute_vars, o.grad_clip)?;
+        // The gradients are the compute variables' (the copies, or the f32 masters).
+        let (grad_norm, grad_scale) = clip_gradients(&grads, &self.opt.compute_vars(), o.grad_clip)?;
         let norm = ms();
         self.opt.step_scaled(&grads, grad_scale)?;
         drop(grads); // likewise, behind the updates
