@@ -142,7 +142,7 @@ impl CustomOp2 for RopeOp {
     }
 }
 
-/// Q and K.
+/// Q and K in one launch (inference; training rotates them one op each, see `rope`).
 impl CustomOp3 for RopeOp {
     fn name(&self) -> &'static str {
         OP
@@ -171,25 +171,6 @@ impl CustomOp3 for RopeOp {
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        pos: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let nq = q.elem_count();
-        let gq = g.narrow(0, 0, nq)?.reshape(q.shape())?.contiguous()?;
-        let gk = g.narrow(0, nq, k.elem_count())?.reshape(k.shape())?.contiguous()?;
-        let back = gq.apply_op3_no_bwd(&gk, pos, &self.inverse()?)?;
-        Ok((
-            Some(back.narrow(0, 0, nq)?.reshape(q.shape())?),
-            Some(back.narrow(0, nq, k.elem_count())?.reshape(k.shape())?),
-            None,
-        ))
     }
 }
 
@@ -298,7 +279,8 @@ pub fn rope(
         return Ok((one(&q)?, k.map(|k| one(&rows(k)?)).transpose()?));
     }
     let out = match k {
-        Some(k) => q.apply_op3(&rows(k)?, &positions, op)?,
+        // Inputs carrying gradient took the path above: this packed op has no backward.
+        Some(k) => q.apply_op3_no_bwd(&rows(k)?, &positions, &op)?,
         None => q.apply_op2(&positions, op)?,
     };
     let nq = t * heads * d;
