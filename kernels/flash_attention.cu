@@ -4,7 +4,10 @@
 // ldmatrix, cp.async, the XOR swizzle) follow kernels/paged_attention_tc.cu.
 //
 // Layout: q, o, dO [b, t, heads, D]; k, v [b, t, kv_heads, D] (heads a multiple of
-// kv_heads); query row i sees keys 0..=i. LSE (natural log of each row's softmax sum,
+// kv_heads); query row i sees keys 0..=i. q, k, v and the gradients dq, dk, dv have row
+// strides of their own (FaParams: the `[b·t]` rows of each may be column slices of a
+// wider tensor, such as training's packed Q/K/V, whose gradient then comes out packed
+// too); o and dO are contiguous. LSE (natural log of each row's softmax sum,
 // scores scaled) and Dsum = rowsum(dO·O) are f32 [b, heads, tp], tp = t rounded up to 64,
 // so that a tile's 64 values are one aligned run; rows ≥ t hold finite filler.
 //
@@ -45,14 +48,16 @@ struct FaParams {  // mirrors struct FaParams in src/ops/cuda_flash.rs
   uint32_t n_tiles;  // tp / TILE_ROWS
   uint32_t hsplit;   // backward: CTAs the group's query heads are split over
   float scale;
+  // Row strides, in elements: row r of q starts at q + r·q_rs (head h at + h·D), …
+  uint64_t q_rs, k_rs, v_rs, dq_rs, dk_rs, dv_rs;
 };
 
 #include "mma.cuh"
 
 // Rows r0..r0+63 of one head of a [b, t, H, D] tensor (`base` at [batch, 0, head, 0],
-// `stride` = H·D) into a swizzled shared tile; rows ≥ t are zero-filled.
+// rows `stride` elements apart) into a swizzled shared tile; rows ≥ t are zero-filled.
 template <typename T, int D, int NTH>
-__device__ __forceinline__ void load_rows(uint32_t dst, const T* base, uint32_t r0, uint32_t t, uint32_t stride) {
+__device__ __forceinline__ void load_rows(uint32_t dst, const T* base, uint32_t r0, uint32_t t, uint64_t stride) {
   constexpr int CH = D / 8;
 #pragma unroll
   for (int i = 0; i < TILE_ROWS * CH / NTH; i++) {
@@ -83,19 +88,20 @@ __device__ void fa_fwd_impl(T* __restrict__ out, float* __restrict__ lse, const 
   const uint32_t head = blockIdx.x % per_tile % p.heads, bb = blockIdx.x % per_tile / p.heads;
   const uint32_t kvh = head / (p.heads / p.kv_heads);
   const uint32_t q0 = qt * TILE_ROWS;
-  const uint32_t qstride = p.heads * D, kstride = p.kv_heads * D;
-  const T* qb = q + ((uint64_t)bb * p.t * p.heads + head) * D;
-  const T* kb = k + ((uint64_t)bb * p.t * p.kv_heads + kvh) * D;
-  const T* vb = v + ((uint64_t)bb * p.t * p.kv_heads + kvh) * D;
+  const uint32_t qstride = p.heads * D;  // O's rows
+  const uint64_t row0_of_batch = (uint64_t)bb * p.t;
+  const T* qb = q + row0_of_batch * p.q_rs + head * D;
+  const T* kb = k + row0_of_batch * p.k_rs + kvh * D;
+  const T* vb = v + row0_of_batch * p.v_rs + kvh * D;
 
   const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t kv_s = q_s + C::TILE;  // stage st: K at kv_s + st·2·TILE, V after it
   auto issue = [&](int j) {
     const uint32_t k_dst = kv_s + (j & 1) * 2 * C::TILE;
-    load_rows<T, D, NT>(k_dst, kb, j * TILE_ROWS, p.t, kstride);
-    load_rows<T, D, NT>(k_dst + C::TILE, vb, j * TILE_ROWS, p.t, kstride);
+    load_rows<T, D, NT>(k_dst, kb, j * TILE_ROWS, p.t, p.k_rs);
+    load_rows<T, D, NT>(k_dst + C::TILE, vb, j * TILE_ROWS, p.t, p.v_rs);
   };
-  load_rows<T, D, NT>(q_s, qb, q0, p.t, qstride);
+  load_rows<T, D, NT>(q_s, qb, q0, p.t, p.q_rs);
   issue(0);
   cp_commit();
 
@@ -275,7 +281,8 @@ __device__ void fa_bwd_dkdv_impl(T* __restrict__ dk_out, T* __restrict__ dv_out,
   const uint32_t head0 = kvh * group + hs * hps;
   const uint32_t nq = p.n_tiles - kt;  // query tiles kt..n_tiles-1
   const int iters = (int)(hps * nq);
-  const uint32_t qstride = p.heads * D, kstride = p.kv_heads * D;
+  const uint32_t ostride = p.heads * D;  // dO's rows
+  const uint64_t row0_of_batch = (uint64_t)bb * p.t;
 
   const uint32_t k_s = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t v_s = k_s + C::TILE;
@@ -284,19 +291,16 @@ __device__ void fa_bwd_dkdv_impl(T* __restrict__ dk_out, T* __restrict__ dv_out,
   auto issue = [&](int it) {
     const uint32_t head = head0 + it / nq, qt = kt + it % nq;
     const uint32_t dst = st_s + (it & 1) * C::STAGE;
-    const uint64_t hoff = ((uint64_t)bb * p.t * p.heads + head) * D;
-    load_rows<T, D, NT_BWD>(dst, q + hoff, qt * TILE_ROWS, p.t, qstride);
-    load_rows<T, D, NT_BWD>(dst + C::TILE, dout + hoff, qt * TILE_ROWS, p.t, qstride);
+    load_rows<T, D, NT_BWD>(dst, q + row0_of_batch * p.q_rs + head * D, qt * TILE_ROWS, p.t, p.q_rs);
+    load_rows<T, D, NT_BWD>(dst + C::TILE, dout + (row0_of_batch * p.heads + head) * D, qt * TILE_ROWS, p.t,
+                            ostride);
     if (tid < 32) {  // 16 chunks of LSE, 16 of Dsum
       const float* src = (tid < 16 ? lse : dsum) + ((uint64_t)bb * p.heads + head) * p.tp + qt * TILE_ROWS;
       cp_async16(dst + 2 * C::TILE + tid * 16, src + (tid & 15) * 4, 16u);
     }
   };
-  {
-    const uint64_t koff = ((uint64_t)bb * p.t * p.kv_heads + kvh) * D;
-    load_rows<T, D, NT_BWD>(k_s, k + koff, kt * TILE_ROWS, p.t, kstride);
-    load_rows<T, D, NT_BWD>(v_s, v + koff, kt * TILE_ROWS, p.t, kstride);
-  }
+  load_rows<T, D, NT_BWD>(k_s, k + row0_of_batch * p.k_rs + kvh * D, kt * TILE_ROWS, p.t, p.k_rs);
+  load_rows<T, D, NT_BWD>(v_s, v + row0_of_batch * p.v_rs + kvh * D, kt * TILE_ROWS, p.t, p.v_rs);
   issue(0);
   cp_commit();
 
@@ -409,7 +413,9 @@ __device__ void fa_bwd_dkdv_impl(T* __restrict__ dk_out, T* __restrict__ dv_out,
     const int r = h ? r1 : r0;
     const uint32_t key = h ? key1 : key0;
     if (key >= p.t) continue;
-    const uint64_t off = ((uint64_t)bb * p.t + key) * kstride + kvh * D + 2 * c;
+    const uint64_t row = row0_of_batch + key;
+    const uint64_t dk_off = row * p.dk_rs + kvh * D + 2 * c, dv_off = row * p.dv_rs + kvh * D + 2 * c;
+    const uint64_t acc_off = row * p.kv_heads * D + kvh * D + 2 * c;  // the f32 buffers: contiguous
 #pragma unroll
     for (int n = 0; n < D / 8; n++) {
       const int col = n * 8 + 2 * c;
@@ -418,11 +424,11 @@ __device__ void fa_bwd_dkdv_impl(T* __restrict__ dk_out, T* __restrict__ dv_out,
       const float k0 = (dk[n][2 * h] + pk.x) * p.scale, k1 = (dk[n][2 * h + 1] + pk.y) * p.scale;
       const float v0 = dv[n][2 * h] + pv.x, v1 = dv[n][2 * h + 1] + pv.y;
       if (p.hsplit == 1) {
-        *reinterpret_cast<uint32_t*>(dk_out + off + n * 8) = pack2<T>(k0, k1);
-        *reinterpret_cast<uint32_t*>(dv_out + off + n * 8) = pack2<T>(v0, v1);
+        *reinterpret_cast<uint32_t*>(dk_out + dk_off + n * 8) = pack2<T>(k0, k1);
+        *reinterpret_cast<uint32_t*>(dv_out + dv_off + n * 8) = pack2<T>(v0, v1);
       } else {
-        atomicAdd(reinterpret_cast<float2*>(dk_acc + off + n * 8), make_float2(k0, k1));
-        atomicAdd(reinterpret_cast<float2*>(dv_acc + off + n * 8), make_float2(v0, v1));
+        atomicAdd(reinterpret_cast<float2*>(dk_acc + acc_off + n * 8), make_float2(k0, k1));
+        atomicAdd(reinterpret_cast<float2*>(dv_acc + acc_off + n * 8), make_float2(v0, v1));
       }
     }
   }
@@ -447,20 +453,20 @@ __device__ void fa_bwd_dq_impl(T* __restrict__ dq_out, const T* __restrict__ q, 
   const uint32_t head = blockIdx.x % per_tile % p.heads, bb = blockIdx.x % per_tile / p.heads;
   const uint32_t kvh = head / (p.heads / p.kv_heads);
   const uint32_t q0 = qt * TILE_ROWS;
-  const uint32_t qstride = p.heads * D, kstride = p.kv_heads * D;
-  const uint64_t hoff = ((uint64_t)bb * p.t * p.heads + head) * D;
-  const T* kb = k + ((uint64_t)bb * p.t * p.kv_heads + kvh) * D;
-  const T* vb = v + ((uint64_t)bb * p.t * p.kv_heads + kvh) * D;
+  const uint32_t ostride = p.heads * D;  // dO's rows
+  const uint64_t row0_of_batch = (uint64_t)bb * p.t;
+  const T* kb = k + row0_of_batch * p.k_rs + kvh * D;
+  const T* vb = v + row0_of_batch * p.v_rs + kvh * D;
 
   const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t do_s = q_s + TILE, kv_s = do_s + TILE;  // stage st: K at kv_s + st·2·TILE, V after it
   auto issue = [&](int j) {
     const uint32_t k_dst = kv_s + (j & 1) * 2 * TILE;
-    load_rows<T, D, NT>(k_dst, kb, j * TILE_ROWS, p.t, kstride);
-    load_rows<T, D, NT>(k_dst + TILE, vb, j * TILE_ROWS, p.t, kstride);
+    load_rows<T, D, NT>(k_dst, kb, j * TILE_ROWS, p.t, p.k_rs);
+    load_rows<T, D, NT>(k_dst + TILE, vb, j * TILE_ROWS, p.t, p.v_rs);
   };
-  load_rows<T, D, NT>(q_s, q + hoff, q0, p.t, qstride);
-  load_rows<T, D, NT>(do_s, dout + hoff, q0, p.t, qstride);
+  load_rows<T, D, NT>(q_s, q + row0_of_batch * p.q_rs + head * D, q0, p.t, p.q_rs);
+  load_rows<T, D, NT>(do_s, dout + (row0_of_batch * p.heads + head) * D, q0, p.t, ostride);
   issue(0);
   cp_commit();
 
@@ -537,24 +543,26 @@ __device__ void fa_bwd_dq_impl(T* __restrict__ dq_out, const T* __restrict__ q, 
   }
   cp_wait<0>();
   if (row0 < p.t) {
-    T* dst = dq_out + ((uint64_t)bb * p.t + row0) * qstride + head * D + 2 * c;
+    T* dst = dq_out + (row0_of_batch + row0) * p.dq_rs + head * D + 2 * c;
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
       *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2<T>(acc[n][0] * p.scale, acc[n][1] * p.scale);
   }
   if (row1 < p.t) {
-    T* dst = dq_out + ((uint64_t)bb * p.t + row1) * qstride + head * D + 2 * c;
+    T* dst = dq_out + (row0_of_batch + row1) * p.dq_rs + head * D + 2 * c;
 #pragma unroll
     for (int n = 0; n < D / 8; n++)
       *reinterpret_cast<uint32_t*>(dst + n * 8) = pack2<T>(acc[n][2] * p.scale, acc[n][3] * p.scale);
   }
 }
 
-// f32 → T, n elements.
+// f32 → T: `rows` rows of `cols` (contiguous in) into rows `out_rs` apart.
 template <typename T>
-__device__ void fa_cast_impl(T* __restrict__ out, const float* __restrict__ in, uint64_t n) {
+__device__ void fa_cast_impl(T* __restrict__ out, uint64_t out_rs, const float* __restrict__ in, uint64_t rows,
+                             uint64_t cols) {
+  const uint64_t n = rows * cols;
   for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x)
-    out[i] = from_f32<T>(in[i]);
+    out[i / cols * out_rs + i % cols] = from_f32<T>(in[i]);
 }
 
 #define FA(TY, T, DD)                                                                              \
@@ -577,8 +585,11 @@ __device__ void fa_cast_impl(T* __restrict__ out, const float* __restrict__ in, 
                              const float* lse, const float* dsum, FaParams p) {                    \
     fa_bwd_dq_impl<T, DD>(dq, q, k, v, dout, lse, dsum, p);                                        \
   }
-#define FA_CAST(TY, T) \
-  extern "C" __global__ void fa_cast_##TY(T* out, const float* in, uint64_t n) { fa_cast_impl<T>(out, in, n); }
+#define FA_CAST(TY, T)                                                                              \
+  extern "C" __global__ void fa_cast_##TY(T* out, uint64_t out_rs, const float* in, uint64_t rows,   \
+                                          uint64_t cols) {                                          \
+    fa_cast_impl<T>(out, out_rs, in, rows, cols);                                                   \
+  }
 
 FA(f16, __half, 64)
 FA(f16, __half, 128)

@@ -9,6 +9,10 @@
 // Pair j of a head (j < D/2) is (j, j + D/2) for the half rotation of Hugging Face
 // checkpoints, (2j, 2j + 1) for the interleaved pairs of GGUF ones:
 //   out[i1] = x[i1] cos - x[i2] sin,  out[i2] = x[i1] sin + x[i2] cos   (in f32).
+// Heads h >= rot_heads (of q, then k) are copied unrotated: a fused [tokens, q | k | v]
+// projection passed as q alone, with rot_heads = q and k's heads, comes out whole with V
+// as it was (the training path's packed Q/K/V). `inverse` rotates by the opposite angles
+// (the backward: the rotation is orthogonal).
 // Grid: (tokens, ceil((heads + kv_heads) * D/2 / per / blockDim.x)); a thread per `per`
 // pairs (pairs_per_thread: 4 for the half rotation when D/2 allows, else 1), consecutive
 // threads on consecutive pairs. A position past the table (the host
@@ -46,7 +50,8 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
                                           const T* __restrict__ sin, const uint32_t* __restrict__ pos,
                                           uint32_t tokens, uint32_t heads, uint32_t kv_heads,
                                           uint32_t half, uint32_t max_pos, uint32_t interleaved,
-                                          uint64_t q_stride, uint64_t k_stride) {
+                                          uint64_t q_stride, uint64_t k_stride, uint32_t rot_heads,
+                                          uint32_t inverse) {
   const uint32_t t = blockIdx.x;
   const uint32_t per = pairs_per_thread(half, interleaved);
   const uint32_t idx = blockIdx.y * blockDim.x + threadIdx.x;
@@ -63,6 +68,21 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
     src = k + t * k_stride + (h - heads) * d;
     dst = out + (uint64_t)tokens * heads * d + ((uint64_t)t * kv_heads + (h - heads)) * d;
   }
+  if (h >= rot_heads) {  // copied as it is
+    using Raw = typename FourRaw<T>::Type;
+    if (per == 4 && aligned4(src + j0) && aligned4(src + j0 + half) && aligned4(dst + j0) &&
+        aligned4(dst + j0 + half)) {
+      *reinterpret_cast<Raw*>(dst + j0) = *reinterpret_cast<const Raw*>(src + j0);
+      *reinterpret_cast<Raw*>(dst + j0 + half) = *reinterpret_cast<const Raw*>(src + j0 + half);
+      return;
+    }
+    for (uint32_t j = j0; j < j0 + per; j++) {
+      dst[interleaved ? 2 * j : j] = src[interleaved ? 2 * j : j];
+      dst[interleaved ? 2 * j + 1 : j + half] = src[interleaved ? 2 * j + 1 : j + half];
+    }
+    return;
+  }
+  const float sgn = inverse ? -1.f : 1.f;
   const uint32_t p = pos[t];
   if (p >= max_pos) {
     for (uint32_t j = j0; j < j0 + per; j++) {
@@ -82,7 +102,7 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
     s.raw = *reinterpret_cast<const typename FourRaw<T>::Type*>(sr + j0);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-      const float x1 = to_f32(a.v[i]), x2 = to_f32(b.v[i]), cv = to_f32(c.v[i]), sv = to_f32(s.v[i]);
+      const float x1 = to_f32(a.v[i]), x2 = to_f32(b.v[i]), cv = to_f32(c.v[i]), sv = sgn * to_f32(s.v[i]);
       o1.v[i] = from_f32<T>(x1 * cv - x2 * sv);
       o2.v[i] = from_f32<T>(x1 * sv + x2 * cv);
     }
@@ -94,7 +114,7 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
     const uint32_t i1 = interleaved ? 2 * j : j;
     const uint32_t i2 = interleaved ? 2 * j + 1 : j + half;
     const float c = to_f32(cr[j]);
-    const float s = to_f32(sr[j]);
+    const float s = sgn * to_f32(sr[j]);
     const float x1 = to_f32(src[i1]), x2 = to_f32(src[i2]);
     dst[i1] = from_f32<T>(x1 * c - x2 * s);
     dst[i2] = from_f32<T>(x1 * s + x2 * c);
@@ -105,9 +125,10 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
   extern "C" __global__ void rope_##SFX(T* out, const T* q, const T* k, const T* cos, const T* sin, \
                                         const uint32_t* pos, uint32_t tokens, uint32_t heads,       \
                                         uint32_t kv_heads, uint32_t half, uint32_t max_pos,         \
-                                        uint32_t interleaved, uint64_t q_stride, uint64_t k_stride) { \
+                                        uint32_t interleaved, uint64_t q_stride, uint64_t k_stride, \
+                                        uint32_t rot_heads, uint32_t inverse) {                    \
     rope_impl<T>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved,     \
-                 q_stride, k_stride);                                                               \
+                 q_stride, k_stride, rot_heads, inverse);                                           \
   }
 
 ROPE(f32, float)

@@ -747,6 +747,123 @@ fn flash_attention_matches_cpu() {
     }
 }
 
+/// `rope_packed` on CUDA against the CPU: the first heads rotated, the rest copied, and
+/// its gradient (the inverse rotation on those heads, V passed through) in one tensor;
+/// training's shape (8192 tokens, 12 + 12 heads rotated, 12 copied) and odd ones.
+#[test]
+fn rope_packed_matches_cpu() {
+    use candle_core::Var;
+    let dev = gpu();
+    let mut rng = Rng::new(77);
+    for dtype in [DType::F32, DType::BF16] {
+        for interleaved in [false, true] {
+            for (t, h, kh, d) in [
+                (8192usize, 12usize, 12usize, 64usize),
+                (5, 4, 2, 8),
+                (33, 3, 1, 6),
+                (7, 16, 1, 128),
+            ] {
+                let (x_c, x_g) = pair(&mut rng, &[t, h + 2 * kh, d], dtype, &dev);
+                let (dy_c, dy_g) = pair(&mut rng, &[t, h + 2 * kh, d], dtype, &dev);
+                let a = rng.tensor(&[64, d / 2], 3.0, 0.0);
+                let (cos, sin) = (
+                    a.cos().unwrap().to_dtype(dtype).unwrap(),
+                    a.sin().unwrap().to_dtype(dtype).unwrap(),
+                );
+                let pos = Tensor::new(rng.tokens(t, 64).as_slice(), &Device::Cpu).unwrap();
+                let run = |x: &Tensor, dy: &Tensor, dev: &Device| {
+                    let xv = Var::from_tensor(x).unwrap();
+                    let (c, s, p) = (
+                        cos.to_device(dev).unwrap(),
+                        sin.to_device(dev).unwrap(),
+                        pos.to_device(dev).unwrap(),
+                    );
+                    let y = crosskv::ops::rope_packed(xv.as_tensor(), &p, &c, &s, interleaved, h + kh).unwrap();
+                    let g = grads_of(&y, dy).get(xv.as_tensor()).expect("a gradient").clone();
+                    (flat(&y), flat(&g))
+                };
+                let (want_y, want_g) = run(&x_c, &dy_c, &Device::Cpu);
+                let (got_y, got_g) = run(&x_g, &dy_g, &dev);
+                let what = format!("rope_packed {dtype:?} interleaved={interleaved} t{t} {h}+{kh}+{kh} d{d}");
+                let (ey, eg) = (rel_err(&got_y, &want_y), rel_err(&got_g, &want_g));
+                eprintln!("{what}: y {ey:.2e}, grad {eg:.2e}");
+                assert!(ey <= tol(dtype) && eg <= tol(dtype), "{what}: y {ey}, grad {eg}");
+            }
+        }
+    }
+}
+
+/// The packed forms on CUDA (q, k, v as heads of one tensor; a consumer's q apart with
+/// K and V inside a wider tensor) against the same ops on the CPU in f32 from the same
+/// rounded inputs: the output and each input's whole gradient (the kernels write dq,
+/// dk, dv into their columns with row strides; heads that are none of them must stay
+/// zero). MHA, GQA, MQA, both head dims; t = 1100 with 32/2 heads splits each group's
+/// dK/dV over CTAs (f32 atomics, then the strided cast).
+#[test]
+fn packed_flash_attention_matches_cpu() {
+    use candle_core::Var;
+    let dev = gpu();
+    // Output and each input's gradient under the loss Σ out∘w.
+    let run = |f: &dyn Fn(&[&Tensor]) -> Tensor, xs: &[&Tensor], w: &Tensor| -> Vec<Vec<f32>> {
+        let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+        let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+        let out = f(&ts);
+        let grads = (&out * w).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut r = vec![flat(&out)];
+        r.extend(vars.iter().map(|v| flat(grads.get(v.as_tensor()).expect("a gradient"))));
+        r
+    };
+    let f32s = |x: &Tensor| x.to_dtype(DType::F32).unwrap();
+    let mut cases = vec![];
+    for d in [64, 128] {
+        for (heads, kv_heads) in [(4, 4), (8, 2), (16, 1)] {
+            for t in [17, 65, 200] {
+                cases.push((2, t, heads, kv_heads, d));
+            }
+        }
+    }
+    cases.push((2, 1100, 32, 2, 64));
+    for (i, &(b, t, h, kvh, d)) in cases.iter().enumerate() {
+        let mut rng = Rng::new(3000 + i as u64);
+        let scale = 1.0 / (d as f32).sqrt();
+        let (w_c, w_g) = pair(&mut rng, &[b, t, h, d], DType::BF16, &dev);
+        let (x_c, x_g) = pair(&mut rng, &[b, t, h + 2 * kvh, d], DType::BF16, &dev);
+        let packed = |xs: &[&Tensor]| crosskv::ops::causal_attention_packed(xs[0], h, kvh, scale).unwrap();
+        let want = run(&packed, &[&f32s(&x_c)], &f32s(&w_c));
+        let got = run(&packed, &[&x_g], &w_g);
+        for (name, (g, w)) in ["out", "dqkv"].iter().zip(got.iter().zip(&want)) {
+            let e = rel_err(g, w);
+            eprintln!("packed BF16 d{d} heads {h}/{kvh} b{b} t{t} {name}: max rel err {e:.2e}");
+            assert!(
+                e <= tol(DType::BF16),
+                "packed d{d} {h}/{kvh} t{t}: {name} relative error {e}"
+            );
+        }
+        let (q_c, q_g) = pair(&mut rng, &[b, t, h, d], DType::BF16, &dev);
+        let (s_c, s_g) = pair(&mut rng, &[b, t, 2 + 2 * kvh + 1, d], DType::BF16, &dev);
+        let shared = |xs: &[&Tensor]| crosskv::ops::causal_attention_shared_kv(xs[0], xs[1], 2, kvh, scale).unwrap();
+        let want = run(&shared, &[&f32s(&q_c), &f32s(&s_c)], &f32s(&w_c));
+        let got = run(&shared, &[&q_g, &s_g], &w_g);
+        for (name, (g, w)) in ["out", "dq", "dsrc"].iter().zip(got.iter().zip(&want)) {
+            let e = rel_err(g, w);
+            eprintln!("shared-kv BF16 d{d} heads {h}/{kvh} b{b} t{t} {name}: max rel err {e:.2e}");
+            assert!(
+                e <= tol(DType::BF16),
+                "shared d{d} {h}/{kvh} t{t}: {name} relative error {e}"
+            );
+        }
+        // The source's heads that are neither K nor V get exactly zero.
+        let g = &got[2];
+        let row = (2 + 2 * kvh + 1) * d;
+        for r in g.chunks(row) {
+            assert!(
+                r[..2 * d].iter().chain(&r[row - d..]).all(|&x| x == 0.0),
+                "shared t{t}: other heads not zero"
+            );
+        }
+    }
+}
+
 /// A tiny CLA2 model (160 positions, seeded) loaded three ways: f32 on the CPU (the
 /// reference), bf16 on the CPU (what bf16 alone costs) and bf16 on CUDA.
 fn tiny_cla_three_ways(
@@ -1012,7 +1129,17 @@ fn rms_norm_grads_match_cpu() {
     let dev = gpu();
     let mut rng = Rng::new(41);
     for dtype in [DType::F32, DType::BF16] {
-        for (rows, hidden) in [(8192usize, 768usize), (3, 5), (33, 2048), (1, 4096)] {
+        // 8192×768 and 65×576: the vectorised kernel with 3 vectors a lane (bf16; the
+        // second leaves lanes idle), 33×2048 its 8-vector form (bf16), 100×1000 4 (bf16)
+        // and 8 (f32); 3×5 and 1×4096 (f32) the scalar kernel.
+        for (rows, hidden) in [
+            (8192usize, 768usize),
+            (3, 5),
+            (33, 2048),
+            (1, 4096),
+            (65, 576),
+            (100, 1000),
+        ] {
             let (xc, xg) = pair(&mut rng, &[rows, hidden], dtype, &dev);
             let (gc, gg) = pair(&mut rng, &[rows, hidden], dtype, &dev);
             let wc = (rng.tensor(&[hidden], 0.2, 1.0)).to_dtype(dtype).unwrap();

@@ -136,6 +136,23 @@ impl Layer {
 }
 
 impl Attention {
+    /// Training: a producer's Q, K and V as one matmul over its stacked weight variables,
+    /// Q and K rotated, V copied: `[tokens, heads + 2·kv_heads, head_dim]`, which
+    /// `causal_attention_packed` reads in place and whose gradient comes back in one
+    /// piece (one matmul backward instead of three and the sum of their input
+    /// gradients). `None` for consumers, the paper's separate K/V norm, and weights that
+    /// are not variables (serving, which stacks its own in `fuse_projections`).
+    fn project_packed(&self, normed: &Tensor, rope: &Rope, positions: &Tensor) -> Result<Option<Tensor>> {
+        let Some(kv) = self.kv.as_ref().filter(|kv| kv.norm.is_none()) else {
+            return Ok(None);
+        };
+        let Some(y) = Linear::forward_stacked_variables(normed, &[&self.q, &kv.k, &kv.v])? else {
+            return Ok(None);
+        };
+        let y = y.reshape((normed.dim(0)?, self.heads + 2 * self.kv_heads, self.head_dim))?;
+        rope.rotate_packed(&y, positions, self.heads + self.kv_heads).map(Some)
+    }
+
     /// Q, and for producers K and V, `[tokens, heads, head_dim]`; Q and K rotated for
     /// `positions` (u32 `[tokens]`).
     fn project(
@@ -514,25 +531,53 @@ impl Model {
         let mut x = crate::ops::embedding(&self.embed, &ids)?;
         let mut normed = self.norm_before(0).forward(&x)?;
         let mut produced: Vec<Option<(Tensor, Tensor)>> = vec![None; self.layers.len()];
+        // Training: producers' packed, rotated Q/K/V `[b, t, heads + 2·kv_heads, d]`.
+        let mut packed: Vec<Option<Tensor>> = vec![None; self.layers.len()];
+        let scale = |a: &Attention| 1.0 / (a.head_dim as f32).sqrt();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
+            let source = self.layout.producer_of_slot(a.slot);
+            let o = if let Some(qkv) = a.project_packed(&normed, &self.rope, &positions)? {
+                let qkv = qkv.reshape((b, t, a.heads + 2 * a.kv_heads, a.head_dim))?;
+                let o = crate::ops::causal_attention_packed(&qkv, a.heads, a.kv_heads, scale(a))?;
+                packed[i] = Some(qkv);
+                Some(o)
+            } else if let (None, Some(src)) = (&a.kv, &packed[source]) {
+                // A consumer of a packed producer: K and V read from its packed tensor,
+                // whose gradient they add to in one piece.
+                let q = a.q.forward(&normed)?.reshape((b * t, a.heads, a.head_dim))?;
+                let q = self.rope.rotate(&q, None, &positions)?.0;
+                let q = q.reshape((b, t, a.heads, a.head_dim))?;
+                let kv_head = src.dim(2)? - 2 * a.kv_heads;
+                Some(crate::ops::causal_attention_shared_kv(
+                    &q,
+                    src,
+                    kv_head,
+                    a.kv_heads,
+                    scale(a),
+                )?)
+            } else {
+                None
+            };
+            if let Some(o) = o {
+                let o = o.reshape((b * t, a.heads * a.head_dim))?;
+                (x, normed) = self.finish_layer(i, &x, &o)?;
+                continue;
+            }
             let (q, kv) = a.project(&normed, &x, &self.rope, &positions)?;
             if kv.is_some() {
                 produced[i] = kv;
             }
-            let (k, v) = produced[self.layout.producer_of_slot(a.slot)]
-                .as_ref()
-                .expect("producers run before their consumers");
+            let (k, v) = produced[source].as_ref().expect("producers run before their consumers");
             // Fused causal attention (differentiable; f32 inside on the CPU, the flash
             // kernels on CUDA in f16/bf16). The flat rows are sequence-major, so
             // `[b·t, heads, d]` → `[b, t, heads, d]` is a free reshape.
             let batched = |m: &Tensor, heads: usize| m.reshape((b, t, heads, a.head_dim));
-            let scale = 1.0 / (a.head_dim as f32).sqrt();
             let o = crate::ops::causal_attention(
                 &batched(&q, a.heads)?,
                 &batched(k, a.kv_heads)?,
                 &batched(v, a.kv_heads)?,
-                scale,
+                scale(a),
             )?
             .reshape((b * t, a.heads * a.head_dim))?
             .to_dtype(self.dtype)?;

@@ -88,4 +88,10 @@ impl Rope {
     pub fn rotate(&self, q: &Tensor, k: Option<&Tensor>, positions: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         crate::ops::rope(q, k, positions, &self.cos, &self.sin, self.interleaved)
     }
+
+    /// A packed `[tokens, heads, head_dim]` with its first `rot_heads` heads rotated and
+    /// the rest copied (`ops::rope_packed`).
+    pub fn rotate_packed(&self, x: &Tensor, positions: &Tensor, rot_heads: usize) -> Result<Tensor> {
+        crate::ops::rope_packed(x, positions, &self.cos, &self.sin, self.interleaved, rot_heads)
+    }
 }

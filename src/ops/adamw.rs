@@ -352,8 +352,10 @@ mod cuda {
         };
         let dev = first.device.clone();
         let stream = dev.cuda_stream();
-        // (pointer, length) of each gradient and the first block of each: a block per 1024
-        // elements, at most 1056 per tensor (as the one-tensor launch).
+        // (pointer, length) of each gradient and the first block of each: a block per 16384
+        // elements (8 vector loads a thread), at most 1056 per tensor. Blocks of a few scalar
+        // loads each cost more to schedule than their loads (0.29 ms for a ~125M model's
+        // gradients on an H100).
         let (mut table, mut starts) = (Vec::with_capacity(2 * gs.len()), vec![0u32]);
         for (s, l) in &guards {
             let Storage::Cuda(s) = &**s else {
@@ -372,7 +374,7 @@ mod cuda {
             };
             table.extend([ptr, (b - a) as u64]);
             let last = *starts.last().expect("starts begins with 0");
-            starts.push(last + (b - a).div_ceil(1024).min(1056) as u32);
+            starts.push(last + (b - a).div_ceil(16384).min(1056) as u32);
         }
         let count = starts.len() - 1;
         let blocks = *starts.last().expect("starts begins with 0");

@@ -1,12 +1,18 @@
 //! CUDA launches of `kernels/flash_attention.cu` (feature `cuda`): the forward and
-//! backward of `causal_attention` for f16/bf16 with head_dim 64 or 128. The CPU paths of
-//! `flash_attention.rs` are the references.
+//! backward of `causal_attention` and its packed forms for f16/bf16 with head_dim 64 or
+//! 128. The CPU paths of `flash_attention.rs` are the references.
+//!
+//! Every operand is a [`Rows`]: the `[b·t]` rows of q, k or v inside a storage, any
+//! (16-byte aligned) stride apart, so the kernels read column slices of a packed Q/K/V
+//! in place; the backward writes dq, dk and dv where a [`GradLayout`] says, so a packed
+//! input gets its gradient packed in one buffer. The kernels get raw device pointers:
+//! [`Rows::check`] and [`GradLayout`]'s bounds check stand in for cudarc's slices.
 
 use super::cuda::{contiguous, poison, ptx, suffix, POISON};
 use super::flash_attention::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape};
 use std::sync::atomic::Ordering;
@@ -31,8 +37,126 @@ struct FaParams {
     n_tiles: u32,
     hsplit: u32,
     scale: f32,
+    q_rs: u64,
+    k_rs: u64,
+    v_rs: u64,
+    dq_rs: u64,
+    dk_rs: u64,
+    dv_rs: u64,
 }
 unsafe impl DeviceRepr for FaParams {}
+
+/// One input of the kernels: row `r` of the `[b·t, heads·d]` rows of q (or k, v) starts
+/// at element `offset + r·stride` of `s`.
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub s: &'a CudaStorage,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+impl Rows<'_> {
+    /// The whole of a contiguous tensor of rows `width` wide.
+    pub(crate) fn contiguous<'a>(s: &'a CudaStorage, l: &Layout, width: usize, what: &str) -> Result<Rows<'a>> {
+        let (offset, _) = contiguous(l, OP, what)?;
+        Ok(Rows {
+            s,
+            offset,
+            stride: width,
+        })
+    }
+
+    /// `rows` rows of `width` fit the storage; offset and stride keep 16-byte alignment
+    /// (the kernels' vector loads).
+    fn check(&self, rows: usize, width: usize, what: &str) -> Result<()> {
+        let esize = self.s.dtype().size_in_bytes();
+        let len = match self.s.dtype() {
+            DType::F16 => self.s.as_cuda_slice::<half::f16>()?.len(),
+            DType::BF16 => self.s.as_cuda_slice::<half::bf16>()?.len(),
+            dt => candle_core::bail!("{OP}: {what} is {dt:?} (f16/bf16)"),
+        };
+        let end = self.offset + rows.saturating_sub(1) * self.stride + width;
+        if self.stride < width || (rows > 0 && end > len) {
+            candle_core::bail!(
+                "{OP}: {what}: {rows} rows of {width} at {} every {} do not fit {len} elements",
+                self.offset,
+                self.stride
+            );
+        }
+        if !(self.offset * esize).is_multiple_of(16) || !(self.stride * esize).is_multiple_of(16) {
+            candle_core::bail!("{OP}: {what}'s rows are not 16-byte aligned");
+        }
+        Ok(())
+    }
+
+    /// The device address of row 0.
+    fn ptr<T: DeviceRepr>(&self, dev: &CudaDevice) -> Result<u64>
+    where
+        CudaStorage: AsSlice<T>,
+    {
+        let stream = dev.cuda_stream();
+        let base = self.s.slice_of()?.device_ptr(&stream).0;
+        Ok(base + (self.offset * std::mem::size_of::<T>()) as u64)
+    }
+}
+
+/// Typed access to a storage's slice (the `go!` macros pick the element type).
+pub(crate) trait AsSlice<T> {
+    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<T>>;
+}
+impl AsSlice<half::f16> for CudaStorage {
+    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>> {
+        self.as_cuda_slice::<half::f16>()
+    }
+}
+impl AsSlice<half::bf16> for CudaStorage {
+    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>> {
+        self.as_cuda_slice::<half::bf16>()
+    }
+}
+
+/// Where the backward writes: one buffer of `len` elements holding dq, dk and dv at
+/// (offset, row stride) each. `zeroed`: the buffer starts as zeros, for elements no
+/// kernel writes (a packed input's other heads).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradLayout {
+    pub len: usize,
+    pub dq: (usize, usize),
+    pub dk: (usize, usize),
+    pub dv: (usize, usize),
+    pub zeroed: bool,
+}
+
+impl GradLayout {
+    /// `[dq | dk | dv]` one after the other, each contiguous.
+    pub(crate) fn flat(d: Dims) -> GradLayout {
+        let (nq, nk) = (d.q_len(), d.kv_len());
+        GradLayout {
+            len: nq + 2 * nk,
+            dq: (0, d.heads * d.d),
+            dk: (nq, d.kv_heads * d.d),
+            dv: (nq + nk, d.kv_heads * d.d),
+            zeroed: false,
+        }
+    }
+
+    fn check(&self, d: Dims) -> Result<()> {
+        let rows = d.b * d.t;
+        for ((off, rs), width, what) in [
+            (self.dq, d.heads * d.d, "dq"),
+            (self.dk, d.kv_heads * d.d, "dk"),
+            (self.dv, d.kv_heads * d.d, "dv"),
+        ] {
+            if rs < width || (rows > 0 && off + (rows - 1) * rs + width > self.len) || off % 8 != 0 || rs % 8 != 0 {
+                candle_core::bail!(
+                    "{OP}: {what} at {off} every {rs} does not fit {} elements aligned",
+                    self.len
+                );
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Dynamic shared memory: `FwdCfg<D>::SMEM` (Q, two stages of K and V) and
 /// `BwdCfg<D>::SMEM` (K, V, two stages of Q, dO, LSE, Dsum).
@@ -62,8 +186,23 @@ fn check(d: Dims, dtype: DType) -> Result<&'static str> {
     suffix(dtype, OP)
 }
 
-fn params(d: Dims, scale: f32, hsplit: usize) -> FaParams {
+/// The inputs: one dtype, each fitting its storage, aligned.
+fn check_inputs(d: Dims, q: &Rows, k: &Rows, v: &Rows) -> Result<&'static str> {
+    let dtype = q.s.dtype();
+    let sfx = check(d, dtype)?;
+    if k.s.dtype() != dtype || v.s.dtype() != dtype {
+        candle_core::bail!("{OP}: q, k and v must share one dtype");
+    }
+    let rows = d.b * d.t;
+    q.check(rows, d.heads * d.d, "q")?;
+    k.check(rows, d.kv_heads * d.d, "k")?;
+    v.check(rows, d.kv_heads * d.d, "v")?;
+    Ok(sfx)
+}
+
+fn params(d: Dims, scale: f32, hsplit: usize, inputs: [&Rows; 3], grads: Option<&GradLayout>) -> FaParams {
     let tp = d.t.next_multiple_of(TILE);
+    let g = grads.copied().unwrap_or(GradLayout::flat(d));
     FaParams {
         b: d.b as u32,
         t: d.t as u32,
@@ -73,6 +212,12 @@ fn params(d: Dims, scale: f32, hsplit: usize) -> FaParams {
         n_tiles: (tp / TILE) as u32,
         hsplit: hsplit as u32,
         scale,
+        q_rs: inputs[0].stride as u64,
+        k_rs: inputs[1].stride as u64,
+        v_rs: inputs[2].stride as u64,
+        dq_rs: g.dq.1 as u64,
+        dk_rs: g.dk.1 as u64,
+        dv_rs: g.dv.1 as u64,
     }
 }
 
@@ -101,24 +246,12 @@ fn config(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
     }
 }
 
-/// The forward: O (q's dtype, q's shape) and LSE (f32 `[b, heads, tp]`, tp = t rounded
-/// up to 64, with its shape).
-pub(crate) fn forward(
-    d: Dims,
-    scale: f32,
-    q: (&CudaStorage, &Layout),
-    k: (&CudaStorage, &Layout),
-    v: (&CudaStorage, &Layout),
-) -> Result<(CudaStorage, CudaStorage, Shape)> {
-    let sfx = check(d, q.0.dtype())?;
-    if k.0.dtype() != q.0.dtype() || v.0.dtype() != q.0.dtype() {
-        candle_core::bail!("{OP}: q, k and v must share one dtype");
-    }
-    let (q0, q1) = contiguous(q.1, OP, "q")?;
-    let (k0, k1) = contiguous(k.1, OP, "k")?;
-    let (v0, v1) = contiguous(v.1, OP, "v")?;
-    let dev = q.0.device.clone();
-    let p = params(d, scale, 1);
+/// The forward: O (q's dtype, `[b, t, heads, d]` contiguous) and LSE (f32 `[b, heads,
+/// tp]`, tp = t rounded up to 64, with its shape).
+pub(crate) fn forward(d: Dims, scale: f32, q: Rows, k: Rows, v: Rows) -> Result<(CudaStorage, CudaStorage, Shape)> {
+    let sfx = check_inputs(d, &q, &k, &v)?;
+    let dev = q.s.device.clone();
+    let p = params(d, scale, 1, [&q, &k, &v], None);
     let tp = p.tp as usize;
     let mut lse = unsafe { dev.alloc::<f32>(d.b * d.heads * tp)? };
     if POISON.load(Ordering::Relaxed) {
@@ -129,9 +262,7 @@ pub(crate) fn forward(
     let name = format!("fa_fwd_{sfx}_d{}", d.d);
     macro_rules! go {
         ($t:ty) => {{
-            let qv = q.0.as_cuda_slice::<$t>()?.slice(q0..q1);
-            let kv = k.0.as_cuda_slice::<$t>()?.slice(k0..k1);
-            let vv = v.0.as_cuda_slice::<$t>()?.slice(v0..v1);
+            let (qp, kp, vp) = (q.ptr::<$t>(&dev)?, k.ptr::<$t>(&dev)?, v.ptr::<$t>(&dev)?);
             let mut out = unsafe { dev.alloc::<$t>(d.q_len())? };
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
@@ -143,12 +274,12 @@ pub(crate) fn forward(
             )
             .w()?;
             let mut b = f.builder();
-            b.arg(&mut out).arg(&mut lse).arg(&qv).arg(&kv).arg(&vv).arg(&p);
+            b.arg(&mut out).arg(&mut lse).arg(&qp).arg(&kp).arg(&vp).arg(&p);
             unsafe { b.launch(cfg) }.w()?;
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
-    let out = match q.0.dtype() {
+    let out = match q.s.dtype() {
         DType::F16 => go!(half::f16),
         _ => go!(half::bf16),
     };
@@ -156,43 +287,43 @@ pub(crate) fn forward(
     Ok((out, lse, Shape::from((d.b, d.heads, tp))))
 }
 
-/// The backward: `[dq | dk | dv]` flat in q's dtype, from `x` = q, k, v, O, dO and the
-/// forward's LSE.
+/// The backward: one buffer in q's dtype holding dq, dk, dv where `grads` says, from
+/// the inputs, O and dO (contiguous `[b, t, heads, d]`) and the forward's LSE.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     d: Dims,
     scale: f32,
-    x: [(&CudaStorage, &Layout); 5],
+    [q, k, v]: [Rows; 3],
+    o: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
     lse: (&CudaStorage, &Layout),
+    grads: GradLayout,
 ) -> Result<(CudaStorage, Shape)> {
-    let dtype = x[0].0.dtype();
-    let sfx = check(d, dtype)?;
-    if x.iter().any(|(s, _)| s.dtype() != dtype) || lse.0.dtype() != DType::F32 {
+    let sfx = check_inputs(d, &q, &k, &v)?;
+    let dtype = q.s.dtype();
+    if o.0.dtype() != dtype || g.0.dtype() != dtype || lse.0.dtype() != DType::F32 {
         candle_core::bail!("{OP}: q, k, v, O and dO must share one dtype, LSE f32");
     }
-    let p = params(d, scale, 1);
-    let tp = p.tp as usize;
-    if x[3].1.shape() != x[0].1.shape() || x[4].1.shape() != x[0].1.shape() || lse.1.dims() != [d.b, d.heads, tp] {
+    grads.check(d)?;
+    let tp = d.t.next_multiple_of(TILE);
+    let q_shape = [d.b, d.t, d.heads, d.d];
+    if o.1.dims() != q_shape || g.1.dims() != q_shape || lse.1.dims() != [d.b, d.heads, tp] {
         candle_core::bail!(
-            "{OP}: O {:?}, dO {:?}, LSE {:?} do not fit q {:?}",
-            x[3].1.shape(),
-            x[4].1.shape(),
+            "{OP}: O {:?}, dO {:?}, LSE {:?} do not fit q {q_shape:?}",
+            o.1.shape(),
+            g.1.shape(),
             lse.1.shape(),
-            x[0].1.shape()
         );
     }
-    let what = ["q", "k", "v", "O", "dO"];
-    let mut ranges = [(0, 0); 5];
-    for (i, (_, l)) in x.iter().enumerate() {
-        ranges[i] = contiguous(l, OP, what[i])?;
-    }
+    let (o0, o1) = contiguous(o.1, OP, "O")?;
+    let (g0, g1) = contiguous(g.1, OP, "dO")?;
     let (l0, l1) = contiguous(lse.1, OP, "lse")?;
-    let dev = x[0].0.device.clone();
-    let p = params(d, scale, hsplit(&dev, d)?);
-    let (nq, nk) = (d.q_len(), d.kv_len());
-    let n = nq + 2 * nk;
+    let dev = q.s.device.clone();
+    let p = params(d, scale, hsplit(&dev, d)?, [&q, &k, &v], Some(&grads));
+    let nk = d.kv_len();
     // A group split over CTAs sums its dK, dV in f32 first; else they are stored directly.
     let split = p.hsplit > 1;
-    let mut acc = dev.alloc_zeros::<f32>(if split { 2 * nk } else { 1 })?;
+    let acc = dev.alloc_zeros::<f32>(if split { 2 * nk } else { 1 })?;
     let mut dsum = unsafe { dev.alloc::<f32>(d.b * d.heads * tp)? };
     let dot_cfg = config((d.b * d.heads * tp).div_ceil(4), FWD_THREADS, 0);
     let kv_cfg = config(
@@ -201,7 +332,7 @@ pub(crate) fn backward(
         bwd_smem(d.d),
     );
     let dq_cfg = config(p.n_tiles as usize * d.heads * d.b, FWD_THREADS, dq_smem(d.d));
-    let cast_cfg = config((2 * nk).div_ceil(256).min(1 << 16), 256, 0);
+    let cast_cfg = config(nk.div_ceil(256).min(1 << 16), 256, 0);
     let lse = lse.0.as_cuda_slice::<f32>()?.slice(l0..l1);
     let name = |k: &str| format!("fa_{k}_{sfx}_d{}", d.d);
     let load = |name: &str, smem: usize| -> Result<_> {
@@ -215,45 +346,55 @@ pub(crate) fn backward(
         }
         Ok(f)
     };
+    let stream = dev.cuda_stream();
     macro_rules! go {
         ($t:ty) => {{
-            let s = |i: usize| -> Result<_> { Ok(x[i].0.as_cuda_slice::<$t>()?.slice(ranges[i].0..ranges[i].1)) };
-            let (qv, kv, vv, ov, gv) = (s(0)?, s(1)?, s(2)?, s(3)?, s(4)?);
+            let (qp, kp, vp) = (q.ptr::<$t>(&dev)?, k.ptr::<$t>(&dev)?, v.ptr::<$t>(&dev)?);
+            let ov = o.0.as_cuda_slice::<$t>()?.slice(o0..o1);
+            let gv = g.0.as_cuda_slice::<$t>()?.slice(g0..g1);
             let f = load(&name("bwd_dot"), 0)?;
             let mut b = f.builder();
             b.arg(&mut dsum).arg(&ov).arg(&gv).arg(&p);
             unsafe { b.launch(dot_cfg) }.w()?;
 
-            let mut out = unsafe { dev.alloc::<$t>(n)? };
-            if POISON.load(Ordering::Relaxed) {
-                poison(&dev, &mut out)?;
-            }
-            let (mut out_dq, mut out_kv) = out.split_at_mut(nq);
-            {
-                let (mut dk, mut dv) = out_kv.split_at_mut(nk);
-                let (mut dk_acc, mut dv_acc) = if split {
-                    acc.split_at_mut(nk)
-                } else {
-                    acc.split_at_mut(0) // not read: the kernel stores dK, dV directly
-                };
-                let f = load(&name("bwd_dkdv"), bwd_smem(d.d))?;
-                let mut b = f.builder();
-                b.arg(&mut dk).arg(&mut dv).arg(&mut dk_acc).arg(&mut dv_acc);
-                b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
-                unsafe { b.launch(kv_cfg) }.w()?;
-            }
+            let mut out = if grads.zeroed {
+                dev.alloc_zeros::<$t>(grads.len)?
+            } else {
+                let mut out = unsafe { dev.alloc::<$t>(grads.len)? };
+                if POISON.load(Ordering::Relaxed) {
+                    poison(&dev, &mut out)?;
+                }
+                out
+            };
+            let esize = std::mem::size_of::<$t>() as u64;
+            let base = out.device_ptr_mut(&stream).0;
+            let at = |off: usize| base + off as u64 * esize;
+            let (dq, dk, dv) = (at(grads.dq.0), at(grads.dk.0), at(grads.dv.0));
+            let acc_base = acc.device_ptr(&stream).0;
+            let (dk_acc, dv_acc) = (acc_base, acc_base + if split { nk as u64 * 4 } else { 0 });
+            let f = load(&name("bwd_dkdv"), bwd_smem(d.d))?;
+            let mut b = f.builder();
+            b.arg(&dk).arg(&dv).arg(&dk_acc).arg(&dv_acc);
+            b.arg(&qp).arg(&kp).arg(&vp).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
+            unsafe { b.launch(kv_cfg) }.w()?;
             let f = load(&name("bwd_dq"), dq_smem(d.d))?;
             let mut b = f.builder();
-            b.arg(&mut out_dq);
-            b.arg(&qv).arg(&kv).arg(&vv).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
+            b.arg(&dq);
+            b.arg(&qp).arg(&kp).arg(&vp).arg(&gv).arg(&lse).arg(&dsum).arg(&p);
             unsafe { b.launch(dq_cfg) }.w()?;
             if split {
                 let f = load(&format!("fa_cast_{sfx}"), 0)?;
-                let n64 = (2 * nk) as u64;
-                let mut b = f.builder();
-                b.arg(&mut out_kv).arg(&acc).arg(&n64);
-                unsafe { b.launch(cast_cfg) }.w()?;
+                let (rows, cols) = ((d.b * d.t) as u64, (d.kv_heads * d.d) as u64);
+                for (dst, rs, src) in [(dk, grads.dk.1, dk_acc), (dv, grads.dv.1, dv_acc)] {
+                    let rs = rs as u64;
+                    let mut b = f.builder();
+                    b.arg(&dst).arg(&rs).arg(&src).arg(&rows).arg(&cols);
+                    unsafe { b.launch(cast_cfg) }.w()?;
+                }
             }
+            // The raw addresses above point into `out` and `acc`: both live until here,
+            // and later frees are ordered after these launches on the one stream.
+            drop(acc);
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -261,5 +402,5 @@ pub(crate) fn backward(
         DType::F16 => go!(half::f16),
         _ => go!(half::bf16),
     };
-    Ok((out, Shape::from(n)))
+    Ok((out, Shape::from(grads.len)))
 }

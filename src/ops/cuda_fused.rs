@@ -238,7 +238,9 @@ pub(crate) fn rope(
                 for a in &args {
                     b.arg(a);
                 }
-                b.arg(&q_stride).arg(&k_stride);
+                let rot_heads = op.rot_heads.min(u32::MAX as usize) as u32;
+                let inverse = op.inverse as u32;
+                b.arg(&q_stride).arg(&k_stride).arg(&rot_heads).arg(&inverse);
                 unsafe { b.launch(cfg) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -306,13 +308,27 @@ pub(crate) fn rms_norm_bwd(
     let dev = x.device.clone();
     // dw is summed in f32 here (zeros: the CTAs add into it), then rounded into the last row.
     let mut dw_acc = dev.alloc_zeros::<f32>(hidden)?;
-    let bwd = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
+    // 16-byte vectors where every row allows them (hidden a multiple of the vector, each
+    // input's start aligned): the kernel for the fewest vectors per lane that hold a row.
+    let vec = 16 / x.dtype().size_in_bytes();
+    let aligned = [x0, w0, g0]
+        .iter()
+        .all(|o| (o * x.dtype().size_in_bytes()).is_multiple_of(16));
+    let per_lane = [1, 2, 3, 4, 8]
+        .into_iter()
+        .find(|v| hidden <= 32 * v * vec)
+        .filter(|_| aligned && hidden.is_multiple_of(vec));
+    let name = match per_lane {
+        Some(v) => format!("rms_norm_bwd_v{v}_{sfx}"),
+        None => format!("rms_norm_bwd_{sfx}"),
+    };
+    let bwd = dev.get_or_load_custom_func(&name, "crosskv_rms_norm", ptx::RMS_NORM)?;
     let finish =
         dev.get_or_load_custom_func(&format!("rms_norm_bwd_finish_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
-    // A warp per row, 8 per CTA, two rows per warp or more: enough CTAs to fill the GPU
+    // A warp per row, 8 per CTA, four rows per warp or more: enough CTAs to fill the GPU
     // (the step is memory-bound), few enough that dw's per-CTA atomics stay cheap.
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(16).clamp(1, 1024) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(32).clamp(1, 1024) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: (hidden * 4) as u32,
     };

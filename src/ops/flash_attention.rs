@@ -24,7 +24,9 @@
 use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, WithDType,
+};
 use std::sync::Mutex;
 
 const OP: &str = "causal_attention";
@@ -237,8 +239,14 @@ impl CustomOp3 for FlashAttn {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda_flash::Rows;
         let d = Dims::of(ql, kl, vl)?;
-        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, (q, ql), (k, kl), (v, vl))?;
+        let (q, k, v) = (
+            Rows::contiguous(q, ql, d.heads * d.d, "q")?,
+            Rows::contiguous(k, kl, d.kv_heads * d.d, "k")?,
+            Rows::contiguous(v, vl, d.kv_heads * d.d, "v")?,
+        );
+        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, q, k, v)?;
         self.save(Tensor::from_storage(
             Storage::Cuda(lse),
             lse_shape,
@@ -359,17 +367,472 @@ impl CustomOp3 for FlashAttnBwd {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::cuda_flash::{GradLayout, Rows};
         let d = Dims::of(ql, kl, vl)?;
-        let (os, ol) = self.o.storage_and_layout();
-        let (gs, gl) = self.g.storage_and_layout();
-        let (ls, ll) = self.lse.storage_and_layout();
-        match (&*os, &*gs, &*ls) {
-            (Storage::Cuda(o), Storage::Cuda(g), Storage::Cuda(lse)) => {
-                super::cuda_flash::backward(d, self.scale, [(q, ql), (k, kl), (v, vl), (o, ol), (g, gl)], (lse, ll))
+        let rows = [
+            Rows::contiguous(q, ql, d.heads * d.d, "q")?,
+            Rows::contiguous(k, kl, d.kv_heads * d.d, "k")?,
+            Rows::contiguous(v, vl, d.kv_heads * d.d, "v")?,
+        ];
+        saved_backward(d, self.scale, rows, &self.o, &self.g, &self.lse, GradLayout::flat(d))
+    }
+}
+
+/// The CUDA backward with the saved O, dO and LSE (a backward op's `cuda_fwd`).
+#[cfg(feature = "cuda")]
+fn saved_backward(
+    d: Dims,
+    scale: f32,
+    rows: [super::cuda_flash::Rows; 3],
+    o: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    grads: super::cuda_flash::GradLayout,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    let (os, ol) = o.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (ls, ll) = lse.storage_and_layout();
+    match (&*os, &*gs, &*ls) {
+        (Storage::Cuda(o), Storage::Cuda(g), Storage::Cuda(lse)) => {
+            super::cuda_flash::backward(d, scale, rows, (o, ol), (g, gl), (lse, ll), grads)
+        }
+        _ => candle_core::bail!("{OP}: the saved O, dO and LSE must be on CUDA"),
+    }
+}
+
+// ------------------------------------------------------------ packed Q/K/V
+
+/// Where one of q, k, v sits among a packed op's inputs (`[b, t, row_heads, d]` each):
+/// input `input`, heads `head..head + n`.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    input: usize,
+    head: usize,
+}
+
+/// The inputs of a packed attention op: their heads per row, and where q, k, v sit.
+#[derive(Clone, Debug)]
+struct Packing {
+    row_heads: Vec<usize>,
+    q: Slot,
+    k: Slot,
+    v: Slot,
+}
+
+impl Packing {
+    /// The op's dims from its inputs' layouts (`[b, t, row_heads, d]` each, one b, t, d).
+    fn dims(&self, heads: usize, kv_heads: usize, ls: &[&Layout]) -> Result<Dims> {
+        let (b, t, _, d) = ls[0].shape().dims4()?;
+        for (l, &rh) in ls.iter().zip(&self.row_heads) {
+            if l.dims() != [b, t, rh, d] {
+                candle_core::bail!("{OP}: packed input {:?}; [{b}, {t}, {rh}, {d}] expected", l.shape());
             }
-            _ => candle_core::bail!("{OP}: the saved O, dO and LSE must be on CUDA"),
+        }
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            candle_core::bail!("{OP}: {heads} query heads over {kv_heads} KV heads");
+        }
+        for (slot, n, what) in [(self.q, heads, "q"), (self.k, kv_heads, "k"), (self.v, kv_heads, "v")] {
+            if slot.head + n > self.row_heads[slot.input] {
+                candle_core::bail!(
+                    "{OP}: {what}'s heads {}..{} are past the input's {}",
+                    slot.head,
+                    slot.head + n,
+                    self.row_heads[slot.input]
+                );
+            }
+        }
+        Ok(Dims {
+            b,
+            t,
+            heads,
+            kv_heads,
+            d,
+        })
+    }
+
+    /// Element offset of each input's gradient in the backward's one output.
+    fn grad_bases(&self, d: Dims) -> Vec<usize> {
+        let mut at = 0;
+        self.row_heads
+            .iter()
+            .map(|rh| {
+                let base = at;
+                at += d.b * d.t * rh * d.d;
+                base
+            })
+            .collect()
+    }
+
+    /// The backward's output: each input's gradient in its input's layout, one after
+    /// the other; zeros where no head of q, k or v lies.
+    #[cfg(feature = "cuda")]
+    fn grad_layout(&self, d: Dims) -> super::cuda_flash::GradLayout {
+        let bases = self.grad_bases(d);
+        let at = |s: Slot| (bases[s.input] + s.head * d.d, self.row_heads[s.input] * d.d);
+        let covered: usize = d.heads + 2 * d.kv_heads;
+        super::cuda_flash::GradLayout {
+            len: self.row_heads.iter().map(|rh| d.b * d.t * rh * d.d).sum(),
+            dq: at(self.q),
+            dk: at(self.k),
+            dv: at(self.v),
+            zeroed: covered != self.row_heads.iter().sum::<usize>(),
         }
     }
+
+    /// Heads `slot.head..+n` of contiguous input `x` as f32 `[b, t, n, d]`.
+    fn gather(x: &[f32], d: Dims, row_heads: usize, head: usize, n: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(d.b * d.t * n * d.d);
+        for row in x.chunks(row_heads * d.d) {
+            out.extend_from_slice(&row[head * d.d..(head + n) * d.d]);
+        }
+        out
+    }
+
+    /// The CPU's q, k, v in f32 from the inputs.
+    fn cpu_qkv<T: Elem + WithDType>(&self, d: Dims, xs: &[(&CpuStorage, &Layout)]) -> Result<[Vec<f32>; 3]> {
+        let xs: Vec<Vec<f32>> = xs.iter().map(|(s, l)| to_f32::<T>(s, l)).collect::<Result<_>>()?;
+        let get = |s: Slot, n: usize| Self::gather(&xs[s.input], d, self.row_heads[s.input], s.head, n);
+        Ok([get(self.q, d.heads), get(self.k, d.kv_heads), get(self.v, d.kv_heads)])
+    }
+
+    /// The CPU's `[dq | dk | dv]` (the reference backward's layout) into the packed
+    /// gradient layout.
+    fn scatter(&self, d: Dims, flat: &[f32]) -> Vec<f32> {
+        let bases = self.grad_bases(d);
+        let mut out = vec![0f32; self.row_heads.iter().map(|rh| d.b * d.t * rh * d.d).sum()];
+        let (nq, nk) = (d.q_len(), d.kv_len());
+        for (src, slot, n) in [
+            (&flat[..nq], self.q, d.heads),
+            (&flat[nq..nq + nk], self.k, d.kv_heads),
+            (&flat[nq + nk..], self.v, d.kv_heads),
+        ] {
+            let row = self.row_heads[slot.input] * d.d;
+            for (r, part) in src.chunks(n * d.d).enumerate() {
+                let at = bases[slot.input] + r * row + slot.head * d.d;
+                out[at..at + n * d.d].copy_from_slice(part);
+            }
+        }
+        out
+    }
+}
+
+/// The forward of the packed ops: q, k, v as heads of one or two inputs.
+struct FlashAttnPacked {
+    scale: f32,
+    heads: usize,
+    kv_heads: usize,
+    packing: Packing,
+    lse: Mutex<Option<Tensor>>,
+}
+
+impl FlashAttnPacked {
+    fn cpu(&self, xs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+        let ls: Vec<&Layout> = xs.iter().map(|x| x.1).collect();
+        let d = self.packing.dims(self.heads, self.kv_heads, &ls)?;
+        fn run<T: Elem + WithDType>(
+            op: &FlashAttnPacked,
+            d: Dims,
+            xs: &[(&CpuStorage, &Layout)],
+        ) -> Result<(CpuStorage, Vec<f32>)> {
+            let [q, k, v] = op.packing.cpu_qkv::<T>(d, xs)?;
+            let (o, lse) = cpu_forward(&q, &k, &v, d, op.scale);
+            Ok((T::to_cpu_storage_owned(o.into_iter().map(T::from_f32).collect()), lse))
+        }
+        let (out, lse) = match xs[0].0.dtype() {
+            DType::F32 => run::<f32>(self, d, xs)?,
+            DType::F16 => run::<half::f16>(self, d, xs)?,
+            DType::BF16 => run::<half::bf16>(self, d, xs)?,
+            dt => candle_core::bail!("{OP}: {dt:?} is not supported (f32/f16/bf16)"),
+        };
+        *self.lse.lock().expect("causal_attention lse") =
+            Some(Tensor::from_vec(lse, (d.b, d.t, d.heads), &Device::Cpu)?);
+        Ok((out, Shape::from((d.b, d.t, d.heads, d.d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, xs: &[(&candle_core::CudaStorage, &Layout)]) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ls: Vec<&Layout> = xs.iter().map(|x| x.1).collect();
+        let d = self.packing.dims(self.heads, self.kv_heads, &ls)?;
+        let [q, k, v] = self.rows(d, xs)?;
+        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, q, k, v)?;
+        *self.lse.lock().expect("causal_attention lse") = Some(Tensor::from_storage(
+            Storage::Cuda(lse),
+            lse_shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ));
+        Ok((out, Shape::from((d.b, d.t, d.heads, d.d))))
+    }
+
+    /// q, k, v as the kernels' row views of the (contiguous) inputs.
+    #[cfg(feature = "cuda")]
+    fn rows<'a>(
+        &self,
+        d: Dims,
+        xs: &[(&'a candle_core::CudaStorage, &Layout)],
+    ) -> Result<[super::cuda_flash::Rows<'a>; 3]> {
+        let p = &self.packing;
+        let at = |s: Slot, what: &str| -> Result<super::cuda_flash::Rows<'a>> {
+            let (x, l) = xs[s.input];
+            let (start, _) = super::cuda::contiguous(l, OP, what)?;
+            Ok(super::cuda_flash::Rows {
+                s: x,
+                offset: start + s.head * d.d,
+                stride: p.row_heads[s.input] * d.d,
+            })
+        };
+        Ok([at(p.q, "q")?, at(p.k, "k")?, at(p.v, "v")?])
+    }
+
+    /// The inputs' gradients, each in its input's layout, from O and dO.
+    fn grads(&self, xs: &[&Tensor], o: &Tensor, g: &Tensor) -> Result<Vec<Tensor>> {
+        let lse = self
+            .lse
+            .lock()
+            .expect("causal_attention lse")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{OP}: no LSE saved")))?;
+        let op = FlashAttnPackedBwd {
+            fwd: FlashAttnPacked {
+                scale: self.scale,
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                packing: self.packing.clone(),
+                lse: Mutex::new(None),
+            },
+            o: aligned(&o.detach())?,
+            g: aligned(&g.detach())?,
+            lse,
+        };
+        let flat = match xs {
+            [x] => x.apply_op1_no_bwd(&op)?,
+            [x, y] => x.apply_op2_no_bwd(y, &op)?,
+            _ => candle_core::bail!("{OP}: one or two packed inputs"),
+        };
+        let mut at = 0;
+        xs.iter()
+            .map(|x| {
+                let n = x.elem_count();
+                let part = flat.narrow(0, at, n)?.reshape(x.shape());
+                at += n;
+                part
+            })
+            .collect()
+    }
+}
+
+impl CustomOp1 for FlashAttnPacked {
+    fn name(&self) -> &'static str {
+        "causal_attention_packed"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(&[(s, l)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(&[(s, l)])
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(self.grads(&[x], res, g)?.pop())
+    }
+}
+
+impl CustomOp2 for FlashAttnPacked {
+    fn name(&self) -> &'static str {
+        "causal_attention_shared_kv"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(&[(s1, l1), (s2, l2)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(&[(s1, l1), (s2, l2)])
+    }
+    fn bwd(&self, x: &Tensor, y: &Tensor, res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let mut gs = self.grads(&[x, y], res, g)?.into_iter();
+        Ok((gs.next(), gs.next()))
+    }
+}
+
+/// The packed ops' backward: the inputs' gradients flat, one input's after the other.
+struct FlashAttnPackedBwd {
+    fwd: FlashAttnPacked,
+    o: Tensor,
+    g: Tensor,
+    lse: Tensor,
+}
+
+impl FlashAttnPackedBwd {
+    fn cpu(&self, xs: &[(&CpuStorage, &Layout)]) -> Result<(CpuStorage, Shape)> {
+        let f = &self.fwd;
+        let ls: Vec<&Layout> = xs.iter().map(|x| x.1).collect();
+        let d = f.packing.dims(f.heads, f.kv_heads, &ls)?;
+        let (os, ol) = self.o.storage_and_layout();
+        let (gs, gl) = self.g.storage_and_layout();
+        let (lss, ll) = self.lse.storage_and_layout();
+        let (Storage::Cpu(os), Storage::Cpu(gs), Storage::Cpu(lss)) = (&*os, &*gs, &*lss) else {
+            candle_core::bail!("{OP}: the saved O, dO and LSE must be on the CPU");
+        };
+        let lse = contiguous(lss.as_slice::<f32>()?, ll, OP, "lse")?;
+        fn run<T: Elem + WithDType>(
+            b: &FlashAttnPackedBwd,
+            d: Dims,
+            xs: &[(&CpuStorage, &Layout)],
+            og: [(&CpuStorage, &Layout); 2],
+            lse: &[f32],
+        ) -> Result<CpuStorage> {
+            let [q, k, v] = b.fwd.packing.cpu_qkv::<T>(d, xs)?;
+            let [o, g] = og.map(|(s, l)| to_f32::<T>(s, l));
+            let flat = cpu_backward(&q, &k, &v, &o?, &g?, lse, d, b.fwd.scale);
+            let out = b.fwd.packing.scatter(d, &flat);
+            Ok(T::to_cpu_storage_owned(out.into_iter().map(T::from_f32).collect()))
+        }
+        let og = [(os, ol), (gs, gl)];
+        let out = match xs[0].0.dtype() {
+            DType::F32 => run::<f32>(self, d, xs, og, lse)?,
+            DType::F16 => run::<half::f16>(self, d, xs, og, lse)?,
+            DType::BF16 => run::<half::bf16>(self, d, xs, og, lse)?,
+            dt => candle_core::bail!("{OP}: {dt:?} is not supported (f32/f16/bf16)"),
+        };
+        let n = ls.iter().map(|l| l.shape().elem_count()).sum::<usize>();
+        Ok((out, Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(&self, xs: &[(&candle_core::CudaStorage, &Layout)]) -> Result<(candle_core::CudaStorage, Shape)> {
+        let f = &self.fwd;
+        let ls: Vec<&Layout> = xs.iter().map(|x| x.1).collect();
+        let d = f.packing.dims(f.heads, f.kv_heads, &ls)?;
+        let rows = f.rows(d, xs)?;
+        saved_backward(d, f.scale, rows, &self.o, &self.g, &self.lse, f.packing.grad_layout(d))
+    }
+}
+
+impl CustomOp1 for FlashAttnPackedBwd {
+    fn name(&self) -> &'static str {
+        "causal_attention_packed_bwd"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(&[(s, l)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(&[(s, l)])
+    }
+}
+
+impl CustomOp2 for FlashAttnPackedBwd {
+    fn name(&self) -> &'static str {
+        "causal_attention_shared_kv_bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu(&[(s1, l1), (s2, l2)])
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda(&[(s1, l1), (s2, l2)])
+    }
+}
+
+/// Causal attention over a packed `[b, t, heads + 2·kv_heads, d]` tensor: Q's heads,
+/// then K's, then V's, as one fused projection lays them out. The same attention as
+/// [`causal_attention`] of the three slices; its gradient comes back as one tensor of
+/// the packed shape (the kernels write dq, dk, dv into their columns), so the fused
+/// projection's backward needs no sum of three padded slices.
+pub fn causal_attention_packed(qkv: &Tensor, heads: usize, kv_heads: usize, scale: f32) -> Result<Tensor> {
+    let (b, t, s, d) = qkv.dims4()?;
+    if kv_heads == 0 || s != heads + 2 * kv_heads {
+        candle_core::bail!(
+            "{OP}: packed {:?} does not hold {heads} + 2·{kv_heads} heads",
+            qkv.shape()
+        );
+    }
+    let q = qkv.narrow(2, 0, heads)?;
+    let k = qkv.narrow(2, heads, kv_heads)?;
+    let v = qkv.narrow(2, heads + kv_heads, kv_heads)?;
+    if !fused(&q, &k, &v)? {
+        return causal_attention_composite(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale);
+    }
+    if b * t * d == 0 {
+        return Tensor::zeros((b, t, heads, d), qkv.dtype(), qkv.device());
+    }
+    let op = FlashAttnPacked {
+        scale,
+        heads,
+        kv_heads,
+        packing: Packing {
+            row_heads: vec![s],
+            q: Slot { input: 0, head: 0 },
+            k: Slot { input: 0, head: heads },
+            v: Slot {
+                input: 0,
+                head: heads + kv_heads,
+            },
+        },
+        lse: Mutex::new(None),
+    };
+    aligned(qkv)?.apply_op1(op)
+}
+
+/// Causal attention of `q` (`[b, t, heads, d]`) over the K and V heads of another
+/// tensor, `src` (`[b, t, _, d]`: K at heads `kv_head..kv_head + kv_heads`, V right
+/// after): a CLA consumer reading its producer's packed Q/K/V. Differentiable in both;
+/// `src`'s gradient is zero outside the K and V heads.
+pub fn causal_attention_shared_kv(
+    q: &Tensor,
+    src: &Tensor,
+    kv_head: usize,
+    kv_heads: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (b, t, heads, d) = q.dims4()?;
+    let s = src.dim(2)?;
+    if kv_heads == 0 || kv_head + 2 * kv_heads > s || src.dims4()? != (b, t, s, d) {
+        candle_core::bail!(
+            "{OP}: src {:?} does not hold K and V's {kv_heads} heads at {kv_head} for q {:?}",
+            src.shape(),
+            q.shape()
+        );
+    }
+    let k = src.narrow(2, kv_head, kv_heads)?;
+    let v = src.narrow(2, kv_head + kv_heads, kv_heads)?;
+    if !fused(q, &k, &v)? {
+        return causal_attention_composite(q, &k.contiguous()?, &v.contiguous()?, scale);
+    }
+    if b * t * d == 0 {
+        return q.zeros_like();
+    }
+    let op = FlashAttnPacked {
+        scale,
+        heads,
+        kv_heads,
+        packing: Packing {
+            row_heads: vec![heads, s],
+            q: Slot { input: 0, head: 0 },
+            k: Slot {
+                input: 1,
+                head: kv_head,
+            },
+            v: Slot {
+                input: 1,
+                head: kv_head + kv_heads,
+            },
+        },
+        lse: Mutex::new(None),
+    };
+    aligned(q)?.apply_op2(&aligned(src)?, op)
 }
 
 /// A contiguous input as f32 (a copy; the reference computes in f32).

@@ -25,12 +25,15 @@ pub use adamw::{adamw_update, adamw_update_mixed, sum_squares_into, sum_squares_
 pub use argmax::argmax_rows;
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;
-pub use flash_attention::{causal_attention, causal_attention_composite, causal_attention_with_grads};
+pub use flash_attention::{
+    causal_attention, causal_attention_composite, causal_attention_packed, causal_attention_shared_kv,
+    causal_attention_with_grads,
+};
 pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
-pub use rope::rope;
+pub use rope::{rope, rope_packed};
 pub use swiglu::{swiglu, swiglu_packed};
 
 use candle_core::{CpuStorage, Layout, Result};

@@ -23,6 +23,11 @@ pub(crate) struct RopeOp {
     pub(crate) cos: Tensor,
     pub(crate) sin: Tensor,
     pub(crate) interleaved: bool,
+    /// Rotate by the opposite angles (the backward).
+    pub(crate) inverse: bool,
+    /// Heads (of q, then k) past this many are copied unrotated (`rope_packed`'s V);
+    /// `usize::MAX`: all rotated.
+    pub(crate) rot_heads: usize,
 }
 
 /// The element pairs `(i1, i2)` rotated together by angle `j` of a `d`-wide head.
@@ -34,8 +39,25 @@ fn pair(j: usize, half: usize, interleaved: bool) -> (usize, usize) {
     }
 }
 
+/// How [`rotate`] turns each token's heads.
+#[derive(Clone, Copy)]
+struct Turn {
+    half: usize,
+    interleaved: bool,
+    /// -1 for the inverse rotation.
+    sign: f32,
+    /// Heads of a token past this many are copied.
+    rot_heads: usize,
+}
+
 /// Rotates `x` (`[tokens, heads, d]`) into `out`, in parallel over groups of tokens.
-fn rotate<T: Elem>(x: &[T], pos: &[u32], cos: &[T], sin: &[T], half: usize, interleaved: bool, out: &mut [T]) {
+fn rotate<T: Elem>(x: &[T], pos: &[u32], cos: &[T], sin: &[T], turn: Turn, out: &mut [T]) {
+    let Turn {
+        half,
+        interleaved,
+        sign,
+        rot_heads,
+    } = turn;
     let d = 2 * half;
     if pos.is_empty() || out.is_empty() {
         return;
@@ -48,11 +70,15 @@ fn rotate<T: Elem>(x: &[T], pos: &[u32], cos: &[T], sin: &[T], half: usize, inte
         for (t, (xt, ot)) in x.chunks(per_token).zip(o.chunks_mut(per_token)).enumerate() {
             let row = pos[first + t] as usize * half;
             let (c, s) = (&cos[row..row + half], &sin[row..row + half]);
-            for (xh, oh) in xt.chunks(d).zip(ot.chunks_mut(d)) {
+            for (h, (xh, oh)) in xt.chunks(d).zip(ot.chunks_mut(d)).enumerate() {
+                if h >= rot_heads {
+                    oh.copy_from_slice(xh);
+                    continue;
+                }
                 for j in 0..half {
                     let (i1, i2) = pair(j, half, interleaved);
                     let (x1, x2) = (xh[i1].to_f32(), xh[i2].to_f32());
-                    let (c, s) = (c[j].to_f32(), s[j].to_f32());
+                    let (c, s) = (c[j].to_f32(), sign * s[j].to_f32());
                     oh[i1] = T::from_f32(x1 * c - x2 * s);
                     oh[i2] = T::from_f32(x1 * s + x2 * c);
                 }
@@ -91,8 +117,20 @@ impl RopeOp {
         };
         let mut out = vec![T::from_f32(0.0); qx.len() + kx.len()];
         let (oq, ok) = out.split_at_mut(qx.len());
-        rotate(qx, pos, cos, sin, half, self.interleaved, oq);
-        rotate(kx, pos, cos, sin, half, self.interleaved, ok);
+        let heads = qx.len() / pos.len().max(1) / (2 * half).max(1);
+        let turn = Turn {
+            half,
+            interleaved: self.interleaved,
+            sign: if self.inverse { -1.0 } else { 1.0 },
+            rot_heads: self.rot_heads,
+        };
+        rotate(qx, pos, cos, sin, turn, oq);
+        // K's heads follow Q's in the count of rotated heads.
+        let k_turn = Turn {
+            rot_heads: self.rot_heads.saturating_sub(heads),
+            ..turn
+        };
+        rotate(kx, pos, cos, sin, k_turn, ok);
         let n = out.len();
         Ok((T::to_cpu_storage_owned(out), Shape::from(n)))
     }
@@ -178,9 +216,8 @@ impl RopeOp {
     /// The rotation is orthogonal: its gradient is the rotation by the opposite angles.
     fn inverse(&self) -> Result<RopeOp> {
         Ok(RopeOp {
-            cos: self.cos.clone(),
-            sin: self.sin.neg()?,
-            interleaved: self.interleaved,
+            inverse: !self.inverse,
+            ..self.clone()
         })
     }
 }
@@ -198,68 +235,9 @@ pub fn rope(
     sin: &Tensor,
     interleaved: bool,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let dims3 = |x: &Tensor, what: &str| {
-        x.dims3().map_err(|_| {
-            candle_core::Error::Msg(format!(
-                "{OP}: {what} is {:?}; [tokens, heads, head_dim] expected",
-                x.shape()
-            ))
-        })
-    };
-    let (t, heads, d) = dims3(q, "q")?;
-    if d == 0 || d % 2 != 0 {
-        candle_core::bail!("{OP}: head_dim {d} must be even and non-zero");
-    }
-    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        candle_core::bail!("{OP}: q is {:?}; f32, f16 or bf16 expected", q.dtype());
-    }
-    let kv_heads = match k {
-        Some(k) => {
-            let (kt, kh, kd) = dims3(k, "k")?;
-            if (kt, kd) != (t, d) || k.dtype() != q.dtype() {
-                candle_core::bail!(
-                    "{OP}: k {:?} {:?} does not match q {:?} {:?}",
-                    k.shape(),
-                    k.dtype(),
-                    q.shape(),
-                    q.dtype()
-                );
-            }
-            kh
-        }
-        None => 0,
-    };
-    if positions.dims() != [t] || positions.dtype() != DType::U32 {
-        candle_core::bail!(
-            "{OP}: positions {:?} {:?}; u32 [{t}] expected",
-            positions.shape(),
-            positions.dtype()
-        );
-    }
-    for (name, tab) in [("cos", cos), ("sin", sin)] {
-        let th = match tab.dims() {
-            [_, th] => *th,
-            _ => usize::MAX,
-        };
-        if th != d / 2 || tab.dtype() != q.dtype() || !tab.device().same_device(q.device()) {
-            candle_core::bail!(
-                "{OP}: {name} table {:?} {:?} does not fit q {:?} {:?} (want [_, {}] of q's dtype and device)",
-                tab.shape(),
-                tab.dtype(),
-                q.shape(),
-                q.dtype(),
-                d / 2
-            );
-        }
-    }
-    if cos.shape() != sin.shape() {
-        candle_core::bail!("{OP}: cos {:?} and sin {:?} differ", cos.shape(), sin.shape());
-    }
-    let op = RopeOp {
-        cos: cos.contiguous()?,
-        sin: sin.contiguous()?,
-        interleaved,
-    };
+    let op = checked_op(q, k, positions, cos, sin, interleaved)?;
+    let (t, heads, d) = q.dims3()?;
+    let kv_heads = k.map_or(Ok(0), |k| k.dim(1))?;
     // CUDA reads Q and K rows any stride apart (slices of a fused QKV projection); the
     // CPU reference wants them contiguous.
     let rows = |x: &Tensor| -> Result<Tensor> {
@@ -290,4 +268,103 @@ pub fn rope(
         None => None,
     };
     Ok((qr, kr))
+}
+
+/// A fused projection's `[tokens, heads, d]` output with its first `rot_heads` heads
+/// rotated as [`rope`] rotates Q and K, the rest (V) copied: one new contiguous tensor
+/// of `x`'s shape, differentiable (the backward is the same op rotating the other way,
+/// so the packed gradient comes back in one piece). Training's packed Q/K/V.
+pub fn rope_packed(
+    x: &Tensor,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+    rot_heads: usize,
+) -> Result<Tensor> {
+    let mut op = checked_op(x, None, positions, cos, sin, interleaved)?;
+    if rot_heads > x.dim(1)? {
+        candle_core::bail!("{OP}: {rot_heads} heads to rotate of {:?}", x.shape());
+    }
+    op.rot_heads = rot_heads;
+    #[cfg(feature = "cuda")]
+    let x = if x.device().is_cuda() && crate::ops::cuda::is_row_strided(x.layout()) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    #[cfg(not(feature = "cuda"))]
+    let x = x.contiguous()?;
+    x.apply_op2(&positions.contiguous()?, op)?.reshape(x.shape())
+}
+
+/// Checks q (and k), the positions and the tables; the forward op.
+fn checked_op(
+    q: &Tensor,
+    k: Option<&Tensor>,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+) -> Result<RopeOp> {
+    let dims3 = |x: &Tensor, what: &str| {
+        x.dims3().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "{OP}: {what} is {:?}; [tokens, heads, head_dim] expected",
+                x.shape()
+            ))
+        })
+    };
+    let (t, _, d) = dims3(q, "q")?;
+    if d == 0 || d % 2 != 0 {
+        candle_core::bail!("{OP}: head_dim {d} must be even and non-zero");
+    }
+    if !matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        candle_core::bail!("{OP}: q is {:?}; f32, f16 or bf16 expected", q.dtype());
+    }
+    if let Some(k) = k {
+        let (kt, _, kd) = dims3(k, "k")?;
+        if (kt, kd) != (t, d) || k.dtype() != q.dtype() {
+            candle_core::bail!(
+                "{OP}: k {:?} {:?} does not match q {:?} {:?}",
+                k.shape(),
+                k.dtype(),
+                q.shape(),
+                q.dtype()
+            );
+        }
+    }
+    if positions.dims() != [t] || positions.dtype() != DType::U32 {
+        candle_core::bail!(
+            "{OP}: positions {:?} {:?}; u32 [{t}] expected",
+            positions.shape(),
+            positions.dtype()
+        );
+    }
+    for (name, tab) in [("cos", cos), ("sin", sin)] {
+        let th = match tab.dims() {
+            [_, th] => *th,
+            _ => usize::MAX,
+        };
+        if th != d / 2 || tab.dtype() != q.dtype() || !tab.device().same_device(q.device()) {
+            candle_core::bail!(
+                "{OP}: {name} table {:?} {:?} does not fit q {:?} {:?} (want [_, {}] of q's dtype and device)",
+                tab.shape(),
+                tab.dtype(),
+                q.shape(),
+                q.dtype(),
+                d / 2
+            );
+        }
+    }
+    if cos.shape() != sin.shape() {
+        candle_core::bail!("{OP}: cos {:?} and sin {:?} differ", cos.shape(), sin.shape());
+    }
+    Ok(RopeOp {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        interleaved,
+        inverse: false,
+        rot_heads: usize::MAX,
+    })
 }

@@ -169,3 +169,76 @@ fn causal_attention_rejects_bad_shapes() {
     let qh = z(&[1, 4, 2, 8]).to_dtype(DType::BF16).unwrap();
     assert!(msg(causal_attention(&qh, &z(&[1, 4, 2, 8]), &z(&[1, 4, 2, 8]), 1.0)).contains("f32, f16, bf16"));
 }
+
+/// The packed forms read q, k, v as heads of one or two tensors and hand the gradient
+/// back in those tensors' layout: the same numbers as `causal_attention` of the slices
+/// (the same reference code runs underneath), zeros for heads that are none of q, k, v.
+#[test]
+fn packed_and_shared_kv_forms_match_the_three_input_op() {
+    for (i, &(b, t, h, kvh, d)) in SHAPES.iter().enumerate() {
+        let mut rng = Rng::new(70 + i as u64);
+        let scale = 1.0 / (d as f32).sqrt();
+        let w = rng.tensor(&[b, t, h, d], 1.0, 0.0);
+        let slice = |x: &Tensor, at: usize, n: usize| x.narrow(2, at, n).unwrap().contiguous().unwrap();
+        let grad_of = |f: &dyn Fn(&[&Tensor]) -> Tensor, xs: &[&Tensor]| -> (Tensor, Vec<Tensor>) {
+            let vars: Vec<Var> = xs.iter().map(|x| Var::from_tensor(x).unwrap()).collect();
+            let ts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let out = f(&ts);
+            let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gs = vars
+                .iter()
+                .map(|v| grads.get(v.as_tensor()).expect("a gradient").clone())
+                .collect();
+            (out, gs)
+        };
+
+        // One packed tensor: Q's heads, K's, V's.
+        let x = rng.tensor(&[b, t, h + 2 * kvh, d], 1.0, 0.0);
+        let (q, k, v) = (slice(&x, 0, h), slice(&x, h, kvh), slice(&x, h + kvh, kvh));
+        let want = run(|q, k, v| causal_attention(q, k, v, scale).unwrap(), &q, &k, &v, &w);
+        let (out, gx) = grad_of(
+            &|xs| crosskv::ops::causal_attention_packed(xs[0], h, kvh, scale).unwrap(),
+            &[&x],
+        );
+        assert_eq!(gx[0].dims(), x.dims());
+        assert_eq!(flat(&out), flat(&want[0]), "packed b{b} t{t}: out");
+        for (name, at, n, j) in [("dq", 0, h, 1), ("dk", h, kvh, 2), ("dv", h + kvh, kvh, 3)] {
+            assert_eq!(flat(&slice(&gx[0], at, n)), flat(&want[j]), "packed b{b} t{t}: {name}");
+        }
+
+        // q apart, K and V at heads 2.. of a wider tensor (a CLA consumer of a packed
+        // producer with two query heads, plus one head past V).
+        let src = rng.tensor(&[b, t, 2 + 2 * kvh + 1, d], 1.0, 0.0);
+        let (k, v) = (slice(&src, 2, kvh), slice(&src, 2 + kvh, kvh));
+        let want = run(|q, k, v| causal_attention(q, k, v, scale).unwrap(), &q, &k, &v, &w);
+        let (out, gs) = grad_of(
+            &|xs| crosskv::ops::causal_attention_shared_kv(xs[0], xs[1], 2, kvh, scale).unwrap(),
+            &[&q, &src],
+        );
+        assert_eq!(flat(&out), flat(&want[0]), "shared b{b} t{t}: out");
+        assert_eq!(flat(&gs[0]), flat(&want[1]), "shared b{b} t{t}: dq");
+        assert_eq!(flat(&slice(&gs[1], 2, kvh)), flat(&want[2]), "shared b{b} t{t}: dk");
+        assert_eq!(
+            flat(&slice(&gs[1], 2 + kvh, kvh)),
+            flat(&want[3]),
+            "shared b{b} t{t}: dv"
+        );
+        for (at, n) in [(0, 2), (2 + 2 * kvh, 1)] {
+            assert!(
+                flat(&slice(&gs[1], at, n)).iter().all(|&g| g == 0.0),
+                "shared b{b} t{t}: other heads"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_forms_reject_heads_that_do_not_fit() {
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).unwrap();
+    // 4 heads cannot be 2 + 2·2 (Q, K, V of 2, 1).
+    let e = crosskv::ops::causal_attention_packed(&z(&[1, 4, 4, 8]), 2, 2, 1.0).unwrap_err();
+    assert!(e.to_string().contains("does not hold"), "{e}");
+    // K and V at head 3 of 4 overrun the source.
+    let e = crosskv::ops::causal_attention_shared_kv(&z(&[1, 4, 2, 8]), &z(&[1, 4, 4, 8]), 3, 1, 1.0).unwrap_err();
+    assert!(e.to_string().contains("does not hold"), "{e}");
+}

@@ -570,3 +570,58 @@ fn sum_squares_accumulates() {
     assert_eq!(flat(&many), [14.0]);
     assert!(crosskv::ops::sum_squares_many(&many, &[&ids]).is_err());
 }
+
+/// `rope_packed` (training's packed Q/K/V): the first heads rotated exactly as `rope`
+/// rotates Q and K, the rest (V) copied bit for bit, and its gradient in one tensor of
+/// the packed shape: the output gradient rotated back (the rotation by the negated
+/// angles) on Q and K's heads, passed through on V's.
+#[test]
+fn rope_packed_rotates_q_and_k_and_copies_v() {
+    use candle_core::Var;
+    use crosskv::ops::rope_packed;
+    let mut rng = Rng::new(17);
+    let slice = |x: &Tensor, at: usize, n: usize| x.narrow(1, at, n).unwrap().contiguous().unwrap();
+    for dtype in DTYPES {
+        for interleaved in [false, true] {
+            for (t, h, kh, d) in [(5, 4, 2, 8), (3, 2, 1, 64), (9, 3, 3, 6), (40, 12, 12, 64)] {
+                let what = format!("{dtype:?} interleaved={interleaved} t{t} h{h}/{kh} d{d}");
+                let x = rng.tensor(&[t, h + 2 * kh, d], 1.0, 0.0).to_dtype(dtype).unwrap();
+                let dy = rng.tensor(&[t, h + 2 * kh, d], 1.0, 0.0).to_dtype(dtype).unwrap();
+                let (cos, sin) = tables(&mut rng, 64, d / 2, dtype);
+                let pt = Tensor::new(rng.tokens(t, 64).as_slice(), &Device::Cpu).unwrap();
+                let xv = Var::from_tensor(&x).unwrap();
+                let y = rope_packed(xv.as_tensor(), &pt, &cos, &sin, interleaved, h + kh).unwrap();
+                assert_eq!(y.dims(), x.dims(), "{what}");
+                let (qr, kr) = rope(&slice(&x, 0, h), Some(&slice(&x, h, kh)), &pt, &cos, &sin, interleaved).unwrap();
+                assert_eq!(flat(&slice(&y, 0, h)), flat(&qr), "{what}: q");
+                assert_eq!(flat(&slice(&y, h, kh)), flat(&kr.unwrap()), "{what}: k");
+                assert_eq!(flat(&slice(&y, h + kh, kh)), flat(&slice(&x, h + kh, kh)), "{what}: v");
+
+                let gx = grads_of(&y, &dy).get(xv.as_tensor()).expect("a gradient").clone();
+                assert_eq!(gx.dims(), x.dims(), "{what}: gradient shape");
+                let neg = sin.neg().unwrap();
+                let (gq, gk) = rope(
+                    &slice(&dy, 0, h),
+                    Some(&slice(&dy, h, kh)),
+                    &pt,
+                    &cos,
+                    &neg,
+                    interleaved,
+                )
+                .unwrap();
+                assert_eq!(flat(&slice(&gx, 0, h)), flat(&gq), "{what}: dq");
+                assert_eq!(flat(&slice(&gx, h, kh)), flat(&gk.unwrap()), "{what}: dk");
+                assert_eq!(
+                    flat(&slice(&gx, h + kh, kh)),
+                    flat(&slice(&dy, h + kh, kh)),
+                    "{what}: dv"
+                );
+            }
+        }
+    }
+    // More heads to rotate than there are is an error.
+    let x = Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let (cos, sin) = tables(&mut rng, 4, 2, DType::F32);
+    let pt = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+    assert!(rope_packed(&x, &pt, &cos, &sin, false, 4).is_err());
+}
