@@ -38,11 +38,12 @@ extern "C" __global__ void adamw_params(float* __restrict__ theta, const float* 
 // two kernels above update them, and the compute copy is rewritten as θ rounded to its
 // dtype (round to nearest even, as candle's cast rounds). The forward and backward read
 // the copy; nothing casts the master each step.
+// Elements first, first + stride, … of one tensor.
 template <typename T>
-__device__ __forceinline__ void adamw_mixed_impl(float* __restrict__ theta, float* __restrict__ mv,
-                                                 T* __restrict__ copy, const T* __restrict__ g, uint64_t n,
-                                                 const Scalars& s) {
-  for (uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.x * blockDim.x) {
+__device__ __forceinline__ void adamw_mixed_elems(float* __restrict__ theta, float* __restrict__ mv,
+                                                  T* __restrict__ copy, const T* __restrict__ g, uint64_t n,
+                                                  const Scalars& s, uint64_t first, uint64_t stride) {
+  for (uint64_t i = first; i < n; i += stride) {
     const float gi = __fmul_rn(to_f32(g[i]), s.grad_scale);
     const float m = __fadd_rn(__fmul_rn(mv[i], s.beta1), __fmul_rn(gi, s.one_minus_beta1));
     const float v = __fadd_rn(__fmul_rn(mv[n + i], s.beta2), __fmul_rn(__fmul_rn(gi, gi), s.one_minus_beta2));
@@ -57,10 +58,36 @@ __device__ __forceinline__ void adamw_mixed_impl(float* __restrict__ theta, floa
   }
 }
 
+// adamw_mixed_many_*: the same update of many tensors in one launch (a training step
+// updates every variable; one launch each left most of the small ones' time in launch
+// and tail). table holds (master, moments, copy, gradient, length) as u64 per tensor;
+// tensor i owns blocks starts[i] .. starts[i + 1] (prefix sums), found by binary search.
+template <typename T>
+__device__ __forceinline__ void adamw_mixed_many_impl(const uint64_t* __restrict__ table,
+                                                      const uint32_t* __restrict__ starts, uint32_t count,
+                                                      const Scalars& s) {
+  const uint32_t b = blockIdx.x;
+  uint32_t lo = 0, hi = count;
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (starts[mid] <= b) lo = mid; else hi = mid;
+  }
+  const uint64_t* e = table + 5 * lo;
+  const uint32_t blocks = starts[lo + 1] - starts[lo];
+  adamw_mixed_elems<T>(reinterpret_cast<float*>(e[0]), reinterpret_cast<float*>(e[1]), reinterpret_cast<T*>(e[2]),
+                       reinterpret_cast<const T*>(e[3]), e[4], s,
+                       (uint64_t)(b - starts[lo]) * blockDim.x + threadIdx.x, (uint64_t)blocks * blockDim.x);
+}
+
 #define ADAMW_MIXED(SUFFIX, T)                                                                          \
   extern "C" __global__ void adamw_mixed_##SUFFIX(float* theta, float* mv, T* copy, const T* g, uint64_t n, \
                                                   Scalars s) {                                          \
-    adamw_mixed_impl<T>(theta, mv, copy, g, n, s);                                                      \
+    adamw_mixed_elems<T>(theta, mv, copy, g, n, s, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,     \
+                         (uint64_t)gridDim.x * blockDim.x);                                             \
+  }                                                                                                     \
+  extern "C" __global__ void adamw_mixed_many_##SUFFIX(const uint64_t* table, const uint32_t* starts,   \
+                                                       uint32_t count, Scalars s) {                     \
+    adamw_mixed_many_impl<T>(table, starts, count, s);                                                  \
   }
 
 ADAMW_MIXED(f16, __half)

@@ -162,9 +162,15 @@ RMS_NORM(bf16, __nv_bfloat16)
 //   dw = sum over rows of g * x * r                    (row `rows` of `out`, in T)
 // A warp per row (grid-stride over the rows; lanes stride the columns), so a row needs
 // no block barrier: its two sums are warp shuffles. Each CTA sums its rows' share of dw
-// in shared memory (shared atomics), then adds it into the f32 `dw_acc` (zeroed by the
+// in shared memory (shared atomics), then adds it into its slice of the f32 `dw_acc` (zeroed by the
 // host) with one atomicAdd per column; rms_norm_bwd_finish rounds that into `out`'s last
 // row. dx is written in x's dtype directly: no f32 copy of it and no cast.
+// dw_acc holds DW_SLICES rows of `hidden` f32; CTA b adds into row b % DW_SLICES and
+// the finish kernel sums the rows. With one row, every CTA's atomics hit the same
+// `hidden` addresses at about the same time and serialise in L2: 512 CTAs of a
+// [8192, 768] backward spent longer in them than in their loads (46 µs on an H100).
+#define DW_SLICES 32
+
 template <typename T>
 __device__ __forceinline__ void rms_norm_bwd_impl(T* __restrict__ out, float* __restrict__ dw_acc,
                                                   const T* __restrict__ x, const T* __restrict__ w,
@@ -194,51 +200,54 @@ __device__ __forceinline__ void rms_norm_bwd_impl(T* __restrict__ out, float* __
     }
   }
   __syncthreads();
-  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(&dw_acc[j], dw_s[j]);
+  float* acc = dw_acc + (uint64_t)(blockIdx.x % DW_SLICES) * hidden;  // see DW_SLICES
+  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(&acc[j], dw_s[j]);
 }
 
 // The same with 16-byte loads and stores, for rows of up to 32·V vectors (hidden a
 // multiple of the vector, every pointer aligned: the host checks). Lane l owns vectors
-// l, l+32, …, so its share of dw stays in registers across all its warp's rows and meets
-// the other warps' in shared memory once per CTA (the scalar kernel above does a shared
+// l, l+32, …: w's are loaded once per warp, a row's x and g all at once (one memory
+// round trip per row, not one per vector) and kept in registers for the second pass,
+// and the lane's share of dw stays in registers across all its warp's rows, meeting the
+// other warps' in shared memory once per CTA (the scalar kernel above does a shared
 // atomic per element and row, and its 2-byte loads ran at a third of the bandwidth).
-// x, g and w are read twice per row: the second pass hits L1.
 template <typename T, int V>
 __device__ __forceinline__ void rms_norm_bwd_vec_impl(T* __restrict__ out, float* __restrict__ dw_acc,
                                                       const T* __restrict__ x, const T* __restrict__ w,
                                                       const T* __restrict__ g, uint32_t rows,
                                                       uint32_t hidden, float eps) {
   constexpr int N = Vec16<T>::N;
-  extern __shared__ float dw_s[];
-  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) dw_s[j] = 0.f;
-  __syncthreads();
+  extern __shared__ float dw_s[];  // [warps][hidden]: each warp's dw partials
   const uint32_t lane = threadIdx.x % 32, warps = blockDim.x / 32, nvec = hidden / N;
   const uint64_t stride = (uint64_t)gridDim.x * warps;
-  const uint4* wv = reinterpret_cast<const uint4*>(w);
+  Vec16<T> wa[V];
   float dwp[V][N];
 #pragma unroll
-  for (int k = 0; k < V; k++)
+  for (int k = 0; k < V; k++) {
+    const uint32_t i = lane + 32 * k;
+    wa[k].raw = i < nvec ? reinterpret_cast<const uint4*>(w)[i] : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int e = 0; e < N; e++) dwp[k][e] = 0.f;
+  }
   for (uint64_t r = (uint64_t)blockIdx.x * warps + threadIdx.x / 32; r < rows; r += stride) {
     const uint4* xv = reinterpret_cast<const uint4*>(x + r * hidden);
     const uint4* gv = reinterpret_cast<const uint4*>(g + r * hidden);
-    float ss = 0.f, dot = 0.f;
+    Vec16<T> xa[V], ga[V];
 #pragma unroll
-    for (int k = 0; k < V; k++) {
+    for (int k = 0; k < V; k++) {  // every load of the row issued before any is used
       const uint32_t i = lane + 32 * k;
-      if (i >= nvec) break;
-      Vec16<T> xa, ga, wa;
-      xa.raw = xv[i];
-      ga.raw = gv[i];
-      wa.raw = wv[i];
+      xa[k].raw = i < nvec ? xv[i] : make_uint4(0, 0, 0, 0);
+      ga[k].raw = i < nvec ? gv[i] : make_uint4(0, 0, 0, 0);
+    }
+    float ss = 0.f, dot = 0.f;  // the zero fill past the row adds nothing
+#pragma unroll
+    for (int k = 0; k < V; k++)
 #pragma unroll
       for (int e = 0; e < N; e++) {
-        const float xf = to_f32(xa.v[e]);
+        const float xf = to_f32(xa[k].v[e]);
         ss = fmaf(xf, xf, ss);
-        dot = fmaf(to_f32(ga.v[e]) * to_f32(wa.v[e]), xf, dot);
+        dot = fmaf(to_f32(ga[k].v[e]) * to_f32(wa[k].v[e]), xf, dot);
       }
-    }
     ss = warp_sum(ss);
     dot = warp_sum(dot);
     const float inv = rsqrtf(ss / (float)hidden + eps);
@@ -247,29 +256,43 @@ __device__ __forceinline__ void rms_norm_bwd_vec_impl(T* __restrict__ out, float
 #pragma unroll
     for (int k = 0; k < V; k++) {
       const uint32_t i = lane + 32 * k;
-      if (i >= nvec) break;
-      Vec16<T> xa, ga, wa, oa;
-      xa.raw = xv[i];
-      ga.raw = gv[i];
-      wa.raw = wv[i];
+      Vec16<T> oa;
 #pragma unroll
       for (int e = 0; e < N; e++) {
-        const float xf = to_f32(xa.v[e]), gf = to_f32(ga.v[e]);
-        oa.v[e] = from_f32<T>(inv * gf * to_f32(wa.v[e]) - xf * c);
+        const float xf = to_f32(xa[k].v[e]), gf = to_f32(ga[k].v[e]);
+        oa.v[e] = from_f32<T>(inv * gf * to_f32(wa[k].v[e]) - xf * c);
         dwp[k][e] = fmaf(gf * xf, inv, dwp[k][e]);
       }
-      ov[i] = oa.raw;
+      if (i < nvec) ov[i] = oa.raw;
     }
   }
+  // The warps' partials meet in shared memory as plain 16-byte stores, a row per warp
+  // (shared atomics on a lane's 8 consecutive columns were 8-way bank conflicts and
+  // cost more than the row loads), then each column's sum goes out in one atomic.
+  float4* mine = reinterpret_cast<float4*>(dw_s + (threadIdx.x / 32) * hidden);
 #pragma unroll
   for (int k = 0; k < V; k++) {
     const uint32_t i = lane + 32 * k;
-    if (i >= nvec) break;
+    if (i < nvec) {
 #pragma unroll
-    for (int e = 0; e < N; e++) atomicAdd(&dw_s[i * N + e], dwp[k][e]);
+      for (int e = 0; e < N; e += 4) mine[(i * N + e) / 4] = make_float4(dwp[k][e], dwp[k][e + 1], dwp[k][e + 2], dwp[k][e + 3]);
+    }
   }
   __syncthreads();
-  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) atomicAdd(&dw_acc[j], dw_s[j]);
+  float* acc = dw_acc + (uint64_t)(blockIdx.x % DW_SLICES) * hidden;  // see DW_SLICES
+  for (uint32_t j = threadIdx.x; j < hidden; j += blockDim.x) {
+    float sum = 0.f;
+    for (uint32_t w = 0; w < warps; w++) sum += dw_s[w * hidden + j];
+    atomicAdd(&acc[j], sum);
+  }
+}
+
+// Column j of dw_acc's DW_SLICES rows, summed in a fixed order.
+__device__ __forceinline__ float slices_sum(const float* __restrict__ dw_acc, uint32_t j, uint32_t hidden) {
+  float s = 0.f;
+#pragma unroll
+  for (int r = 0; r < DW_SLICES; r++) s += dw_acc[(uint64_t)r * hidden + j];
+  return s;
 }
 
 #define RMS_NORM_BWD_VEC(SFX, T, V)                                                                 \
@@ -292,7 +315,7 @@ __device__ __forceinline__ void rms_norm_bwd_vec_impl(T* __restrict__ out, float
   }                                                                                              \
   extern "C" __global__ void rms_norm_bwd_finish_##SFX(T* dw, const float* dw_acc, uint32_t hidden) { \
     for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < hidden; j += gridDim.x * blockDim.x) \
-      dw[j] = from_f32<T>(dw_acc[j]);                                                            \
+      dw[j] = from_f32<T>(slices_sum(dw_acc, j, hidden));                                        \
   }
 
 RMS_NORM_BWD(f32, float)

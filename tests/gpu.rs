@@ -966,35 +966,58 @@ fn adamw_update_matches_cpu_bit_for_bit() {
 #[test]
 fn adamw_update_mixed_matches_cpu_bit_for_bit() {
     use crosskv::ops::adamw::Scalars;
-    use crosskv::ops::adamw_update_mixed;
+    use crosskv::ops::{adamw_update_mixed, adamw_update_mixed_many};
     let dev = gpu();
     let mut rng = Rng::new(22);
+    // Tensors of 1, 1023, 0 and 300 001 elements, updated five steps: one by one on the
+    // CPU, in one launch (adamw_mixed_many) on CUDA, and the largest also alone on CUDA.
+    let sizes = [1usize, 1023, 0, 300_001];
     for dtype in [DType::BF16, DType::F16] {
-        for n in [1usize, 1023, 300_001] {
+        let mut cpu = vec![];
+        let mut gpu_many = vec![];
+        for &n in &sizes {
             let theta = rng.tensor(&[n], 1.0, 0.0);
             let mv = Tensor::zeros((2, n), DType::F32, &Device::Cpu).unwrap();
             let copy = theta.to_dtype(dtype).unwrap();
-            let (theta_c, mv_c, copy_c) = (theta.copy().unwrap(), mv.copy().unwrap(), copy.copy().unwrap());
-            let [theta_g, mv_g, copy_g] = [&theta, &mv, &copy].map(|t| t.to_device(&dev).unwrap());
-            for step in 1..=5 {
-                let g = rng.tensor(&[n], 0.1, 0.0).to_dtype(dtype).unwrap();
-                let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
-                let s = Scalars::new(3e-4 * step as f64, 0.9, 0.95, 1e-8, 0.1, step).with_grad_scale(scale);
-                adamw_update_mixed(&theta_c, &mv_c, &copy_c, &g, &s).unwrap();
-                adamw_update_mixed(&theta_g, &mv_g, &copy_g, &g.to_device(&dev).unwrap(), &s).unwrap();
+            cpu.push([&theta, &mv, &copy].map(|t| t.copy().unwrap()));
+            gpu_many.push([&theta, &mv, &copy].map(|t| t.to_device(&dev).unwrap()));
+        }
+        let alone = cpu[3].clone().map(|t| t.to_device(&dev).unwrap());
+        let start = flat(&cpu[3][0]);
+        for step in 1..=5 {
+            let gs: Vec<Tensor> = sizes
+                .iter()
+                .map(|&n| rng.tensor(&[n], 0.1, 0.0).to_dtype(dtype).unwrap())
+                .collect();
+            let gs_g: Vec<Tensor> = gs.iter().map(|g| g.to_device(&dev).unwrap()).collect();
+            let scale = if step % 2 == 0 { 0.37 } else { 1.0 };
+            let s = Scalars::new(3e-4 * step as f64, 0.9, 0.95, 1e-8, 0.1, step).with_grad_scale(scale);
+            for ([t, m, c], g) in cpu.iter().zip(&gs) {
+                adamw_update_mixed(t, m, c, g, &s).unwrap();
             }
+            let items: Vec<_> = gpu_many.iter().zip(&gs_g).map(|([t, m, c], g)| (t, m, c, g)).collect();
+            adamw_update_mixed_many(&items, &s).unwrap();
+            adamw_update_mixed(&alone[0], &alone[1], &alone[2], &gs_g[3], &s).unwrap();
+        }
+        let runs = cpu
+            .iter()
+            .zip(&gpu_many)
+            .zip(&sizes)
+            .chain(std::iter::once(((&cpu[3], &alone), &300_001)));
+        for (i, ((c, g), n)) in runs.enumerate() {
+            let how = if i == sizes.len() { "alone" } else { "many" };
             for (what, c, g) in [
-                ("theta", &theta_c, &theta_g),
-                ("moments", &mv_c, &mv_g),
-                ("copy", &copy_c, &copy_g),
+                ("theta", &c[0], &g[0]),
+                ("moments", &c[1], &g[1]),
+                ("copy", &c[2], &g[2]),
             ] {
                 let (c, g) = (flat(c), flat(g));
                 let diff = c.iter().zip(&g).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                eprintln!("adamw mixed {dtype:?} n = {n}: {what} differs in {diff} elements");
-                assert_eq!(diff, 0, "adamw mixed {dtype:?} n = {n}: {what}");
+                eprintln!("adamw mixed {dtype:?} n = {n} ({how}): {what} differs in {diff} elements");
+                assert_eq!(diff, 0, "adamw mixed {dtype:?} n = {n} ({how}): {what}");
             }
-            assert_ne!(flat(&theta_g), flat(&theta), "the update moved nothing");
         }
+        assert_ne!(flat(&gpu_many[3][0]), start, "the update moved nothing");
     }
 }
 

@@ -155,6 +155,9 @@ pub fn adamw_update(theta: &Tensor, moments: &Tensor, grad: &Tensor, s: &Scalars
             moments.dims()
         );
     }
+    if n == 0 {
+        return Ok(()); // nothing to update (and candle's in-place ops refuse empty layouts)
+    }
     for (t, what) in [(theta, "variable"), (moments, "moments"), (grad, "gradient")] {
         if t.dtype() != DType::F32 {
             candle_core::bail!("{OP}: the {what} is {:?} (f32 only)", t.dtype());
@@ -177,6 +180,46 @@ pub fn adamw_update(theta: &Tensor, moments: &Tensor, grad: &Tensor, s: &Scalars
 /// dtype. On CUDA all of it is one kernel, one pass over the five tensors; on the CPU it
 /// is the reference: the f32 update, then a cast.
 pub fn adamw_update_mixed(theta: &Tensor, moments: &Tensor, copy: &Tensor, grad: &Tensor, s: &Scalars) -> Result<()> {
+    check_mixed(theta, copy, grad)?;
+    if theta.elem_count() == 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if theta.device().is_cuda() {
+        return cuda::mixed(theta, moments, copy, &grad.contiguous()?, s);
+    }
+    adamw_update(theta, moments, &grad.to_dtype(DType::F32)?, s)?;
+    copy.inplace_op2(theta, &CastInto)
+}
+
+/// One variable of [`adamw_update_mixed_many`]: master, moments, compute copy, gradient.
+pub type MixedUpdate<'a> = (&'a Tensor, &'a Tensor, &'a Tensor, &'a Tensor);
+
+/// [`adamw_update_mixed`] of many variables: on CUDA one launch for all of them whose
+/// copies share a dtype (`adamw_mixed_many_*`; a training step updates every variable,
+/// and one launch each spent most of the small ones' time in launch and tail), with the
+/// same results bit for bit; elsewhere one by one.
+pub fn adamw_update_mixed_many(items: &[MixedUpdate], s: &Scalars) -> Result<()> {
+    for &(theta, _, copy, grad) in items {
+        check_mixed(theta, copy, grad)?;
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(&(first, _, copy, _)) = items.first() {
+        if items
+            .iter()
+            .all(|(t, _, c, _)| t.device().is_cuda() && c.dtype() == copy.dtype())
+            && first.device().is_cuda()
+        {
+            return cuda::mixed_many(items, s);
+        }
+    }
+    for &(theta, moments, copy, grad) in items {
+        adamw_update_mixed(theta, moments, copy, grad, s)?;
+    }
+    Ok(())
+}
+
+fn check_mixed(theta: &Tensor, copy: &Tensor, grad: &Tensor) -> Result<()> {
     const OP: &str = "adamw_update_mixed";
     if copy.dims() != theta.dims() || grad.elem_count() != theta.elem_count() {
         candle_core::bail!(
@@ -196,12 +239,7 @@ pub fn adamw_update_mixed(theta: &Tensor, moments: &Tensor, copy: &Tensor, grad:
     if !copy.is_contiguous() {
         candle_core::bail!("{OP}: the compute copy must be contiguous");
     }
-    #[cfg(feature = "cuda")]
-    if theta.device().is_cuda() {
-        return cuda::mixed(theta, moments, copy, &grad.contiguous()?, s);
-    }
-    adamw_update(theta, moments, &grad.to_dtype(DType::F32)?, s)?;
-    copy.inplace_op2(theta, &CastInto)
+    Ok(())
 }
 
 /// `dst ← src` rounded to dst's dtype, in place (the CPU path of the compute copy's
@@ -402,6 +440,74 @@ mod cuda {
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         }))?;
+        drop(guards);
+        Ok(())
+    }
+
+    /// One `adamw_mixed_many_*` launch over `items` (CUDA, one copy dtype, checked).
+    pub(super) fn mixed_many(items: &[super::MixedUpdate], s: &Scalars) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        const OP: &str = "adamw_update_mixed_many";
+        let grads: Vec<Tensor> = items.iter().map(|it| it.3.contiguous()).collect::<Result<_>>()?;
+        // Read guards on every storage while the table is built and the kernel launched;
+        // the kernel writes master, moments and copy in place, as the one-tensor op does
+        // through its lent storages (nothing else runs on them meanwhile: one stream).
+        let guards: Vec<[_; 4]> = items
+            .iter()
+            .zip(&grads)
+            .map(|(it, g)| [it.0, it.1, it.2, g].map(|t| t.storage_and_layout()))
+            .collect();
+        let dtype = items[0].2.dtype();
+        let mut dev = None;
+        let (mut table, mut starts) = (Vec::with_capacity(5 * items.len()), vec![0u32]);
+        for (it, gd) in items.iter().zip(&guards) {
+            let n = it.0.elem_count();
+            if n == 0 {
+                continue;
+            }
+            let mut ptrs = [0u64; 4];
+            for (i, ((st, l), what)) in gd
+                .iter()
+                .zip(["the variable", "the moments", "the copy", "the gradient"])
+                .enumerate()
+            {
+                let Storage::Cuda(c) = &**st else {
+                    candle_core::bail!("{OP}: {what} is not on the GPU");
+                };
+                let stream = c.device.cuda_stream();
+                let (a, b) = contiguous(l, OP, what)?;
+                let want = if i == 1 { 2 * n } else { n };
+                if b - a != want {
+                    candle_core::bail!("{OP}: {what} holds {} elements, {want} expected", b - a);
+                }
+                ptrs[i] = match (i, dtype) {
+                    (0 | 1, _) => c.as_cuda_slice::<f32>()?.slice(a..b).device_ptr(&stream).0,
+                    (_, DType::BF16) => c.as_cuda_slice::<half::bf16>()?.slice(a..b).device_ptr(&stream).0,
+                    _ => c.as_cuda_slice::<half::f16>()?.slice(a..b).device_ptr(&stream).0,
+                };
+                dev.get_or_insert_with(|| c.device.clone());
+            }
+            table.extend(ptrs);
+            table.push(n as u64);
+            let last = *starts.last().expect("starts begins with 0");
+            // About 8 elements a thread (28 bytes each), at most 2048 blocks a tensor.
+            starts.push(last + n.div_ceil(256 * 8).min(2048) as u32);
+        }
+        let Some(dev) = dev else { return Ok(()) };
+        let count = (starts.len() - 1) as u32;
+        let blocks = *starts.last().expect("starts begins with 0");
+        let table = dev.clone_htod(&table)?;
+        let starts = dev.clone_htod(&starts)?;
+        let name = format!("adamw_mixed_many_{}", suffix(dtype, OP)?);
+        let f = dev.get_or_load_custom_func(&name, "crosskv_adamw", ptx::ADAMW)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = f.builder();
+        b.arg(&table).arg(&starts).arg(&count).arg(s);
+        unsafe { b.launch(cfg) }.w()?;
         drop(guards);
         Ok(())
     }

@@ -5,6 +5,7 @@
 use super::cuda::{contiguous, poison, ptx, row_strided, suffix, POISON};
 use super::rope::RopeOp;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape, Storage};
@@ -307,7 +308,8 @@ pub(crate) fn rms_norm_bwd(
     let (g0, g1) = contiguous(gl, OP, "g")?;
     let dev = x.device.clone();
     // dw is summed in f32 here (zeros: the CTAs add into it), then rounded into the last row.
-    let mut dw_acc = dev.alloc_zeros::<f32>(hidden)?;
+    // DW_SLICES (kernels/rms_norm.cu) rows of partial sums, one per group of CTAs.
+    let mut dw_acc = dev.alloc_zeros::<f32>(32 * hidden)?;
     // 16-byte vectors where every row allows them (hidden a multiple of the vector, each
     // input's start aligned): the kernel for the fewest vectors per lane that hold a row.
     let vec = 16 / x.dtype().size_in_bytes();
@@ -323,14 +325,25 @@ pub(crate) fn rms_norm_bwd(
         None => format!("rms_norm_bwd_{sfx}"),
     };
     let bwd = dev.get_or_load_custom_func(&name, "crosskv_rms_norm", ptx::RMS_NORM)?;
+    // Shared memory: the scalar kernel sums dw in one row of `hidden` f32; the vector
+    // kernels keep a row per warp (8), up to 64 KiB (bf16 rows of 2048), past the 48 KiB
+    // a launch gets without asking.
+    let smem = hidden * 4 * if per_lane.is_some() { 8 } else { 1 };
+    if smem > 48 * 1024 {
+        bwd.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+    }
     let finish =
         dev.get_or_load_custom_func(&format!("rms_norm_bwd_finish_{sfx}"), "crosskv_rms_norm", ptx::RMS_NORM)?;
-    // A warp per row, 8 per CTA, four rows per warp or more: enough CTAs to fill the GPU
+    // A warp per row, 8 per CTA, two rows per warp or more: enough CTAs to fill the GPU
     // (the step is memory-bound), few enough that dw's per-CTA atomics stay cheap.
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(32).clamp(1, 1024) as u32, 1, 1),
+        grid_dim: (rows.div_ceil(16).clamp(1, 1024) as u32, 1, 1),
         block_dim: (256, 1, 1),
-        shared_mem_bytes: (hidden * 4) as u32,
+        shared_mem_bytes: smem as u32,
     };
     let fin = LaunchConfig {
         grid_dim: (hidden.div_ceil(256) as u32, 1, 1),

@@ -21,7 +21,9 @@ pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
-pub use adamw::{adamw_update, adamw_update_mixed, sum_squares_into, sum_squares_many};
+pub use adamw::{
+    adamw_update, adamw_update_mixed, adamw_update_mixed_many, sum_squares_into, sum_squares_many, MixedUpdate,
+};
 pub use argmax::argmax_rows;
 pub use cross_entropy::cross_entropy;
 pub use embedding::embedding;

@@ -7,7 +7,7 @@
 //! launches add up.
 
 use crate::ops::adamw::Scalars;
-use crate::ops::{adamw_update, adamw_update_mixed};
+use crate::ops::{adamw_update, adamw_update_mixed_many};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
@@ -147,11 +147,13 @@ impl AdamW {
         let p = self.params;
         let scalars =
             Scalars::new(p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, self.step).with_grad_scale(grad_scale);
+        // Mixed precision: every variable in one update call (one launch on CUDA).
+        let mut mixed = Vec::new();
         for s in &self.slots {
             match &s.copy {
                 Some(copy) => {
                     if let Some(g) = grads.get(copy.as_tensor()) {
-                        adamw_update_mixed(s.var.as_tensor(), &s.mv, copy.as_tensor(), g, &scalars)?;
+                        mixed.push((s.var.as_tensor(), &s.mv, copy.as_tensor(), g));
                     }
                 }
                 None => {
@@ -161,7 +163,7 @@ impl AdamW {
                 }
             }
         }
-        Ok(())
+        adamw_update_mixed_many(&mixed, &scalars)
     }
 
     /// The moments (`exp_avg.NAME`, `exp_avg_sq.NAME`) and the step count, as safetensors.
