@@ -227,23 +227,32 @@ __device__ void fa_fwd_impl(T* __restrict__ out, float* __restrict__ lse, const 
 
 // ------------------------------------------------------------------------ backward
 
-// Dsum[b, h, i] = Σ_d dO[b, i, h, d]·O[b, i, h, d] (0 for rows t..tp), a warp per row.
+// Dsum[b, h, i] = Σ_d dO[b, i, h, d]·O[b, i, h, d] (0 for rows t..tp): 8 lanes per row,
+// 16-byte loads (D/64 of them per lane), 4 rows per warp; a warp per row with 2-byte
+// loads ran at a third of the bandwidth.
 template <typename T, int D>
 __device__ void fa_bwd_dot_impl(float* __restrict__ dsum, const T* __restrict__ o, const T* __restrict__ dout,
                                 const FaParams p) {
-  const int lane = threadIdx.x & 31;
-  const uint64_t r = (uint64_t)blockIdx.x * (NT / 32) + (threadIdx.x >> 5);  // row of [b, heads, tp]
-  if (r >= (uint64_t)p.b * p.heads * p.tp) return;
-  const uint32_t i = r % p.tp, bh = r / p.tp, head = bh % p.heads, bb = bh / p.heads;
+  constexpr int PER = D / 64;  // 16-byte vectors per lane
+  const int sub = threadIdx.x & 7;
+  const uint64_t r = ((uint64_t)blockIdx.x * NT + threadIdx.x) / 8;  // row of [b, heads, tp]
+  const bool live = r < (uint64_t)p.b * p.heads * p.tp;
+  const uint32_t i = live ? r % p.tp : 0, bh = live ? r / p.tp : 0, head = bh % p.heads, bb = bh / p.heads;
   float acc = 0.f;
-  if (i < p.t) {
+  if (live && i < p.t) {
     const uint64_t off = (((uint64_t)bb * p.t + i) * p.heads + head) * D;
 #pragma unroll
-    for (int d = lane; d < D; d += 32) acc += to_f32(o[off + d]) * to_f32(dout[off + d]);
+    for (int v = 0; v < PER; v++) {
+      Vec16<T> a, b;
+      a.raw = *reinterpret_cast<const uint4*>(o + off + (v * 8 + sub) * 8);
+      b.raw = *reinterpret_cast<const uint4*>(dout + off + (v * 8 + sub) * 8);
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc = fmaf(to_f32(a.v[e]), to_f32(b.v[e]), acc);
+    }
   }
 #pragma unroll
-  for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-  if (lane == 0) dsum[r] = acc;
+  for (int s = 4; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+  if (live && sub == 0) dsum[r] = acc;
 }
 
 template <int D> struct BwdCfg {

@@ -325,7 +325,7 @@ pub(crate) fn backward(
     let split = p.hsplit > 1;
     let acc = dev.alloc_zeros::<f32>(if split { 2 * nk } else { 1 })?;
     let mut dsum = unsafe { dev.alloc::<f32>(d.b * d.heads * tp)? };
-    let dot_cfg = config((d.b * d.heads * tp).div_ceil(4), FWD_THREADS, 0);
+    let dot_cfg = config((d.b * d.heads * tp).div_ceil(FWD_THREADS as usize / 8), FWD_THREADS, 0); // 8 lanes a row
     let kv_cfg = config(
         p.n_tiles as usize * d.kv_heads * d.b * p.hsplit as usize,
         BWD_THREADS,
