@@ -428,7 +428,7 @@ impl Packing {
                 candle_core::bail!("{OP}: packed input {:?}; [{b}, {t}, {rh}, {d}] expected", l.shape());
             }
         }
-        if kv_heads == 0 || heads % kv_heads != 0 {
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             candle_core::bail!("{OP}: {heads} query heads over {kv_heads} KV heads");
         }
         for (slot, n, what) in [(self.q, heads, "q"), (self.k, kv_heads, "k"), (self.v, kv_heads, "v")] {
