@@ -516,6 +516,35 @@ impl Packing {
     }
 }
 
+/// `cpu_fwd` and `cuda_fwd` of the packed ops (one or two inputs), which hand their
+/// inputs as a slice to the type's own `cpu` and `cuda`.
+macro_rules! fwd_by_inputs {
+    (1) => {
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.cpu(&[(s, l)])
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.cuda(&[(s, l)])
+        }
+    };
+    (2) => {
+        fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.cpu(&[(s1, l1), (s2, l2)])
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.cuda(&[(s1, l1), (s2, l2)])
+        }
+    };
+}
+
 /// The forward of the packed ops: q, k, v as heads of one or two inputs.
 struct FlashAttnPacked {
     scale: f32,
@@ -625,13 +654,7 @@ impl CustomOp1 for FlashAttnPacked {
     fn name(&self) -> &'static str {
         "causal_attention_packed"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s, l)])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s, l)])
-    }
+    fwd_by_inputs!(1);
     fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(self.grads(&[x], res, g)?.pop())
     }
@@ -641,19 +664,7 @@ impl CustomOp2 for FlashAttnPacked {
     fn name(&self) -> &'static str {
         "causal_attention_shared_kv"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2)])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2)])
-    }
+    fwd_by_inputs!(2);
     fn bwd(&self, x: &Tensor, y: &Tensor, res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let mut gs = self.grads(&[x, y], res, g)?.into_iter();
         Ok((gs.next(), gs.next()))
@@ -718,32 +729,14 @@ impl CustomOp1 for FlashAttnPackedBwd {
     fn name(&self) -> &'static str {
         "causal_attention_packed_bwd"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s, l)])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s, l)])
-    }
+    fwd_by_inputs!(1);
 }
 
 impl CustomOp2 for FlashAttnPackedBwd {
     fn name(&self) -> &'static str {
         "causal_attention_shared_kv_bwd"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.cpu(&[(s1, l1), (s2, l2)])
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.cuda(&[(s1, l1), (s2, l2)])
-    }
+    fwd_by_inputs!(2);
 }
 
 /// Causal attention over a packed `[b, t, heads + 2·kv_heads, d]` tensor: Q's heads,
