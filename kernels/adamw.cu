@@ -38,21 +38,62 @@ extern "C" __global__ void adamw_params(float* __restrict__ theta, const float* 
 // two kernels above update them, and the compute copy is rewritten as θ rounded to its
 // dtype (round to nearest even, as candle's cast rounds). The forward and backward read
 // the copy; nothing casts the master each step.
-// Elements first, first + stride, … of one tensor.
+// One element's update: the moments m, v and the master θ from the gradient g (f32).
+__device__ __forceinline__ float adamw_elem(float theta, float& m, float& v, float g, const Scalars& s) {
+  const float gi = __fmul_rn(g, s.grad_scale);
+  m = __fadd_rn(__fmul_rn(m, s.beta1), __fmul_rn(gi, s.one_minus_beta1));
+  v = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(__fmul_rn(gi, gi), s.one_minus_beta2));
+  const float m_hat = __fmul_rn(m, s.scale_m);
+  const float v_hat = __fmul_rn(v, s.scale_v);
+  const float step = __fdiv_rn(m_hat, __fadd_rn(__fsqrt_rn(v_hat), s.eps));
+  return __fsub_rn(__fmul_rn(theta, s.decay), __fmul_rn(step, s.lr));
+}
+
+// Four T as one 8-byte load or store.
+template <typename T> union Four16 {
+  uint2 raw;
+  T v[4];
+};
+
+// Elements first, first + stride, … of one tensor; in groups of 4 (16-byte loads of θ,
+// m and v, 8-byte ones of the copy and the gradient) where the length and the pointers
+// allow, which the scalar loop's 4-byte accesses left ~10 % short of the bandwidth.
+// Each element's arithmetic is the same either way (bit for bit).
 template <typename T>
 __device__ __forceinline__ void adamw_mixed_elems(float* __restrict__ theta, float* __restrict__ mv,
                                                   T* __restrict__ copy, const T* __restrict__ g, uint64_t n,
                                                   const Scalars& s, uint64_t first, uint64_t stride) {
+  if (n % 4 == 0 && (uintptr_t)theta % 16 == 0 && (uintptr_t)mv % 16 == 0 && (uintptr_t)copy % 8 == 0 &&
+      (uintptr_t)g % 8 == 0) {
+    float4* th4 = reinterpret_cast<float4*>(theta);
+    float4* m4 = reinterpret_cast<float4*>(mv);
+    float4* v4 = reinterpret_cast<float4*>(mv + n);
+    uint2* c4 = reinterpret_cast<uint2*>(copy);
+    const uint2* g4 = reinterpret_cast<const uint2*>(g);
+    for (uint64_t i = first; i < n / 4; i += stride) {
+      float4 t = th4[i], m = m4[i], v = v4[i];
+      Four16<T> gv, cv;
+      gv.raw = g4[i];
+      t.x = adamw_elem(t.x, m.x, v.x, to_f32(gv.v[0]), s);
+      t.y = adamw_elem(t.y, m.y, v.y, to_f32(gv.v[1]), s);
+      t.z = adamw_elem(t.z, m.z, v.z, to_f32(gv.v[2]), s);
+      t.w = adamw_elem(t.w, m.w, v.w, to_f32(gv.v[3]), s);
+      cv.v[0] = from_f32<T>(t.x);
+      cv.v[1] = from_f32<T>(t.y);
+      cv.v[2] = from_f32<T>(t.z);
+      cv.v[3] = from_f32<T>(t.w);
+      th4[i] = t;
+      m4[i] = m;
+      v4[i] = v;
+      c4[i] = cv.raw;
+    }
+    return;
+  }
   for (uint64_t i = first; i < n; i += stride) {
-    const float gi = __fmul_rn(to_f32(g[i]), s.grad_scale);
-    const float m = __fadd_rn(__fmul_rn(mv[i], s.beta1), __fmul_rn(gi, s.one_minus_beta1));
-    const float v = __fadd_rn(__fmul_rn(mv[n + i], s.beta2), __fmul_rn(__fmul_rn(gi, gi), s.one_minus_beta2));
+    float m = mv[i], v = mv[n + i];
+    const float t = adamw_elem(theta[i], m, v, to_f32(g[i]), s);
     mv[i] = m;
     mv[n + i] = v;
-    const float m_hat = __fmul_rn(m, s.scale_m);
-    const float v_hat = __fmul_rn(v, s.scale_v);
-    const float step = __fdiv_rn(m_hat, __fadd_rn(__fsqrt_rn(v_hat), s.eps));
-    const float t = __fsub_rn(__fmul_rn(theta[i], s.decay), __fmul_rn(step, s.lr));
     theta[i] = t;
     copy[i] = from_f32<T>(t);
   }

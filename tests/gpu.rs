@@ -969,9 +969,10 @@ fn adamw_update_mixed_matches_cpu_bit_for_bit() {
     use crosskv::ops::{adamw_update_mixed, adamw_update_mixed_many};
     let dev = gpu();
     let mut rng = Rng::new(22);
-    // Tensors of 1, 1023, 0 and 300 001 elements, updated five steps: one by one on the
-    // CPU, in one launch (adamw_mixed_many) on CUDA, and the largest also alone on CUDA.
-    let sizes = [1usize, 1023, 0, 300_001];
+    // Tensors of 1, 1023, 0, 300 001 and 65 536 (the kernel's 4-wide path) elements,
+    // updated five steps: one by one on the CPU, in one launch (adamw_mixed_many) on
+    // CUDA, and the 300 001 also alone on CUDA.
+    let sizes = [1usize, 1023, 0, 300_001, 65_536];
     for dtype in [DType::BF16, DType::F16] {
         let mut cpu = vec![];
         let mut gpu_many = vec![];
