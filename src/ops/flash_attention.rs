@@ -16,6 +16,12 @@
 //! per row, only f32 buffers for dK and dV when a GQA/MQA group is split over CTAs
 //! (`cuda_flash.rs`).
 //!
+//! Packed forms for training's fused projection: [`causal_attention_packed`] reads q, k
+//! and v as head slices of one `[b, t, heads + 2·kv_heads, d]` tensor, and
+//! [`causal_attention_shared_kv`] (a CLA consumer) reads k and v from another layer's;
+//! the kernels take each operand's row stride, and the backward writes the gradient in
+//! the inputs' own layouts (one packed gradient, no padded slices to sum).
+//!
 //! Which path runs: the op on the CPU (f32/f16/bf16) and on CUDA for f16/bf16 with
 //! head_dim 64 or 128. Anything else on CUDA (f32 inputs, other head dims) and other
 //! devices take [`causal_attention_composite`]: candle ops in f32 (expand the KV heads,
