@@ -49,11 +49,17 @@ __device__ __forceinline__ float adamw_elem(float theta, float& m, float& v, flo
   return __fsub_rn(__fmul_rn(theta, s.decay), __fmul_rn(step, s.lr));
 }
 
-// Four T as one 8-byte load or store.
-template <typename T> union Four16 {
-  uint2 raw;
-  T v[4];
-};
+// The tensor that owns block b of a multi-tensor launch: tensor i owns blocks
+// starts[i] .. starts[i + 1] (prefix sums over `count` tensors; BlockTable in
+// src/ops/adamw.rs builds them).
+__device__ __forceinline__ uint32_t owner_of_block(const uint32_t* __restrict__ starts, uint32_t count, uint32_t b) {
+  uint32_t lo = 0, hi = count;
+  while (hi - lo > 1) {
+    const uint32_t mid = (lo + hi) / 2;
+    if (starts[mid] <= b) lo = mid; else hi = mid;
+  }
+  return lo;
+}
 
 // Elements first, first + stride, … of one tensor; in groups of 4 (16-byte loads of θ,
 // m and v, 8-byte ones of the copy and the gradient) where the length and the pointers
@@ -72,7 +78,7 @@ __device__ __forceinline__ void adamw_mixed_elems(float* __restrict__ theta, flo
     const uint2* g4 = reinterpret_cast<const uint2*>(g);
     for (uint64_t i = first; i < n / 4; i += stride) {
       float4 t = th4[i], m = m4[i], v = v4[i];
-      Four16<T> gv, cv;
+      Four<T> gv, cv;
       gv.raw = g4[i];
       t.x = adamw_elem(t.x, m.x, v.x, to_f32(gv.v[0]), s);
       t.y = adamw_elem(t.y, m.y, v.y, to_f32(gv.v[1]), s);
@@ -102,17 +108,12 @@ __device__ __forceinline__ void adamw_mixed_elems(float* __restrict__ theta, flo
 // adamw_mixed_many_*: the same update of many tensors in one launch (a training step
 // updates every variable; one launch each left most of the small ones' time in launch
 // and tail). table holds (master, moments, copy, gradient, length) as u64 per tensor;
-// tensor i owns blocks starts[i] .. starts[i + 1] (prefix sums), found by binary search.
+// tensor i owns the blocks owner_of_block finds.
 template <typename T>
 __device__ __forceinline__ void adamw_mixed_many_impl(const uint64_t* __restrict__ table,
                                                       const uint32_t* __restrict__ starts, uint32_t count,
                                                       const Scalars& s) {
-  const uint32_t b = blockIdx.x;
-  uint32_t lo = 0, hi = count;
-  while (hi - lo > 1) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (starts[mid] <= b) lo = mid; else hi = mid;
-  }
+  const uint32_t b = blockIdx.x, lo = owner_of_block(starts, count, b);
   const uint64_t* e = table + 5 * lo;
   const uint32_t blocks = starts[lo + 1] - starts[lo];
   adamw_mixed_elems<T>(reinterpret_cast<float*>(e[0]), reinterpret_cast<float*>(e[1]), reinterpret_cast<T*>(e[2]),
@@ -186,17 +187,12 @@ __device__ __forceinline__ float squares(const T* __restrict__ g, uint64_t n, ui
 }
 
 // sum_squares_many: acc[0] += Σ g² over many tensors in one launch (gradient clipping's
-// norm over every gradient; one tensor is the case of one). table holds (pointer, length) pairs as u64; tensor i owns blocks
-// starts[i] .. starts[i + 1] (prefix sums), which a block finds by binary search.
+// norm over every gradient; one tensor is the case of one). table holds (pointer, length)
+// pairs as u64; a block finds its tensor with owner_of_block.
 template <typename T>
 __device__ __forceinline__ void sum_squares_many_impl(float* __restrict__ acc, const uint64_t* __restrict__ table,
                                                       const uint32_t* __restrict__ starts, uint32_t count) {
-  const uint32_t b = blockIdx.x;
-  uint32_t lo = 0, hi = count;
-  while (hi - lo > 1) {
-    const uint32_t mid = (lo + hi) / 2;
-    if (starts[mid] <= b) lo = mid; else hi = mid;
-  }
+  const uint32_t b = blockIdx.x, lo = owner_of_block(starts, count, b);
   const T* g = reinterpret_cast<const T*>(table[2 * lo]);
   const uint32_t blocks = starts[lo + 1] - starts[lo];
   block_add(acc, squares(g, table[2 * lo + 1], (uint64_t)(b - starts[lo]) * blockDim.x + threadIdx.x,

@@ -27,3 +27,11 @@ template <typename T>
 __device__ __forceinline__ bool vec_ok(const T* p, uint32_t len) {
   return ((uintptr_t)p % 16) == 0 && len % Vec16<T>::N == 0;
 }
+
+// Four T as one aligned 8-byte (f16/bf16) or 16-byte (f32) load or store.
+template <typename T> struct FourRaw { using Type = uint2; };
+template <> struct FourRaw<float> { using Type = uint4; };
+template <typename T> union Four {
+  typename FourRaw<T>::Type raw;
+  T v[4];
+};

@@ -24,14 +24,6 @@
 
 #include "convert.cuh"
 
-// Four T as one aligned load or store (the vectorised path below).
-template <typename T> struct FourRaw { using Type = uint2; };
-template <> struct FourRaw<float> { using Type = uint4; };
-template <typename T> union Four {
-  typename FourRaw<T>::Type raw;
-  T v[4];
-};
-
 template <typename T>
 __device__ __forceinline__ bool aligned4(const T* p) {
   return (uintptr_t)p % (4 * sizeof(T)) == 0;

@@ -339,10 +339,10 @@ fn squares<T>(g: &[T], f: impl Fn(&T) -> f64) -> f64 {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Scalars;
-    use crate::ops::cuda::{contiguous, ptx, suffix};
+    use crate::ops::cuda::{contiguous, ptx, raw_range, suffix};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
     use std::cell::RefCell;
 
@@ -379,74 +379,103 @@ mod cuda {
         Ok(())
     }
 
+    /// The tensors of a multi-tensor launch (`*_many_*` in kernels/adamw.cu): a row of
+    /// u64 per tensor (addresses, its length) and the prefix sums of their blocks, in
+    /// which a block finds its tensor by binary search (`owner_of_block`).
+    struct BlockTable {
+        entries: Vec<u64>,
+        starts: Vec<u32>,
+    }
+
+    impl BlockTable {
+        fn new() -> Self {
+            BlockTable {
+                entries: Vec::new(),
+                starts: vec![0],
+            }
+        }
+
+        fn push(&mut self, entry: &[u64], blocks: usize) {
+            self.entries.extend_from_slice(entry);
+            let last = *self.starts.last().expect("starts begins with 0");
+            self.starts.push(last + blocks as u32);
+        }
+
+        /// Runs `launch(table, starts, count, config)` on the device copies, unless the
+        /// table is empty.
+        fn launch(
+            &self,
+            dev: &CudaDevice,
+            launch: impl FnOnce(&CudaSlice<u64>, &CudaSlice<u32>, u32, LaunchConfig) -> Result<()>,
+        ) -> Result<()> {
+            let count = (self.starts.len() - 1) as u32;
+            if count == 0 {
+                return Ok(());
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (*self.starts.last().expect("starts begins with 0"), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch(
+                &dev.clone_htod(&self.entries)?,
+                &dev.clone_htod(&self.starts)?,
+                count,
+                cfg,
+            )
+        }
+    }
+
+    /// The CUDA storage of a guarded tensor, or an error naming it.
+    fn cuda_of<'a>(s: &'a Storage, op: &str, what: &str) -> Result<&'a CudaStorage> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => candle_core::bail!("{op}: {what} is not on the GPU"),
+        }
+    }
+
     /// One `sum_squares_many_*` launch over `gs` (contiguous, one dtype, acc's device) into `acc`.
     pub(super) fn sum_squares_many(acc: &Tensor, gs: &[Tensor]) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         const OP: &str = "sum_squares_many";
         let dtype = gs[0].dtype();
         let guards: Vec<_> = gs.iter().map(|g| g.storage_and_layout()).collect();
-        let Storage::Cuda(first) = &*guards[0].0 else {
-            candle_core::bail!("{OP}: the gradients are not on the GPU");
-        };
-        let dev = first.device.clone();
-        let stream = dev.cuda_stream();
-        // (pointer, length) of each gradient and the first block of each: a block per 16384
-        // elements (8 vector loads a thread), at most 1056 per tensor. Blocks of a few scalar
-        // loads each cost more to schedule than their loads (0.29 ms for a ~125M model's
-        // gradients on an H100).
-        let (mut table, mut starts) = (Vec::with_capacity(2 * gs.len()), vec![0u32]);
+        let dev = cuda_of(&guards[0].0, OP, "the gradient")?.device.clone();
+        // (address, length) of each gradient: a block per 16384 elements (8 vector loads a
+        // thread), at most 1056 per tensor. Blocks of a few scalar loads each cost more to
+        // schedule than their loads (0.29 ms for a ~125M model's gradients on an H100).
+        let mut table = BlockTable::new();
         for (s, l) in &guards {
-            let Storage::Cuda(s) = &**s else {
-                candle_core::bail!("{OP}: the gradients are not on the GPU");
-            };
             let (a, b) = contiguous(l, OP, "gradient")?;
-            if b == a {
-                continue;
+            let g = cuda_of(s, OP, "the gradient")?;
+            if g.dtype() != dtype {
+                candle_core::bail!("{OP}: gradients of {:?} and {dtype:?} in one launch", g.dtype());
             }
-            // The pointers are read while the guards hold the storages; the launch below is
-            // ordered before any free of them on the one stream.
-            let ptr = match dtype {
-                DType::BF16 => s.as_cuda_slice::<half::bf16>()?.slice(a..b).device_ptr(&stream).0,
-                DType::F16 => s.as_cuda_slice::<half::f16>()?.slice(a..b).device_ptr(&stream).0,
-                _ => s.as_cuda_slice::<f32>()?.slice(a..b).device_ptr(&stream).0,
-            };
-            table.extend([ptr, (b - a) as u64]);
-            let last = *starts.last().expect("starts begins with 0");
-            starts.push(last + (b - a).div_ceil(16384).min(1056) as u32);
+            if b > a {
+                let ptr = raw_range(g, a..b, OP, "the gradient")?;
+                table.push(&[ptr, (b - a) as u64], (b - a).div_ceil(16384).min(1056));
+            }
         }
-        let count = starts.len() - 1;
-        let blocks = *starts.last().expect("starts begins with 0");
-        if count == 0 {
-            return Ok(());
-        }
-        let table = dev.clone_htod(&table)?;
-        let starts = dev.clone_htod(&starts)?;
         let f = dev.get_or_load_custom_func(
             &format!("sum_squares_many_{}", suffix(dtype, OP)?),
             "crosskv_adamw",
             ptx::ADAMW,
         )?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let count = count as u32;
-        acc.inplace_op1(&Lend(OP, |accs: &mut CudaStorage, al: &Layout| {
-            let (a0, a1) = contiguous(al, OP, "accumulator")?;
-            let mut acc = accs.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
-            let mut b = f.builder();
-            b.arg(&mut acc).arg(&table).arg(&starts).arg(&count);
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
-        }))?;
+        table.launch(&dev, |table, starts, count, cfg| {
+            acc.inplace_op1(&Lend(OP, |accs: &mut CudaStorage, al: &Layout| {
+                let (a0, a1) = contiguous(al, OP, "accumulator")?;
+                let mut acc = accs.as_cuda_slice_mut::<f32>()?.slice_mut(a0..a1);
+                let mut b = f.builder();
+                b.arg(&mut acc).arg(table).arg(starts).arg(&count);
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            }))
+        })?;
         drop(guards);
         Ok(())
     }
 
     /// One `adamw_mixed_many_*` launch over `items` (CUDA, one copy dtype, checked).
     pub(super) fn mixed_many(items: &[super::MixedUpdate], s: &Scalars) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         const OP: &str = "adamw_update_mixed_many";
         let grads: Vec<Tensor> = items.iter().map(|it| it.3.contiguous()).collect::<Result<_>>()?;
         // Read guards on every storage while the table is built and the kernel launched;
@@ -459,55 +488,44 @@ mod cuda {
             .collect();
         let dtype = items[0].2.dtype();
         let mut dev = None;
-        let (mut table, mut starts) = (Vec::with_capacity(5 * items.len()), vec![0u32]);
+        let mut table = BlockTable::new();
         for (it, gd) in items.iter().zip(&guards) {
             let n = it.0.elem_count();
             if n == 0 {
                 continue;
             }
-            let mut ptrs = [0u64; 4];
+            let mut entry = [0u64; 5];
             for (i, ((st, l), what)) in gd
                 .iter()
                 .zip(["the variable", "the moments", "the copy", "the gradient"])
                 .enumerate()
             {
-                let Storage::Cuda(c) = &**st else {
-                    candle_core::bail!("{OP}: {what} is not on the GPU");
-                };
-                let stream = c.device.cuda_stream();
+                let c = cuda_of(st, OP, what)?;
                 let (a, b) = contiguous(l, OP, what)?;
                 let want = if i == 1 { 2 * n } else { n };
                 if b - a != want {
                     candle_core::bail!("{OP}: {what} holds {} elements, {want} expected", b - a);
                 }
-                ptrs[i] = match (i, dtype) {
-                    (0 | 1, _) => c.as_cuda_slice::<f32>()?.slice(a..b).device_ptr(&stream).0,
-                    (_, DType::BF16) => c.as_cuda_slice::<half::bf16>()?.slice(a..b).device_ptr(&stream).0,
-                    _ => c.as_cuda_slice::<half::f16>()?.slice(a..b).device_ptr(&stream).0,
-                };
+                let (want_dtype, got) = (if i < 2 { DType::F32 } else { dtype }, c.dtype());
+                if got != want_dtype {
+                    candle_core::bail!("{OP}: {what} is {got:?}, {want_dtype:?} expected");
+                }
+                entry[i] = raw_range(c, a..b, OP, what)?;
                 dev.get_or_insert_with(|| c.device.clone());
             }
-            table.extend(ptrs);
-            table.push(n as u64);
-            let last = *starts.last().expect("starts begins with 0");
+            entry[4] = n as u64;
             // About 8 elements a thread (28 bytes each), at most 2048 blocks a tensor.
-            starts.push(last + n.div_ceil(256 * 8).min(2048) as u32);
+            table.push(&entry, n.div_ceil(256 * 8).min(2048));
         }
         let Some(dev) = dev else { return Ok(()) };
-        let count = (starts.len() - 1) as u32;
-        let blocks = *starts.last().expect("starts begins with 0");
-        let table = dev.clone_htod(&table)?;
-        let starts = dev.clone_htod(&starts)?;
         let name = format!("adamw_mixed_many_{}", suffix(dtype, OP)?);
         let f = dev.get_or_load_custom_func(&name, "crosskv_adamw", ptx::ADAMW)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = f.builder();
-        b.arg(&table).arg(&starts).arg(&count).arg(s);
-        unsafe { b.launch(cfg) }.w()?;
+        table.launch(&dev, |table, starts, count, cfg| {
+            let mut b = f.builder();
+            b.arg(table).arg(starts).arg(&count).arg(s);
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })?;
         drop(guards);
         Ok(())
     }

@@ -51,6 +51,40 @@ pub(crate) fn row_strided(l: &Layout, op: &str, what: &str) -> Result<(usize, us
     Ok((l.start_offset(), row_stride, row))
 }
 
+/// The device address and element count of an f32/f16/bf16 storage's buffer, for
+/// kernels that take raw addresses (a table of many tensors, row views into a packed
+/// tensor) and so do their own bounds checks. Read it under the storage's guard; launches
+/// on the one stream are ordered before any free of the buffer.
+pub(crate) fn raw_buffer(s: &CudaStorage) -> Result<(u64, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let stream = s.device.cuda_stream();
+    Ok(match s.dtype() {
+        DType::F32 => {
+            let v = s.as_cuda_slice::<f32>()?;
+            (v.device_ptr(&stream).0, v.len())
+        }
+        DType::F16 => {
+            let v = s.as_cuda_slice::<half::f16>()?;
+            (v.device_ptr(&stream).0, v.len())
+        }
+        DType::BF16 => {
+            let v = s.as_cuda_slice::<half::bf16>()?;
+            (v.device_ptr(&stream).0, v.len())
+        }
+        d => candle_core::bail!("raw buffer: {d:?} (f32/f16/bf16 only)"),
+    })
+}
+
+/// The address of elements `range` of an f32/f16/bf16 storage, after checking the range
+/// lies in it ([`raw_buffer`]).
+pub(crate) fn raw_range(s: &CudaStorage, range: std::ops::Range<usize>, op: &str, what: &str) -> Result<u64> {
+    let (base, len) = raw_buffer(s)?;
+    if range.start > range.end || range.end > len {
+        candle_core::bail!("{op}: {what}'s elements {range:?} are outside its {len}");
+    }
+    Ok(base + (range.start * s.dtype().size_in_bytes()) as u64)
+}
+
 /// Whether [`row_strided`] takes this layout.
 pub fn is_row_strided(l: &Layout) -> bool {
     row_strided(l, "", "").is_ok()

@@ -8,7 +8,7 @@
 //! input gets its gradient packed in one buffer. The kernels get raw device pointers:
 //! [`Rows::check`] and [`GradLayout`]'s bounds check stand in for cudarc's slices.
 
-use super::cuda::{contiguous, poison, ptx, suffix, POISON};
+use super::cuda::{contiguous, poison, ptx, raw_buffer, suffix, POISON};
 use super::flash_attention::Dims;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -70,11 +70,10 @@ impl Rows<'_> {
     /// (the kernels' vector loads).
     fn check(&self, rows: usize, width: usize, what: &str) -> Result<()> {
         let esize = self.s.dtype().size_in_bytes();
-        let len = match self.s.dtype() {
-            DType::F16 => self.s.as_cuda_slice::<half::f16>()?.len(),
-            DType::BF16 => self.s.as_cuda_slice::<half::bf16>()?.len(),
-            dt => candle_core::bail!("{OP}: {what} is {dt:?} (f16/bf16)"),
-        };
+        if !matches!(self.s.dtype(), DType::F16 | DType::BF16) {
+            candle_core::bail!("{OP}: {what} is {:?} (f16/bf16)", self.s.dtype());
+        }
+        let len = raw_buffer(self.s)?.1;
         let end = self.offset + rows.saturating_sub(1) * self.stride + width;
         if self.stride < width || (rows > 0 && end > len) {
             candle_core::bail!(
@@ -89,29 +88,9 @@ impl Rows<'_> {
         Ok(())
     }
 
-    /// The device address of row 0.
-    fn ptr<T: DeviceRepr>(&self, dev: &CudaDevice) -> Result<u64>
-    where
-        CudaStorage: AsSlice<T>,
-    {
-        let stream = dev.cuda_stream();
-        let base = self.s.slice_of()?.device_ptr(&stream).0;
-        Ok(base + (self.offset * std::mem::size_of::<T>()) as u64)
-    }
-}
-
-/// Typed access to a storage's slice (the `go!` macros pick the element type).
-pub(crate) trait AsSlice<T> {
-    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<T>>;
-}
-impl AsSlice<half::f16> for CudaStorage {
-    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<half::f16>> {
-        self.as_cuda_slice::<half::f16>()
-    }
-}
-impl AsSlice<half::bf16> for CudaStorage {
-    fn slice_of(&self) -> Result<&candle_core::cuda_backend::cudarc::driver::CudaSlice<half::bf16>> {
-        self.as_cuda_slice::<half::bf16>()
+    /// The device address of row 0 (after [`Rows::check`]).
+    fn ptr(&self) -> Result<u64> {
+        Ok(raw_buffer(self.s)?.0 + (self.offset * self.s.dtype().size_in_bytes()) as u64)
     }
 }
 
@@ -262,7 +241,7 @@ pub(crate) fn forward(d: Dims, scale: f32, q: Rows, k: Rows, v: Rows) -> Result<
     let name = format!("fa_fwd_{sfx}_d{}", d.d);
     macro_rules! go {
         ($t:ty) => {{
-            let (qp, kp, vp) = (q.ptr::<$t>(&dev)?, k.ptr::<$t>(&dev)?, v.ptr::<$t>(&dev)?);
+            let (qp, kp, vp) = (q.ptr()?, k.ptr()?, v.ptr()?);
             let mut out = unsafe { dev.alloc::<$t>(d.q_len())? };
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
@@ -349,7 +328,7 @@ pub(crate) fn backward(
     let stream = dev.cuda_stream();
     macro_rules! go {
         ($t:ty) => {{
-            let (qp, kp, vp) = (q.ptr::<$t>(&dev)?, k.ptr::<$t>(&dev)?, v.ptr::<$t>(&dev)?);
+            let (qp, kp, vp) = (q.ptr()?, k.ptr()?, v.ptr()?);
             let ov = o.0.as_cuda_slice::<$t>()?.slice(o0..o1);
             let gv = g.0.as_cuda_slice::<$t>()?.slice(g0..g1);
             let f = load(&name("bwd_dot"), 0)?;

@@ -238,15 +238,6 @@ pub fn rope(
     let op = checked_op(q, k, positions, cos, sin, interleaved)?;
     let (t, heads, d) = q.dims3()?;
     let kv_heads = k.map_or(Ok(0), |k| k.dim(1))?;
-    // CUDA reads Q and K rows any stride apart (slices of a fused QKV projection); the
-    // CPU reference wants them contiguous.
-    let rows = |x: &Tensor| -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && crate::ops::cuda::is_row_strided(x.layout()) {
-            return Ok(x.clone());
-        }
-        x.contiguous()
-    };
     let q = rows(q)?;
     let positions = positions.contiguous()?;
     // Training: Q and K rotated by one op each. One op's output packs both, and the
@@ -287,15 +278,18 @@ pub fn rope_packed(
         candle_core::bail!("{OP}: {rot_heads} heads to rotate of {:?}", x.shape());
     }
     op.rot_heads = rot_heads;
-    #[cfg(feature = "cuda")]
-    let x = if x.device().is_cuda() && crate::ops::cuda::is_row_strided(x.layout()) {
-        x.clone()
-    } else {
-        x.contiguous()?
-    };
-    #[cfg(not(feature = "cuda"))]
-    let x = x.contiguous()?;
+    let x = rows(x)?;
     x.apply_op2(&positions.contiguous()?, op)?.reshape(x.shape())
+}
+
+/// An input as the op reads it: CUDA reads rows any stride apart (slices of a fused QKV
+/// projection); the CPU reference wants them contiguous.
+fn rows(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && crate::ops::cuda::is_row_strided(x.layout()) {
+        return Ok(x.clone());
+    }
+    x.contiguous()
 }
 
 /// Checks q (and k), the positions and the tables; the forward op.
