@@ -283,6 +283,11 @@ pub(crate) fn argmax_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(rows)))
 }
 
+/// Threads per CTA of the RMSNorm backward kernels: 8 warps, a row each at a time.
+const NORM_BWD_THREADS: usize = 256;
+/// Rows of dw partial sums (`DW_SLICES` in kernels/rms_norm.cu).
+const DW_SLICES: usize = 32;
+
 /// The RMSNorm backward (`rms_norm_grads` on CUDA): x, w, g of one dtype, contiguous;
 /// returns `[rows + 1, hidden]` in that dtype: dx rows, then dw (summed in f32).
 pub(crate) fn rms_norm_bwd(
@@ -308,8 +313,8 @@ pub(crate) fn rms_norm_bwd(
     let (g0, g1) = contiguous(gl, OP, "g")?;
     let dev = x.device.clone();
     // dw is summed in f32 here (zeros: the CTAs add into it), then rounded into the last row.
-    // DW_SLICES (kernels/rms_norm.cu) rows of partial sums, one per group of CTAs.
-    let mut dw_acc = dev.alloc_zeros::<f32>(32 * hidden)?;
+    // DW_SLICES rows of partial sums, one per group of CTAs.
+    let mut dw_acc = dev.alloc_zeros::<f32>(DW_SLICES * hidden)?;
     // 16-byte vectors where every row allows them (hidden a multiple of the vector, each
     // input's start aligned): the kernel for the fewest vectors per lane that hold a row.
     let vec = 16 / x.dtype().size_in_bytes();
@@ -326,9 +331,9 @@ pub(crate) fn rms_norm_bwd(
     };
     let bwd = dev.get_or_load_custom_func(&name, "crosskv_rms_norm", ptx::RMS_NORM)?;
     // Shared memory: the scalar kernel sums dw in one row of `hidden` f32; the vector
-    // kernels keep a row per warp (8), up to 64 KiB (bf16 rows of 2048), past the 48 KiB
-    // a launch gets without asking.
-    let smem = hidden * 4 * if per_lane.is_some() { 8 } else { 1 };
+    // kernels keep a row per warp, up to 64 KiB (bf16 rows of 2048), past the 48 KiB a
+    // launch gets without asking.
+    let smem = hidden * 4 * if per_lane.is_some() { NORM_BWD_THREADS / 32 } else { 1 };
     if smem > 48 * 1024 {
         bwd.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -342,7 +347,7 @@ pub(crate) fn rms_norm_bwd(
     // (the step is memory-bound), few enough that dw's per-CTA atomics stay cheap.
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(16).clamp(1, 1024) as u32, 1, 1),
-        block_dim: (256, 1, 1),
+        block_dim: (NORM_BWD_THREADS as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let fin = LaunchConfig {
