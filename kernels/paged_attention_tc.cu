@@ -194,15 +194,17 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   uint32_t* rows_s = reinterpret_cast<uint32_t*>(smem + C::Q_BYTES + C::KV_BYTES);  // [STAGES][TK]
 
   // K/V tiles: thread tid copies 16-byte chunk tid % CH of keys tid / CH + i·(NT / CH).
-  // A tile's cache rows are looked up (one key per thread) into rows_s one iteration
-  // before its copies are issued, so the block-table loads never stall the copies.
+  // A tile's cache rows (one key per thread of the first TK) go to rows_s one iteration
+  // before its copies are issued, and their block-table entries are loaded into a
+  // register one iteration before that: the store waits on a load issued a whole tile
+  // earlier, so no iteration waits on the table's latency (a load stored at once
+  // stalled every iteration's barrier on it).
   constexpr int KPT = TK * CH / NT;  // keys per thread per tile
   const int chunk = tid % CH, key_in = tid / CH;
-  auto lookup = [&](int tile) {
-    if (tid < TK) {
-      const uint32_t key = min(kbeg + tile * TK + tid, kend - 1);  // past the end: any valid row
-      rows_s[(tile % STAGES) * TK + tid] = table[key / p.block_size] * p.block_size + key % p.block_size;
-    }
+  auto key_of = [&](int tile) { return min(kbeg + tile * TK + tid, kend - 1); };  // past the end: any valid row
+  auto load_block = [&](int tile) { return tid < TK ? __ldg(table + key_of(tile) / p.block_size) : 0u; };
+  auto store_rows = [&](int tile, uint32_t block) {
+    if (tid < TK) rows_s[(tile % STAGES) * TK + tid] = block * p.block_size + key_of(tile) % p.block_size;
   };
   auto issue = [&](int tile) {
     const int st = tile % STAGES;
@@ -219,24 +221,29 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   };
 
   const int ntiles = (int)((kend - kbeg + TK - 1) / TK);
-  for (int t = 0; t < STAGES && t < ntiles; t++) lookup(t);
+  {
+    uint32_t blocks[STAGES];  // all loads in flight before the first store
+#pragma unroll
+    for (int t = 0; t < STAGES; t++) blocks[t] = load_block(t);
+#pragma unroll
+    for (int t = 0; t < STAGES; t++) store_rows(t, blocks[t]);
+  }
+  uint32_t next_block = load_block(STAGES);  // tile STAGES's entry, stored in iteration 0
+
+  // Q rows into shared memory (zeros past nrows), swizzled like the K/V tiles, as
+  // 16-byte copies in the first tile's group.
+  for (int i = tid; i < C::Q_ROWS * CH; i += NT) {
+    const int r = i / CH, c = i % CH;
+    const uint32_t rr = min((uint32_t)r, nrows - 1);  // rows past nrows: zero-filled
+    const uint64_t tok = q_start + tok0 + rr / p.hpc;
+    const uint32_t h = head0 + rr % p.hpc;
+    cp_async16(q_s + swz<CH>(r, c), q + (tok * p.heads + h) * D + c * 8, r < (int)nrows ? 16u : 0u);
+  }
   __syncthreads();
 #pragma unroll
   for (int st = 0; st < STAGES - 1; st++) {
     if (st < ntiles) issue(st);
     cp_commit();
-  }
-
-  // Q rows into shared memory (zeros past nrows), swizzled like the K/V tiles.
-  for (int i = tid; i < C::Q_ROWS * D; i += NT) {
-    const int r = i / D, d = i % D;
-    T v = from_f32<T>(0.f);
-    if (r < (int)nrows) {
-      const uint64_t tok = q_start + tok0 + r / p.hpc;
-      const uint32_t h = head0 + r % p.hpc;
-      v = q[(tok * p.heads + h) * D + d];
-    }
-    *reinterpret_cast<T*>(smem + swz<CH>(r, d / 8) + (d % 8) * 2) = v;
   }
 
   // Warp roles: ≤ 16 rows → all warps on rows 0..15, each on a quarter of every tile's
@@ -261,7 +268,10 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     __syncthreads();  // tile t landed for everyone; tile t-1's stage is free again
     if (t + STAGES - 1 < ntiles) issue(t + STAGES - 1);
     cp_commit();
-    if (t + STAGES < ntiles) lookup(t + STAGES);  // its slot's copies (tile t) were issued long ago
+    if (t + STAGES < ntiles) {  // its slot's copies (tile t) were issued long ago
+      store_rows(t + STAGES, next_block);
+      next_block = load_block(t + STAGES + 1);
+    }
     const uint32_t key0 = kbeg + t * TK;
     const uint32_t k_s = kv_s + (t % STAGES) * 2 * C::TILE_BYTES, v_s = k_s + C::TILE_BYTES;
     // Every key of the tile visible to every row of the warp: no mask.

