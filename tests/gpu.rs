@@ -1493,3 +1493,28 @@ fn sum_squares_matches_cpu() {
     eprintln!("sum_squares_many over 5 bf16 tensors: CUDA {got}, CPU {want}, rel err {e:.2e}");
     assert!(e < 1e-5, "sum of squares of many: CUDA {got}, CPU {want}");
 }
+
+/// The logits' widening to f32 equals candle's CPU cast bit for bit: odd lengths (the
+/// scalar tail), a view starting mid-vector (the unaligned path) and a decode step's
+/// logits.
+#[test]
+fn widen_f32_matches_cpu_bit_for_bit() {
+    let dev = gpu();
+    let mut rng = Rng::new(5);
+    for dtype in [DType::BF16, DType::F16] {
+        for shape in [vec![1], vec![3, 7], vec![64, 50304]] {
+            let (c, g) = pair(&mut rng, &shape, dtype, &dev);
+            let want = flat(&c.to_dtype(DType::F32).unwrap());
+            assert_eq!(flat(&crosskv::ops::widen_f32(&g).unwrap()), want, "{dtype:?} {shape:?}");
+            let n = want.len();
+            if n > 2 {
+                let view = g.flatten_all().unwrap().narrow(0, 1, n - 2).unwrap();
+                assert_eq!(
+                    flat(&crosskv::ops::widen_f32(&view).unwrap()),
+                    want[1..n - 1],
+                    "{dtype:?} {shape:?} view"
+                );
+            }
+        }
+    }
+}

@@ -436,7 +436,7 @@ impl Model {
 
     /// f32 logits of rows already through the final norm.
     fn logits(&self, normed: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(normed)?.to_dtype(DType::F32)
+        crate::ops::widen_f32(&self.lm_head.forward(normed)?)
     }
 
     /// One batched step through the paged cache. Returns f32 logits `[outputs, vocab]`.

@@ -20,6 +20,7 @@ pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+pub mod widen;
 
 pub use adamw::{
     adamw_update, adamw_update_mixed, adamw_update_mixed_many, sum_squares_into, sum_squares_many, MixedUpdate,
@@ -37,6 +38,7 @@ pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{rope, rope_packed};
 pub use swiglu::{swiglu, swiglu_packed};
+pub use widen::widen_f32;
 
 use candle_core::{CpuStorage, Layout, Result};
 

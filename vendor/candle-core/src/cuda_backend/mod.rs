@@ -1578,16 +1578,7 @@ impl BackendStorage for CudaStorage {
         let shape = layout.shape();
         let dims = shape.dims();
         let el = shape.elem_count();
-        // crosskv patch: cast.cu's bf16→f32 and f32→bf16 kernels take 8 and 4 elements a
-        // thread (16-byte loads, grid-stride) when the input is contiguous; a grid of one
-        // thread per element left most blocks empty (a decode step's [256, 50304] logits
-        // cast took 140 us on an H100). Any grid is correct.
-        let per_thread = match (layout.is_contiguous(), self.dtype(), dtype) {
-            (true, DType::BF16, DType::F32) => 8,
-            (true, DType::F32, DType::BF16) => 4,
-            _ => 1,
-        };
-        let cfg = LaunchConfig::for_num_elems(el.div_ceil(per_thread) as u32);
+        let cfg = LaunchConfig::for_num_elems(el as u32);
         let dev = self.device();
         let ds = SlicePtrOrNull::params_from_layout(dev, layout)?;
         let start_o = layout.start_offset();
