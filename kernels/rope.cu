@@ -36,14 +36,23 @@ __device__ __forceinline__ uint32_t pairs_per_thread(uint32_t half, uint32_t int
   return !interleaved && half % 4 == 0 ? 4 : 1;
 }
 
-template <typename T>
+// CACHE (rope_cache_*, a decode step's producer layer): q is the packed [tokens,
+// q_heads + 2 kv_heads, D] projection (heads = all of them, kv_heads = 0, rot_heads =
+// q_heads + kv_heads); out receives only the rotated Q, and token t's rotated K and its
+// V go straight to cache row rows[t] of kc and vc ([cache_rows, kv_heads, D]), as
+// reshape_and_cache would write them; a row at or past cache_rows (SKIP_ROW, a graph's
+// padding) is written nowhere.
+template <typename T, bool CACHE>
 __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restrict__ q,
                                           const T* __restrict__ k, const T* __restrict__ cos,
                                           const T* __restrict__ sin, const uint32_t* __restrict__ pos,
                                           uint32_t tokens, uint32_t heads, uint32_t kv_heads,
                                           uint32_t half, uint32_t max_pos, uint32_t interleaved,
                                           uint64_t q_stride, uint64_t k_stride, uint32_t rot_heads,
-                                          uint32_t inverse) {
+                                          uint32_t inverse, T* __restrict__ kc = nullptr,
+                                          T* __restrict__ vc = nullptr, const uint32_t* __restrict__ rows = nullptr,
+                                          uint64_t cache_rows = 0, uint32_t q_heads = 0,
+                                          uint32_t cache_kv_heads = 0) {
   const uint32_t t = blockIdx.x;
   const uint32_t per = pairs_per_thread(half, interleaved);
   const uint32_t idx = blockIdx.y * blockDim.x + threadIdx.x;
@@ -53,7 +62,18 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
   const uint64_t d = 2 * (uint64_t)half;
   const T* src;
   T* dst;
-  if (h < heads) {
+  if (CACHE) {
+    src = q + t * q_stride + h * d;
+    if (h < q_heads) {
+      dst = out + ((uint64_t)t * q_heads + h) * d;
+    } else {
+      const uint64_t row = rows[t];
+      if (row >= cache_rows) return;
+      const uint32_t kvh = h - q_heads;
+      dst = kvh < cache_kv_heads ? kc + (row * cache_kv_heads + kvh) * d
+                                 : vc + (row * cache_kv_heads + kvh - cache_kv_heads) * d;
+    }
+  } else if (h < heads) {
     src = q + t * q_stride + h * d;
     dst = out + ((uint64_t)t * heads + h) * d;
   } else {
@@ -119,8 +139,17 @@ __device__ __forceinline__ void rope_impl(T* __restrict__ out, const T* __restri
                                         uint32_t kv_heads, uint32_t half, uint32_t max_pos,         \
                                         uint32_t interleaved, uint64_t q_stride, uint64_t k_stride, \
                                         uint32_t rot_heads, uint32_t inverse) {                    \
-    rope_impl<T>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved,     \
-                 q_stride, k_stride, rot_heads, inverse);                                           \
+    rope_impl<T, false>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved, \
+                        q_stride, k_stride, rot_heads, inverse);                                    \
+  }                                                                                                 \
+  extern "C" __global__ void rope_cache_##SFX(                                                      \
+      T* out, const T* q, const T* k, const T* cos, const T* sin, const uint32_t* pos, uint32_t tokens, \
+      uint32_t heads, uint32_t kv_heads, uint32_t half, uint32_t max_pos, uint32_t interleaved,     \
+      uint64_t q_stride, uint64_t k_stride, uint32_t rot_heads, uint32_t inverse, T* kc, T* vc,     \
+      const uint32_t* rows, uint64_t cache_rows, uint32_t q_heads, uint32_t cache_kv_heads) {      \
+    rope_impl<T, true>(out, q, k, cos, sin, pos, tokens, heads, kv_heads, half, max_pos, interleaved, \
+                       q_stride, k_stride, rot_heads, inverse, kc, vc, rows, cache_rows, q_heads,   \
+                       cache_kv_heads);                                                             \
   }
 
 ROPE(f32, float)

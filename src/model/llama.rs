@@ -153,6 +153,26 @@ impl Attention {
         rope.rotate_packed(&y, positions, self.heads + self.kv_heads).map(Some)
     }
 
+    /// A producer with stacked q/k/v (CUDA serving): one matmul, then Q rotated and
+    /// returned while K (rotated) and V go straight to `rows` of the slot's cache, in
+    /// one launch. `None` for the other layers, which [`Attention::project`] serves.
+    fn project_into_cache(
+        &self,
+        normed: &Tensor,
+        rope: &Rope,
+        positions: &Tensor,
+        cache: &KvCache,
+        rows: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let Some(qkv) = &self.qkv else {
+            return Ok(None);
+        };
+        let y = qkv
+            .forward(normed)?
+            .reshape((normed.dim(0)?, self.heads + 2 * self.kv_heads, self.head_dim))?;
+        rope.rotate_and_cache(&y, positions, self.heads, cache, rows).map(Some)
+    }
+
     /// Q, and for producers K and V, `[tokens, heads, head_dim]`; Q and K rotated for
     /// `positions` (u32 `[tokens]`).
     fn project(
@@ -471,11 +491,18 @@ impl Model {
         let scale = self.attention_scale();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
-            let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
-            if let Some((k, v)) = kv {
-                reshape_and_cache(cache.k(), &k, &step.cache_rows[a.slot])?;
-                reshape_and_cache(cache.v(), &v, &step.cache_rows[a.slot])?;
-            }
+            let rows = &step.cache_rows[a.slot];
+            let q = match a.project_into_cache(&normed, &self.rope, &step.positions, cache, rows)? {
+                Some(q) => q,
+                None => {
+                    let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
+                    if let Some((k, v)) = kv {
+                        reshape_and_cache(cache.k(), &k, rows)?;
+                        reshape_and_cache(cache.v(), &v, rows)?;
+                    }
+                    q
+                }
+            };
             let o = paged_attention_planned(
                 &q,
                 cache.k(),

@@ -89,6 +89,30 @@ impl Rope {
         crate::ops::rope(q, k, positions, &self.cos, &self.sin, self.interleaved)
     }
 
+    /// A producer's packed `[tokens, q_heads + 2 kv_heads, head_dim]` projection: Q
+    /// rotated and returned, K rotated and V written to `rows` of the caches
+    /// (`ops::rope_and_cache`: one launch on CUDA).
+    pub fn rotate_and_cache(
+        &self,
+        qkv: &Tensor,
+        positions: &Tensor,
+        q_heads: usize,
+        cache: &crate::kv::KvCache,
+        rows: &Tensor,
+    ) -> Result<Tensor> {
+        crate::ops::rope_and_cache(
+            qkv,
+            positions,
+            &self.cos,
+            &self.sin,
+            self.interleaved,
+            q_heads,
+            cache.k(),
+            cache.v(),
+            rows,
+        )
+    }
+
     /// A packed `[tokens, heads, head_dim]` with its first `rot_heads` heads rotated and
     /// the rest copied (`ops::rope_packed`).
     pub fn rotate_packed(&self, x: &Tensor, positions: &Tensor, rot_heads: usize) -> Result<Tensor> {

@@ -150,16 +150,39 @@ fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
 const ROPE_THREADS: usize = 128;
 
 /// Rotates q (and k) into one new buffer: q's rows, then k's.
+/// Where `rope_and_cache` writes a producer's rotated K and its V: the caches' addresses
+/// (`[cache_rows, kv_heads, head_dim]` each), and each token's cache row.
+pub(crate) struct RopeCache<'a> {
+    pub(crate) q_heads: usize,
+    pub(crate) kv_heads: usize,
+    pub(crate) k: u64,
+    pub(crate) v: u64,
+    pub(crate) cache_rows: usize,
+    pub(crate) rows: (&'a CudaStorage, &'a Layout),
+}
+
+/// RoPE on q (and k), or with `cache` on a packed `[tokens, q_heads + 2 kv_heads, d]`
+/// projection whose K and V go to the caches (the output then holds Q only).
 pub(crate) fn rope(
     op: &RopeOp,
     q: (&CudaStorage, &Layout),
     k: Option<(&CudaStorage, &Layout)>,
     pos: (&CudaStorage, &Layout),
+    cache: Option<RopeCache<'_>>,
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "rope";
     let (q, ql) = q;
     let sfx = suffix(q.dtype(), OP)?;
     let (tokens, heads, d) = ql.shape().dims3()?;
+    if let Some(c) = &cache {
+        if k.is_some() || heads != c.q_heads + 2 * c.kv_heads {
+            candle_core::bail!(
+                "rope_and_cache: {heads} packed heads are not {} + 2 × {}",
+                c.q_heads,
+                c.kv_heads
+            );
+        }
+    }
     let kv_heads = match k {
         Some((ks, kl)) => {
             let (kt, kh, kd) = kl.shape().dims3()?;
@@ -200,7 +223,11 @@ pub(crate) fn rope(
         candle_core::bail!("{OP}: the cos/sin tables must share q's dtype and shape [_, {half}]");
     }
     let max_pos = (c1 - c0) / half;
-    let (nq, nk) = (tokens * heads * d, tokens * kv_heads * d);
+    // With the caches, only Q comes out.
+    let (nq, nk) = match &cache {
+        Some(c) => (tokens * c.q_heads * d, 0),
+        None => (tokens * heads * d, tokens * kv_heads * d),
+    };
     let dev = q.device.clone();
     let cfg = LaunchConfig {
         grid_dim: (tokens as u32, chunks as u32, 1),
@@ -233,7 +260,8 @@ pub(crate) fn rope(
                 let q_stride = q_stride as u64;
                 let cv = cos.as_cuda_slice::<$t>()?.slice(c0..c1);
                 let sv = sin.as_cuda_slice::<$t>()?.slice(s0..s1);
-                let f = dev.get_or_load_custom_func(&format!("rope_{sfx}"), "crosskv_rope", ptx::ROPE)?;
+                let kernel = if cache.is_some() { "rope_cache" } else { "rope" };
+                let f = dev.get_or_load_custom_func(&format!("{kernel}_{sfx}"), "crosskv_rope", ptx::ROPE)?;
                 let mut b = f.builder();
                 b.arg(&mut out).arg(&qs).arg(&ks).arg(&cv).arg(&sv).arg(&ps);
                 for a in &args {
@@ -242,6 +270,22 @@ pub(crate) fn rope(
                 let rot_heads = op.rot_heads.min(u32::MAX as usize) as u32;
                 let inverse = op.inverse as u32;
                 b.arg(&q_stride).arg(&k_stride).arg(&rot_heads).arg(&inverse);
+                let cache_args;
+                let rows;
+                if let Some(c) = &cache {
+                    let (r0, r1) = contiguous(c.rows.1, OP, "cache rows")?;
+                    if r1 - r0 != tokens {
+                        candle_core::bail!("rope_and_cache: {} cache rows for {tokens} tokens", r1 - r0);
+                    }
+                    rows = c.rows.0.as_cuda_slice::<u32>()?.slice(r0..r1);
+                    cache_args = (c.cache_rows as u64, c.q_heads as u32, c.kv_heads as u32);
+                    b.arg(&c.k)
+                        .arg(&c.v)
+                        .arg(&rows)
+                        .arg(&cache_args.0)
+                        .arg(&cache_args.1)
+                        .arg(&cache_args.2);
+                }
                 unsafe { b.launch(cfg) }.w()?;
             }
             CudaStorage::wrap_cuda_slice(out, dev.clone())

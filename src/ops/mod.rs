@@ -36,7 +36,7 @@ pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPla
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
-pub use rope::{rope, rope_packed};
+pub use rope::{rope, rope_and_cache, rope_packed};
 pub use swiglu::{swiglu, swiglu_packed};
 pub use widen::widen_f32;
 

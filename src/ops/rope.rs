@@ -168,7 +168,7 @@ impl CustomOp2 for RopeOp {
         pos: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rope(self, (q, ql), None, (pos, pl))
+        super::cuda_fused::rope(self, (q, ql), None, (pos, pl), None)
     }
 
     fn bwd(&self, q: &Tensor, pos: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -208,7 +208,7 @@ impl CustomOp3 for RopeOp {
         pos: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl))
+        super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl), None)
     }
 }
 
@@ -280,6 +280,129 @@ pub fn rope_packed(
     op.rot_heads = rot_heads;
     let x = rows(x)?;
     x.apply_op2(&positions.contiguous()?, op)?.reshape(x.shape())
+}
+
+/// A decode step's producer layer in one launch on CUDA: the packed `[tokens, q_heads +
+/// 2 kv_heads, d]` projection's Q rotated (returned, `[tokens, q_heads, d]`), its K
+/// rotated and its V written straight to `cache_rows` of the K and V caches, as
+/// [`rope_packed`] followed by two [`reshape_and_cache`](super::reshape_and_cache) calls
+/// would (which is what the CPU path does: the reference). Saves a decode step two
+/// launches a producer layer.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_cache(
+    qkv: &Tensor,
+    positions: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+    q_heads: usize,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    cache_rows: &Tensor,
+) -> Result<Tensor> {
+    let heads = qkv.dims3()?.1;
+    let kv_heads = heads.saturating_sub(q_heads) / 2;
+    if heads != q_heads + 2 * kv_heads || kv_heads == 0 {
+        candle_core::bail!("rope_and_cache: {heads} packed heads are not {q_heads} + 2 × kv_heads");
+    }
+    #[cfg(feature = "cuda")]
+    if qkv.device().is_cuda() {
+        let (t, _, d) = qkv.dims3()?;
+        let mut op = checked_op(qkv, None, positions, cos, sin, interleaved)?;
+        op.rot_heads = q_heads + kv_heads;
+        let cache_op = RopeCacheOp {
+            rope: op,
+            q_heads,
+            kv_heads,
+            k_cache: k_cache.clone(),
+            v_cache: v_cache.clone(),
+        };
+        return rows(qkv)?
+            .apply_op3_no_bwd(&positions.contiguous()?, &cache_rows.contiguous()?, &cache_op)?
+            .reshape((t, q_heads, d));
+    }
+    let y = rope_packed(qkv, positions, cos, sin, interleaved, q_heads + kv_heads)?;
+    super::reshape_and_cache(k_cache, &y.narrow(1, q_heads, kv_heads)?, cache_rows)?;
+    super::reshape_and_cache(v_cache, &y.narrow(1, q_heads + kv_heads, kv_heads)?, cache_rows)?;
+    y.narrow(1, 0, q_heads)?.contiguous()
+}
+
+/// [`rope_and_cache`]'s CUDA op: its inputs are the packed projection, the positions and
+/// the cache rows; the caches it writes ride along (as addresses: candle's ops mutate
+/// at most one tensor).
+#[cfg(feature = "cuda")]
+struct RopeCacheOp {
+    rope: RopeOp,
+    q_heads: usize,
+    kv_heads: usize,
+    k_cache: Tensor,
+    v_cache: Tensor,
+}
+
+#[cfg(feature = "cuda")]
+impl RopeCacheOp {
+    /// A cache's address and rows, after checking it is a contiguous `[.., kv_heads, d]`
+    /// cache of `dtype`.
+    fn cache(&self, c: &Tensor, d: usize, dtype: DType, what: &str) -> Result<(u64, usize)> {
+        let (s, l) = c.storage_and_layout();
+        let Storage::Cuda(s) = &*s else {
+            candle_core::bail!("rope_and_cache: the {what} cache is not on CUDA");
+        };
+        let dims = l.dims();
+        if s.dtype() != dtype || dims.len() < 2 || dims[dims.len() - 2..] != [self.kv_heads, d] {
+            candle_core::bail!(
+                "rope_and_cache: the {what} cache {:?} {:?} does not take [_, {}, {d}] {dtype:?} rows",
+                l.shape(),
+                s.dtype(),
+                self.kv_heads
+            );
+        }
+        let (c0, c1) = super::cuda::contiguous(l, "rope_and_cache", what)?;
+        let addr = super::cuda::raw_range(s, c0..c1, "rope_and_cache", what)?;
+        Ok((addr, (c1 - c0) / (self.kv_heads * d)))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for RopeCacheOp {
+    fn name(&self) -> &'static str {
+        "rope_and_cache"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("rope_and_cache: the CPU path composes rope_packed and reshape_and_cache")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        pos: &candle_core::CudaStorage,
+        pl: &Layout,
+        rows: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = ql.dims().last().copied().unwrap_or(0);
+        let (k, k_rows) = self.cache(&self.k_cache, d, q.dtype(), "k")?;
+        let (v, v_rows) = self.cache(&self.v_cache, d, q.dtype(), "v")?;
+        let cache = super::cuda_fused::RopeCache {
+            q_heads: self.q_heads,
+            kv_heads: self.kv_heads,
+            k,
+            v,
+            cache_rows: k_rows.min(v_rows),
+            rows: (rows, rl),
+        };
+        super::cuda_fused::rope(&self.rope, (q, ql), None, (pos, pl), Some(cache))
+    }
 }
 
 /// An input as the op reads it: CUDA reads rows any stride apart (slices of a fused QKV
