@@ -149,7 +149,6 @@ fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
 /// Threads per CTA of the rope kernel; one thread per rotated pair.
 const ROPE_THREADS: usize = 128;
 
-/// Rotates q (and k) into one new buffer: q's rows, then k's.
 /// Where `rope_and_cache` writes a producer's rotated K and its V: the caches' addresses
 /// (`[cache_rows, kv_heads, head_dim]` each), and each token's cache row.
 pub(crate) struct RopeCache<'a> {
@@ -161,8 +160,9 @@ pub(crate) struct RopeCache<'a> {
     pub(crate) rows: (&'a CudaStorage, &'a Layout),
 }
 
-/// RoPE on q (and k), or with `cache` on a packed `[tokens, q_heads + 2 kv_heads, d]`
-/// projection whose K and V go to the caches (the output then holds Q only).
+/// Rotates q (and k) into one new buffer: q's rows, then k's. With `cache`, q is a
+/// packed `[tokens, q_heads + 2 kv_heads, d]` projection whose K and V go to the caches,
+/// and the buffer holds Q only.
 pub(crate) fn rope(
     op: &RopeOp,
     q: (&CudaStorage, &Layout),

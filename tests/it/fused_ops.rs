@@ -625,3 +625,69 @@ fn rope_packed_rotates_q_and_k_and_copies_v() {
     let pt = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
     assert!(rope_packed(&x, &pt, &cos, &sin, false, 4).is_err());
 }
+
+/// A producer's packed Q/K/V in one call: Q comes back rotated, K (rotated) and V land in
+/// the caches' rows of their tokens (the textbook rotation as the reference), a padding
+/// row (SKIP_ROW) writes nothing, and a head count that is not q + 2 kv is refused.
+#[test]
+fn rope_and_cache_rotates_q_and_writes_k_v_to_their_rows() {
+    use crosskv::ops::reshape_and_cache::SKIP_ROW;
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(12);
+    for (interleaved, kv) in [(false, 1usize), (true, 2)] {
+        let (t, h, d) = (4usize, 4usize, 8usize);
+        let x = rng.tensor(&[t, h + 2 * kv, d], 1.0, 0.0);
+        let (cos, sin) = tables(&mut rng, 32, d / 2, DType::F32);
+        let pos_v = vec![5u32, 0, 31, 7];
+        let pos = Tensor::new(pos_v.as_slice(), &dev).unwrap();
+        let rows_v = vec![3u32, SKIP_ROW, 9, 0];
+        let rows = Tensor::new(rows_v.as_slice(), &dev).unwrap();
+        let kc = Tensor::zeros((2, 8, kv, d), DType::F32, &dev).unwrap();
+        let vc = Tensor::zeros((2, 8, kv, d), DType::F32, &dev).unwrap();
+        let q = crosskv::ops::rope_and_cache(&x, &pos, &cos, &sin, interleaved, h, &kc, &vc, &rows).unwrap();
+        assert_eq!(q.dims(), [t, h, d]);
+        let want_q = naive_rope(&x.narrow(1, 0, h).unwrap(), &pos_v, &cos, &sin, interleaved);
+        assert!(max_diff(&flat(&q), &want_q) < 1e-5);
+        let want_k = naive_rope(
+            &x.narrow(1, h, kv).unwrap().contiguous().unwrap(),
+            &pos_v,
+            &cos,
+            &sin,
+            interleaved,
+        );
+        let want_v = flat(&x.narrow(1, h + kv, kv).unwrap());
+        let (kc, vc) = (flat(&kc), flat(&vc));
+        let row = kv * d;
+        let mut written = [false; 16];
+        for (ti, &r) in rows_v.iter().enumerate() {
+            if r == SKIP_ROW {
+                continue;
+            }
+            let r = r as usize;
+            written[r] = true;
+            let (got_k, got_v) = (&kc[r * row..(r + 1) * row], &vc[r * row..(r + 1) * row]);
+            assert!(max_diff(got_k, &want_k[ti * row..(ti + 1) * row]) < 1e-5, "k row {r}");
+            assert_eq!(got_v, &want_v[ti * row..(ti + 1) * row], "v row {r}");
+        }
+        for r in (0..16).filter(|&r| !written[r]) {
+            assert!(kc[r * row..(r + 1) * row]
+                .iter()
+                .chain(&vc[r * row..(r + 1) * row])
+                .all(|&v| v == 0.0));
+        }
+    }
+    let x = Tensor::zeros((2, 7, 8), DType::F32, &dev).unwrap();
+    let (cos, sin) = tables(&mut rng, 4, 4, DType::F32);
+    let (pos, rows) = (
+        Tensor::new(&[0u32, 1], &dev).unwrap(),
+        Tensor::new(&[0u32, 1], &dev).unwrap(),
+    );
+    let c = Tensor::zeros((1, 4, 1, 8), DType::F32, &dev).unwrap();
+    let err = crosskv::ops::rope_and_cache(&x, &pos, &cos, &sin, false, 4, &c, &c, &rows).unwrap_err();
+    assert!(err.to_string().contains("packed heads"), "{err}");
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
