@@ -188,6 +188,15 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   const uint32_t kend = min(kbeg + part_size, n_keys);
   if (kbeg >= kend) return;  // the reduction reads only partitions with keys
   const uint32_t* table = block_table + (uint64_t)w[0] * p.max_blocks;
+  // Query row r's output elements d..d+3: the weighted sum o over the row's sum l.
+  auto store4 = [&](uint32_t r, uint32_t d, float4 o, float l) {
+    const uint64_t tok = q_start + tok0 + r / p.hpc;
+    const uint32_t h = head0 + r % p.hpc;
+    T* dst = out + (tok * p.heads + h) * D + d;
+    const float inv = 1.f / l;
+    dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
+    dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
+  };
 
   const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(smem);
   const uint32_t kv_s = q_s + C::Q_BYTES;  // stage st: K at kv_s + st*2*TILE, V after it
@@ -349,12 +358,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       O = *reinterpret_cast<const float4*>(po + r * D + d);
     }
     if (p.num_parts == 1) {
-      const uint64_t tok = q_start + tok0 + r / p.hpc;
-      const uint32_t h = head0 + r % p.hpc;
-      T* dst = out + (tok * p.heads + h) * D + d;
-      const float inv = 1.f / L;
-      dst[0] = from_f32<T>(O.x * inv); dst[1] = from_f32<T>(O.y * inv);
-      dst[2] = from_f32<T>(O.z * inv); dst[3] = from_f32<T>(O.w * inv);
+      store4(r, d, O, L);
     } else {
       *reinterpret_cast<float4*>(tmp_acc + base * ROWS * D + r * D + d) = O;
       if (d == 0) {  // the reduction works in natural-log units
@@ -420,12 +424,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
         L += lq[u][q] * f;
         o.x += a[u][q].x * f; o.y += a[u][q].y * f; o.z += a[u][q].z * f; o.w += a[u][q].w * f;
       }
-      const uint64_t tok = q_start + tok0 + r / p.hpc;
-      const uint32_t h = head0 + r % p.hpc;
-      T* dst = out + (tok * p.heads + h) * D + d;
-      const float inv = 1.f / L;
-      dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
-      dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
+      store4(r, d, o, L);
     }
     return;
   }
@@ -442,12 +441,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       const float4 a = __ldcg(reinterpret_cast<const float4*>(tmp_acc + (base0 + q) * ROWS * D + r * D + d));
       o.x += a.x * f; o.y += a.y * f; o.z += a.z * f; o.w += a.w * f;
     }
-    const uint64_t tok = q_start + tok0 + r / p.hpc;
-    const uint32_t h = head0 + r % p.hpc;
-    T* dst = out + (tok * p.heads + h) * D + d;
-    const float inv = 1.f / L;
-    dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
-    dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
+    store4(r, d, o, L);
   }
 }
 
