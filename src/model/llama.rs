@@ -118,20 +118,42 @@ impl Layer {
     /// producer's q/k/v (without the paper's separate K/V norm) and the MLP's gate/up
     /// become one stacked matmul each, the separate linears views of it (no extra
     /// memory). Quantized weights and training variables stay apart.
+    ///
+    /// Every dense weight is then stored transposed (`Linear::transposed`): cuBLAS runs a
+    /// decode step's few rows faster in that layout.
     fn fuse_projections(&mut self) -> Result<()> {
         if let Some(kv) = self.attn.kv.as_mut().filter(|kv| kv.norm.is_none()) {
             if let Some((qkv, parts)) = Linear::fused(&[&self.attn.q, &kv.k, &kv.v])? {
+                let (qkv, parts) = Linear::transposed_with_parts(qkv, parts)?;
                 let [q, k, v]: [Linear; 3] = parts.try_into().expect("three parts");
                 (self.attn.q, kv.k, kv.v) = (q, k, v);
                 self.attn.qkv = Some(qkv);
             }
         }
         if let Some((gate_up, parts)) = Linear::fused(&[&self.gate, &self.up])? {
+            let (gate_up, parts) = Linear::transposed_with_parts(gate_up, parts)?;
             let [gate, up]: [Linear; 2] = parts.try_into().expect("two parts");
             (self.gate, self.up) = (gate, up);
             self.gate_up = Some(gate_up);
         }
-        Ok(())
+        // What was not stacked: a consumer's q, the paper's separately normed k/v, o, down.
+        let take = |l: &mut Linear| -> Result<()> {
+            *l = l.clone().transposed()?;
+            Ok(())
+        };
+        if self.attn.qkv.is_none() {
+            take(&mut self.attn.q)?;
+            if let Some(kv) = self.attn.kv.as_mut() {
+                take(&mut kv.k)?;
+                take(&mut kv.v)?;
+            }
+        }
+        if self.gate_up.is_none() {
+            take(&mut self.gate)?;
+            take(&mut self.up)?;
+        }
+        take(&mut self.attn.o)?;
+        take(&mut self.down)
     }
 }
 
