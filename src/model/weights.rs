@@ -33,10 +33,9 @@ pub enum WeightsError {
 enum LinearWeight {
     Candle(QMatMul),
     /// A dense weight stored transposed, `[in, out]` (CUDA serving, [`Linear::transposed`]):
-    /// for a decode step's few rows cuBLAS runs `x · w` (its NN form) faster than `x · wᵀ`
-    /// over the `[out, in]` checkpoint layout (TN), e.g. down_proj [2048, 5472] at 64 rows
-    /// 16.1 against 22.7 µs on an H100 (`benches/blas_decode.py`). May be a column view of a
-    /// stacked weight (a fused projection's part), copied when used alone.
+    /// for some shapes cuBLAS runs `x · w` (its NN form) faster than `x · wᵀ` over the
+    /// `[out, in]` checkpoint layout (TN), e.g. down_proj [2048, 5472] at 64 rows 16.1
+    /// against 22.7 µs on an H100 (`benches/blas_decode.py`).
     DenseT(Tensor),
     Quant(Arc<QMatrix>),
 }
@@ -52,8 +51,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::Candle(w) => w.forward(x)?,
-            LinearWeight::DenseT(wt) if wt.is_contiguous() => x.broadcast_matmul(wt)?,
-            LinearWeight::DenseT(wt) => x.broadcast_matmul(&wt.contiguous()?)?,
+            LinearWeight::DenseT(wt) => x.broadcast_matmul(wt)?,
             LinearWeight::Quant(w) => qmatmul(x, w, Isa::best())?,
         };
         match &self.bias {
@@ -122,7 +120,7 @@ impl Linear {
     }
 
     /// The layer with its dense weight stored transposed (`[in, out]`, contiguous) for CUDA
-    /// serving, where cuBLAS multiplies a decode step's few rows by it faster (see
+    /// serving, where cuBLAS multiplies by it faster for some shapes (see
     /// `LinearWeight::DenseT`); unchanged when the weight is not a dense tensor or is a
     /// training variable. The `[out, in]` tensor is released unless something else holds it.
     pub fn transposed(self) -> candle_core::Result<Linear> {
@@ -133,32 +131,6 @@ impl Linear {
             }),
             _ => Ok(self),
         }
-    }
-
-    /// [`Linear::fused`]'s stacked linear and its parts in the transposed layout: the
-    /// stacked weight transposed once, each part a column view of it (no second copy).
-    pub fn transposed_with_parts(fused: Linear, parts: Vec<Linear>) -> candle_core::Result<(Linear, Vec<Linear>)> {
-        let fused = fused.transposed()?;
-        let LinearWeight::DenseT(wt) = &fused.weight else {
-            return Ok((fused, parts));
-        };
-        let mut col = 0;
-        let mut out = Vec::with_capacity(parts.len());
-        for p in parts {
-            let n = match &p.weight {
-                LinearWeight::Candle(QMatMul::Tensor(t)) => t.dim(0)?,
-                _ => candle_core::bail!("transposed_with_parts: a part is not a dense tensor"),
-            };
-            out.push(Linear {
-                weight: LinearWeight::DenseT(wt.narrow(1, col, n)?),
-                bias: p.bias,
-            });
-            col += n;
-        }
-        if col != wt.dim(1)? {
-            candle_core::bail!("transposed_with_parts: the parts cover {col} of {} outputs", wt.dim(1)?);
-        }
-        Ok((fused, out))
     }
 
     /// Training: `ls` (dense training variables, no biases) applied to `x` as one matmul
@@ -604,9 +576,8 @@ mod tests {
             .unwrap()
     }
 
-    /// The transposed layout computes what the checkpoint layout does: a single linear, a
-    /// stacked one and its parts (column views), on 2-D and 3-D inputs, and gives the
-    /// `[out, in]` weight back for `convert`.
+    /// The transposed layout computes what the checkpoint layout does, on 2-D and 3-D
+    /// inputs, and gives the `[out, in]` weight back for `convert`.
     #[test]
     fn transposed_linears_compute_the_same_outputs() -> candle_core::Result<()> {
         let dev = Device::Cpu;
@@ -619,12 +590,13 @@ mod tests {
         assert!(max_diff(&t1.forward(&x)?, &l1.forward(&x)?) < 1e-5);
         assert!(max_diff(&t1.forward(&x3)?, &l1.forward(&x3)?) < 1e-5);
         assert_eq!(t1.dense_weight()?.to_vec2::<f32>()?, w1.to_vec2::<f32>()?);
-        let (fused, parts) = Linear::fused(&[&l1, &l2])?.expect("dense weights fuse");
-        let (fused_t, parts_t) = Linear::transposed_with_parts(fused.clone(), parts)?;
-        assert!(max_diff(&fused_t.forward(&x)?, &fused.forward(&x)?) < 1e-5);
-        assert!(max_diff(&parts_t[0].forward(&x)?, &l1.forward(&x)?) < 1e-5);
-        assert!(max_diff(&parts_t[1].forward(&x)?, &l2.forward(&x)?) < 1e-5);
-        assert_eq!(parts_t[1].dense_weight()?.to_vec2::<f32>()?, w2.to_vec2::<f32>()?);
+        let t2 = l2.clone().transposed()?;
+        assert!(max_diff(&t2.forward(&x)?, &l2.forward(&x)?) < 1e-5);
+        // Transposing again, or a layer that is not dense, changes nothing.
+        assert_eq!(
+            t1.clone().transposed()?.dense_weight()?.to_vec2::<f32>()?,
+            w1.to_vec2::<f32>()?
+        );
         Ok(())
     }
 }
