@@ -592,7 +592,7 @@ mod tests {
         assert_eq!(t1.dense_weight()?.to_vec2::<f32>()?, w1.to_vec2::<f32>()?);
         let t2 = l2.clone().transposed()?;
         assert!(max_diff(&t2.forward(&x)?, &l2.forward(&x)?) < 1e-5);
-        // Transposing again, or a layer that is not dense, changes nothing.
+        // Transposing again changes nothing.
         assert_eq!(
             t1.clone().transposed()?.dense_weight()?.to_vec2::<f32>()?,
             w1.to_vec2::<f32>()?
