@@ -339,11 +339,11 @@ fn squares<T>(g: &[T], f: impl Fn(&T) -> f64) -> f64 {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::Scalars;
-    use crate::ops::cuda::{contiguous, ptx, raw_range, suffix};
+    use crate::ops::cuda::{contiguous, cuda_of, ptx, raw_range, suffix};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-    use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Storage, Tensor};
+    use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
     use std::cell::RefCell;
 
     /// `name` over `dst` (n elements of the variable, or 2n of the moments) and `src`:
@@ -423,14 +423,6 @@ mod cuda {
                 count,
                 cfg,
             )
-        }
-    }
-
-    /// The CUDA storage of a guarded tensor, or an error naming it.
-    fn cuda_of<'a>(s: &'a Storage, op: &str, what: &str) -> Result<&'a CudaStorage> {
-        match s {
-            Storage::Cuda(c) => Ok(c),
-            _ => candle_core::bail!("{op}: {what} is not on the GPU"),
         }
     }
 
@@ -555,9 +547,7 @@ mod cuda {
             return Ok(());
         }
         let (gs, gl) = g.storage_and_layout();
-        let Storage::Cuda(gs) = &*gs else {
-            candle_core::bail!("{OP}: the gradient is not on the GPU");
-        };
+        let gs = cuda_of(&gs, OP, "the gradient")?;
         let (g0, g1) = contiguous(gl, OP, "the gradient")?;
         let cfg = LaunchConfig {
             grid_dim: (n.div_ceil(256).min(8192) as u32, 1, 1),

@@ -51,6 +51,14 @@ pub(crate) fn row_strided(l: &Layout, op: &str, what: &str) -> Result<(usize, us
     Ok((l.start_offset(), row_stride, row))
 }
 
+/// The CUDA storage of a guarded tensor, or an error naming the op and the tensor.
+pub(crate) fn cuda_of<'a>(s: &'a candle_core::Storage, op: &str, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        candle_core::Storage::Cuda(c) => Ok(c),
+        _ => candle_core::bail!("{op}: {what} is not on the GPU"),
+    }
+}
+
 /// The device address and element count of an f32/f16/bf16 storage's buffer, for
 /// kernels that take raw addresses (a table of many tensors, row views into a packed
 /// tensor) and so do their own bounds checks. Read it under the storage's guard; launches

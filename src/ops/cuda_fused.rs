@@ -2,13 +2,13 @@
 //! (`rms_norm`, `add_rms_norm`) and `kernels/rope.cu`. The ops' CPU paths
 //! (`rms_norm.rs`, `rope.rs`) are the references; these are their `cuda_fwd`.
 
-use super::cuda::{contiguous, poison, ptx, row_strided, suffix, POISON};
+use super::cuda::{contiguous, cuda_of, poison, ptx, row_strided, suffix, POISON};
 use super::rope::RopeOp;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-use candle_core::{DType, Layout, Result, Shape, Storage};
+use candle_core::{DType, Layout, Result, Shape};
 use std::sync::atomic::Ordering;
 
 /// Rows up to this many elements get one warp each (4 rows per CTA); longer ones a CTA.
@@ -139,13 +139,6 @@ pub(crate) fn rms_norm(
     Ok((out, shape))
 }
 
-fn cuda_of<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
-    match s {
-        Storage::Cuda(c) => Ok(c),
-        _ => candle_core::bail!("rope: the {what} table is not on CUDA"),
-    }
-}
-
 /// Threads per CTA of the rope kernel; one thread per rotated pair.
 const ROPE_THREADS: usize = 128;
 
@@ -217,7 +210,7 @@ pub(crate) fn rope(
     }
     let (cs, cl) = op.cos.storage_and_layout();
     let (ss, sl) = op.sin.storage_and_layout();
-    let (cos, sin) = (cuda_of(&cs, "cos")?, cuda_of(&ss, "sin")?);
+    let (cos, sin) = (cuda_of(&cs, OP, "the cos table")?, cuda_of(&ss, OP, "the sin table")?);
     let ((c0, c1), (s0, s1)) = (contiguous(cl, OP, "cos")?, contiguous(sl, OP, "sin")?);
     if cos.dtype() != q.dtype() || sin.dtype() != q.dtype() || c1 - c0 != s1 - s0 || half == 0 {
         candle_core::bail!("{OP}: the cos/sin tables must share q's dtype and shape [_, {half}]");

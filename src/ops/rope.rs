@@ -345,13 +345,11 @@ impl RopeCacheOp {
     /// cache of `dtype`.
     fn cache(&self, c: &Tensor, d: usize, dtype: DType, what: &str) -> Result<(u64, usize)> {
         let (s, l) = c.storage_and_layout();
-        let Storage::Cuda(s) = &*s else {
-            candle_core::bail!("rope_and_cache: the {what} cache is not on CUDA");
-        };
+        let s = super::cuda::cuda_of(&s, "rope_and_cache", what)?;
         let dims = l.dims();
         if s.dtype() != dtype || dims.len() < 2 || dims[dims.len() - 2..] != [self.kv_heads, d] {
             candle_core::bail!(
-                "rope_and_cache: the {what} cache {:?} {:?} does not take [_, {}, {d}] {dtype:?} rows",
+                "rope_and_cache: {what} {:?} {:?} does not take [_, {}, {d}] {dtype:?} rows",
                 l.shape(),
                 s.dtype(),
                 self.kv_heads
@@ -391,8 +389,8 @@ impl CustomOp3 for RopeCacheOp {
         rl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = ql.dims().last().copied().unwrap_or(0);
-        let (k, k_rows) = self.cache(&self.k_cache, d, q.dtype(), "k")?;
-        let (v, v_rows) = self.cache(&self.v_cache, d, q.dtype(), "v")?;
+        let (k, k_rows) = self.cache(&self.k_cache, d, q.dtype(), "the k cache")?;
+        let (v, v_rows) = self.cache(&self.v_cache, d, q.dtype(), "the v cache")?;
         let cache = super::cuda_fused::RopeCache {
             q_heads: self.q_heads,
             kv_heads: self.kv_heads,
