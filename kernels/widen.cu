@@ -15,9 +15,9 @@ __device__ __forceinline__ void widen_impl(const T* __restrict__ x, float* __res
   if ((reinterpret_cast<uintptr_t>(x) & 7) == 0) {  // y is a fresh allocation: 16-byte aligned
     const uint64_t n4 = n / 4;
     for (uint64_t i = first; i < n4; i += stride) {
-      const uint2 v = reinterpret_cast<const uint2*>(x)[i];
-      const T* e = reinterpret_cast<const T*>(&v);
-      reinterpret_cast<float4*>(y)[i] = make_float4(to_f32(e[0]), to_f32(e[1]), to_f32(e[2]), to_f32(e[3]));
+      Four<T> v;
+      v.raw = reinterpret_cast<const typename FourRaw<T>::Type*>(x)[i];
+      reinterpret_cast<float4*>(y)[i] = make_float4(to_f32(v.v[0]), to_f32(v.v[1]), to_f32(v.v[2]), to_f32(v.v[3]));
     }
     done = n4 * 4;
   }
