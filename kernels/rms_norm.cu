@@ -13,7 +13,8 @@
 // read with 16-byte vector loads when every pointer is 16-byte aligned and `hidden` is
 // a multiple of 16 / sizeof(T) elements (so every row start is aligned too); otherwise
 // element by element. The condition is the same for every thread of the grid. Pass 1
-// reads the row (and writes s), pass 2 re-reads it (from L1/L2) to write the output.
+// reads the row (and writes s), pass 2 re-reads it (from L1/L2) to write the output;
+// a row of at most one vector a thread is kept in registers instead (one pass).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -80,6 +81,45 @@ __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __rest
   T* nr = out_norm + off;
   const bool vec = (hidden % N) == 0 && aligned16(x) && aligned16(w) && aligned16(out_norm) &&
                    (res == nullptr || aligned16(res)) && (out_sum == nullptr || aligned16(out_sum));
+
+  // A row of at most one vector a thread (decode: hidden 2048 bf16, 256 threads) stays in
+  // registers: x, the residual and the weight are loaded at once, and the output needs
+  // no second pass over the row, whose reload and weight load made a dependent round
+  // trip after the reduction. Same arithmetic, in the same order, as the loops below.
+  if (vec && hidden <= group * N) {
+    const uint32_t i = lane * N;
+    const bool mine = i < hidden;
+    float v[N], g[N];
+    float ss = 0.f;
+    if (mine) {
+      load_vec<T, N>(xr + i, v);
+      load_vec<T, N>(w + i, g);
+      if (rr) {
+        float b[N];
+        load_vec<T, N>(rr + i, b);
+#pragma unroll
+        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
+        store_vec<T, N>(sr + i, v);
+      }
+#pragma unroll
+      for (int e = 0; e < N; e++) ss += v[e] * v[e];
+    }
+    ss = warp_sum(ss);
+    if (!warp_mode) {
+      const uint32_t nw = (blockDim.x + 31) / 32;
+      if (lane % 32 == 0) red[lane / 32] = ss;
+      __syncthreads();
+      ss = 0.f;
+      for (uint32_t k = 0; k < nw; k++) ss += red[k];
+    }
+    const float inv = rsqrtf(ss / (float)hidden + eps);
+    if (mine) {
+#pragma unroll
+      for (int e = 0; e < N; e++) v[e] = v[e] * inv * g[e];
+      store_vec<T, N>(nr + i, v);
+    }
+    return;
+  }
 
   // Pass 1: s (written when fused) and its sum of squares.
   float ss = 0.f;
