@@ -55,6 +55,33 @@ __device__ __forceinline__ float residual(const T* x, const T* res, uint32_t i) 
   return to_f32(from_f32<T>(to_f32(x[i]) + to_f32(res[i])));
 }
 
+// The sum of x over a row's threads: its warp (warp_mode), or the CTA through `red`
+// (32 floats of shared memory), every thread adding the warps' partials in one order.
+__device__ __forceinline__ float row_sum(float x, uint32_t lane, uint32_t warp_mode, float* red) {
+  x = warp_sum(x);
+  if (!warp_mode) {
+    const uint32_t nw = (blockDim.x + 31) / 32;
+    if (lane % 32 == 0) red[lane / 32] = x;
+    __syncthreads();
+    x = 0.f;
+    for (uint32_t i = 0; i < nw; i++) x += red[i];
+  }
+  return x;
+}
+
+// Elements i.. i + N of s = x + res (rounded to T) as f32 into v: x alone when res is
+// null (16-byte aligned vectors).
+template <typename T, int N>
+__device__ __forceinline__ void residual_vec(const T* x, const T* res, uint32_t i, float* v) {
+  load_vec<T, N>(x + i, v);
+  if (res != nullptr) {
+    float b[N];
+    load_vec<T, N>(res + i, b);
+#pragma unroll
+    for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __restrict__ out_norm,
                                               const T* __restrict__ x, const T* __restrict__ res,
@@ -92,27 +119,13 @@ __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __rest
     float v[N], g[N];
     float ss = 0.f;
     if (mine) {
-      load_vec<T, N>(xr + i, v);
       load_vec<T, N>(w + i, g);
-      if (rr) {
-        float b[N];
-        load_vec<T, N>(rr + i, b);
-#pragma unroll
-        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
-        store_vec<T, N>(sr + i, v);
-      }
+      residual_vec<T, N>(xr, rr, i, v);
+      if (rr) store_vec<T, N>(sr + i, v);
 #pragma unroll
       for (int e = 0; e < N; e++) ss += v[e] * v[e];
     }
-    ss = warp_sum(ss);
-    if (!warp_mode) {
-      const uint32_t nw = (blockDim.x + 31) / 32;
-      if (lane % 32 == 0) red[lane / 32] = ss;
-      __syncthreads();
-      ss = 0.f;
-      for (uint32_t k = 0; k < nw; k++) ss += red[k];
-    }
-    const float inv = rsqrtf(ss / (float)hidden + eps);
+    const float inv = rsqrtf(row_sum(ss, lane, warp_mode, red) / (float)hidden + eps);
     if (mine) {
 #pragma unroll
       for (int e = 0; e < N; e++) v[e] = v[e] * inv * g[e];
@@ -126,14 +139,8 @@ __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __rest
   if (vec) {
     for (uint32_t i = lane * N; i < hidden; i += group * N) {
       float v[N];
-      load_vec<T, N>(xr + i, v);
-      if (rr) {
-        float b[N];
-        load_vec<T, N>(rr + i, b);
-#pragma unroll
-        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
-        store_vec<T, N>(sr + i, v);
-      }
+      residual_vec<T, N>(xr, rr, i, v);
+      if (rr) store_vec<T, N>(sr + i, v);
 #pragma unroll
       for (int e = 0; e < N; e++) ss += v[e] * v[e];
     }
@@ -145,28 +152,13 @@ __device__ __forceinline__ void rms_norm_impl(T* __restrict__ out_sum, T* __rest
     }
   }
 
-  // Sum over the row's threads; every thread adds the warps' partials in the same order.
-  ss = warp_sum(ss);
-  if (!warp_mode) {
-    const uint32_t nw = (blockDim.x + 31) / 32;
-    if (lane % 32 == 0) red[lane / 32] = ss;
-    __syncthreads();
-    ss = 0.f;
-    for (uint32_t i = 0; i < nw; i++) ss += red[i];
-  }
-  const float inv = rsqrtf(ss / (float)hidden + eps);
+  const float inv = rsqrtf(row_sum(ss, lane, warp_mode, red) / (float)hidden + eps);
 
   // Pass 2: the normed row, s recomputed from the same inputs (the same rounding).
   if (vec) {
     for (uint32_t i = lane * N; i < hidden; i += group * N) {
       float v[N], g[N];
-      load_vec<T, N>(xr + i, v);
-      if (rr) {
-        float b[N];
-        load_vec<T, N>(rr + i, b);
-#pragma unroll
-        for (int e = 0; e < N; e++) v[e] = to_f32(from_f32<T>(v[e] + b[e]));
-      }
+      residual_vec<T, N>(xr, rr, i, v);
       load_vec<T, N>(w + i, g);
 #pragma unroll
       for (int e = 0; e < N; e++) v[e] = v[e] * inv * g[e];
