@@ -898,8 +898,8 @@ const MAX_SHRUNK_PART_KEYS: usize = 4096;
 /// kernel that combines them through global memory. A cluster's CTAs must be resident
 /// in one GPC together, so fewer clusters than CTAs / size may fit the GPU at once: a
 /// grid of clusters that did not all fit ran 13-18 % slower on an H100 (MQA batch 64 at
-/// 4096 keys, 64 clusters of 4 where 62 fit). The plan's 2-8 partitions then shrink to
-/// the most whose clusters all fit: 3 in clusters beat 4 through global memory (batch 64,
+/// 4096 keys, 64 clusters of 4 where 62 fit). The plan's partitions then shrink to the
+/// most (≤ 8) whose clusters all fit: 3 in clusters beat 4 through global memory (batch 64,
 /// 1024-2048 keys: 25.6 → 24.0 and 37.5 → 36.3 µs a launch in the decode graph), but
 /// only down to partitions of [`MAX_SHRUNK_PART_KEYS`]. Off with `CROSSKV_PA_CLUSTER=0`
 /// (for measuring what it buys).
@@ -909,7 +909,7 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *OFF.get_or_init(|| std::env::var("CROSSKV_PA_CLUSTER").is_ok_and(|v| v == "0"))
         || pr.kernel != Kernel::TensorCore
-        || !(2..=MAX_CLUSTER_PARTS).contains(&pr.num_parts)
+        || pr.num_parts < 2
     {
         return Ok(None);
     }
@@ -922,7 +922,7 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
         0 => (pr.params.max_blocks * pr.params.block_size) as usize,
         size => size * pr.num_parts,
     };
-    for parts in (2..=pr.num_parts).rev() {
+    for parts in (2..=pr.num_parts.min(MAX_CLUSTER_PARTS)).rev() {
         if parts < pr.num_parts && span.div_ceil(parts) > MAX_SHRUNK_PART_KEYS {
             break;
         }
