@@ -155,6 +155,26 @@ __device__ __forceinline__ void warp_tile(uint32_t q_s, uint32_t k_s, uint32_t v
   }
 }
 
+// CP partitions' partial results for one output vector combined: Σ a_q·w_q with its sum
+// of weights L = Σ l_q·w_q, w_q = e^(m_q - max m) (2^… with BASE2: maxima in log2
+// units). A partition with m_q = -inf (no key seen, or no partition) weighs 0.
+template <int CP, bool BASE2>
+__device__ __forceinline__ float4 combine_partials(const float (&m)[CP], const float (&l)[CP], const float4 (&a)[CP],
+                                                   float& L) {
+  float M = -INFINITY;
+#pragma unroll
+  for (int q = 0; q < CP; q++) M = fmaxf(M, m[q]);
+  L = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int q = 0; q < CP; q++) {
+    const float f = m[q] == -INFINITY ? 0.f : (BASE2 ? exp2f(m[q] - M) : expf(m[q] - M));
+    L += l[q] * f;
+    o.x += a[q].x * f; o.y += a[q].y * f; o.z += a[q].z * f; o.w += a[q].w * f;
+  }
+  return o;
+}
+
 template <typename T, int D, bool SPLIT, bool CLUSTER>
 __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__ tmp_acc,
                                         float* __restrict__ tmp_ml, const T* __restrict__ q,
@@ -385,17 +405,8 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
         lq[q] = use ? rrml[q][2 * r + 1] : 0.f;
         a[q] = use ? *reinterpret_cast<const float4*>(rmo[q] + r * D + d) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      float M = -INFINITY;
-#pragma unroll
-      for (uint32_t q = 0; q < CMAX; q++) M = fmaxf(M, mq[q]);
-      float L = 0.f;
-      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (uint32_t q = 0; q < CMAX; q++) {
-        const float f = mq[q] == -INFINITY ? 0.f : exp2f(mq[q] - M);  // no key seen, or no partition
-        L += lq[q] * f;
-        o.x += a[q].x * f; o.y += a[q].y * f; o.z += a[q].z * f; o.w += a[q].w * f;
-      }
+      float L;
+      const float4 o = combine_partials<CMAX, true>(mq, lq, a, L);
       store4(r, d, o, L);
     }
     cluster.sync();  // no CTA leaves while another still reads its shared memory
@@ -478,17 +489,8 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       const uint32_t i = tid + u * NT;
       if (i >= nrows * (D / 4)) break;
       const uint32_t r = i / (D / 4), d = (i % (D / 4)) * 4;
-      float M = -INFINITY;
-#pragma unroll
-      for (uint32_t q = 0; q < CP; q++) M = fmaxf(M, mq[u][q]);
-      float L = 0.f;
-      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (uint32_t q = 0; q < CP; q++) {
-        const float f = mq[u][q] == -INFINITY ? 0.f : expf(mq[u][q] - M);  // no key seen, or no partition
-        L += lq[u][q] * f;
-        o.x += a[u][q].x * f; o.y += a[u][q].y * f; o.z += a[u][q].z * f; o.w += a[u][q].w * f;
-      }
+      float L;
+      const float4 o = combine_partials<CP, false>(mq[u], lq[u], a[u], L);
       store4(r, d, o, L);
     }
     return;

@@ -913,8 +913,8 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
     {
         return Ok(None);
     }
-    /// (kernel, partitions, dynamic shared memory) → clusters that fit at once.
-    type FitCache = Mutex<HashMap<(String, usize, u32), u32>>;
+    /// (head_dim, dtype, partitions, dynamic shared memory) → clusters that fit at once.
+    type FitCache = Mutex<HashMap<(usize, DType, usize, u32), u32>>;
     static FITS: std::sync::OnceLock<FitCache> = std::sync::OnceLock::new();
     let clusters = cfg.grid_dim.0 * cfg.grid_dim.1;
     // The keys the partitions cover: the plan's, or a decode graph's widest table.
@@ -926,7 +926,7 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
         if parts < pr.num_parts && span.div_ceil(parts) > MAX_SHRUNK_PART_KEYS {
             break;
         }
-        let key = (pr.attn_cluster.clone(), parts, cfg.shared_mem_bytes);
+        let key = (pr.d, pr.key.4, parts, cfg.shared_mem_bytes);
         let cached = FITS
             .get_or_init(Default::default)
             .lock()
@@ -1044,14 +1044,15 @@ unsafe fn launch_in_clusters(
 }
 
 /// The decode items' launch of [`launch`] when [`cluster_parts`] chose `parts`
-/// partitions in clusters: the kernel `paged_attention_tc_decode_cluster` over `n` items
-/// (`smem` bytes of dynamic shared memory), the plan's keys split over `parts`.
+/// partitions in clusters: the kernel `paged_attention_tc_decode_cluster` over the `n`
+/// items from `base` (`smem` bytes of dynamic shared memory), the plan's keys split over
+/// `parts`.
 #[allow(clippy::too_many_arguments)]
 fn launch_decode_in_clusters<T>(
     dev: &CudaDevice,
     pr: &Prepared,
     parts: usize,
-    (n, smem): (usize, usize),
+    (base, n, smem): (u32, usize, usize),
     out: &mut Slice<T>,
     (q, k, v): (&View<'_, T>, &View<'_, T>, &View<'_, T>),
     table: &View<'_, u32>,
@@ -1071,7 +1072,7 @@ fn launch_decode_in_clusters<T>(
         params.part_size = span.div_ceil(parts).next_multiple_of(TC_TILE_KEYS) as u32;
     }
     params.num_parts = parts as u32;
-    let mut base = 0u32; // the decode items come first in the work list
+    let mut base = base;
     let stream = dev.cuda_stream();
     // The parameters in the kernel's order: out, tmp_acc, tmp_ml, q, k, v, seqs, work,
     // block_table, (params, work_base), counters.
@@ -1156,13 +1157,6 @@ fn launch<T: DeviceRepr>(
                     continue;
                 }
                 let smem = pr.kernel.smem_bytes(pr.d, split);
-                let f = dev.get_or_load_custom_func(name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
-                // Above 48 KiB of dynamic shared memory a kernel must opt in.
-                f.set_attribute(
-                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .w()?;
                 let base = base as u32;
                 let parts = if split {
                     cluster_parts(dev, pr, grid(n, smem))?
@@ -1170,9 +1164,16 @@ fn launch<T: DeviceRepr>(
                     None
                 };
                 if let Some(parts) = parts {
-                    launch_decode_in_clusters(dev, pr, parts, (n, smem), out, (q, k, v), table)?;
+                    launch_decode_in_clusters(dev, pr, parts, (base, n, smem), out, (q, k, v), table)?;
                     continue;
                 }
+                let f = dev.get_or_load_custom_func(name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
+                // Above 48 KiB of dynamic shared memory a kernel must opt in.
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .w()?;
                 let mut b = f.builder();
                 b.arg(&mut *out)
                     .arg(&mut pr.tmp_acc)
