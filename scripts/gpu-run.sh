@@ -13,7 +13,12 @@
 #                               After those: end-to-end decode and measured capacity
 #                               (benches/e2e_decode.rs), then Hugging Face transformers'
 #                               generate on the same shape (benches/hf_decode.py).
+#   scripts/gpu-run.sh device kernels  all of `device` but the end-to-end part (which
+#                               is `device e2e`): the two fit one device call each.
 #   scripts/gpu-run.sh device e2e   only e2e_decode and hf_decode.
+#   scripts/gpu-run.sh device floor  the read-bandwidth floor of one launch (benches/read_floor.cu,
+#                               compiled there with nvcc): the decode-attention byte counts read
+#                               bare, contiguous and in shuffled 4-64 KB pages (also in `device`).
 #   scripts/gpu-run.sh device tp    tensor parallelism (issue 6) on a machine with several GPUs
 #                               (device kind nvidia-h100-x2 …): every GPU test, then
 #                               e2e decode + capacity per GPU at 1, 2, 4, 8 ranks (as many
@@ -195,6 +200,15 @@ device_e2e() {
   return "$erc"
 }
 
+# The read-bandwidth floor of one launch (benches/read_floor.cu): built here with the
+# machine's nvcc, as it is no part of the Rust build.
+read_floor() {
+  local out=$1
+  nvcc -O3 -arch=sm_90 -o .gpu/read-floor benches/read_floor.cu || return 1
+  .gpu/read-floor 2>&1 | tee "$out/read-floor.log"
+  return "${PIPESTATUS[0]}"
+}
+
 # The binaries link libnccl.so.2 (feature nccl): the system's, else PyTorch's wheel's.
 nccl_path() {
   local lib
@@ -357,6 +371,7 @@ device() {
   [ "${1:-all}" = train-bench ] && { train_bench "$out"; return; }
   [ "${1:-all}" = train-profile ] && { train_profile "$out"; return; }
   [ "${1:-all}" = decode-profile ] && { decode_profile "$out"; return; }
+  [ "${1:-all}" = floor ] && { read_floor "$out"; return; }
   if [ "${1:-all}" = ops ]; then
     # Where a decode step's time goes, op by op (benches/op_overhead.rs).
     xz -dkf .gpu/op-overhead.xz && chmod +x .gpu/op-overhead
@@ -403,14 +418,18 @@ device() {
   unset CROSSKV_PA_PART_SIZE
   PYTHONUNBUFFERED=1 python3 benches/sdpa_decode.py 2>&1 | tee "$out/sdpa-decode.log"
   [ "${PIPESTATUS[0]}" = 0 ] || brc=1
+  read_floor "$out" || brc=1
   # Training attention (issue 5): ours forward / forward+backward, then PyTorch's SDPA.
   flash_benches "$out" || brc=1
-  e2e_benches "$out" || brc=1
+  # `device kernels`: this far (a call of the device tool is limited to 10 minutes; the
+  # rest is `device e2e`).
+  [ "${1:-all}" = kernels ] || e2e_benches "$out" || brc=1
   set -e
   echo "== summary =="
   grep -E '^test |^reshape_and_cache|^paged_attention|^rms_norm|^add_rms_norm|^rope|^argmax|^tiny CLA|test result' "$out/gpu-tests.log" | tail -n 120 | tee "$out/summary.txt"
   grep -E '^(device-to-device|partition size|torch|\|)' "$out/decode-attention.log" "$out/sdpa-decode.log" | tee "$out/bench-summary.txt"
-  e2e_summary "$out"
+  grep -E '^(device-to-device|empty launch|\|)' "$out/read-floor.log" | tee -a "$out/bench-summary.txt"
+  [ "${1:-all}" = kernels ] || e2e_summary "$out"
   echo "gpu tests exit status: $rc; benchmarks: $brc"
   [ "$rc" = 0 ] && return "$brc"
   return "$rc"
@@ -419,5 +438,5 @@ device() {
 case "${1:-}" in
   build) build ;;
   device) device "${2:-all}" ;;
-  *) echo "usage: $0 build|device [e2e|tp|serve|expa|expb|flash|ops|decode-profile|train-bench|train-profile]" >&2; exit 2 ;;
+  *) echo "usage: $0 build|device [kernels|e2e|floor|tp|serve|expa|expb|flash|ops|decode-profile|train-bench|train-profile]" >&2; exit 2 ;;
 esac
