@@ -1241,16 +1241,20 @@ pub fn bench_paged_attention(
         block_size,
         DType::BF16,
     )?;
-    let (qs, _) = q.storage_and_layout();
-    let (ks, _) = k_cache.storage_and_layout();
-    let (vs, _) = v_cache.storage_and_layout();
-    fn as_cuda(s: &candle_core::Storage) -> Result<View<'_, half::bf16>> {
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k_cache.storage_and_layout();
+    let (vs, vl) = v_cache.storage_and_layout();
+    // Views from each tensor's start: the caches may be narrowed out of one buffer.
+    fn as_cuda<'a>(s: &'a candle_core::Storage, l: &Layout) -> Result<View<'a, half::bf16>> {
+        if !l.is_contiguous() {
+            candle_core::bail!("bench_paged_attention: tensors must be contiguous");
+        }
         match s {
-            candle_core::Storage::Cuda(c) => Ok(c.as_cuda_slice::<half::bf16>()?.slice(0..)),
+            candle_core::Storage::Cuda(c) => Ok(c.as_cuda_slice::<half::bf16>()?.slice(l.start_offset()..)),
             _ => candle_core::bail!("bench_paged_attention: tensors must be on CUDA"),
         }
     }
-    let (qv, kv, vv) = (as_cuda(&qs)?, as_cuda(&ks)?, as_cuda(&vs)?);
+    let (qv, kv, vv) = (as_cuda(&qs, ql)?, as_cuda(&ks, kl)?, as_cuda(&vs, vl)?);
     let table = upload_table(&dev, block_table)?;
     let mut out = unsafe { dev.alloc::<half::bf16>(tokens * heads * d)? };
     let stream = dev.cuda_stream();
