@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 #include <cuda_runtime.h>
 

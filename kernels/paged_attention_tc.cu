@@ -362,6 +362,18 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     rml[2 * tid + 1] = L;
   }
   __syncthreads();
+  // Split keys: row r's output elements d..d+3 summed over the 4 warps, each weighted to
+  // the row's max M.
+  auto warps_merged4 = [&](uint32_t r, uint32_t d) {
+    float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int wp = 0; wp < 4; wp++) {
+      const float f = fac[wp * 16 + r];
+      const float4 a = *reinterpret_cast<const float4*>(po + (wp * 16 + r) * D + d);
+      O.x += a.x * f; O.y += a.y * f; O.z += a.z * f; O.w += a.w * f;
+    }
+    return O;
+  };
 
   if constexpr (CLUSTER) {
     // The item's partitions are one thread-block cluster (cluster dims (1, 1, num_parts),
@@ -372,14 +384,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     float* mo = rml + 32;  // [16][D]: this CTA's O over its 4 warps (rows' own scale M)
     for (uint32_t i = tid; i < nrows * (D / 4); i += NT) {
       const uint32_t r = i / (D / 4), d = (i % (D / 4)) * 4;
-      float4 O = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int wp = 0; wp < 4; wp++) {
-        const float f = fac[wp * 16 + r];
-        const float4 a = *reinterpret_cast<const float4*>(po + (wp * 16 + r) * D + d);
-        O.x += a.x * f; O.y += a.y * f; O.z += a.z * f; O.w += a.w * f;
-      }
-      *reinterpret_cast<float4*>(mo + r * D + d) = O;
+      *reinterpret_cast<float4*>(mo + r * D + d) = warps_merged4(r, d);
     }
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
@@ -421,13 +426,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     if (split_keys) {
       M = rml[2 * r];
       L = rml[2 * r + 1];
-      O = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int wp = 0; wp < 4; wp++) {
-        const float f = fac[wp * 16 + r];
-        const float4 a = *reinterpret_cast<const float4*>(po + (wp * 16 + r) * D + d);
-        O.x += a.x * f; O.y += a.y * f; O.z += a.z * f; O.w += a.w * f;
-      }
+      O = warps_merged4(r, d);
     } else {
       M = pml[2 * r];
       L = pml[2 * r + 1];
