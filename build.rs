@@ -57,6 +57,7 @@ fn grpc() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::api::grpc_codec::StrictProstCodec")
         .compile_protos(&[PROTO], &["proto"])?;
     Ok(())
 }

@@ -234,6 +234,19 @@ pub struct ServeArgs {
     /// Seconds a request may take before its response starts (a stream then runs on).
     #[arg(long, default_value_t = 600)]
     pub request_timeout: u64,
+    /// Longest prompt text accepted (a chat request: its messages together), e.g. 1MiB;
+    /// longer is refused with 400 before tokenizing (default: max-model-len × 64 bytes).
+    #[arg(long, value_parser = parse_size)]
+    pub max_prompt_bytes: Option<u64>,
+    /// Open HTTP connections at once; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a request's headers may take to arrive, from their first byte.
+    #[arg(long, default_value_t = 10)]
+    pub header_read_timeout: u64,
+    /// Seconds an HTTP connection may sit idle (no request in flight) before it is closed.
+    #[arg(long, default_value_t = 60)]
+    pub keep_alive_timeout: u64,
     /// Seconds in-flight requests get to finish after SIGTERM / Ctrl-C before they are aborted.
     #[arg(long, default_value_t = 30)]
     pub shutdown_grace: u64,
@@ -739,6 +752,9 @@ fn gpu_kv_budget(_: &[crate::model::Model], _: f64, _: usize, _: usize) -> anyho
 /// loads the model, starts the engine and serves until SIGTERM / Ctrl-C.
 pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     use crate::api::http::{self, AppState, HttpConfig};
+    if args.max_connections == 0 || args.header_read_timeout == 0 || args.keep_alive_timeout == 0 {
+        bail!("--max-connections, --header-read-timeout and --keep-alive-timeout must be at least 1");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -760,7 +776,13 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             api_key: args.api_key.clone(),
             max_body_bytes: usize::try_from(args.max_request_body).unwrap_or(usize::MAX),
             request_timeout: std::time::Duration::from_secs(args.request_timeout),
+            max_prompt_bytes: args.max_prompt_bytes.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
         });
+        let limits = crate::api::listener::ConnectionLimits {
+            max_connections: args.max_connections,
+            header_read_timeout: std::time::Duration::from_secs(args.header_read_timeout),
+            keep_alive_timeout: std::time::Duration::from_secs(args.keep_alive_timeout),
+        };
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let stopped = move || {
             let mut rx = stop_rx.clone();
@@ -768,9 +790,8 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let app = http::router(state.clone());
         let until = stopped();
-        let server = tokio::spawn(async move { axum::serve(listener, app).with_graceful_shutdown(until).await });
+        let server = tokio::spawn(http::serve(listener, state.clone(), limits.clone(), until));
         let signal = tokio::spawn(async move {
             shutdown_signal().await;
             eprintln!("crosskv: shutting down");
@@ -789,8 +810,13 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--host {} --grpc-port {port}", args.host))?;
             let h = handle.clone();
             let fut = stopped();
+            let grpc = crate::api::grpc::GrpcConfig {
+                api_key: args.api_key.clone(),
+                max_prompt_bytes: args.max_prompt_bytes.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+                connections: limits.clone(),
+            };
             tokio::spawn(async move {
-                if let Err(e) = crate::api::grpc::serve(h, addr, fut).await {
+                if let Err(e) = crate::api::grpc::serve(h, grpc, addr, fut).await {
                     eprintln!("crosskv: gRPC server: {e:#}");
                 }
             });

@@ -21,6 +21,8 @@ pub enum ApiError {
     Unauthorized,
     #[error("the model is still loading")]
     Loading,
+    #[error("the engine has stopped; this server cannot serve requests")]
+    EngineDead,
     #[error("the request timed out")]
     Timeout,
     #[error(transparent)]
@@ -28,6 +30,8 @@ pub enum ApiError {
     /// The engine failed a request it had accepted.
     #[error("{0}")]
     Generation(String),
+    #[error(transparent)]
+    Internal(#[from] super::blocking::JobPanicked),
 }
 
 /// The body's `error` object.
@@ -58,12 +62,15 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, invalid, None, Some("payload_too_large")),
             ApiError::Unauthorized => (S::UNAUTHORIZED, invalid, None, Some("invalid_api_key")),
             ApiError::Loading => (S::SERVICE_UNAVAILABLE, "server_error", None, Some("loading")),
+            ApiError::EngineDead => (S::SERVICE_UNAVAILABLE, "server_error", None, Some("engine_dead")),
             ApiError::Timeout => (S::REQUEST_TIMEOUT, "timeout_error", None, Some("timeout")),
             ApiError::Engine(EngineError::QueueFull(_)) => {
                 (S::TOO_MANY_REQUESTS, "rate_limit_error", None, Some("queue_full"))
             }
             ApiError::Engine(EngineError::ShutDown) => (S::SERVICE_UNAVAILABLE, "server_error", None, Some("shutdown")),
-            ApiError::Engine(_) | ApiError::Generation(_) => (S::INTERNAL_SERVER_ERROR, "server_error", None, None),
+            ApiError::Engine(_) | ApiError::Generation(_) | ApiError::Internal(_) => {
+                (S::INTERNAL_SERVER_ERROR, "server_error", None, None)
+            }
         }
     }
 
@@ -80,6 +87,11 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        // Busy or not up yet: when to come back.
+        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
     }

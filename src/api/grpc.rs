@@ -1,9 +1,15 @@
 //! The gRPC front end (tonic, `proto/crosskv.proto`): `crosskv.v1.Generation` and the
 //! standard `grpc.health.v1.Health` service. Like the HTTP API it validates a request
-//! once into an `engine::GenerateRequest` and talks to the engine only through its
-//! `EngineHandle`. A client that cancels a call drops the request's `RequestStream`,
-//! which aborts it at the next engine step and frees its blocks.
+//! once into an `engine::GenerateRequest`, within the same limits, and talks to the
+//! engine only through its `EngineHandle`. A client that cancels a call drops the
+//! request's `RequestStream`, which aborts it at the next engine step and frees its
+//! blocks. With an API key every `Generation` method needs `authorization: Bearer
+//! <key>` metadata; the health service stays open, like `/health`. Connections get the
+//! HTTP port's bounds (`api::listener`).
 
+use super::blocking;
+use super::listener::{self, ConnectionLimits};
+use super::validate::{self, ValidationError};
 use crate::engine::{self, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateOptions};
 use crate::runner::SamplingParams;
 use std::future::Future;
@@ -12,7 +18,6 @@ use std::pin::Pin;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// The generated messages, server and client.
@@ -25,21 +30,33 @@ use pb::generation_server::{Generation, GenerationServer};
 /// `max_tokens: 0` (unset in proto3) means this many, as in OpenAI's API.
 pub const DEFAULT_MAX_TOKENS: usize = 16;
 
+/// The gRPC server's own settings.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcConfig {
+    /// Bearer token every `Generation` method requires (`--api-key`).
+    pub api_key: Option<String>,
+    /// Longest prompt text (`None`: as the HTTP API's default).
+    pub max_prompt_bytes: Option<usize>,
+    pub connections: ConnectionLimits,
+}
+
 /// Serves `Generation` and the health service on `addr` until `shutdown` resolves.
 pub async fn serve(
     handle: EngineHandle,
+    cfg: GrpcConfig,
     addr: SocketAddr,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the gRPC port {addr}: {e}"))?;
-    serve_with_listener(handle, listener, shutdown).await
+    serve_with_listener(handle, cfg, listener, shutdown).await
 }
 
 /// `serve` on a listener already bound (tests bind port 0 and read the port first).
 pub async fn serve_with_listener(
     handle: EngineHandle,
+    cfg: GrpcConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -48,31 +65,75 @@ pub async fn serve_with_listener(
     }
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<GenerationServer<GrpcService>>().await;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(GenerationServer::new(GrpcService { handle }))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
+    let key = cfg.api_key.clone();
+    let generation = GenerationServer::with_interceptor(GrpcService::new(handle, &cfg), move |req: Request<()>| {
+        check_api_key(key.as_deref(), &req)?;
+        Ok(req)
+    });
+    let routes = tonic::service::Routes::new(health)
+        .add_service(generation)
+        .prepare()
+        .into_axum_router();
+    listener::serve(listener, routes, cfg.connections, shutdown).await?;
     Ok(())
+}
+
+/// `UNAUTHENTICATED` unless the call carries `authorization: Bearer <key>`.
+fn check_api_key<T>(key: Option<&str>, req: &Request<T>) -> Result<(), Status> {
+    let Some(key) = key else { return Ok(()) };
+    let given = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+    if super::auth::bearer_matches(given, key) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated(
+            "a valid API key is required (metadata `authorization: Bearer <key>`)",
+        ))
+    }
 }
 
 /// The `Generation` service.
 #[derive(Clone)]
 pub struct GrpcService {
     handle: EngineHandle,
+    max_prompt_bytes: usize,
 }
 
 impl GrpcService {
-    pub fn new(handle: EngineHandle) -> Self {
-        GrpcService { handle }
+    pub fn new(handle: EngineHandle, cfg: &GrpcConfig) -> Self {
+        let max_model_len = handle.config().max_model_len;
+        GrpcService {
+            handle,
+            max_prompt_bytes: cfg
+                .max_prompt_bytes
+                .unwrap_or_else(|| validate::default_max_prompt_bytes(max_model_len)),
+        }
+    }
+
+    /// `validate` on the blocking pool (it may tokenize).
+    async fn checked(&self, req: pb::GenerateRequest) -> Result<engine::GenerateRequest, Status> {
+        let (handle, max) = (self.handle.clone(), self.max_prompt_bytes);
+        blocking::run(move || validate(&handle, req, max))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+/// `INVALID_ARGUMENT` whose message starts with the field, as the other checks here.
+fn invalid(e: ValidationError) -> Status {
+    match e {
+        ValidationError::Field { param, message } => Status::invalid_argument(format!("{param}: {message}")),
+        e => Status::invalid_argument(e.to_string()),
     }
 }
 
 /// Checks a request and turns it into the engine's form; the errors name the field.
-pub fn validate(handle: &EngineHandle, req: pb::GenerateRequest) -> Result<engine::GenerateRequest, Status> {
+pub fn validate(
+    handle: &EngineHandle,
+    req: pb::GenerateRequest,
+    max_prompt_bytes: usize,
+) -> Result<engine::GenerateRequest, Status> {
+    let vocab = handle.vocab_size();
     let prompt_ids = if !req.prompt_ids.is_empty() {
-        let vocab = handle.vocab_size();
         if let Some((i, id)) = req.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(Status::invalid_argument(format!(
                 "prompt_ids[{i}]: token id {id} is outside the vocabulary (size {vocab})"
@@ -80,6 +141,7 @@ pub fn validate(handle: &EngineHandle, req: pb::GenerateRequest) -> Result<engin
         }
         req.prompt_ids
     } else if !req.prompt.is_empty() {
+        validate::check_prompt_bytes("prompt", req.prompt.len(), max_prompt_bytes).map_err(invalid)?;
         let ids = handle
             .tokenizer()
             .encode(&req.prompt, true)
@@ -87,6 +149,7 @@ pub fn validate(handle: &EngineHandle, req: pb::GenerateRequest) -> Result<engin
         if ids.is_empty() {
             return Err(Status::invalid_argument("prompt: tokenizes to no tokens"));
         }
+        validate::check_ids(&ids, vocab, "prompt").map_err(invalid)?;
         ids
     } else {
         return Err(Status::invalid_argument(
@@ -98,7 +161,7 @@ pub fn validate(handle: &EngineHandle, req: pb::GenerateRequest) -> Result<engin
         n => n as usize,
     };
     let max_model_len = handle.config().max_model_len;
-    if prompt_ids.len() + max_tokens > max_model_len {
+    if prompt_ids.len().saturating_add(max_tokens) > max_model_len {
         return Err(Status::invalid_argument(format!(
             "max_tokens: the prompt ({} tokens) plus max_tokens ({max_tokens}) is more than max_model_len ({max_model_len})",
             prompt_ids.len()
@@ -119,6 +182,7 @@ pub fn validate(handle: &EngineHandle, req: pb::GenerateRequest) -> Result<engin
             req.top_p
         )));
     }
+    validate::check_stop(&req.stop).map_err(invalid)?;
     Ok(engine::GenerateRequest {
         prompt_ids,
         options: GenerateOptions {
@@ -157,7 +221,7 @@ type GenerateStreamOut = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Gene
 #[tonic::async_trait]
 impl Generation for GrpcService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let req = validate(&self.handle, request.into_inner())?;
+        let req = self.checked(request.into_inner()).await?;
         // Dropped with this future when the client cancels: the request is aborted.
         let mut stream = self.handle.submit(req).map_err(submit_status)?;
         let mut out = pb::GenerateResponse::default();
@@ -184,7 +248,7 @@ impl Generation for GrpcService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let req = validate(&self.handle, request.into_inner())?;
+        let req = self.checked(request.into_inner()).await?;
         let mut stream = self.handle.submit(req).map_err(submit_status)?;
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
@@ -228,10 +292,11 @@ impl Generation for GrpcService {
 
     async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let token_ids = self
-            .handle
-            .tokenizer()
-            .encode(&req.text, req.add_special_tokens)
+        validate::check_prompt_bytes("text", req.text.len(), self.max_prompt_bytes).map_err(invalid)?;
+        let handle = self.handle.clone();
+        let token_ids = blocking::run(move || handle.tokenizer().encode(&req.text, req.add_special_tokens))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::invalid_argument(format!("text: cannot be tokenized: {e}")))?;
         Ok(Response::new(pb::TokenizeResponse {
             count: token_ids.len() as u32,

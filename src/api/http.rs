@@ -1,9 +1,13 @@
 //! The OpenAI-compatible HTTP API (axum): the router, its layers (API key, body limit,
 //! request timeout, tracing) and the handlers. The port is served while the model loads
-//! (`/health` answers 503 until `AppState::set_ready`).
+//! (`/health` answers 503 until `AppState::set_ready`, and again if the engine dies).
+//! Parsing, tokenizing and detokenizing run on the blocking pool (`api::blocking`), never
+//! on the few async workers that serve every connection.
 
+use super::blocking;
 use super::choices::{self, submit_all};
 use super::error::ApiError;
+use super::listener::{self, ConnectionLimits};
 use super::openai::*;
 use super::validate::{self, Limits, ValidationError};
 use crate::engine::EngineHandle;
@@ -18,7 +22,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use subtle::ConstantTimeEq;
 
 /// The HTTP server's own settings (the engine has its own).
 #[derive(Debug, Clone)]
@@ -29,6 +32,9 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Until the response starts (a stream runs as long as it runs).
     pub request_timeout: Duration,
+    /// Longest prompt text accepted before tokenizing (`None`: `max_model_len` ×
+    /// `validate::PROMPT_BYTES_PER_TOKEN`).
+    pub max_prompt_bytes: Option<usize>,
 }
 
 impl Default for HttpConfig {
@@ -38,6 +44,7 @@ impl Default for HttpConfig {
             api_key: None,
             max_body_bytes: 32 << 20,
             request_timeout: Duration::from_secs(600),
+            max_prompt_bytes: None,
         }
     }
 }
@@ -84,11 +91,18 @@ impl AppState {
         &self.inner.cfg
     }
     fn limits<'a>(&'a self, e: &'a EngineHandle) -> Limits<'a> {
+        let max_model_len = e.config().max_model_len;
         Limits {
             tok: e.tokenizer(),
             served_model_name: &self.inner.cfg.served_model_name,
             vocab_size: e.vocab_size(),
-            max_model_len: e.config().max_model_len,
+            max_model_len,
+            max_prompt_bytes: self
+                .inner
+                .cfg
+                .max_prompt_bytes
+                .unwrap_or_else(|| validate::default_max_prompt_bytes(max_model_len)),
+            max_choices: e.config().max_queued_requests,
         }
     }
 }
@@ -97,7 +111,7 @@ impl AppState {
 /// naming the field.
 pub struct OaiJson<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for OaiJson<T> {
+impl<T: DeserializeOwned + Send + 'static> FromRequest<AppState> for OaiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
@@ -119,7 +133,14 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OaiJson<T> {
             }
             .into());
         }
-        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        blocking::run(move || parse_json(&bytes)).await?.map(OaiJson)
+    }
+}
+
+/// A JSON body as `T`; errors name the field.
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
         let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             ValidationError::Json {
@@ -131,7 +152,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for OaiJson<T> {
             param: None,
             message: e.to_string(),
         })?;
-        Ok(OaiJson(value))
+        Ok(value)
     }
 }
 
@@ -157,6 +178,7 @@ pub fn router(state: AppState) -> Router {
         )
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(cfg.max_body_bytes))
+        .layer(middleware::from_fn_with_state(state.clone(), declared_length))
         .layer(
             tower_http::trace::TraceLayer::new_for_http()
                 .on_failure(tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG)),
@@ -164,17 +186,36 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Serves the API on `listener` within the connection bounds until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    limits: ConnectionLimits,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listener::serve(listener, router(state), limits, shutdown).await
+}
+
 async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.config().api_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if !super::auth::bearer_matches(given, key) {
             return ApiError::Unauthorized.into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// A body declared larger than the limit is refused before any of it is read.
+async fn declared_length(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let max = st.config().max_body_bytes;
+    if declared.is_some_and(|n| n > max as u64) {
+        return ApiError::PayloadTooLarge(max).into_response();
     }
     next.run(req).await
 }
@@ -188,7 +229,9 @@ async fn timeout(State(st): State<AppState>, req: Request, next: Next) -> Respon
 }
 
 async fn health(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
-    st.engine()?;
+    if !st.engine()?.is_alive() {
+        return Err(ApiError::EngineDead);
+    }
     Ok(Json(serde_json::json!({"status": "ok"})))
 }
 
@@ -263,19 +306,29 @@ async fn tokenize(
     State(st): State<AppState>,
     OaiJson(r): OaiJson<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let e = st.engine()?;
+    let e = st.engine()?.clone();
     validate::check_model(r.model.as_deref(), &st.config().served_model_name)?;
-    let tok = e.tokenizer();
-    let tokens = match (&r.prompt, &r.messages) {
-        (Some(p), None) => tok
-            .encode(p, r.add_special_tokens.unwrap_or(true))
-            .map_err(|e| validate::field("prompt", e.to_string()))?,
-        (None, Some(m)) => validate::chat_prompt(tok, m, r.add_generation_prompt.unwrap_or(true))?,
-        _ => return Err(validate::field("prompt", "give exactly one of `prompt` and `messages`").into()),
-    };
+    let max_model_len = e.config().max_model_len;
+    let tokens = blocking::run(move || -> Result<Vec<u32>, ValidationError> {
+        let lim = st.limits(&e);
+        let tok = e.tokenizer();
+        match (&r.prompt, &r.messages) {
+            (Some(p), None) => {
+                validate::check_prompt_bytes("prompt", p.len(), lim.max_prompt_bytes)?;
+                tok.encode(p, r.add_special_tokens.unwrap_or(true))
+                    .map_err(|e| validate::field("prompt", e.to_string()))
+            }
+            (None, Some(m)) => {
+                validate::check_chat_bytes(m, lim.max_prompt_bytes)?;
+                validate::chat_prompt(tok, m, r.add_generation_prompt.unwrap_or(true))
+            }
+            _ => Err(validate::field("prompt", "give exactly one of `prompt` and `messages`")),
+        }
+    })
+    .await??;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
-        max_model_len: e.config().max_model_len,
+        max_model_len,
         tokens,
     }))
 }
@@ -284,21 +337,21 @@ async fn detokenize(
     State(st): State<AppState>,
     OaiJson(r): OaiJson<DetokenizeRequest>,
 ) -> Result<Json<DetokenizeResponse>, ApiError> {
-    let e = st.engine()?;
+    let e = st.engine()?.clone();
     validate::check_model(r.model.as_deref(), &st.config().served_model_name)?;
-    if let Some(t) = r.tokens.iter().find(|&&t| t as usize >= e.vocab_size()) {
-        return Err(validate::field("tokens", format!("token id {t} is outside the vocabulary")).into());
-    }
-    let prompt = e
-        .tokenizer()
-        .decode(&r.tokens, false)
+    validate::check_ids(&r.tokens, e.vocab_size(), "tokens")?;
+    let prompt = blocking::run(move || e.tokenizer().decode(&r.tokens, false))
+        .await?
         .map_err(|e| validate::field("tokens", e.to_string()))?;
     Ok(Json(DetokenizeResponse { prompt }))
 }
 
 async fn completions(State(st): State<AppState>, OaiJson(r): OaiJson<CompletionRequest>) -> Result<Response, ApiError> {
     let e = st.engine()?;
-    let v = validate::completion(&r, &st.limits(e))?;
+    let v = {
+        let (st, e) = (st.clone(), e.clone());
+        blocking::run(move || validate::completion(&r, &st.limits(&e))).await??
+    };
     let streams = submit_all(e, v.requests())?;
     let ctx = choices::Ctx {
         id: format!("cmpl-{:016x}", rand::random::<u64>()),
@@ -318,7 +371,10 @@ async fn chat_completions(
     OaiJson(r): OaiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let e = st.engine()?;
-    let v = validate::chat(&r, &st.limits(e))?;
+    let v = {
+        let (st, e) = (st.clone(), e.clone());
+        blocking::run(move || validate::chat(&r, &st.limits(&e))).await??
+    };
     let streams = submit_all(e, v.requests())?;
     let ctx = choices::Ctx {
         id: format!("chatcmpl-{:016x}", rand::random::<u64>()),

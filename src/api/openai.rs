@@ -2,9 +2,43 @@
 //! JSON type varies (`prompt`, `stop`, a message's `content`) stay `serde_json::Value`
 //! here and are checked, with the field named, in `validate`.
 
+use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
+use std::marker::PhantomData;
+
+/// A `T` read only from a JSON object: serde's derived structs also accept an array of
+/// their fields in order (`["user", "hi"]` as a message), which is no OpenAI shape.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(ObjectVisitor(PhantomData)).map(ObjectOnly)
+    }
+}
+
+fn objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    Ok(Vec::<ObjectOnly<T>>::deserialize(d)?.into_iter().map(|o| o.0).collect())
+}
+
+fn optional_objects<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    Ok(Option::<Vec<ObjectOnly<T>>>::deserialize(d)?.map(|v| v.into_iter().map(|o| o.0).collect()))
+}
+
+fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Ok(Option::<ObjectOnly<T>>::deserialize(d)?.map(|o| o.0))
+}
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
@@ -30,6 +64,7 @@ pub struct CompletionRequest {
     pub ignore_eos: Option<bool>,
     pub n: Option<u64>,
     pub stream: Option<bool>,
+    #[serde(default, deserialize_with = "optional_object")]
     pub stream_options: Option<StreamOptions>,
     pub echo: Option<bool>,
     pub logprobs: Option<u64>,
@@ -48,7 +83,7 @@ pub struct ChatMessageIn {
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "objects")]
     pub messages: Vec<ChatMessageIn>,
     pub max_tokens: Option<u64>,
     pub max_completion_tokens: Option<u64>,
@@ -63,6 +98,7 @@ pub struct ChatCompletionRequest {
     pub ignore_eos: Option<bool>,
     pub n: Option<u64>,
     pub stream: Option<bool>,
+    #[serde(default, deserialize_with = "optional_object")]
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
@@ -227,6 +263,7 @@ pub struct ModelList {
 pub struct TokenizeRequest {
     pub model: Option<String>,
     pub prompt: Option<String>,
+    #[serde(default, deserialize_with = "optional_objects")]
     pub messages: Option<Vec<ChatMessageIn>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,

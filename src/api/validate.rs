@@ -11,6 +11,20 @@ use serde_json::Value;
 pub const MAX_N: u64 = 128;
 pub const MAX_LOGPROBS: u64 = 20;
 pub const MAX_STOP: usize = 16;
+/// Longest stop string, in bytes: the held-back tail of every streamed output and the
+/// matcher's tables grow with it.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `stop_token_ids`: each generated token is checked against all of them.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// Bytes of prompt text allowed per token of `max_model_len` when no explicit limit is
+/// set: far above any real tokenizer's average, so only text that cannot fit is refused
+/// before the tokenizer spends time on it.
+pub const PROMPT_BYTES_PER_TOKEN: usize = 64;
+
+/// The default cap on one prompt's text (`--max-prompt-bytes`).
+pub fn default_max_prompt_bytes(max_model_len: usize) -> usize {
+    max_model_len.saturating_mul(PROMPT_BYTES_PER_TOKEN)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ValidationError {
@@ -46,6 +60,11 @@ impl ValidationError {
     }
 }
 
+/// A request number as a `usize`, saturating (on 32-bit targets too).
+fn to_usize(x: u64) -> usize {
+    usize::try_from(x).unwrap_or(usize::MAX)
+}
+
 pub fn field(param: impl Into<String>, message: impl Into<String>) -> ValidationError {
     ValidationError::Field {
         param: param.into(),
@@ -59,6 +78,12 @@ pub struct Limits<'a> {
     pub served_model_name: &'a str,
     pub vocab_size: usize,
     pub max_model_len: usize,
+    /// Longest prompt text (a chat request: all message contents together), checked
+    /// before tokenizing.
+    pub max_prompt_bytes: usize,
+    /// Most engine requests (prompts × `n`) one API request may become: the engine's
+    /// queue bound, so a request that could never be admitted is a 400, not a 429.
+    pub max_choices: usize,
 }
 
 /// One prompt, tokenized, with the text `echo` returns.
@@ -138,7 +163,7 @@ pub fn check_model(model: Option<&str>, served: &str) -> Result<String, Validati
     }
 }
 
-fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ValidationError> {
+pub fn check_ids(ids: &[u32], vocab: usize, param: &str) -> Result<(), ValidationError> {
     match ids.iter().find(|&&t| t as usize >= vocab) {
         Some(t) => Err(field(
             param,
@@ -154,13 +179,51 @@ fn as_ids(v: &[Value]) -> Option<Vec<u32>> {
         .collect()
 }
 
+/// A prompt's text is at most `max` bytes (checked before it is tokenized).
+pub fn check_prompt_bytes(param: &str, len: usize, max: usize) -> Result<(), ValidationError> {
+    if len > max {
+        return Err(field(
+            param,
+            format!("the prompt text is {len} bytes, more than the limit of {max} (--max-prompt-bytes)"),
+        ));
+    }
+    Ok(())
+}
+
+/// How many prompts `prompt` holds, read from its JSON shape alone (nothing tokenized).
+fn prompt_count(v: &Value) -> usize {
+    match v {
+        Value::Array(a) if !a.is_empty() && (a.iter().all(Value::is_string) || a.iter().all(Value::is_array)) => {
+            a.len()
+        }
+        _ => 1,
+    }
+}
+
+/// `prompts × n` engine requests fit what the server admits at once.
+fn check_choices(prompts: usize, n: usize, max: usize) -> Result<(), ValidationError> {
+    let total = prompts.saturating_mul(n);
+    if total > max {
+        return Err(field(
+            if prompts > max { "prompt" } else { "n" },
+            format!(
+                "the request asks for {prompts} prompt(s) × n = {n}: {total} completions, more than this server admits at once ({max}, --max-queued-requests)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `prompt`: a string, a list of strings, a list of token ids, or a list of id lists.
 fn prompts(v: &Value, lim: &Limits, add_special: bool) -> Result<Vec<ValidPrompt>, ValidationError> {
     let text = |s: &str| -> Result<ValidPrompt, ValidationError> {
+        check_prompt_bytes("prompt", s.len(), lim.max_prompt_bytes)?;
         let ids = lim
             .tok
             .encode(s, add_special)
             .map_err(|e| field("prompt", e.to_string()))?;
+        // A tokenizer may know more (added) tokens than the model has rows for.
+        check_ids(&ids, lim.vocab_size, "prompt")?;
         Ok(ValidPrompt {
             ids,
             text: s.to_string(),
@@ -203,6 +266,34 @@ fn prompts(v: &Value, lim: &Limits, add_special: bool) -> Result<Vec<ValidPrompt
     Ok(out)
 }
 
+/// Stop strings within the count and length bounds (both front ends).
+pub fn check_stop(stop: &[String]) -> Result<(), ValidationError> {
+    if stop.len() > MAX_STOP {
+        return Err(field("stop", format!("at most {MAX_STOP} stop strings")));
+    }
+    if let Some(s) = stop.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(field(
+            "stop",
+            format!(
+                "a stop string is {} bytes, more than the limit of {MAX_STOP_BYTES}",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Stop token ids within the count bound and the vocabulary (both front ends).
+pub fn check_stop_token_ids(ids: &[u32], vocab: usize) -> Result<(), ValidationError> {
+    if ids.len() > MAX_STOP_TOKEN_IDS {
+        return Err(field(
+            "stop_token_ids",
+            format!("at most {MAX_STOP_TOKEN_IDS} stop token ids"),
+        ));
+    }
+    check_ids(ids, vocab, "stop_token_ids")
+}
+
 /// `stop`: absent, a string, or a list of strings.
 fn stop_strings(v: &Value) -> Result<Vec<String>, ValidationError> {
     let out: Vec<String> = match v {
@@ -215,9 +306,7 @@ fn stop_strings(v: &Value) -> Result<Vec<String>, ValidationError> {
             .ok_or_else(|| field("stop", "expected a string or a list of strings"))?,
         _ => return Err(field("stop", "expected a string or a list of strings")),
     };
-    if out.len() > MAX_STOP {
-        return Err(field("stop", format!("at most {MAX_STOP} stop strings")));
-    }
+    check_stop(&out)?;
     Ok(out)
 }
 
@@ -271,7 +360,7 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         k if k > 0 => k as usize,
         _ => return Err(field("top_k", "must be -1 or 0 (no cut) or a positive integer")),
     };
-    let min_tokens = c.min_tokens.unwrap_or(0) as usize;
+    let min_tokens = to_usize(c.min_tokens.unwrap_or(0));
     if min_tokens > max_tokens {
         return Err(field("min_tokens", format!("must be ≤ max_tokens ({max_tokens})")));
     }
@@ -279,8 +368,9 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
     if n == 0 || n > MAX_N {
         return Err(field("n", format!("must be in 1..={MAX_N}")));
     }
-    let stop_token_ids = c.stop_token_ids.unwrap_or_default().to_vec();
-    check_ids(&stop_token_ids, lim.vocab_size, "stop_token_ids")?;
+    let stop_token_ids = c.stop_token_ids.unwrap_or_default();
+    check_stop_token_ids(stop_token_ids, lim.vocab_size)?;
+    let stop_token_ids = stop_token_ids.to_vec();
     let o = GenerateOptions {
         max_tokens,
         min_tokens,
@@ -296,21 +386,23 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         logprobs: None,
         prompt_logprobs: None,
     };
-    Ok((o, n as usize))
+    Ok((o, to_usize(n)))
 }
 
-fn check_length(
+/// `prompt + max_tokens ≤ max_model_len`, without overflow for any request numbers.
+pub fn check_length(
     prompt_param: &'static str,
+    max_param: &'static str,
     prompt: usize,
     max_tokens: usize,
     max_model_len: usize,
 ) -> Result<(), ValidationError> {
-    if prompt + max_tokens > max_model_len {
+    if prompt.saturating_add(max_tokens) > max_model_len {
         return Err(ValidationError::ContextLength {
             param: if prompt >= max_model_len {
                 prompt_param
             } else {
-                "max_tokens"
+                max_param
             },
             max_model_len,
             prompt_tokens: prompt,
@@ -323,7 +415,7 @@ fn check_length(
 pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
     let echo = r.echo.unwrap_or(false);
-    let max_tokens = r.max_tokens.unwrap_or(16) as usize;
+    let max_tokens = to_usize(r.max_tokens.unwrap_or(16));
     if max_tokens == 0 && !echo {
         return Err(field("max_tokens", "must be at least 1 (0 only with `echo`)"));
     }
@@ -332,9 +424,10 @@ pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion
         return Err(field("logprobs", format!("must be in 0..={MAX_LOGPROBS}")));
     }
     let (mut options, n) = options(&r.common(), lim, max_tokens)?;
+    check_choices(prompt_count(&r.prompt), n, lim.max_choices)?;
     let prompts = prompts(&r.prompt, lim, r.add_special_tokens.unwrap_or(true))?;
     for p in &prompts {
-        check_length("prompt", p.ids.len(), max_tokens, lim.max_model_len)?;
+        check_length("prompt", "max_tokens", p.ids.len(), max_tokens, lim.max_model_len)?;
     }
     let logprobs = logprobs.map(|k| k as usize);
     options.logprobs = logprobs;
@@ -408,6 +501,25 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Val
         .collect()
 }
 
+/// The messages' text together is at most `max` bytes (before templating: the template
+/// adds a bounded amount per message).
+pub fn check_chat_bytes(messages: &[ChatMessageIn], max: usize) -> Result<(), ValidationError> {
+    let text_bytes = |v: &Value| match v {
+        Value::String(s) => s.len(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(str::len)
+            .sum(),
+        _ => 0,
+    };
+    let total = messages
+        .iter()
+        .map(|m| text_bytes(&m.content).saturating_add(m.role.len()))
+        .fold(0usize, usize::saturating_add);
+    check_prompt_bytes("messages", total, max)
+}
+
 /// Renders chat messages through the template and tokenizes them (the template writes
 /// the special tokens itself).
 pub fn chat_prompt(
@@ -424,6 +536,8 @@ pub fn chat_prompt(
 
 pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
+    check_choices(1, to_usize(r.n.unwrap_or(1)), lim.max_choices)?;
+    check_chat_bytes(&r.messages, lim.max_prompt_bytes)?;
     let prompt_ids = chat_prompt(lim.tok, &r.messages, true)?;
     if prompt_ids.is_empty() {
         return Err(field("messages", "the rendered prompt is empty"));
@@ -435,7 +549,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     };
     let max_tokens = match asked {
         Some(0) => return Err(field(param, "must be at least 1")),
-        Some(m) => m as usize,
+        Some(m) => to_usize(m),
         None => lim.max_model_len.saturating_sub(prompt_ids.len()).max(1),
     };
     let top_logprobs = r.top_logprobs.unwrap_or(0);
@@ -446,7 +560,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
         return Err(field("top_logprobs", "needs `logprobs: true`"));
     }
     let (mut options, n) = options(&r.common(), lim, max_tokens)?;
-    check_length("messages", prompt_ids.len(), max_tokens, lim.max_model_len)?;
+    check_length("messages", param, prompt_ids.len(), max_tokens, lim.max_model_len)?;
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
     let stream_options = r.stream_options.clone().unwrap_or_default();

@@ -77,13 +77,32 @@ enum Command {
         arrival: Instant,
     },
     Abort(RequestId),
+    Fault(Fault),
     Shutdown,
 }
+
+/// Faults a test can make the engine thread meet in its next step, to check that the
+/// server survives them (`EngineHandle::inject_fault`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// The next step panics after scheduling, before its forward.
+    PanicInStep,
+    /// The next step sleeps this long after scheduling (a long prefill's stand-in).
+    StallStep(std::time::Duration),
+}
+
+/// Requests in a step longer than this many prompt tokens, that need logits at every
+/// position (prompt log-probs), are computed in chunks of it: each computed position
+/// makes a full-vocabulary row of logits.
+pub const MAX_SCORED_CHUNK: usize = 256;
 
 struct HandleInner {
     tx: Mutex<mpsc::Sender<Command>>,
     next_id: AtomicU64,
     in_flight: AtomicUsize,
+    /// Requests sent to the engine thread that it has not taken in yet (it takes them
+    /// between steps): counted as waiting so the status is current during a long step.
+    pending_adds: Arc<AtomicUsize>,
     tokenizer: Arc<Tok>,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<EngineStatus>>,
@@ -215,6 +234,7 @@ impl EngineHandle {
             ..Default::default()
         }));
         let (tx, rx) = mpsc::channel();
+        let pending_adds = Arc::new(AtomicUsize::new(0));
         let engine = Engine {
             runner,
             scheduler,
@@ -223,6 +243,9 @@ impl EngineHandle {
             metrics: metrics.clone(),
             status: status.clone(),
             max_model_len: config.max_model_len,
+            pending_adds: pending_adds.clone(),
+            in_step: Vec::new(),
+            fault: None,
         };
         let thread = std::thread::Builder::new()
             .name("crosskv-engine".into())
@@ -233,6 +256,7 @@ impl EngineHandle {
                 tx: Mutex::new(tx),
                 next_id: AtomicU64::new(1),
                 in_flight: AtomicUsize::new(0),
+                pending_adds,
                 tokenizer,
                 metrics,
                 status,
@@ -259,13 +283,20 @@ impl EngineHandle {
             rx,
             handle: inner.clone(),
         };
-        let sent = inner.tx.lock().map_err(|_| EngineError::ShutDown)?.send(Command::Add {
-            id,
-            req,
-            events,
-            arrival: Instant::now(),
+        inner.pending_adds.fetch_add(1, Ordering::Relaxed);
+        let sent = inner.tx.lock().map_err(|_| EngineError::ShutDown).and_then(|tx| {
+            tx.send(Command::Add {
+                id,
+                req,
+                events,
+                arrival: Instant::now(),
+            })
+            .map_err(|_| EngineError::ShutDown)
         });
-        sent.map_err(|_| EngineError::ShutDown)?;
+        if let Err(e) = sent {
+            inner.pending_adds.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         Ok(stream)
     }
 
@@ -284,8 +315,30 @@ impl EngineHandle {
     pub fn vocab_size(&self) -> usize {
         self.inner.vocab_size
     }
+    /// The status the engine published last (after its latest scheduling), with the
+    /// requests sent since then counted as waiting.
     pub fn status(&self) -> EngineStatus {
-        self.inner.status.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.inner.status.lock().map(|s| s.clone()).unwrap_or_default();
+        s.num_waiting += self.inner.pending_adds.load(Ordering::Relaxed);
+        s
+    }
+
+    /// The engine thread is running (it has not stopped or died).
+    pub fn is_alive(&self) -> bool {
+        self.inner
+            .thread
+            .lock()
+            .is_ok_and(|t| t.as_ref().is_some_and(|t| !t.is_finished()))
+    }
+
+    /// Makes the engine meet `fault` in its next step: for tests of how the server
+    /// copes (a panic is caught and fails that step's requests; a stall stands in for a
+    /// long step). Not part of the serving API.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, fault: Fault) {
+        if let Ok(tx) = self.inner.tx.lock() {
+            let _ = tx.send(Command::Fault(fault));
+        }
     }
 
     /// Stops the engine: running requests are aborted, then the thread exits.
@@ -330,6 +383,18 @@ struct Engine {
     metrics: Arc<Metrics>,
     status: Arc<Mutex<EngineStatus>>,
     max_model_len: usize,
+    pending_adds: Arc<AtomicUsize>,
+    /// The requests of the step under way: they fail if it panics.
+    in_step: Vec<RequestId>,
+    fault: Option<Fault>,
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Log-softmax of `logits` at `token`, with the `top` best alternatives.
@@ -356,57 +421,93 @@ pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
 impl Engine {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         loop {
-            // Idle: block for work. Busy: take what arrived and go on stepping.
-            let first = if self.scheduler.has_work() {
-                rx.try_recv().ok()
-            } else {
-                match rx.recv() {
-                    Ok(c) => Some(c),
-                    Err(_) => return,
-                }
-            };
-            let mut stop = false;
-            for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
-                match cmd {
-                    Command::Add {
-                        id,
-                        req,
-                        events,
-                        arrival,
-                    } => self.add(id, req, events, arrival),
-                    Command::Abort(id) => self.finish(id, FinishReason::Abort),
-                    Command::Shutdown => stop = true,
-                }
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(&rx)));
+            match turn {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(p) => self.recover(&*p),
             }
-            if stop {
-                let ids: Vec<RequestId> = self.requests.keys().copied().collect();
-                for id in ids {
-                    self.finish(id, FinishReason::Abort);
-                }
-                self.publish();
-                return;
+        }
+    }
+
+    /// A panic on the engine thread fails the requests of the step it hit (they may be
+    /// half-updated) and frees their blocks; the engine goes on with the others.
+    fn recover(&mut self, panic: &(dyn std::any::Any + Send)) {
+        let msg = panic_message(panic);
+        tracing::error!(
+            "engine step panicked: {msg}; failing its {} request(s)",
+            self.in_step.len()
+        );
+        for id in std::mem::take(&mut self.in_step) {
+            if let Some(l) = self.requests.get(&id) {
+                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
             }
-            // Clients that went away since the last step.
-            let gone: Vec<RequestId> = self
-                .requests
-                .iter()
-                .filter(|(_, r)| r.events.is_closed())
-                .map(|(id, _)| *id)
-                .collect();
-            for id in gone {
+            self.finish(id, FinishReason::Abort);
+        }
+        self.publish();
+    }
+
+    /// One turn of the loop: take commands, drop requests whose clients left, run a
+    /// step. False once the engine is to stop.
+    fn turn(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        // Idle: block for work. Busy: take what arrived and go on stepping.
+        let first = if self.scheduler.has_work() {
+            rx.try_recv().ok()
+        } else {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return false,
+            }
+        };
+        let mut stop = false;
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match cmd {
+                Command::Add {
+                    id,
+                    req,
+                    events,
+                    arrival,
+                } => {
+                    self.pending_adds.fetch_sub(1, Ordering::Relaxed);
+                    self.add(id, req, events, arrival)
+                }
+                Command::Abort(id) => self.finish(id, FinishReason::Abort),
+                Command::Fault(f) => self.fault = Some(f),
+                Command::Shutdown => stop = true,
+            }
+        }
+        if stop {
+            let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+            for id in ids {
                 self.finish(id, FinishReason::Abort);
             }
-            if self.scheduler.has_work() {
-                self.step();
-            }
             self.publish();
+            return false;
         }
+        // Clients that went away since the last step.
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Abort);
+        }
+        if self.scheduler.has_work() {
+            self.step();
+            self.in_step.clear();
+        }
+        self.publish();
+        true
     }
 
     fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineEvent>, arrival: Instant) {
         let o = req.options;
         let prompt_len = req.prompt_ids.len();
-        let max_total = (prompt_len + o.max_tokens).min(self.max_model_len.max(prompt_len));
+        let max_total = prompt_len
+            .saturating_add(o.max_tokens)
+            .min(self.max_model_len.max(prompt_len));
         if prompt_len == 0 {
             let _ = events.send(EngineEvent::Error("the prompt is empty".into()));
             return;
@@ -418,6 +519,9 @@ impl Engine {
         {
             let _ = events.send(EngineEvent::Error(e.to_string()));
             return;
+        }
+        if o.prompt_logprobs.is_some() {
+            self.scheduler.set_max_chunk(id, MAX_SCORED_CHUNK);
         }
         self.metrics.prompt_tokens_total.inc_by(prompt_len as u64);
         self.requests.insert(
@@ -451,6 +555,14 @@ impl Engine {
             std::thread::sleep(std::time::Duration::from_millis(1));
             return;
         }
+        self.in_step = out.scheduled.iter().map(|s| s.id).collect();
+        // What this step holds is known now: publish before the forward, which may be long.
+        self.publish();
+        match self.fault.take() {
+            Some(Fault::PanicInStep) => panic!("injected fault: a panic in the step"),
+            Some(Fault::StallStep(d)) => std::thread::sleep(d),
+            None => {}
+        }
         let now = Instant::now();
         let steps: Vec<SeqStep> = out
             .scheduled
@@ -479,19 +591,19 @@ impl Engine {
             .collect();
         // Which output rows must come to the host whole: prompt log-probs, and sampling
         // rows that are not plain greedy picks (temperature, log-probs, min_tokens masking).
+        // Prompt rows are scored where they are (`collect_prompt_logprobs`), never copied.
         let mut full = Vec::new();
         for (s, step) in out.scheduled.iter().zip(&steps) {
             if step.all_logits {
-                full.extend(std::iter::repeat_n(true, step.tokens.len()));
-                continue;
+                full.extend(std::iter::repeat_n(false, step.tokens.len() - 1));
             }
             full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
         }
-        let logits = self
-            .runner
-            .step(self.scheduler.kv(), &steps)
-            .and_then(|l| crate::runner::fetch_logits(&l, &full));
-        let logits = match logits {
+        let logits = self.runner.step(self.scheduler.kv(), &steps).and_then(|t| {
+            let fetched = crate::runner::fetch_logits(&t, &full)?;
+            Ok((t, fetched))
+        });
+        let (tensor, logits) = match logits {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!("step failed: {e}");
@@ -511,8 +623,15 @@ impl Engine {
             row += rows;
             self.scheduler.computed(s);
             if step.all_logits {
-                let my_rows: Vec<Vec<f32>> = logits.rows[range.clone()].iter().flatten().cloned().collect();
-                self.collect_prompt_logprobs(s, &my_rows);
+                if let Err(e) = self.collect_prompt_logprobs(s, &tensor, range.start) {
+                    if let Some(l) = self.requests.get(&s.id) {
+                        let _ = l
+                            .events
+                            .send(EngineEvent::Error(format!("scoring the prompt failed: {e}")));
+                    }
+                    self.finish(s.id, FinishReason::Abort);
+                    continue;
+                }
             }
             if s.samples {
                 let last = range.end - 1;
@@ -521,18 +640,39 @@ impl Engine {
         }
     }
 
-    /// Prompt log-probs: the logits at position p score the prompt token at p + 1.
-    fn collect_prompt_logprobs(&mut self, s: &Scheduled, rows: &[Vec<f32>]) {
-        let Some(tokens) = self.scheduler.tokens(s.id).map(|t| t.to_vec()) else {
-            return;
+    /// Prompt log-probs: the logits at position p score the prompt token at p + 1. The
+    /// step's logits rows `first_row..` are this chunk's positions; they are read a few
+    /// rows at a time, so scoring costs no more memory than those rows.
+    fn collect_prompt_logprobs(
+        &mut self,
+        s: &Scheduled,
+        logits: &candle_core::Tensor,
+        first_row: usize,
+    ) -> candle_core::Result<()> {
+        const ROWS_AT_ONCE: usize = 32;
+        let Some(l) = self.requests.get_mut(&s.id) else {
+            return Ok(());
         };
-        let Some(l) = self.requests.get_mut(&s.id) else { return };
+        let Some(tokens) = self.scheduler.tokens(s.id) else {
+            return Ok(());
+        };
         let top = l.options.prompt_logprobs.unwrap_or(0);
-        let Some(acc) = l.prompt_logprobs.as_mut() else { return };
-        for (i, r) in rows.iter().enumerate() {
-            let next = s.start + i + 1;
-            if next < l.prompt_len && acc.len() == next {
-                acc.push(Some(token_logprob(r, tokens[next], top)));
+        let Some(acc) = l.prompt_logprobs.as_mut() else {
+            return Ok(());
+        };
+        // Positions whose next token is a prompt token not scored yet (a recomputed
+        // chunk after a preemption is skipped): next = start + i + 1 in
+        // acc.len()..prompt_len.
+        let lo = acc.len().saturating_sub(s.start + 1);
+        let hi = s.tokens.len().min(l.prompt_len.saturating_sub(s.start + 1));
+        for chunk in (lo..hi).step_by(ROWS_AT_ONCE) {
+            let n = ROWS_AT_ONCE.min(hi - chunk);
+            let rows = logits.narrow(0, first_row + chunk, n)?.to_vec2::<f32>()?;
+            for (k, r) in rows.iter().enumerate() {
+                let next = s.start + chunk + k + 1;
+                if acc.len() == next {
+                    acc.push(Some(token_logprob(r, tokens[next], top)));
+                }
             }
         }
         if acc.len() == l.prompt_len {
@@ -541,6 +681,7 @@ impl Engine {
             // Keep a full-length marker so they are not sent again after a preemption.
             *acc = done;
         }
+        Ok(())
     }
 
     /// `logits`: the row, when the request needs more than a greedy pick

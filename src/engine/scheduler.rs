@@ -31,6 +31,8 @@ struct SchedRequest {
     num_computed: usize,
     /// Prefix-cache lookups are skipped (e.g. prompt log-probs need every position).
     use_prefix_cache: bool,
+    /// Most tokens of this request computed in one step.
+    max_chunk: usize,
 }
 
 /// One request's share of a step: compute `tokens[start..start + len]`.
@@ -115,8 +117,17 @@ impl Scheduler {
             prompt_len,
             num_computed: 0,
             use_prefix_cache: use_prefix_cache && self.cfg.prefix_caching,
+            max_chunk: usize::MAX,
         });
         Ok(())
+    }
+
+    /// Caps how many of a request's tokens one step computes (a request that needs the
+    /// logits of every position makes a full-vocabulary row per token it computes).
+    pub fn set_max_chunk(&mut self, id: SeqId, max_chunk: usize) {
+        if let Some(r) = self.find_mut(id) {
+            r.max_chunk = max_chunk.max(1);
+        }
     }
 
     fn find(&self, id: SeqId) -> Option<&SchedRequest> {
@@ -142,11 +153,11 @@ impl Scheduler {
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let (id, computed, len) = {
+            let (id, computed, len, max_chunk) = {
                 let r = &self.running[i];
-                (r.id, r.num_computed, r.tokens.len())
+                (r.id, r.num_computed, r.tokens.len(), r.max_chunk)
             };
-            let want = (len - computed).min(budget);
+            let want = (len - computed).min(budget).min(max_chunk);
             // Make room by preempting the newest running requests, possibly this one.
             let mut fits = self.kv.allocate(id, computed + want).is_ok();
             while !fits {
@@ -174,13 +185,13 @@ impl Scheduler {
         // New work only when nothing had to be preempted: admitting would just thrash.
         while out.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(r) = self.waiting.front() else { break };
-            let (id, len) = (r.id, r.tokens.len());
+            let (id, len, max_chunk) = (r.id, r.tokens.len(), r.max_chunk);
             let (mut cached, lookup) = (0, r.use_prefix_cache && r.num_computed == 0);
             if lookup {
                 cached = self.kv.start_with_prefix(id, &r.tokens);
             }
             let start = cached;
-            let want = (len - start).min(budget);
+            let want = (len - start).min(budget).min(max_chunk);
             if !self.kv.can_allocate(id, start + want) {
                 if self.kv.contains(id) {
                     self.kv.free(id).expect("just started");

@@ -22,9 +22,20 @@ impl KvCache {
         dev: &Device,
     ) -> Result<Self> {
         let shape = (num_blocks, block_size, kv_heads, head_dim);
+        let storage = || -> Result<Tensor> {
+            let zeros = Tensor::zeros(shape, dtype, dev)?;
+            if dev.is_cpu() {
+                // Zeroed host memory is only mapped when first written: the cache would
+                // grow the process's memory block by block as it is used, so memory
+                // use would tell neither the cache's size nor a leak. Writing it here
+                // commits the whole budget at start, as a GPU allocation does.
+                return zeros.affine(1.0, 0.0);
+            }
+            Ok(zeros)
+        };
         Ok(KvCache {
-            k: Tensor::zeros(shape, dtype, dev)?,
-            v: Tensor::zeros(shape, dtype, dev)?,
+            k: storage()?,
+            v: storage()?,
             block_size,
         })
     }

@@ -51,6 +51,9 @@ pub struct KvManager {
     layout: Arc<KvLayout>,
     block_size: usize,
     seqs: HashMap<SeqId, SeqBlocks>,
+    /// Distinct blocks held per KV slot, kept as blocks gain their first reference and
+    /// lose their last (status reads it every step; recounting is O(total blocks)).
+    used_per_slot: Vec<usize>,
 }
 
 impl KvManager {
@@ -58,9 +61,10 @@ impl KvManager {
         assert!(block_size > 0);
         KvManager {
             pool: BlockPool::new(num_blocks),
-            layout,
             block_size,
             seqs: HashMap::new(),
+            used_per_slot: vec![0; layout.kv_layers()],
+            layout,
         }
     }
 
@@ -114,9 +118,10 @@ impl KvManager {
             ..Default::default()
         });
         let want = total_tokens.div_ceil(self.block_size);
-        for table in entry.tables.iter_mut() {
+        for (slot, table) in entry.tables.iter_mut().enumerate() {
             while table.len() < want {
                 table.push(self.pool.allocate().expect("free blocks were counted above"));
+                self.used_per_slot[slot] += 1;
             }
         }
         entry.num_tokens = entry.num_tokens.max(want * self.block_size);
@@ -127,9 +132,14 @@ impl KvManager {
     pub fn free(&mut self, seq: SeqId) -> Result<usize, KvError> {
         let s = self.seqs.remove(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let mut n = 0;
-        for id in s.tables.into_iter().flatten() {
-            self.pool.free(id)?;
-            n += 1;
+        for (slot, table) in s.tables.into_iter().enumerate() {
+            for id in table {
+                self.pool.free(id)?;
+                if self.pool.ref_count(id) == 0 {
+                    self.used_per_slot[slot] -= 1;
+                }
+                n += 1;
+            }
         }
         Ok(n)
     }
@@ -160,8 +170,13 @@ impl KvManager {
         if n == 0 {
             return 0;
         }
-        for &id in hits.iter().flatten() {
-            self.pool.touch(id).expect("cached blocks exist");
+        for (slot, table) in hits.iter().enumerate() {
+            for &id in table {
+                if self.pool.ref_count(id) == 0 {
+                    self.used_per_slot[slot] += 1;
+                }
+                self.pool.touch(id).expect("cached blocks exist");
+            }
         }
         self.seqs.insert(
             seq,
@@ -195,6 +210,12 @@ impl KvManager {
     /// Distinct blocks in use per KV slot (a prefix block shared by several
     /// sequences counts once).
     pub fn used_blocks_per_slot(&self) -> Vec<usize> {
+        self.used_per_slot.clone()
+    }
+
+    /// `used_blocks_per_slot` recounted from every table: what the kept counts must
+    /// equal (tests).
+    pub fn count_used_blocks_per_slot(&self) -> Vec<usize> {
         (0..self.layout.kv_layers())
             .map(|slot| {
                 let ids: std::collections::HashSet<BlockId> = self

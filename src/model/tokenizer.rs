@@ -273,6 +273,17 @@ impl Tok {
     }
 }
 
+/// What `now` adds after `before`'s length. A decoder may rewrite earlier text (a
+/// cleanup of spaces, a replacement character resolved), so `before.len()` need not fall
+/// on a character boundary of `now`: the piece starts at the next one.
+fn new_suffix<'a>(before: &str, now: &'a str) -> &'a str {
+    let mut cut = before.len().min(now.len());
+    while !now.is_char_boundary(cut) {
+        cut += 1;
+    }
+    &now[cut..]
+}
+
 /// Turns a growing list of token ids into text pieces as they become printable: a
 /// piece is emitted only once it no longer ends in a partial UTF-8 character.
 #[derive(Debug, Default)]
@@ -288,12 +299,24 @@ impl StreamDecoder {
         let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
         let now = tok.decode(&self.ids[self.prefix..], true)?;
         if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            let piece = now[before.len()..].to_string();
+            let piece = new_suffix(&before, &now).to_string();
             self.prefix = self.read;
             self.read = self.ids.len();
             Ok(Some(piece))
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod stream_tests {
+    #[test]
+    fn the_new_piece_starts_on_a_character_boundary_even_when_earlier_text_changed() {
+        assert_eq!(super::new_suffix("ab", "abcd"), "cd");
+        // "é" is two bytes: a cut at 2 would fall inside it.
+        assert_eq!(super::new_suffix("xy", "aéz"), "z");
+        assert_eq!(super::new_suffix("xyz", "a"), "");
+        assert_eq!(super::new_suffix("", "é"), "é");
     }
 }

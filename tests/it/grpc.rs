@@ -67,6 +67,10 @@ impl Server {
 }
 
 async fn start_with(max_queued_requests: usize) -> Server {
+    start_configured(max_queued_requests, grpc::GrpcConfig::default()).await
+}
+
+async fn start_configured(max_queued_requests: usize, cfg: grpc::GrpcConfig) -> Server {
     let mut tiny = Tiny::new(2, 4, 2, 8, 32, VOCAB);
     tiny.intermediate = 64;
     let mut ck = tiny.write();
@@ -91,7 +95,7 @@ async fn start_with(max_queued_requests: usize) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let served = tokio::spawn(grpc::serve_with_listener(handle.clone(), listener, async move {
+    let served = tokio::spawn(grpc::serve_with_listener(handle.clone(), cfg, listener, async move {
         let _ = stopped.await;
     }));
     let channel = Channel::from_shared(format!("http://{addr}"))
@@ -361,5 +365,167 @@ async fn grpc_cancelled_stream_is_aborted_and_frees_its_blocks() {
     // The server goes on serving.
     let r = s.client.generate(greedy("Hi", 2)).await.unwrap().into_inner();
     assert_eq!(r.token_ids.len(), 2);
+    s.shutdown().await;
+}
+
+fn with_auth<T>(msg: T, auth: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(a) = auth {
+        r.metadata_mut().insert("authorization", a.parse().unwrap());
+    }
+    r
+}
+
+#[tokio::test]
+async fn grpc_api_key_guards_every_generation_method_but_not_health() {
+    let cfg = grpc::GrpcConfig {
+        api_key: Some("sekret".into()),
+        ..Default::default()
+    };
+    let mut s = start_configured(64, cfg).await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("sekret"),
+        Some("Basic sekret"),
+        Some("Bearer sekre"),
+    ] {
+        let what = format!("{auth:?}");
+        let e = s.client.generate(with_auth(greedy("Hi", 2), auth)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "generate {what}");
+        let e = s
+            .client
+            .generate_stream(with_auth(greedy("Hi", 2), auth))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "stream {what}");
+        let tok = pb::TokenizeRequest {
+            text: "Hi".into(),
+            add_special_tokens: false,
+        };
+        let e = s.client.tokenize(with_auth(tok, auth)).await.unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "tokenize {what}");
+        let e = s
+            .client
+            .kv_status(with_auth(pb::KvStatusRequest {}, auth))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "kv_status {what}");
+    }
+    // The scheme is case-insensitive (RFC 7235).
+    for auth in ["Bearer sekret", "bearer sekret"] {
+        let r = s
+            .client
+            .generate(with_auth(greedy("Hi", 2), Some(auth)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.token_ids.len(), 2, "{auth}");
+        s.client
+            .kv_status(with_auth(pb::KvStatusRequest {}, Some(auth)))
+            .await
+            .unwrap();
+    }
+    let mut health = HealthClient::new(s.channel.clone());
+    let r = health
+        .check(HealthCheckRequest { service: "".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status, ServingStatus::Serving as i32);
+    s.shutdown().await;
+}
+
+/// Sends bytes as they are as a unary call's message.
+#[derive(Clone, Default)]
+struct RawBytes;
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, buf: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        buf.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(&mut self, buf: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
+    }
+}
+
+#[tokio::test]
+async fn grpc_malformed_protobuf_and_oversized_fields_are_invalid_argument() {
+    let mut s = start().await;
+    let mut raw = tonic::client::Grpc::new(s.channel.clone());
+    // Field 1 (prompt, length-delimited) declares 100 bytes and carries 2.
+    for (bytes, what) in [(vec![0x0a, 100, b'h', b'i'], "truncated"), (vec![0xff; 8], "bad tag")] {
+        raw.ready().await.unwrap();
+        let e = raw
+            .unary(
+                tonic::Request::new(bytes),
+                http::uri::PathAndQuery::from_static("/crosskv.v1.Generation/Generate"),
+                RawBytes,
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+    }
+    let cases: Vec<(pb::GenerateRequest, &str)> = vec![
+        (
+            pb::GenerateRequest {
+                stop: (0..17).map(|i| format!("s{i}")).collect(),
+                ..greedy("Hi", 2)
+            },
+            "stop",
+        ),
+        (
+            pb::GenerateRequest {
+                stop: vec!["x".repeat(2000)],
+                ..greedy("Hi", 2)
+            },
+            "stop",
+        ),
+        (greedy("Hi", u32::MAX), "max_tokens"),
+        (greedy(&"word ".repeat(MAX_MODEL_LEN * 20), 1), "prompt"),
+    ];
+    for (req, field) in cases {
+        let e = s.client.generate(req.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    let e = s
+        .client
+        .tokenize(pb::TokenizeRequest {
+            text: "word ".repeat(MAX_MODEL_LEN * 20),
+            add_special_tokens: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    // 16 stop strings of the longest length are accepted.
+    let req = pb::GenerateRequest {
+        stop: (0..16).map(|i| format!("{i:04}").repeat(256)).collect(),
+        ..greedy("Hi", 3)
+    };
+    assert_eq!(s.client.generate(req).await.unwrap().into_inner().token_ids.len(), 3);
     s.shutdown().await;
 }

@@ -5,16 +5,17 @@
 use crate::common::{dense_logits, Checkpoint, Rng, Tiny};
 use candle_core::quantized::gguf_file;
 use crosskv::api::http::{self, AppState, HttpConfig};
+use crosskv::api::listener::ConnectionLimits;
 use crosskv::engine::{EngineConfig, EngineHandle};
 use crosskv::model::{self, ModelSource, Tok};
 use serde_json::{json, Value};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-const VOCAB: usize = 49152;
-const MODEL: &str = "tiny";
+pub(crate) const VOCAB: usize = 49152;
+pub(crate) const MODEL: &str = "tiny";
 
-fn tokenizer() -> Tok {
+pub(crate) fn tokenizer() -> Tok {
     static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
     static FETCH: Mutex<()> = Mutex::new(());
     let path = PATH.get_or_init(|| {
@@ -29,19 +30,24 @@ fn tokenizer() -> Tok {
     Tok::from_gguf(&ct).unwrap()
 }
 
-fn tiny_checkpoint() -> Checkpoint {
-    let mut ck = Tiny::new(2, 4, 2, 8, 32, VOCAB).seed(7).write();
+fn tiny_checkpoint(vocab: usize) -> Checkpoint {
+    let mut ck = Tiny::new(2, 4, 2, 8, 32, vocab).seed(7).write();
     ck.config["max_position_embeddings"] = json!(4096);
     ck.save();
     ck
 }
 
-struct Setup {
-    kv_cache_bytes: u64,
-    max_model_len: usize,
-    max_queued_requests: usize,
-    api_key: Option<String>,
-    max_body_bytes: usize,
+pub(crate) struct Setup {
+    pub kv_cache_bytes: u64,
+    pub max_model_len: usize,
+    pub max_queued_requests: usize,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub max_prompt_bytes: Option<usize>,
+    pub limits: ConnectionLimits,
+    /// The model's vocabulary (the tokenizer's is 49152).
+    pub vocab: usize,
+    pub max_num_seqs: usize,
 }
 
 impl Default for Setup {
@@ -52,15 +58,20 @@ impl Default for Setup {
             max_queued_requests: 256,
             api_key: None,
             max_body_bytes: 1 << 20,
+            max_prompt_bytes: None,
+            limits: ConnectionLimits::default(),
+            vocab: VOCAB,
+            max_num_seqs: 64,
         }
     }
 }
 
-struct Server {
-    base: String,
-    client: reqwest::Client,
-    ck: Checkpoint,
-    handle: EngineHandle,
+pub(crate) struct Server {
+    pub base: String,
+    pub addr: std::net::SocketAddr,
+    pub client: reqwest::Client,
+    pub ck: Checkpoint,
+    pub handle: EngineHandle,
 }
 
 impl Drop for Server {
@@ -69,8 +80,8 @@ impl Drop for Server {
     }
 }
 
-async fn start(s: Setup) -> Server {
-    let ck = tiny_checkpoint();
+pub(crate) async fn start(s: Setup) -> Server {
+    let ck = tiny_checkpoint(s.vocab);
     let m = ck.load();
     let handle = EngineHandle::start(
         m,
@@ -79,7 +90,7 @@ async fn start(s: Setup) -> Server {
             kv_cache_bytes: s.kv_cache_bytes,
             block_size: 16,
             max_model_len: s.max_model_len,
-            max_num_seqs: 64,
+            max_num_seqs: s.max_num_seqs,
             max_num_batched_tokens: 512,
             max_queued_requests: s.max_queued_requests,
             prefix_caching: true,
@@ -93,14 +104,17 @@ async fn start(s: Setup) -> Server {
             api_key: s.api_key,
             max_body_bytes: s.max_body_bytes,
             request_timeout: Duration::from_secs(60),
+            max_prompt_bytes: s.max_prompt_bytes,
         },
         handle.clone(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, http::router(state)).await });
+    let addr = listener.local_addr().unwrap();
+    let base = format!("http://{addr}");
+    tokio::spawn(http::serve(listener, state, s.limits, std::future::pending()));
     Server {
         base,
+        addr,
         client: reqwest::Client::new(),
         ck,
         handle,
@@ -108,7 +122,7 @@ async fn start(s: Setup) -> Server {
 }
 
 impl Server {
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let r = self
             .client
             .post(format!("{}{path}", self.base))
@@ -119,17 +133,17 @@ impl Server {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
-    async fn get(&self, path: &str) -> (u16, String) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, String) {
         let r = self.client.get(format!("{}{path}", self.base)).send().await.unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
-    async fn get_json(&self, path: &str) -> Value {
+    pub(crate) async fn get_json(&self, path: &str) -> Value {
         let (status, text) = self.get(path).await;
         assert_eq!(status, 200, "{path}: {text}");
         serde_json::from_str(&text).unwrap()
     }
     /// The SSE events of a streamed request, up to `[DONE]` (which must come last).
-    async fn stream(&self, path: &str, body: Value) -> Vec<Value> {
+    pub(crate) async fn stream(&self, path: &str, body: Value) -> Vec<Value> {
         let r = self
             .client
             .post(format!("{}{path}", self.base))
@@ -159,7 +173,7 @@ impl Server {
             .unwrap()
     }
     /// Waits until no request runs or waits and no block is used.
-    async fn wait_idle(&self) -> Value {
+    pub(crate) async fn wait_idle(&self) -> Value {
         let t0 = Instant::now();
         loop {
             let kv = self.get_json("/v1/kv").await;
@@ -172,11 +186,11 @@ impl Server {
     }
 }
 
-fn text_of(resp: &Value, i: usize) -> String {
+pub(crate) fn text_of(resp: &Value, i: usize) -> String {
     resp["choices"][i]["text"].as_str().unwrap().to_string()
 }
 
-fn assert_error(status: u16, body: &Value, want_status: u16, want_param: Option<&str>, what: &str) {
+pub(crate) fn assert_error(status: u16, body: &Value, want_status: u16, want_param: Option<&str>, what: &str) {
     assert_eq!(status, want_status, "{what}: {body}");
     let e = &body["error"];
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{what}: {body}");
@@ -279,7 +293,8 @@ async fn health_is_503_while_loading_then_200() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 503);
-    let ck = tiny_checkpoint();
+    assert_eq!(r.headers()["retry-after"], "1");
+    let ck = tiny_checkpoint(VOCAB);
     let cfg = EngineConfig {
         kv_cache_bytes: 1 << 20,
         block_size: 16,
@@ -696,6 +711,7 @@ async fn api_key_body_limit_and_full_queue() {
         .await
         .unwrap();
     let st = r.status().as_u16();
+    assert_eq!(r.headers()["retry-after"], "1");
     let b: Value = r.json().await.unwrap();
     assert_error(st, &b, 429, None, "queue full");
     drop(first);

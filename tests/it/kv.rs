@@ -267,3 +267,54 @@ fn max_concurrency_rounds_the_sequence_up_to_whole_blocks() {
     let r = cla2.capacity(cla2.bytes_for_tokens(1000, 16), 16, 1000);
     assert_eq!((r.capacity_tokens, r.max_concurrency), (1008, 1));
 }
+
+#[test]
+fn blocks_used_per_slot_are_kept_exactly_through_sharing_frees_and_evictions() {
+    // A seeded walk of allocations, prefix-cache hits, growth and frees; after every
+    // operation the kept counts equal a recount of every table.
+    let mut m = manager(48);
+    let mut rng = 0x1234_5678_u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Few distinct prompts, so later sequences hit the prefix cache.
+    let prompts: Vec<Vec<u32>> = (0..3).map(|p| (0..17).map(|t| p * 100 + t).collect()).collect();
+    let mut live: Vec<u64> = Vec::new();
+    for seq in 0..400u64 {
+        match next() % 4 {
+            0 | 1 => {
+                let tokens = &prompts[(next() % 3) as usize];
+                let cached = m.start_with_prefix(seq, tokens);
+                let want = tokens.len().min(cached + 4 + (next() % 8) as usize);
+                if m.allocate(seq, want).is_ok() {
+                    m.cache_full_blocks(seq, tokens, want);
+                    live.push(seq);
+                } else if m.contains(seq) {
+                    m.free(seq).unwrap();
+                }
+            }
+            2 if !live.is_empty() => {
+                let s = live.swap_remove((next() % live.len() as u64) as usize);
+                m.free(s).unwrap();
+            }
+            _ if !live.is_empty() => {
+                let s = live[(next() % live.len() as u64) as usize];
+                let _ = m.allocate(s, 17 + (next() % 12) as usize);
+            }
+            _ => {}
+        }
+        assert_eq!(
+            m.used_blocks_per_slot(),
+            m.count_used_blocks_per_slot(),
+            "after op {seq}"
+        );
+        assert_eq!(m.used_blocks_per_slot().iter().sum::<usize>(), m.num_used_blocks());
+    }
+    for s in live {
+        m.free(s).unwrap();
+    }
+    assert_eq!(m.used_blocks_per_slot(), vec![0, 0, 0]);
+}
