@@ -249,7 +249,7 @@ impl KvManager {
     /// Cache position (block * block_size + offset) of token `pos` of `seq` in `slot`.
     pub fn cache_position(&self, seq: SeqId, slot: usize, pos: usize) -> Result<u32, KvError> {
         let table = &self.tables(seq)?[slot];
-        let block = table.get(pos / self.block_size).ok_or(KvError::OutOfBlocks {
+        let block = table.get(pos / self.block_size).ok_or_else(|| KvError::OutOfBlocks {
             needed: pos / self.block_size + 1 - table.len(),
             free: self.pool.num_free(),
         })?;
