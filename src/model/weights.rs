@@ -3,7 +3,7 @@
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
 use crate::config::ModelConfig;
-use crate::ops::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
+use crate::ops::{dense_matmul, qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -50,6 +50,14 @@ pub struct Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
+            // Serving on the CPU: one fixed arithmetic per output element, so a token's
+            // result does not depend on the batch (`ops::dense_matmul`). Training keeps
+            // candle's matmul, which has a backward.
+            LinearWeight::Candle(QMatMul::Tensor(w))
+                if x.device().is_cpu() && x.dtype() == w.dtype() && !x.track_op() && !w.track_op() =>
+            {
+                dense_matmul(x, w)?
+            }
             LinearWeight::Candle(w) => w.forward(x)?,
             LinearWeight::DenseT(wt) => x.broadcast_matmul(wt)?,
             LinearWeight::Quant(w) => qmatmul(x, w, Isa::best())?,

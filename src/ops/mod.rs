@@ -11,6 +11,7 @@ pub mod cuda;
 mod cuda_flash;
 #[cfg(feature = "cuda")]
 mod cuda_fused;
+pub mod dense_matmul;
 pub mod embedding;
 pub mod flash_attention;
 pub mod paged_attention;
@@ -27,6 +28,7 @@ pub use adamw::{
 };
 pub use argmax::argmax_rows;
 pub use cross_entropy::cross_entropy;
+pub use dense_matmul::dense_matmul;
 pub use embedding::embedding;
 pub use flash_attention::{
     causal_attention, causal_attention_composite, causal_attention_packed, causal_attention_shared_kv,

@@ -269,11 +269,20 @@ impl Isa {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
 unsafe fn dot_row_q4_1_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+    dot_row_q4_1_vnni_xn::<1>(row, [q], [d], [s])[0]
+}
+
+/// `N` activation rows against one Q4_1 row: each weight block pair is decoded once for
+/// all of them, and each row's arithmetic is exactly that of `dot_row_q4_1_vnni`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline(never)]
+unsafe fn dot_row_q4_1_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[f32]; N], s: [&[f32]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let nb = row.len() / 20;
     let low = _mm_set1_epi8(0x0F);
-    let mut acc = _mm512_setzero_ps();
-    let mut min_acc = 0f32;
+    let mut acc = [_mm512_setzero_ps(); N];
+    let mut min_acc = [0f32; N];
     let nibbles = |blk: *const u8| {
         let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
         _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low))
@@ -286,35 +295,50 @@ unsafe fn dot_row_q4_1_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
         let (dw0, mw0) = block_scales(std::slice::from_raw_parts(b0, 4));
         let (dw1, mw1) = block_scales(std::slice::from_raw_parts(b1, 4));
         let w = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles(b0)), nibbles(b1), 1);
-        let a = _mm512_loadu_si512(q.as_ptr().add(b * QK) as *const _);
-        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-        let scale = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(dw0 * *d.get_unchecked(b)),
-            _mm512_set1_ps(dw1 * *d.get_unchecked(b + 1)),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
-        min_acc += mw0 * *s.get_unchecked(b) + mw1 * *s.get_unchecked(b + 1);
+        for j in 0..N {
+            let a = _mm512_loadu_si512(q[j].as_ptr().add(b * QK) as *const _);
+            let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+            let scale = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(dw0 * *d[j].get_unchecked(b)),
+                _mm512_set1_ps(dw1 * *d[j].get_unchecked(b + 1)),
+            );
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[j]);
+            min_acc[j] += mw0 * *s[j].get_unchecked(b) + mw1 * *s[j].get_unchecked(b + 1);
+        }
         b += 2;
     }
-    let mut total = _mm512_reduce_add_ps(acc) + min_acc;
-    if b < nb {
-        let tail = b * 20;
-        total += dot_row_avx2(&row[tail..], &q[b * QK..], &d[b..], &s[b..]);
+    let mut out = [0f32; N];
+    for j in 0..N {
+        out[j] = _mm512_reduce_add_ps(acc[j]) + min_acc[j];
+        if b < nb {
+            let tail = b * 20;
+            out[j] += dot_row_avx2(&row[tail..], &q[j][b * QK..], &d[j][b..], &s[j][b..]);
+        }
     }
-    total
+    out
 }
 
 /// Q8_0 with AVX-512 VNNI: `vpdpbusd` wants one unsigned side, so the weights are
-/// offset to `w + 128` and `128·Σq_x` (known from the activation block sums) taken off.
+/// offset to `w + 128` and `128·Σq_x` taken off again, both in i32 where they are
+/// exact. (Taking the offset off after scaling to f32 cancels two large terms: on the
+/// outlier channels of real hidden states that lost most of a logit's digits.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
-unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
+unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+    dot_row_q8_0_vnni_xn::<1>(row, [q], [d])[0]
+}
+
+/// `N` activation rows against one Q8_0 row, each row's arithmetic exactly that of
+/// `dot_row_q8_0_vnni` (so a row's result does not depend on the rows beside it).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[inline(never)]
+unsafe fn dot_row_q8_0_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[f32]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
     let nb = row.len() / 34;
     let flip = _mm512_set1_epi8(-128);
-    let mut acc = _mm512_setzero_ps();
-    let mut offset = 0f32;
+    let mut acc = [_mm512_setzero_ps(); N];
     let mut b = 0;
     while b + 2 <= nb {
         let (b0, b1) = (row.as_ptr().add(b * 34), row.as_ptr().add((b + 1) * 34));
@@ -327,23 +351,31 @@ unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
             _mm256_loadu_si256(b1.add(2) as *const __m256i),
             1,
         );
-        let a = _mm512_loadu_si512(q.as_ptr().add(b * QK) as *const _);
-        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(w, flip), a);
-        let scale = _mm512_mask_blend_ps(
-            0xFF00,
-            _mm512_set1_ps(dw0 * *d.get_unchecked(b)),
-            _mm512_set1_ps(dw1 * *d.get_unchecked(b + 1)),
-        );
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc);
-        // s[b] = d_x·Σq_x, so 128·d_w·d_x·Σq_x = 128·d_w·s[b].
-        offset += 128.0 * (dw0 * *s.get_unchecked(b) + dw1 * *s.get_unchecked(b + 1));
+        let wu = _mm512_xor_si512(w, flip);
+        for j in 0..N {
+            let a = _mm512_loadu_si512(q[j].as_ptr().add(b * QK) as *const _);
+            // flip is 0x80 bytes: as u8 it is 128, so this is 128·Σq_x per lane.
+            let p = _mm512_sub_epi32(
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), wu, a),
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), flip, a),
+            );
+            let scale = _mm512_mask_blend_ps(
+                0xFF00,
+                _mm512_set1_ps(dw0 * *d[j].get_unchecked(b)),
+                _mm512_set1_ps(dw1 * *d[j].get_unchecked(b + 1)),
+            );
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), scale, acc[j]);
+        }
         b += 2;
     }
-    let mut total = _mm512_reduce_add_ps(acc) - offset;
-    if b < nb {
-        total += dot_row_q8_0_avx2(&row[b * 34..], &q[b * QK..], &d[b..]);
+    let mut out = [0f32; N];
+    for j in 0..N {
+        out[j] = _mm512_reduce_add_ps(acc[j]);
+        if b < nb {
+            out[j] += dot_row_q8_0_avx2(&row[b * 34..], &q[j][b * QK..], &d[j][b..]);
+        }
     }
-    total
+    out
 }
 
 impl QMatrix {
@@ -407,7 +439,7 @@ impl QMatrix {
         #[cfg(target_arch = "x86_64")]
         match (isa, self.format) {
             (Isa::Avx512Vnni, QFormat::Q4_1) => return unsafe { dot_row_q4_1_vnni(row, q, d, s) },
-            (Isa::Avx512Vnni, QFormat::Q8_0) => return unsafe { dot_row_q8_0_vnni(row, q, d, s) },
+            (Isa::Avx512Vnni, QFormat::Q8_0) => return unsafe { dot_row_q8_0_vnni(row, q, d) },
             (Isa::Avx2, QFormat::Q4_1) => return unsafe { dot_row_avx2(row, q, d, s) },
             (Isa::Avx2, QFormat::Q8_0) => return unsafe { dot_row_q8_0_avx2(row, q, d) },
             (Isa::Scalar, _) => {}
@@ -466,11 +498,15 @@ impl QMatrix {
                 while isa >= Isa::Avx2 && t + 4 <= m {
                     let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
                     let (q, d, s) = (a.map(|x| x.0), a.map(|x| x.1), a.map(|x| x.2));
+                    // The 4-row kernels of an ISA give each row the bits its 1-row kernel
+                    // (below) gives: a row's result never depends on the rows beside it.
                     // SAFETY: `isa` is at most what `Isa::available()` found, here ≥ AVX2.
                     let r4 = unsafe {
-                        match w.format {
-                            QFormat::Q4_1 => dot_row_x4_avx2(row, q, d, s),
-                            QFormat::Q8_0 => dot_row_q8_0_x4_avx2(row, q, d),
+                        match (isa, w.format) {
+                            (Isa::Avx512Vnni, QFormat::Q4_1) => dot_row_q4_1_vnni_xn::<4>(row, q, d, s),
+                            (Isa::Avx512Vnni, QFormat::Q8_0) => dot_row_q8_0_vnni_xn::<4>(row, q, d),
+                            (_, QFormat::Q4_1) => dot_row_x4_avx2(row, q, d, s),
+                            (_, QFormat::Q8_0) => dot_row_q8_0_x4_avx2(row, q, d),
                         }
                     };
                     out[t..t + 4].copy_from_slice(&r4);
@@ -602,6 +638,131 @@ mod tests {
         // Fused calls give each matrix exactly what a lone call gives.
         let many = qmatmul_many(&xt, &[&mat, &mat]).unwrap();
         assert_eq!(flat(many[1].clone()), best);
+    }
+
+    /// Activations shaped like a transformer's hidden states: most channels small, a
+    /// few outlier channels hundreds of times larger (SmolLM2's residual stream has
+    /// channels in the hundreds next to ones below 1).
+    fn outlier_activations(m: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32 * 2.0 - 1.0
+        };
+        (0..m * cols)
+            .map(|i| {
+                let c = i % cols;
+                let v = next();
+                if c % 97 == 5 || c == cols / 3 {
+                    v * 400.0 + 150.0
+                } else {
+                    v * 0.7
+                }
+            })
+            .collect()
+    }
+
+    fn quantized(dtype: GgmlDType, format: QFormat, rows: usize, cols: usize) -> QMatrix {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.05)
+            .collect();
+        let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&wt, dtype).unwrap();
+        QMatrix::from_bytes(format, q.data().unwrap().to_vec(), rows, cols).unwrap()
+    }
+
+    /// The exact value of the kernels' formula on the same quantized inputs (f64), and
+    /// the sum of its terms' magnitudes: float rounding can only move a kernel's result
+    /// by a small multiple of f32's epsilon times that sum.
+    fn exact(w: &QMatrix, qx: &QuantizedRows, t: usize, r: usize) -> (f64, f64) {
+        let (cols, nb) = (w.cols, w.cols / QK);
+        let q = &qx.q[t * cols..(t + 1) * cols];
+        let (mut sum, mut mag) = (0f64, 0f64);
+        for (b, blk) in w.row(r).chunks_exact(w.format.block_bytes()).enumerate() {
+            let qa = &q[b * QK..(b + 1) * QK];
+            let dx = qx.d[t * nb + b] as f64;
+            let terms = match w.format {
+                QFormat::Q4_1 => {
+                    let (dw, mw) = block_scales(blk);
+                    let isum: i64 = (0..QK / 2)
+                        .map(|j| {
+                            (blk[4 + j] & 0x0F) as i64 * qa[j] as i64 + (blk[4 + j] >> 4) as i64 * qa[j + QK / 2] as i64
+                        })
+                        .sum();
+                    [dw as f64 * dx * isum as f64, mw as f64 * qx.s[t * nb + b] as f64]
+                }
+                QFormat::Q8_0 => {
+                    let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32() as f64;
+                    let isum: i64 = blk[2..].iter().zip(qa).map(|(&x, &a)| x as i8 as i64 * a as i64).sum();
+                    [dw * dx * isum as f64, 0.0]
+                }
+            };
+            sum += terms[0] + terms[1];
+            mag += terms[0].abs() + terms[1].abs();
+        }
+        (sum, mag)
+    }
+
+    #[test]
+    fn every_kernel_agrees_with_the_exact_result_to_rounding_on_outlier_activations() {
+        for (dtype, format) in [(GgmlDType::Q4_1, QFormat::Q4_1), (GgmlDType::Q8_0, QFormat::Q8_0)] {
+            // SmolLM2's hidden and intermediate widths; 7 tokens use the 4-row and 1-row paths.
+            for cols in [576, 1536] {
+                let (rows, m) = (24, 7);
+                let w = quantized(dtype, format, rows, cols);
+                let x = outlier_activations(m, cols, cols as u64);
+                let qx = quantize_rows(&x, cols);
+                for isa in Isa::available() {
+                    let got = w.matmul(&x, isa);
+                    for t in 0..m {
+                        for r in 0..rows {
+                            let (want, mag) = exact(&w, &qx, t, r);
+                            let err = (got[t * rows + r] as f64 - want).abs();
+                            assert!(
+                                err <= 1e-6 * mag,
+                                "{format:?} {isa:?} cols {cols} token {t} row {r}: {} vs {want} (error {:.2e} of {mag:.3e})",
+                                got[t * rows + r],
+                                err / mag
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_rows_result_is_the_same_bits_whatever_rows_share_its_call() {
+        for (dtype, format) in [(GgmlDType::Q4_1, QFormat::Q4_1), (GgmlDType::Q8_0, QFormat::Q8_0)] {
+            // 3 blocks: the odd-block tails too.
+            for cols in [96, 576] {
+                let (rows, m) = (20, 9);
+                let w = quantized(dtype, format, rows, cols);
+                let x = outlier_activations(m, cols, 7);
+                for isa in Isa::available() {
+                    let all = w.matmul(&x, isa);
+                    for t in 0..m {
+                        let alone = w.matmul(&x[t * cols..(t + 1) * cols], isa);
+                        assert_eq!(
+                            alone,
+                            all[t * rows..(t + 1) * rows],
+                            "{format:?} {isa:?} token {t} alone"
+                        );
+                    }
+                    // The same row at another place in a batch of another size.
+                    let mut shifted = x[cols..].to_vec();
+                    shifted.extend_from_slice(&x[..cols]);
+                    let moved = w.matmul(&shifted, isa);
+                    assert_eq!(
+                        moved[(m - 1) * rows..],
+                        all[..rows],
+                        "{format:?} {isa:?} token 0 moved to the end"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use crosskv::model::{gguf_config::config_from_gguf, load_model_dir, weights::Weights, LoadOptions, Model};
 use std::collections::HashMap;
 
-const VOCAB: usize = 64;
+pub(crate) const VOCAB: usize = 64;
 const HIDDEN: usize = 64;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
@@ -28,7 +28,7 @@ fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-fn tiny_weights() -> Vec<(String, Tensor)> {
+pub(crate) fn tiny_weights() -> Vec<(String, Tensor)> {
     let dev = Device::Cpu;
     let mut seed = 0;
     let mut t = |shape: &[usize], scale: f32, offset: f32| {
@@ -93,7 +93,7 @@ fn permute_for_gguf(w: &Tensor, heads: usize) -> Tensor {
         .unwrap()
 }
 
-fn write_gguf(path: &std::path::Path, weights: &[(String, Tensor)], dtype: GgmlDType) {
+pub(crate) fn write_gguf(path: &std::path::Path, weights: &[(String, Tensor)], dtype: GgmlDType) {
     use gguf_file::Value as V;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     for (name, t) in weights {
@@ -130,7 +130,7 @@ fn write_gguf(path: &std::path::Path, weights: &[(String, Tensor)], dtype: GgmlD
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
-fn load_gguf(path: &std::path::Path) -> Model {
+pub(crate) fn load_gguf(path: &std::path::Path) -> Model {
     load_gguf_with(path, false)
 }
 

@@ -30,7 +30,7 @@ pub(crate) fn tokenizer() -> Tok {
     Tok::from_gguf(&ct).unwrap()
 }
 
-fn tiny_checkpoint(vocab: usize) -> Checkpoint {
+pub(crate) fn tiny_checkpoint(vocab: usize) -> Checkpoint {
     let mut ck = Tiny::new(2, 4, 2, 8, 32, vocab).seed(7).write();
     ck.config["max_position_embeddings"] = json!(4096);
     ck.save();
@@ -48,6 +48,7 @@ pub(crate) struct Setup {
     /// The model's vocabulary (the tokenizer's is 49152).
     pub vocab: usize,
     pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
 }
 
 impl Default for Setup {
@@ -62,6 +63,7 @@ impl Default for Setup {
             limits: ConnectionLimits::default(),
             vocab: VOCAB,
             max_num_seqs: 64,
+            max_num_batched_tokens: 512,
         }
     }
 }
@@ -83,6 +85,11 @@ impl Drop for Server {
 pub(crate) async fn start(s: Setup) -> Server {
     let ck = tiny_checkpoint(s.vocab);
     let m = ck.load();
+    start_model(s, ck, m).await
+}
+
+/// `start` with a model of the caller's (`ck` is kept alive with the server).
+pub(crate) async fn start_model(s: Setup, ck: Checkpoint, m: crosskv::model::Model) -> Server {
     let handle = EngineHandle::start(
         m,
         tokenizer(),
@@ -91,7 +98,7 @@ pub(crate) async fn start(s: Setup) -> Server {
             block_size: 16,
             max_model_len: s.max_model_len,
             max_num_seqs: s.max_num_seqs,
-            max_num_batched_tokens: 512,
+            max_num_batched_tokens: s.max_num_batched_tokens,
             max_queued_requests: s.max_queued_requests,
             prefix_caching: true,
             cuda_graphs: false,
@@ -164,7 +171,7 @@ impl Server {
             .map(|e| serde_json::from_str(e.strip_prefix("data: ").expect("data lines")).unwrap())
             .collect()
     }
-    async fn metric(&self, name: &str) -> f64 {
+    pub(crate) async fn metric(&self, name: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))

@@ -1,5 +1,6 @@
 //! Integration tests, one binary (linking candle once keeps CI fast).
 
+mod batch_invariance;
 mod cli;
 mod common;
 mod config_errors;
