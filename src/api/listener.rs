@@ -256,9 +256,20 @@ async fn serve_connection(
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
-    let mut stopping = false;
+    // Once asked to close (server stopping, or a deadline passed with nothing in
+    // flight), the connection closes gracefully (HTTP/2 clients get a GOAWAY); a client
+    // that holds it open even then is cut off after `header_read_timeout` of no request.
+    // When the close began, if it has.
+    let mut closing: Option<Instant> = None;
+    let mut stop_seen = false;
     loop {
-        let deadline = activity.deadline(limits);
+        // Closing: the connection gets `header_read_timeout` from the later of the
+        // close and its last response (hyper may still be flushing that) to go.
+        let cut_off = |since: Instant| since.max(activity.times().idle_since) + limits.header_read_timeout;
+        let deadline = activity.deadline(limits).map(|idle| match closing {
+            Some(since) => cut_off(since),
+            None => idle,
+        });
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -269,15 +280,25 @@ async fn serve_connection(
         tokio::select! {
             _ = conn.as_mut() => return,
             _ = sleep => {
-                if activity.deadline(limits).is_some_and(|d| d <= Instant::now()) {
-                    // Nothing in flight: dropping the connection closes the socket.
-                    return;
+                let now = Instant::now();
+                match closing {
+                    // Still open with nothing in flight: dropping it closes the socket.
+                    Some(since) if activity.deadline(limits).is_some() && cut_off(since) <= now => return,
+                    Some(_) => {}
+                    None if activity.deadline(limits).is_some_and(|d| d <= now) => {
+                        closing = Some(now);
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    None => {}
                 }
             }
-            changed = stop.changed(), if !stopping => {
+            changed = stop.changed(), if !stop_seen => {
                 if changed.is_err() || *stop.borrow() {
-                    stopping = true;
-                    conn.as_mut().graceful_shutdown();
+                    stop_seen = true;
+                    if closing.is_none() {
+                        closing = Some(Instant::now());
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
             }
         }
