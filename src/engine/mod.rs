@@ -444,6 +444,27 @@ impl Engine {
             }
             self.finish(id, FinishReason::Abort);
         }
+        // A panic outside a step may have left a request known to one side only.
+        let scheduled: std::collections::HashSet<RequestId> = self.scheduler.ids().into_iter().collect();
+        for id in &scheduled {
+            if !self.requests.contains_key(id) {
+                if let Err(e) = self.scheduler.remove(*id) {
+                    tracing::error!("freeing request {id}: {e}");
+                }
+            }
+        }
+        let orphans: Vec<RequestId> = self
+            .requests
+            .keys()
+            .filter(|id| !scheduled.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            if let Some(l) = self.requests.get(&id) {
+                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
+            }
+            self.finish(id, FinishReason::Abort);
+        }
         self.publish();
     }
 

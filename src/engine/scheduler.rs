@@ -140,6 +140,11 @@ impl Scheduler {
             .find(|r| r.id == id)
     }
 
+    /// Every request it holds, running or waiting.
+    pub fn ids(&self) -> Vec<SeqId> {
+        self.running.iter().chain(self.waiting.iter()).map(|r| r.id).collect()
+    }
+
     pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
         self.find(id).map(|r| r.tokens.as_slice())
     }
