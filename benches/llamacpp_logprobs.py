@@ -12,7 +12,9 @@ mean and max |Δ| over all positions for:
   * llama.cpp batched vs llama.cpp token by token (its own spread);
   * crosskv vs llama.cpp batched, and vs llama.cpp token by token;
   * crosskv with every request alone vs all sent at once (batch invariance: 0);
-  * crosskv with CROSSKV_ISA=scalar (the reference kernels) vs the default kernels.
+  * crosskv with CROSSKV_ISA=scalar (the reference kernels) or avx2 vs the default;
+  * llama.cpp with an f32 KV cache (crosskv's CPU cache is f32; llama.cpp's default
+    is f16), its own spread and its distance to crosskv.
 
 crosskv is scored through its HTTP API (`echo` + `logprobs`, `max_tokens` 0) on
 servers this script starts and stops (loopback only).
@@ -53,10 +55,10 @@ def default_model() -> str:
 
 
 class Server:
-    def __init__(self, binary, model, env=None):
+    def __init__(self, binary, model, env=None, args=()):
         e = dict(os.environ, **(env or {}))
         self.proc = subprocess.Popen([binary, "serve", "--port", "0", "--model", model, "--max-model-len", "1024",
-                                      "--kv-cache-memory", "256MiB"],
+                                      "--kv-cache-memory", "256MiB", *args],
                                      stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=e)
         for line in self.proc.stderr:
             m = re.search(r"listening on http://[^:]+:(\d+)", line)
@@ -135,23 +137,46 @@ def main():
             together = list(pool.map(s.score, texts))
     finally:
         s.stop()
-    s = Server(a.binary, a.model, {"CROSSKV_ISA": "scalar"})
+    per_isa = {}
+    for isa in ["scalar", "avx2"]:
+        s = Server(a.binary, a.model, {"CROSSKV_ISA": isa})
+        try:
+            per_isa[isa] = [s.score(ids) for ids in texts]
+        finally:
+            s.stop()
+
+    # The weights dequantized to f32 and no activation quantization: the model's
+    # arithmetic with the fewest roundings, the yardstick for both engines.
+    s = Server(a.binary, a.model, args=["--dequantize"])
     try:
-        scalar = [s.score(ids) for ids in texts]
+        exact = [s.score(ids) for ids in texts]
     finally:
         s.stop()
 
-    llm = Llama(model_path=a.model, n_ctx=1024, n_batch=512, n_threads=a.threads, n_threads_batch=a.threads,
-                logits_all=True, verbose=False)
-    batched = [llama_scores(llm, ids, False) for ids in texts]
-    by_token = [llama_scores(llm, ids, True) for ids in texts]
+    def llama(**kv):
+        llm = Llama(model_path=a.model, n_ctx=1024, n_batch=512, n_threads=a.threads,
+                    n_threads_batch=a.threads, logits_all=True, verbose=False, **kv)
+        return ([llama_scores(llm, ids, False) for ids in texts],
+                [llama_scores(llm, ids, True) for ids in texts])
+
+    # llama.cpp's default KV cache is f16 (K and V rounded to 11 bits); crosskv's CPU
+    # cache holds the model's f32. GGML_TYPE_F32 is 0.
+    batched, by_token = llama()
+    batched32, by_token32 = llama(type_k=0, type_v=0)
 
     rows = [
         ("llama.cpp batched vs llama.cpp token by token", spread(batched, by_token)),
         ("crosskv vs llama.cpp batched", spread(alone, batched)),
         ("crosskv vs llama.cpp token by token", spread(alone, by_token)),
+        ("llama.cpp f32 KV: batched vs token by token", spread(batched32, by_token32)),
+        ("crosskv vs llama.cpp f32 KV batched", spread(alone, batched32)),
+        ("crosskv (CROSSKV_ISA=avx2) vs llama.cpp f32 KV batched", spread(per_isa["avx2"], batched32)),
+        ("crosskv vs f32 weights (crosskv --dequantize)", spread(alone, exact)),
+        ("llama.cpp batched vs f32 weights", spread(batched, exact)),
+        ("llama.cpp f32 KV batched vs f32 weights", spread(batched32, exact)),
         ("crosskv alone vs crosskv all at once", spread(alone, together)),
-        ("crosskv CROSSKV_ISA=scalar vs default kernels", spread(scalar, alone)),
+        ("crosskv CROSSKV_ISA=scalar vs default kernels", spread(per_isa["scalar"], alone)),
+        ("crosskv CROSSKV_ISA=avx2 vs default kernels", spread(per_isa["avx2"], alone)),
     ]
     n = sum(len(x) for x in alone)
     print(f"{len(texts)} texts, {n} scored positions, model {a.model}")
