@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md §3): flag definitions and the commands that need no server.
+//! The command line (docs/serving.md, docs/cla-and-kv.md): flag definitions and the commands that need no server.
 
 use crate::config::{KvSharing, ModelConfig};
 use crate::kv::{CapacityReport, KvLayout, KvManager};

@@ -1,6 +1,6 @@
 //! Model configuration: a Hugging Face `config.json` of the llama, mistral or qwen2
 //! family, with every CLA key form normalised to one `kv_source` list and checked once
-//! (DESIGN.md §2). After `ModelConfig::from_json` succeeds, the sharing scheme is valid.
+//! (docs/cla-and-kv.md). After `ModelConfig::from_json` succeeds, the sharing scheme is valid.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -200,7 +200,7 @@ fn as_index(v: &Value, key: &str, layer: Option<usize>) -> Result<usize, ConfigE
         .ok_or_else(|| ConfigError::invalid(key, layer, format!("`{v}` is not a layer index")))
 }
 
-/// Normalises every accepted CLA key form (DESIGN.md §2) to one `kv_source` list.
+/// Normalises every accepted CLA key form (docs/cla-and-kv.md) to one `kv_source` list.
 pub fn kv_source_from_json(raw: &Value, layers: usize) -> Result<Vec<usize>, ConfigError> {
     let present: Vec<&str> = ["kv_source", "cla_share_factor", "layer_types", "kv_sharing_map"]
         .into_iter()

@@ -1,6 +1,6 @@
 //! crosskv: an LLM inference engine built around Cross-Layer Attention (CLA).
 //! Layers that share K/V share one paged KV cache slot, so a device holds
-//! `layers / kv_layers` times more tokens. See DESIGN.md for the contracts.
+//! `layers / kv_layers` times more tokens. See docs/ for the contracts.
 
 pub mod api;
 pub mod cli;

@@ -1,6 +1,6 @@
 //! Every Prometheus metric crosskv exports, declared in this one module: names follow
 //! vLLM's (prefix `crosskv_`) so existing dashboards port over, plus the CLA-specific
-//! KV metrics (DESIGN.md §5).
+//! KV metrics (docs/serving.md).
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,

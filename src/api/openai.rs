@@ -46,7 +46,10 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `POST /v1/completions`. Unknown fields are ignored (the `openai` client sends some).
+/// `POST /v1/completions`. Unknown fields are ignored (clients send metadata such as
+/// `user`). The `Value` fields after `add_special_tokens` are OpenAI/vLLM features this
+/// server does not honour yet: read only so that setting one is a 400 naming it
+/// (`validate::not_honoured`), never an answer that silently ignores it.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CompletionRequest {
     pub model: Option<String>,
@@ -69,6 +72,19 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub logprobs: Option<u64>,
     pub add_special_tokens: Option<bool>,
+    pub logit_bias: Option<Value>,
+    pub presence_penalty: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub min_p: Option<Value>,
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub suffix: Option<Value>,
+    pub best_of: Option<Value>,
 }
 
 /// One chat message as sent; `content` is a string, a list of text parts, or null.
@@ -79,7 +95,8 @@ pub struct ChatMessageIn {
     pub content: Value,
 }
 
-/// `POST /v1/chat/completions`.
+/// `POST /v1/chat/completions` (the `Value` fields after `top_logprobs`: as for
+/// completions, refused unless neutral).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
@@ -102,6 +119,21 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u64>,
+    pub logit_bias: Option<Value>,
+    pub presence_penalty: Option<Value>,
+    pub frequency_penalty: Option<Value>,
+    pub repetition_penalty: Option<Value>,
+    pub min_p: Option<Value>,
+    pub response_format: Option<Value>,
+    pub structured_outputs: Option<Value>,
+    pub guided_json: Option<Value>,
+    pub guided_regex: Option<Value>,
+    pub guided_choice: Option<Value>,
+    pub guided_grammar: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]

@@ -294,6 +294,59 @@ pub fn check_stop_token_ids(ids: &[u32], vocab: usize) -> Result<(), ValidationE
     check_ids(ids, vocab, "stop_token_ids")
 }
 
+/// Whether a field this server does not honour is at its neutral value (absent, null,
+/// or the value that means "off").
+fn is_neutral(name: &str, v: &Value) -> bool {
+    let num = |x: f64| v.as_f64() == Some(x);
+    match (name, v) {
+        (_, Value::Null) => true,
+        ("presence_penalty" | "frequency_penalty" | "min_p", _) => num(0.0),
+        ("repetition_penalty", _) => num(1.0),
+        ("logit_bias", Value::Object(m)) => m.is_empty(),
+        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
+        ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
+        ("response_format", Value::Object(m)) => m.get("type").and_then(Value::as_str) == Some("text"),
+        ("suffix", Value::String(s)) => s.is_empty(),
+        _ => false,
+    }
+}
+
+/// A 400 naming the first field set that this server does not honour: answering as if
+/// it were absent would silently give the client something else than it asked for.
+fn not_honoured(fields: &[(&'static str, &Option<Value>)]) -> Result<(), ValidationError> {
+    for (name, v) in fields {
+        if let Some(v) = v {
+            if !is_neutral(name, v) {
+                return Err(field(
+                    *name,
+                    format!("`{name}` is not supported by this server; leave it out (or at its neutral value)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The not-honoured fields both request types carry.
+macro_rules! not_honoured_common {
+    ($r:expr $(, $extra:ident)*) => {
+        not_honoured(&[
+            ("logit_bias", &$r.logit_bias),
+            ("presence_penalty", &$r.presence_penalty),
+            ("frequency_penalty", &$r.frequency_penalty),
+            ("repetition_penalty", &$r.repetition_penalty),
+            ("min_p", &$r.min_p),
+            ("response_format", &$r.response_format),
+            ("structured_outputs", &$r.structured_outputs),
+            ("guided_json", &$r.guided_json),
+            ("guided_regex", &$r.guided_regex),
+            ("guided_choice", &$r.guided_choice),
+            ("guided_grammar", &$r.guided_grammar),
+            $((stringify!($extra), &$r.$extra),)*
+        ])
+    };
+}
+
 /// `stop`: absent, a string, or a list of strings.
 fn stop_strings(v: &Value) -> Result<Vec<String>, ValidationError> {
     let out: Vec<String> = match v {
@@ -414,6 +467,17 @@ pub fn check_length(
 
 pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
+    not_honoured_common!(r, suffix)?;
+    // best_of = n (or 1) is plain sampling; more candidates than returned is not done.
+    if let Some(b) = &r.best_of {
+        let n = r.n.unwrap_or(1);
+        if !(b.is_null() || b.as_u64() == Some(n) || b.as_u64() == Some(1)) {
+            return Err(field(
+                "best_of",
+                "`best_of` other than 1 or n is not supported by this server",
+            ));
+        }
+    }
     let echo = r.echo.unwrap_or(false);
     let max_tokens = to_usize(r.max_tokens.unwrap_or(16));
     if max_tokens == 0 && !echo {
@@ -536,6 +600,7 @@ pub fn chat_prompt(
 
 pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
+    not_honoured_common!(r, tools, tool_choice, functions, function_call)?;
     check_choices(1, to_usize(r.n.unwrap_or(1)), lim.max_choices)?;
     check_chat_bytes(&r.messages, lim.max_prompt_bytes)?;
     let prompt_ids = chat_prompt(lim.tok, &r.messages, true)?;

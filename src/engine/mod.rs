@@ -1,4 +1,4 @@
-//! The engine (DESIGN.md §1): one thread owns the model, the KV cache, the scheduler
+//! The engine (docs/architecture.md): one thread owns the model, the KV cache, the scheduler
 //! and the KV manager, and runs steps synchronously: schedule → run → update. Front
 //! ends talk to it only through a cloneable `EngineHandle`: commands in, and per
 //! request an output channel. A request whose receiver is dropped (client gone) is

@@ -1,4 +1,4 @@
-//! One pool of fixed-size KV blocks (DESIGN.md §9, after mistral.rs): blocks in a flat
+//! One pool of fixed-size KV blocks (docs/cla-and-kv.md; after mistral.rs): blocks in a flat
 //! `Vec`, the free list linked by index so allocate, free and removal from the middle
 //! are O(1), reference counts for sharing, and content hashes kept on freed blocks so
 //! a later prefix-cache hit can revive them (least recently freed are evicted first).

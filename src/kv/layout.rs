@@ -1,5 +1,5 @@
 //! The KV layout: which layers produce K/V, the layer → KV-slot map, and the exact
-//! accounting of DESIGN.md §2 that operators compare with and without sharing.
+//! accounting of docs/cla-and-kv.md that operators compare with and without sharing.
 
 use serde::Serialize;
 
@@ -108,7 +108,7 @@ impl KvLayout {
     }
 }
 
-/// What `crosskv capacity --json` prints (DESIGN.md §3).
+/// What `crosskv capacity --json` prints (docs/cla-and-kv.md).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CapacityReport {
     pub layers: usize,

@@ -507,3 +507,57 @@ async fn echo_logprobs_of_a_long_prompt_are_scored_in_chunks_and_match_short_one
     }
     s.wait_idle().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fields_the_server_does_not_honour_are_400_unless_neutral() {
+    let s = start(Setup::default()).await;
+    let msgs = json!([{"role": "user", "content": "Hi"}]);
+    let refused = [
+        (C, "logit_bias", json!({"42": 100})),
+        (C, "presence_penalty", json!(0.5)),
+        (C, "frequency_penalty", json!(-1)),
+        (C, "repetition_penalty", json!(1.2)),
+        (C, "min_p", json!(0.1)),
+        (C, "suffix", json!("the end")),
+        (C, "best_of", json!(3)),
+        (C, "guided_regex", json!("[a-z]+")),
+        (C, "structured_outputs", json!({"choice": ["a", "b"]})),
+        (CHAT, "response_format", json!({"type": "json_object"})),
+        (
+            CHAT,
+            "tools",
+            json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ),
+        (CHAT, "tool_choice", json!("required")),
+        (CHAT, "functions", json!([{"name": "f"}])),
+        (CHAT, "guided_json", json!({"type": "object"})),
+    ];
+    for (path, name, value) in refused {
+        let mut body = if path == C {
+            json!({"prompt": "Hi", "max_tokens": 2})
+        } else {
+            json!({"messages": msgs, "max_tokens": 2})
+        };
+        body[name] = value;
+        let (st, r) = s.post(path, body).await;
+        assert_error(st, &r, 400, Some(name), name);
+    }
+    // Their neutral values are what not sending them means: accepted.
+    let (st, r) = s
+        .post(
+            C,
+            json!({"prompt": "Hi", "max_tokens": 2, "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0,
+                "repetition_penalty": 1, "suffix": null, "best_of": 1, "user": "u1"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    let (st, r) = s
+        .post(
+            CHAT,
+            json!({"messages": msgs, "max_tokens": 2, "tools": [], "tool_choice": "none",
+                "response_format": {"type": "text"}, "parallel_tool_calls": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    s.still_serves("not honoured").await;
+}

@@ -1,5 +1,5 @@
 //! The block pool and the KV manager with exact block ids, and the accounting of
-//! DESIGN.md §2 with the paper's 1B models.
+//! docs/cla-and-kv.md with the paper's 1B models.
 
 use crosskv::config::KvSharing;
 use crosskv::kv::block_pool::PoolError;
