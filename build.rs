@@ -16,7 +16,7 @@ fn main() {
 
 /// `kernels/*.cu` → PTX for sm_90 (or `$CUDA_COMPUTE_CAP`), one
 /// `pub const NAME: &str` per file in `$OUT_DIR/ptx.rs` (included by `src/ops/cuda.rs`).
-/// Only under `--features cuda`; needs `nvcc` (see ../shared/GPU.md).
+/// Only under `--features cuda`; needs `nvcc` (see docs/gpu.md).
 #[cfg(feature = "cuda")]
 fn cuda_kernels() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=kernels");

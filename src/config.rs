@@ -373,7 +373,7 @@ impl ModelConfig {
             return Err(ConfigError::invalid(
                 "model_type",
                 None,
-                format!("`{model_type}` is not supported (llama, mistral, qwen2)"),
+                format!("`{model_type}` is not supported (llama, mistral, qwen2, hunyuan, crosskv)"),
             ));
         }
         let pos = |k: &str, v: usize| {

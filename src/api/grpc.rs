@@ -65,6 +65,17 @@ pub async fn serve_with_listener(
     }
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<GenerationServer<GrpcService>>().await;
+    // Health follows the engine, as `/health` does: NOT_SERVING once its thread is gone.
+    let watched = handle.clone();
+    tokio::spawn(async move {
+        while watched.is_alive() {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        reporter.set_not_serving::<GenerationServer<GrpcService>>().await;
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    });
     let key = cfg.api_key.clone();
     let generation = GenerationServer::with_interceptor(GrpcService::new(handle, &cfg), move |req: Request<()>| {
         check_api_key(key.as_deref(), &req)?;

@@ -1,4 +1,4 @@
-//! The training path (issue 5; README.md, training): text corpora packed into token windows,
+//! The training path (README.md, "Training"): text corpora packed into token windows,
 //! held-out perplexity, the training loop (AdamW with saveable state) and resumable
 //! checkpoints.
 

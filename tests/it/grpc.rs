@@ -529,3 +529,28 @@ async fn grpc_malformed_protobuf_and_oversized_fields_are_invalid_argument() {
     assert_eq!(s.client.generate(req).await.unwrap().into_inner().token_ids.len(), 3);
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn grpc_health_turns_not_serving_when_the_engine_is_gone() {
+    let s = start().await;
+    let mut health = HealthClient::new(s.channel.clone());
+    s.handle.shutdown();
+    for service in ["", "crosskv.v1.Generation"] {
+        let t0 = Instant::now();
+        loop {
+            let r = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.status == ServingStatus::NotServing as i32 {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "`{service}` still serving");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    s.shutdown().await;
+}
