@@ -163,6 +163,14 @@ impl EngineHandle {
             return Err(EngineError::Start("no model".into()));
         }
         let model = ranks.remove(0);
+        // Refused here rather than as a failed step for every request.
+        let head_dim = model.config().head_dim;
+        if model.device().is_cuda() && !crate::ops::paged_attention::CUDA_HEAD_DIMS.contains(&head_dim) {
+            return Err(EngineError::Start(format!(
+                "head_dim {head_dim} is not supported on CUDA (paged attention is built for {:?}); serve this model on the CPU",
+                crate::ops::paged_attention::CUDA_HEAD_DIMS
+            )));
+        }
         let layout = model.layout().clone();
         let cap = layout.capacity(config.kv_cache_bytes, config.block_size, config.max_model_len);
         let need_blocks = config.max_model_len.div_ceil(config.block_size) * layout.kv_layers();

@@ -413,7 +413,7 @@ pub(crate) fn paged_attention(
     if kd != d || heads % kv_heads != 0 || kl.shape() != vl.shape() {
         candle_core::bail!("{OP}: q {:?} does not match cache {:?}", ql.shape(), kl.shape());
     }
-    if !matches!(d, 64 | 128 | 256) {
+    if !super::paged_attention::CUDA_HEAD_DIMS.contains(&d) {
         candle_core::bail!("{OP}: head_dim {d} is not supported on CUDA (64, 128, 256)");
     }
     if q.dtype() != k.dtype() || q.dtype() != v.dtype() {

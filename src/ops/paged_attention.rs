@@ -10,6 +10,9 @@ use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+/// The head dimensions the CUDA paged-attention kernels are built for.
+pub const CUDA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
+
 /// Where one sequence's queries sit in the flat batch, and how long its context is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SeqSpan {
