@@ -722,7 +722,7 @@ fn gpu_kv_budget(
     block_size: usize,
     tokens: usize,
 ) -> anyhow::Result<u64> {
-    let p = crate::ops::cuda::profile_forward_peak_ranks(ranks, block_size, tokens)?;
+    let p = crate::runner::memory::profile_forward_peak_ranks(ranks, block_size, tokens)?;
     let budget = (fraction * p.total as f64) as i128 - p.in_use_after_load as i128 - p.activation_peak as i128;
     tracing::info!(
         "GPU memory: total {}, in use after loading {}, forward peak for {tokens} tokens {} ({}); KV budget at {fraction}: {}",

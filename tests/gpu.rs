@@ -576,8 +576,8 @@ fn forward_memory_profile_sees_weights_and_activations() {
         device: dev.clone(),
         ..LoadOptions::default()
     });
-    let small = crosskv::ops::cuda::profile_forward_peak(&cuda, 16, 16).unwrap();
-    let big = crosskv::ops::cuda::profile_forward_peak(&cuda, 16, cuda.max_positions()).unwrap();
+    let small = crosskv::runner::memory::profile_forward_peak(&cuda, 16, 16).unwrap();
+    let big = crosskv::runner::memory::profile_forward_peak(&cuda, 16, cuda.max_positions()).unwrap();
     println!(
         "forward memory profile: 16 tokens {small:?}; {} tokens {big:?}",
         cuda.max_positions()

@@ -4,6 +4,8 @@
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graphs;
+#[cfg(feature = "cuda")]
+pub mod memory;
 pub mod sampler;
 
 pub use generate::{generate, GenerateOptions, GenerateStats};

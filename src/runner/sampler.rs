@@ -124,29 +124,12 @@ pub fn fetch_logits(logits: &candle_core::Tensor, full: &[bool]) -> candle_core:
     Ok(StepLogits { argmax, rows })
 }
 
-/// The first largest value's index; NaN never wins, and a row with nothing above -inf
-/// gives 0 (`ops::argmax_rows` does the same on the device).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let (mut best, mut best_v) = (0, f32::NEG_INFINITY);
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_v {
-            (best, best_v) = (i, l);
-        }
-    }
-    best as u32
-}
+/// The greedy pick of one row: the op layer's definition, which `ops::argmax_rows` also
+/// computes on the device.
+pub use crate::ops::argmax::argmax;
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn argmax_takes_the_first_max_and_never_nan() {
-        assert_eq!(argmax(&[1.0, 3.0, 3.0, 2.0]), 1);
-        assert_eq!(argmax(&[f32::NAN, 0.5, 2.0, f32::NAN]), 2);
-        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, f32::NEG_INFINITY]), 0);
-        assert_eq!(argmax(&[f32::NEG_INFINITY, -1e30]), 1);
-    }
-
     #[test]
     fn fetch_logits_copies_only_the_rows_asked_for() {
         let dev = candle_core::Device::Cpu;
