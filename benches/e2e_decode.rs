@@ -105,6 +105,10 @@ struct Args {
     /// side by side (`both`, the default; the capacity rows then use graphs, as `serve`).
     #[arg(long, value_enum, default_value = "both")]
     graphs: Graphs,
+    /// The batch-invariant mode (`--batch-invariant` of serve): fixed-tile matmuls and
+    /// per-token attention, no graphs.
+    #[arg(long)]
+    batch_invariant: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -236,6 +240,7 @@ struct Ctx {
     copy_gbs: f64,
     /// Tensor-parallel ranks (GPUs `dev`, `dev + 1`, …).
     tp: usize,
+    batch_invariant: bool,
 }
 
 /// Device-to-device copy bandwidth, read + write counted (GB/s), and how it was measured.
@@ -490,6 +495,9 @@ fn build_model(c: &Ctx, shape: &Shape, max_positions: usize) -> Result<Vec<Model
         dev.synchronize()?;
     }
     crosskv::tp::connect(&mut ranks)?;
+    for m in &mut ranks {
+        m.set_batch_invariant(c.batch_invariant);
+    }
     eprintln!(
         "{}: random weights on the device{} in {:.2} s",
         label(c, shape),
@@ -501,10 +509,15 @@ fn build_model(c: &Ctx, shape: &Shape, max_positions: usize) -> Result<Vec<Model
 
 /// The shape's name, with the tensor-parallel size when there is one.
 fn label(c: &Ctx, shape: &Shape) -> String {
-    if c.tp > 1 {
+    let name = if c.tp > 1 {
         format!("{} TP{}", shape.name, c.tp)
     } else {
         shape.name.to_string()
+    };
+    if c.batch_invariant {
+        format!("{name} batch-invariant")
+    } else {
+        name
     }
 }
 
@@ -732,7 +745,11 @@ fn main() -> Result<()> {
     }
     let (copy_gbs, how) = copy_bandwidth(&dev, t)?;
     let c = Ctx {
-        graph_modes: if dev.is_cuda() { a.graphs.modes() } else { &[false] },
+        graph_modes: if dev.is_cuda() && !a.batch_invariant {
+            a.graphs.modes()
+        } else {
+            &[false]
+        },
         dev,
         dtype,
         block_size: a.block_size,
@@ -742,6 +759,7 @@ fn main() -> Result<()> {
         seed: a.seed,
         copy_gbs,
         tp: a.tensor_parallel_size.max(1),
+        batch_invariant: a.batch_invariant,
     };
     println!(
         "device {:?}, dtype {:?}, block size {}, {} warm-up + {} timed decode steps per row, sampling {}",

@@ -109,6 +109,11 @@ pub struct ModelArgs {
     /// captured per batch size (vLLM's flag).
     #[arg(long)]
     pub enforce_eager: bool,
+    /// Bitwise the same tokens and log-probs for a request whatever else runs beside
+    /// it. Always so on the CPU; on CUDA it swaps cuBLAS and the split-KV attention for
+    /// kernels that compute every row alike (slower, and no CUDA graphs). One GPU only.
+    #[arg(long)]
+    pub batch_invariant: bool,
 }
 
 /// `--device cpu | cuda[:N]`.
@@ -144,7 +149,13 @@ impl ModelArgs {
             dequantize: self.dequantize,
             tensor_parallel_size: self.tensor_parallel_size,
         };
-        Ok(model::load(source, &opts)?)
+        if self.batch_invariant && self.tensor_parallel_size > 1 && !opts.device.is_cpu() {
+            // NCCL picks its all-reduce algorithm by message size, so by batch.
+            bail!("--batch-invariant works on one GPU: drop --tensor-parallel-size or use one rank");
+        }
+        let mut loaded = model::load(source, &opts)?;
+        loaded.model.set_batch_invariant(self.batch_invariant);
+        Ok(loaded)
     }
 }
 

@@ -6,7 +6,10 @@ use super::rope::Rope;
 use super::weights::{Linear, Part, Weights, WeightsError};
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvLayout};
-use crate::ops::{add_rms_norm, paged_attention_planned, reshape_and_cache, rms_norm, AttentionPlans, SeqSpan};
+use crate::ops::{
+    add_rms_norm, fixed_paged_attention_planned, paged_attention_planned, reshape_and_cache, rms_norm, AttentionPlans,
+    SeqSpan,
+};
 use crate::tp::{AllReduce, Shard};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -97,6 +100,8 @@ pub struct Model {
     device: Device,
     shard: Shard,
     all_reduce: Option<std::sync::Arc<dyn AllReduce>>,
+    /// Every row's result independent of the rest of the step (`set_batch_invariant`).
+    batch_invariant: bool,
 }
 
 impl Layer {
@@ -124,7 +129,11 @@ impl Layer {
     /// prefill chunks (`benches/blas_decode.py`, H100: down at 64 rows 16.1 against 22.7
     /// µs, at 1024 rows 34.7 against 36.6). The stacked q/k/v and gate/up stay as they are:
     /// transposed, they gain little at 64 rows and lose at 1024 (gate/up 70.9 against 64.3).
-    fn fuse_projections(&mut self) -> Result<()> {
+    ///
+    /// In the batch-invariant mode every linear is instead multiplied by
+    /// `ops::fixed_matmul` (its `[out, in]` layout), which computes each row alike for
+    /// any number of rows.
+    fn fuse_projections(&mut self, batch_invariant: Option<DType>) -> Result<()> {
         if let Some(kv) = self.attn.kv.as_mut().filter(|kv| kv.norm.is_none()) {
             if let Some((qkv, parts)) = Linear::fused(&[&self.attn.q, &kv.k, &kv.v])? {
                 let [q, k, v]: [Linear; 3] = parts.try_into().expect("three parts");
@@ -136,6 +145,28 @@ impl Layer {
             let [gate, up]: [Linear; 2] = parts.try_into().expect("two parts");
             (self.gate, self.up) = (gate, up);
             self.gate_up = Some(gate_up);
+        }
+        if let Some(dtype) = batch_invariant {
+            let fixed = |l: &mut Linear| -> Result<()> {
+                *l = l.clone().batch_invariant(dtype)?;
+                Ok(())
+            };
+            let kv = self.attn.kv.as_mut();
+            for l in [
+                &mut self.attn.q,
+                &mut self.attn.o,
+                &mut self.gate,
+                &mut self.up,
+                &mut self.down,
+            ]
+            .into_iter()
+            .chain(self.attn.qkv.as_mut())
+            .chain(self.gate_up.as_mut())
+            .chain(kv.into_iter().flat_map(|kv| [&mut kv.k, &mut kv.v]))
+            {
+                fixed(l)?;
+            }
+            return Ok(());
         }
         self.attn.o = self.attn.o.clone().transposed()?;
         self.down = self.down.clone().transposed()?;
@@ -376,6 +407,7 @@ impl Model {
             device: w.device().clone(),
             shard,
             all_reduce: None,
+            batch_invariant: false,
         })
     }
 
@@ -385,11 +417,27 @@ impl Model {
     /// stacking would copy every weight again each time.
     pub fn fuse_projections(&mut self) -> Result<()> {
         if self.device.is_cuda() {
+            let fixed = self.batch_invariant.then_some(self.dtype);
             for l in self.layers.iter_mut() {
-                l.fuse_projections()?;
+                l.fuse_projections(fixed)?;
+            }
+            if fixed.is_some() {
+                self.lm_head = self.lm_head.clone().batch_invariant(self.dtype)?;
             }
         }
         Ok(())
+    }
+
+    /// The batch-invariant mode: a request's tokens and log-probs do not depend on what
+    /// else the step holds (other sequences, how its prompt was chunked, a recompute
+    /// after preemption). The CPU ops always are; on CUDA the mode swaps cuBLAS and the
+    /// split-KV attention kernels for `ops::fixed_matmul` and `ops::fixed_paged_attention`,
+    /// which are slower. Set it before the runner is made (`fuse_projections` applies it).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.batch_invariant = on;
+    }
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
     }
 
     /// The transport that completes this rank's partial sums (tensor parallelism only).
@@ -511,16 +559,29 @@ impl Model {
                     q
                 }
             };
-            let o = paged_attention_planned(
-                &q,
-                cache.k(),
-                cache.v(),
-                &step.seqs,
-                &step.block_tables[a.slot],
-                step.max_blocks,
-                scale,
-                Some((plans, a.slot)),
-            )?;
+            let o = if self.batch_invariant {
+                fixed_paged_attention_planned(
+                    &q,
+                    cache.k(),
+                    cache.v(),
+                    &step.seqs,
+                    &step.block_tables[a.slot],
+                    step.max_blocks,
+                    scale,
+                    Some((plans, a.slot)),
+                )?
+            } else {
+                paged_attention_planned(
+                    &q,
+                    cache.k(),
+                    cache.v(),
+                    &step.seqs,
+                    &step.block_tables[a.slot],
+                    step.max_blocks,
+                    scale,
+                    Some((plans, a.slot)),
+                )?
+            };
             let t = o.dim(0)?;
             (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;
         }

@@ -3,7 +3,7 @@
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
 
 use crate::config::ModelConfig;
-use crate::ops::{dense_matmul, qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
+use crate::ops::{dense_matmul, fixed_matmul, qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -38,6 +38,9 @@ enum LinearWeight {
     /// against 22.7 µs on an H100 (`benches/blas_decode.py`).
     DenseT(Tensor),
     Quant(Arc<QMatrix>),
+    /// A dense `[out, in]` weight multiplied by `ops::fixed_matmul` (the batch-invariant
+    /// mode on CUDA, [`Linear::batch_invariant`]).
+    Fixed(Tensor),
 }
 
 /// A linear layer: weight and optional bias.
@@ -61,6 +64,7 @@ impl Linear {
             LinearWeight::Candle(w) => w.forward(x)?,
             LinearWeight::DenseT(wt) => x.broadcast_matmul(wt)?,
             LinearWeight::Quant(w) => qmatmul(x, w, Isa::best())?,
+            LinearWeight::Fixed(w) => fixed_matmul(x, w)?,
         };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
@@ -74,7 +78,7 @@ impl Linear {
             .iter()
             .map(|l| match &l.weight {
                 LinearWeight::Quant(w) => Some(w.as_ref()),
-                LinearWeight::Candle(_) | LinearWeight::DenseT(_) => None,
+                LinearWeight::Candle(_) | LinearWeight::DenseT(_) | LinearWeight::Fixed(_) => None,
             })
             .collect();
         match quant {
@@ -141,6 +145,24 @@ impl Linear {
         }
     }
 
+    /// The layer for the batch-invariant mode on CUDA: its weight dense (`[out, in]`, in
+    /// `dtype` when it was quantized) and multiplied by `ops::fixed_matmul`, whose result
+    /// for a row does not depend on the other rows. Unchanged off CUDA, where the default
+    /// matmuls already are, and for training variables.
+    pub fn batch_invariant(self, dtype: DType) -> candle_core::Result<Linear> {
+        let weight = match &self.weight {
+            LinearWeight::Candle(QMatMul::Tensor(t)) if t.is_variable() => return Ok(self),
+            LinearWeight::Fixed(_) => return Ok(self),
+            _ if !self.dense_weight()?.device().is_cuda() => return Ok(self),
+            LinearWeight::Candle(QMatMul::Tensor(t)) => t.contiguous()?,
+            _ => self.dense_weight()?.to_dtype(dtype)?.contiguous()?,
+        };
+        Ok(Linear {
+            weight: LinearWeight::Fixed(weight),
+            bias: self.bias,
+        })
+    }
+
     /// Training: `ls` (dense training variables, no biases) applied to `x` as one matmul
     /// over their weights stacked by rows, outputs side by side. The stacking is part of
     /// the graph (a copy of the weights each step, small beside the activations), so each
@@ -171,6 +193,7 @@ impl Linear {
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => Ok(t.clone()),
             LinearWeight::DenseT(wt) => wt.t()?.contiguous(),
             LinearWeight::Quant(w) => w.dequantize(),
+            LinearWeight::Fixed(w) => Ok(w.clone()),
         }
     }
     pub fn bias(&self) -> Option<&Tensor> {

@@ -4,6 +4,7 @@
 
 pub mod adamw;
 pub mod argmax;
+pub mod batch_invariant;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -27,6 +28,7 @@ pub use adamw::{
     adamw_update, adamw_update_mixed, adamw_update_mixed_many, sum_squares_into, sum_squares_many, MixedUpdate,
 };
 pub use argmax::argmax_rows;
+pub use batch_invariant::{fixed_matmul, fixed_paged_attention, fixed_paged_attention_planned};
 pub use cross_entropy::cross_entropy;
 pub use dense_matmul::dense_matmul;
 pub use embedding::embedding;

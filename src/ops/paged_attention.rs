@@ -35,6 +35,9 @@ pub struct AttentionPlans {
     pub(crate) checked: std::sync::Mutex<std::collections::HashSet<usize>>,
     #[cfg(feature = "cuda")]
     pub(crate) cuda: std::sync::Mutex<super::cuda::CudaPlans>,
+    /// The batch-invariant kernel's device copies of the step's token owners and tables.
+    #[cfg(feature = "cuda")]
+    pub(crate) fixed: std::sync::Mutex<super::batch_invariant::FixedUploads>,
 }
 
 struct PagedAttention<'a> {

@@ -140,7 +140,8 @@ impl Runner {
     pub fn set_cuda_graphs(&mut self, on: bool) -> bool {
         #[cfg(feature = "cuda")]
         {
-            let usable = on && self.model.device().is_cuda() && self.peers.is_empty();
+            // The batch-invariant kernels upload each step's tables themselves: no graphs.
+            let usable = on && self.model.device().is_cuda() && self.peers.is_empty() && !self.model.batch_invariant();
             self.graphs = usable.then(Default::default);
             usable
         }

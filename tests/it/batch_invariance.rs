@@ -122,3 +122,28 @@ async fn quantized_models_answer_the_same_alone_or_shared() {
         .await;
     }
 }
+
+/// `--batch-invariant` on CUDA: the same guarantee through the server, for a tiny CLA
+/// model the CUDA kernels take (head_dim 64), in bf16 (tensor cores) and f32.
+#[cfg(feature = "cuda")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuda_batch_invariant_mode_answers_the_same_alone_or_shared() {
+    for dtype in [DType::BF16, DType::F32] {
+        every_schedule(crate::http::VOCAB, 256, || {
+            let mut ck = crate::common::Tiny::new(4, 4, 2, 64, 128, crate::http::VOCAB)
+                .cla("cla_share_factor", json!(2))
+                .seed(7)
+                .write();
+            ck.config["max_position_embeddings"] = json!(4096);
+            ck.save();
+            let mut m = ck.load_with(&LoadOptions {
+                dtype: Some(dtype),
+                device: crosskv::ops::cuda::device(0).expect("a CUDA device"),
+                ..Default::default()
+            });
+            m.set_batch_invariant(true);
+            (ck, m)
+        })
+        .await;
+    }
+}
