@@ -10,7 +10,7 @@
 // the gap to that bandwidth can be told from the memory system's.
 //
 // Not part of the Rust build (no product code uses it): compiled and run on the GPU
-// machine by `scripts/gpu-run.sh device floor` (nvcc -O3 -arch=sm_90).
+// machine by `scripts/gpu-bench.sh floor` (nvcc -O3 -arch=sm_90).
 //
 // Each configuration: 5 warm-up launches, then 30, a CUDA event pair around each; median.
 // Every thread issues UNROLL independent 16-byte loads before it uses any (loads in

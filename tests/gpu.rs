@@ -1,4 +1,4 @@
-//! GPU tests (`--features cuda`, run on the H100 by scripts/gpu-run.sh): every CUDA
+//! GPU tests (`--features cuda`, run on a GPU machine by scripts/gpu-test.sh): every CUDA
 //! kernel against its CPU reference on the same random inputs, and a tiny random CLA
 //! model's logits on CUDA against the CPU. Kernel outputs are poisoned (NaN) before
 //! each launch so an element a kernel fails to write shows up.
