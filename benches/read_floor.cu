@@ -1,4 +1,4 @@
-// The read-bandwidth floor of one kernel launch (issue 4's decode-attention goal).
+// The read-bandwidth floor of one kernel launch (a yardstick for the decode-attention goal).
 //
 // How fast can a single launch that does nothing but read N bytes go, when the bytes
 // lie contiguously and when they lie in pages visited in a shuffled order through a

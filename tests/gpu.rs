@@ -586,7 +586,7 @@ fn forward_memory_profile_sees_weights_and_activations() {
     assert!(big.activation_peak > 0 && big.activation_peak >= small.activation_peak);
 }
 
-/// Tensor parallelism (issue 6) over the GPUs this machine has (2 or more): a tiny CLA
+/// Tensor parallelism over the GPUs this machine has (2 or more): a tiny CLA
 /// model's logits over N ranks joined by NCCL equal one GPU's, in f32 (tight) and bf16
 /// (within twice the error bf16 itself makes), for GQA (KV heads split) and MQA (the KV
 /// head replicated). On a machine with one GPU it says so and checks nothing.
