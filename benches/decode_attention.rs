@@ -1,4 +1,4 @@
-//! Decode-attention benchmark on the GPU (issue 4, item 4): our paged decode attention
+//! Decode-attention benchmark on the GPU (BENCHMARKS.md): our paged decode attention
 //! (bf16, block_size 16, random data, shuffled block tables) timed with CUDA events
 //! against the device-to-device copy bandwidth measured in the same process.
 //!

@@ -1,4 +1,5 @@
-//! End-to-end decode and measured capacity (issue 4, item 4, second and third tables).
+//! End-to-end decode and measured capacity (BENCHMARKS.md, "CUDA end-to-end decode" and
+//! "KV capacity").
 //!
 //!   cargo bench --features cuda --bench e2e_decode                (on a CUDA machine)
 //!   cargo bench --bench e2e_decode -- --tiny --device cpu         (a tiny shape, anywhere)

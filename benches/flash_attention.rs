@@ -1,4 +1,4 @@
-//! Training-attention benchmark on the GPU (issue 5): `causal_attention` (the
+//! Training-attention benchmark on the GPU: `causal_attention` (the
 //! flash-attention kernels, bf16) forward, and forward + backward, on b = 8, t = 2048,
 //! 16 query heads over 1 (MQA) or 16 (MHA) KV heads, head_dim 64 and 128. The same
 //! shapes with PyTorch's `scaled_dot_product_attention(is_causal=True)`:

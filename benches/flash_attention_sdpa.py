@@ -1,4 +1,4 @@
-"""PyTorch baseline for benches/flash_attention.rs (issue 5): scaled_dot_product_attention
+"""PyTorch baseline for benches/flash_attention.rs: scaled_dot_product_attention
 (is_causal=True, flash backend) forward, and forward + backward (out.backward(dO)), on the
 same shapes: bf16, b = 8, t = 2048, 16 query heads over 1 or 16 KV heads, head_dim 64 and
 128, in our layout [b, t, heads, d] (passed as transposed views, as a model does). GQA/MQA

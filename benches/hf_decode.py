@@ -1,4 +1,4 @@
-"""Hugging Face transformers baseline for benches/e2e_decode.rs (issue 4, item 4): decode
+"""Hugging Face transformers baseline for benches/e2e_decode.rs (BENCHMARKS.md): decode
 speed of `generate` on the CLA paper's 1B H128-MQA shape (hidden 2048, FFN 5472, 20
 layers, 16 query heads of 128, 1 KV head, vocab 50304; HF has no CLA) as a
 LlamaForCausalLM with num_key_value_heads=1, random bf16 weights (norms 1, the rest

@@ -1,4 +1,4 @@
-//! Where a decode step's time goes, op by op (issue 4: the end-to-end step is far above
+//! Where a decode step's time goes, op by op (written when the end-to-end step was far above
 //! its bandwidth roofline at every batch, so something other than bytes costs it).
 //!
 //!   cargo bench --features cuda --bench op_overhead            (on a CUDA machine)

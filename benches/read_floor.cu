@@ -1,4 +1,4 @@
-// The read-bandwidth floor of one kernel launch (issue 4's decode-attention goal).
+// The read-bandwidth floor of one kernel launch (a yardstick for the decode-attention goal).
 //
 // How fast can a single launch that does nothing but read N bytes go, when the bytes
 // lie contiguously and when they lie in pages visited in a shuffled order through a
@@ -10,7 +10,7 @@
 // the gap to that bandwidth can be told from the memory system's.
 //
 // Not part of the Rust build (no product code uses it): compiled and run on the GPU
-// machine by `scripts/gpu-run.sh device floor` (nvcc -O3 -arch=sm_90).
+// machine by `scripts/gpu-bench.sh floor` (nvcc -O3 -arch=sm_90).
 //
 // Each configuration: 5 warm-up launches, then 30, a CUDA event pair around each; median.
 // Every thread issues UNROLL independent 16-byte loads before it uses any (loads in

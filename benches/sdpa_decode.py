@@ -1,4 +1,4 @@
-"""PyTorch baseline for benches/decode_attention.rs (issue 4): scaled_dot_product_attention
+"""PyTorch baseline for benches/decode_attention.rs: scaled_dot_product_attention
 with the flash backend on the same decode shapes (bf16, q [B, H, 1, D], contiguous K/V
 [B, H_kv, L, D] with enable_gqa; K/V expanded to H when that is refused), timed with
 torch.cuda.Event (5 warm-up runs, median of 30), against a device-to-device copy of 2 GiB

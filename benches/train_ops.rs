@@ -1,4 +1,4 @@
-//! Where a training step's time goes, op by op (issue 5, item 6: crosskv's step is
+//! Where a training step's time goes, op by op (written when crosskv's step was
 //! slower than PyTorch eager on the same shape).
 //!
 //!   cargo bench --features cuda --bench train_ops              (on a CUDA machine)

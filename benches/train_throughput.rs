@@ -3,7 +3,7 @@
 //! master weights on CUDA) on a ~125M-parameter LLaMA shape with random init and random
 //! token windows. PyTorch on the same shape, eager and `torch.compile`:
 //! `python3 benches/train_throughput_torch.py`; both side by side on the GPU machine:
-//! `scripts/gpu-run.sh device train`.
+//! `scripts/gpu-bench.sh train`.
 //!
 //!   cargo bench --features cuda --bench train_throughput             (on a CUDA machine)
 //!   cargo bench --bench train_throughput -- --tiny --device cpu      (a tiny shape, anywhere)

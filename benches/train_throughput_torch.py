@@ -1,5 +1,5 @@
 """PyTorch training throughput and MFU on the shape of benches/train_throughput.rs
-(issue 5, item 6): a plain LLaMA nn.Module (RMSNorm, RoPE, SwiGLU, causal
+(BENCHMARKS.md, "Training throughput"): a plain LLaMA nn.Module (RMSNorm, RoPE, SwiGLU, causal
 F.scaled_dot_product_attention; MHA, or CLA2 where odd layers reuse the previous
 layer's K/V), bf16 autocast with f32 master weights, AdamW(betas=(0.9, 0.95),
 weight_decay=0.1, fused=True), gradient clipping 1.0; eager and torch.compile.

@@ -13,7 +13,8 @@
 # What it does:
 #   1. installs llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION if absent (built from source
 #      with CMAKE_ARGS="-DGGML_NATIVE=ON"; takes several minutes on 2 cores);
-#   2. `cargo build --release` (the repo's .cargo/config.toml sets target-cpu=native);
+#   2. `cargo build --release` with RUSTFLAGS="-C target-cpu=native" unless RUSTFLAGS is
+#      set (the published CPU figures were measured with this CPU's whole instruction set);
 #   3. fetches the default GGUF if absent (`crosskv generate --prompt hi --max-tokens 1`);
 #   4. runs the engines alternately, PAIRS times (crosskv, llama.cpp, crosskv, llama.cpp, ...)
 #      so that drift and background load hit both alike; each run is a median of ROUNDS;
@@ -56,7 +57,8 @@ if [ -n "${CROSSKV_BIN:-}" ]; then
     CROSSKV=$CROSSKV_BIN
     log "using $CROSSKV (CROSSKV_BIN; no cargo build)"
 else
-    log "cargo build --release"
+    export RUSTFLAGS=${RUSTFLAGS:--C target-cpu=native}
+    log "RUSTFLAGS=\"$RUSTFLAGS\" cargo build --release"
     cargo build --release >&2
     CROSSKV=./target/release/crosskv
 fi

@@ -1,4 +1,4 @@
-//! GPU tests (`--features cuda`, run on the H100 by scripts/gpu-run.sh): every CUDA
+//! GPU tests (`--features cuda`, run on a GPU machine by scripts/gpu-test.sh): every CUDA
 //! kernel against its CPU reference on the same random inputs, and a tiny random CLA
 //! model's logits on CUDA against the CPU. Kernel outputs are poisoned (NaN) before
 //! each launch so an element a kernel fails to write shows up.
@@ -586,7 +586,7 @@ fn forward_memory_profile_sees_weights_and_activations() {
     assert!(big.activation_peak > 0 && big.activation_peak >= small.activation_peak);
 }
 
-/// Tensor parallelism (issue 6) over the GPUs this machine has (2 or more): a tiny CLA
+/// Tensor parallelism over the GPUs this machine has (2 or more): a tiny CLA
 /// model's logits over N ranks joined by NCCL equal one GPU's, in f32 (tight) and bf16
 /// (within twice the error bf16 itself makes), for GQA (KV heads split) and MQA (the KV
 /// head replicated). On a machine with one GPU it says so and checks nothing.

@@ -211,8 +211,8 @@ unsafe impl DeviceRepr for Params {}
 
 /// Fewest keys per partition when a context is split along the sequence: a CTA's fixed
 /// costs (Q rows, the first tile's latency, combining the warps and the partitions) are
-/// paid once per partition. Measured on the H100 (BENCHMARKS.md): MQA decode at batch
-/// 64-256 runs faster in partitions of 1024 keys than in more CTAs of 384-704.
+/// paid once per partition. Measured on the H100 (the partition sweeps in docs/bench-log/): MQA
+/// decode at batch 64-256 runs faster in partitions of 1024 keys than in more CTAs of 384-704.
 const MIN_PART_SIZE: usize = 1024;
 /// Small grids (under an eighth of a wave: batch 1-8) are split finer, down to this: a
 /// single CTA streaming a whole 4096-key context would leave the GPU idle.

@@ -1,5 +1,5 @@
 //! One custom candle op per kernel. Each op's CPU path is the plain-Rust reference
-//! that the CUDA kernel (feature `cuda`, issue 4; `cuda.rs` and `cuda_fused.rs` launch
+//! that the CUDA kernel (feature `cuda`; `cuda.rs` and `cuda_fused.rs` launch
 //! `kernels/*.cu`) must match.
 
 pub mod adamw;

@@ -1,7 +1,7 @@
-//! CUDA graphs for decode steps (issue 4). A decode step issues ~15 candle ops per
+//! CUDA graphs for decode steps. A decode step issues ~15 candle ops per
 //! layer, each 6-26 µs of host time (allocation, launch), while the GPU needs a few µs
-//! for most of them: eagerly, the step is the host's (BENCHMARKS.md, "Where the decode
-//! step's time goes"). As vLLM does, a step of `n` one-token sequences runs instead as
+//! for most of them: eagerly, the step is the host's (docs/bench-log/2026-11-25.md, "Where
+//! the decode step's time goes"). As vLLM does, a step of `n` one-token sequences runs instead as
 //! one captured graph: launched with one driver call, its kernels back to back.
 //!
 //! A graph is captured per (batch bucket, block-table width bucket) and padded up to

