@@ -61,15 +61,19 @@ fn quantize_rows(x: &[f32], cols: usize) -> QuantizedRows {
     for b in 0..nb {
         let xs = &x[b * QK..(b + 1) * QK];
         let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+        // llama.cpp's Q8_1 / Q8_0 activation blocks, to its rounding: the values scaled
+        // by 127 / amax and rounded half to even, the scale and the scaled sum stored
+        // as f16. Every layer re-quantizes its input, so a smaller difference here
+        // grows through the model; matching it keeps GGUF log-probs near llama.cpp's.
         let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in out.q[b * QK..(b + 1) * QK].iter_mut().zip(xs) {
-            *q = (v * id).round().clamp(-127.0, 127.0) as i8;
+            *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
             sum += *q as i32;
         }
-        out.d[b] = d;
-        out.s[b] = d * sum as f32;
+        out.d[b] = f16::from_f32(d).to_f32();
+        out.s[b] = f16::from_f32(d * sum as f32).to_f32();
     }
     out
 }
