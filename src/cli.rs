@@ -1,13 +1,14 @@
 //! The command line (docs/serving.md, docs/cla-and-kv.md): flag definitions and the commands that need no server.
 
 use crate::config::{KvSharing, ModelConfig};
+use crate::device::{parse_device, DtypeArg};
 use crate::kv::{CapacityReport, KvLayout, KvManager};
 use crate::model::{self, ChatMessage, LoadOptions, ModelSource};
 use crate::runner::{self, GenerateOptions, Runner, SamplingParams};
 use crate::units::{format_bytes, parse_size};
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -44,23 +45,6 @@ pub enum Command {
     /// Fine-tune a checkpoint on text files; with --cla-share-factor / --kv-source it is
     /// re-shared (made CLA) first and fine-tuned to recover.
     Finetune(FinetuneArgs),
-}
-
-#[derive(ValueEnum, Clone, Copy, Debug, PartialEq)]
-pub enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl DtypeArg {
-    pub fn dtype(self) -> DType {
-        match self {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::Bf16 => DType::BF16,
-        }
-    }
 }
 
 /// `--cla-share-factor F | --kv-source LIST`: re-share a model at load.
@@ -111,23 +95,6 @@ pub struct ModelArgs {
     pub enforce_eager: bool,
 }
 
-/// `--device cpu | cuda[:N]`.
-pub fn parse_device(d: &str) -> anyhow::Result<Device> {
-    match d {
-        "cpu" => Ok(Device::Cpu),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            let n = match d.strip_prefix("cuda:") {
-                None => 0,
-                Some(n) => n
-                    .parse::<usize>()
-                    .map_err(|_| anyhow::anyhow!("--device {d}: expected cuda or cuda:N"))?,
-            };
-            cuda_device(d, n)
-        }
-        d => bail!("--device {d}: expected cpu or cuda[:N]"),
-    }
-}
-
 impl ModelArgs {
     pub fn device(&self) -> anyhow::Result<Device> {
         parse_device(&self.device)
@@ -146,16 +113,6 @@ impl ModelArgs {
         };
         Ok(model::load(source, &opts)?)
     }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_device(d: &str, n: usize) -> anyhow::Result<Device> {
-    crate::ops::cuda::device(n).with_context(|| format!("--device {d}"))
-}
-
-#[cfg(not(feature = "cuda"))]
-fn cuda_device(d: &str, _n: usize) -> anyhow::Result<Device> {
-    bail!("--device {d}: this build has no CUDA support (build with --features cuda)")
 }
 
 #[derive(Args, Debug)]
@@ -687,7 +644,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
     let kv_cache_bytes = match (args.kv_cache_memory, args.kv_cache_tokens) {
         (Some(b), _) => b,
         (None, Some(t)) => layout.bytes_for_tokens(t, args.block_size),
-        (None, None) if loaded.model.device().is_cuda() => gpu_kv_budget(
+        (None, None) if loaded.model.device().is_cuda() => crate::runner::memory::gpu_kv_budget(
             &std::iter::once(loaded.model.clone())
                 .chain(loaded.peers.iter().cloned())
                 .collect::<Vec<_>>(),
@@ -710,42 +667,6 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
     };
     let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
     Ok(EngineHandle::start_ranks(ranks, loaded.tokenizer, config)?)
-}
-
-/// The KV budget on a GPU, as vLLM sizes it: `fraction` × total device memory, less
-/// what is in use after loading the weights and the activation peak of one forward of
-/// `tokens` tokens (one dummy prefill run with a scratch cache).
-#[cfg(feature = "cuda")]
-fn gpu_kv_budget(
-    ranks: &[crate::model::Model],
-    fraction: f64,
-    block_size: usize,
-    tokens: usize,
-) -> anyhow::Result<u64> {
-    let p = crate::runner::memory::profile_forward_peak_ranks(ranks, block_size, tokens)?;
-    let budget = (fraction * p.total as f64) as i128 - p.in_use_after_load as i128 - p.activation_peak as i128;
-    tracing::info!(
-        "GPU memory: total {}, in use after loading {}, forward peak for {tokens} tokens {} ({}); KV budget at {fraction}: {}",
-        format_bytes(p.total),
-        format_bytes(p.in_use_after_load),
-        format_bytes(p.activation_peak),
-        p.how,
-        format_bytes(budget.max(0) as u64),
-    );
-    if budget <= 0 {
-        bail!(
-            "--gpu-memory-utilization {fraction}: nothing left for the KV cache ({} in use after loading, forward peak {} of {} total)",
-            format_bytes(p.in_use_after_load),
-            format_bytes(p.activation_peak),
-            format_bytes(p.total)
-        );
-    }
-    Ok(budget as u64)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn gpu_kv_budget(_: &[crate::model::Model], _: f64, _: usize, _: usize) -> anyhow::Result<u64> {
-    bail!("GPU memory profiling needs the `cuda` build feature")
 }
 
 /// `crosskv serve`: binds the port first (`/health` is 503 while the model loads), then

@@ -18,7 +18,7 @@ use serde_json::json;
 
 fn gpu() -> Device {
     crosskv::ops::cuda::set_poison_outputs(true);
-    crosskv::ops::cuda::device(0).expect("a CUDA device")
+    crosskv::device::cuda(0).expect("a CUDA device")
 }
 
 fn tol(dtype: DType) -> f32 {

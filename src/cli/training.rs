@@ -1,8 +1,9 @@
 //! `crosskv train` / `finetune`: flags, resuming from a checkpoint, the step loop with its
 //! progress bar, checkpoints every `--save-every` steps and at the end.
 
-use super::{parse_device, DtypeArg, SharingArgs};
+use super::SharingArgs;
 use crate::config::ModelConfig;
+use crate::device::{parse_device, DtypeArg};
 use crate::model::{self, weights::Weights};
 use crate::train::checkpoint::{self, dtype_name, parse_dtype, DataState, ResumeError, TrainerState};
 use crate::train::{pack_windows, perplexity, Corpus, DataOrder, StepLog, TrainOptions, Trainable, Trainer};

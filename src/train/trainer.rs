@@ -221,7 +221,7 @@ impl Trainer {
             bail!("--batch-size must be at least 1");
         }
         #[cfg(feature = "cuda")]
-        crate::ops::cuda::retain_freed_memory(t.model.device())?;
+        crate::device::retain_freed_memory(t.model.device())?;
         opt.keep_compute_copies(opts.dtype)?;
         let compute_model = match opts.dtype {
             DType::F32 => None,
