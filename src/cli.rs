@@ -251,7 +251,7 @@ pub struct ConvertArgs {
     /// How each re-shared producer's K/V projections start: its own (`first`), or the
     /// mean of those of the layers that will read its cache (`mean`).
     #[arg(long, value_enum, default_value = "first")]
-    pub kv_init: crate::convert::KvInit,
+    pub kv_init: crate::model::reshare::KvInit,
     /// Output directory.
     #[arg(long)]
     pub out: PathBuf,

@@ -1045,7 +1045,7 @@ fn training_steps_on_cuda_match_cpu() {
         dtype: DType::F32,
     };
     let run_in = |device: &Device, dtype: DType| {
-        let t = Trainable::from_dir(ck.path(), None, crosskv::convert::KvInit::First, device).unwrap();
+        let t = Trainable::from_dir(ck.path(), None, crosskv::model::reshare::KvInit::First, device).unwrap();
         let mut tr = Trainer::new(&t, windows.len(), TrainOptions { dtype, ..opts.clone() }).unwrap();
         (0..4)
             .map(|_| {

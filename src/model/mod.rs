@@ -3,6 +3,7 @@
 
 pub mod gguf_config;
 pub mod llama;
+pub mod reshare;
 pub mod rope;
 pub mod source;
 pub mod tokenizer;
