@@ -109,7 +109,7 @@ pub fn retain_freed_memory(dev: &Device) -> candle_core::Result<()> {
 /// A `u64` attribute of a stream-ordered memory pool (`runner::memory` reads its
 /// high-water mark).
 #[cfg(feature = "cuda")]
-pub fn pool_attr(
+pub(crate) fn pool_attr(
     pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
     attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
 ) -> candle_core::Result<u64> {
@@ -123,7 +123,7 @@ pub fn pool_attr(
 
 /// Sets a `u64` attribute of a stream-ordered memory pool.
 #[cfg(feature = "cuda")]
-pub fn set_pool_attr(
+pub(crate) fn set_pool_attr(
     pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
     attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
     value: u64,
