@@ -18,7 +18,7 @@ fn main() -> anyhow::Result<()> {
     use crosskv::ops::SeqSpan;
 
     const ITERS: usize = 30;
-    let dev = crosskv::ops::cuda::device(0)?;
+    let dev = crosskv::device::cuda(0)?;
     // CUDA event times are f32; widening keeps their order, so the median is the same.
     let median = |v: Vec<f32>| common::median(v.into_iter().map(f64::from).collect());
     let copy_bytes = 2usize << 30;

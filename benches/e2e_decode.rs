@@ -35,8 +35,8 @@ use common::median;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
-use crosskv::cli::DtypeArg;
 use crosskv::config::ModelConfig;
+use crosskv::device::DtypeArg;
 use crosskv::kv::{KvCache, KvManager};
 use crosskv::model::weights::Weights;
 use crosskv::model::Model;
@@ -495,7 +495,7 @@ fn build_model(c: &Ctx, shape: &Shape, max_positions: usize) -> Result<Vec<Model
         )?);
         dev.synchronize()?;
     }
-    crosskv::tp::connect(&mut ranks)?;
+    crosskv::model::connect_ranks(&mut ranks)?;
     for m in &mut ranks {
         m.set_batch_invariant(c.batch_invariant);
     }

@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     use candle_core::{DType, Tensor, Var};
 
     const ITERS: usize = 20;
-    let dev = crosskv::ops::cuda::device(0)?;
+    let dev = crosskv::device::cuda(0)?;
     let stream = dev.as_cuda_device()?.cuda_stream();
     let ctx = stream.context().clone();
     // GPU ms of each of `iters` runs of `f`.

@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod convert;
+pub mod device;
 pub mod engine;
 pub mod kv;
 pub mod metrics;

@@ -18,7 +18,7 @@ use serde_json::json;
 
 fn gpu() -> Device {
     crosskv::ops::cuda::set_poison_outputs(true);
-    crosskv::ops::cuda::device(0).expect("a CUDA device")
+    crosskv::device::cuda(0).expect("a CUDA device")
 }
 
 fn tol(dtype: DType) -> f32 {
@@ -1045,7 +1045,7 @@ fn training_steps_on_cuda_match_cpu() {
         dtype: DType::F32,
     };
     let run_in = |device: &Device, dtype: DType| {
-        let t = Trainable::from_dir(ck.path(), None, crosskv::convert::KvInit::First, device).unwrap();
+        let t = Trainable::from_dir(ck.path(), None, crosskv::model::reshare::KvInit::First, device).unwrap();
         let mut tr = Trainer::new(&t, windows.len(), TrainOptions { dtype, ..opts.clone() }).unwrap();
         (0..4)
             .map(|_| {

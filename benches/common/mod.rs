@@ -7,7 +7,7 @@ use candle_core::Device;
 /// `--device`: the given one, else CUDA in builds with the `cuda` feature, else the CPU.
 pub fn device(arg: Option<&str>) -> anyhow::Result<Device> {
     let default = if cfg!(feature = "cuda") { "cuda" } else { "cpu" };
-    crosskv::cli::parse_device(arg.unwrap_or(default))
+    crosskv::device::parse_device(arg.unwrap_or(default))
 }
 
 /// The median of timings (the upper middle of an even count).

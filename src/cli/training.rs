@@ -1,8 +1,9 @@
 //! `crosskv train` / `finetune`: flags, resuming from a checkpoint, the step loop with its
 //! progress bar, checkpoints every `--save-every` steps and at the end.
 
-use super::{parse_device, DtypeArg, SharingArgs};
+use super::SharingArgs;
 use crate::config::ModelConfig;
+use crate::device::{parse_device, DtypeArg};
 use crate::model::{self, weights::Weights};
 use crate::train::checkpoint::{self, dtype_name, parse_dtype, DataState, ResumeError, TrainerState};
 use crate::train::{pack_windows, perplexity, Corpus, DataOrder, StepLog, TrainOptions, Trainable, Trainer};
@@ -100,7 +101,7 @@ pub struct FinetuneArgs {
     /// How each re-shared producer's K/V projections start: its own (`first`), or the
     /// mean of those of the layers that will read its cache (`mean`).
     #[arg(long, value_enum, default_value = "first")]
-    pub kv_init: crate::convert::KvInit,
+    pub kv_init: crate::model::reshare::KvInit,
     #[command(flatten)]
     pub train: TrainFlags,
 }

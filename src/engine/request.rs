@@ -67,13 +67,8 @@ impl FinishReason {
     }
 }
 
-/// A token's log-prob and its top alternatives (id, log-prob), best first.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprob {
-    pub token: u32,
-    pub logprob: f32,
-    pub top: Vec<(u32, f32)>,
-}
+/// Made by the sampler ([`crate::runner::sampler::token_logprob`]).
+pub use crate::runner::sampler::TokenLogprob;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Usage {

@@ -1,6 +1,8 @@
 //! The llama-family model (llama, mistral, qwen2) with Cross-Layer Attention.
 //! Producers compute K/V and write their slot of the paged cache; consumers have no
 //! K/V projections and read their producer's slot through the same block table.
+//! Over 600 lines on purpose: the forward paths (paged serving, tensor-parallel ranks,
+//! dense training batches) share the private per-layer types; a split would expose them.
 
 use super::rope::Rope;
 use super::weights::{Linear, Part, Weights, WeightsError};

@@ -3,6 +3,7 @@
 
 pub mod gguf_config;
 pub mod llama;
+pub mod reshare;
 pub mod rope;
 pub mod source;
 pub mod tokenizer;
@@ -133,8 +134,18 @@ fn load_ranks(cfg: &ModelConfig, files: &[PathBuf], dtype: DType, opts: &LoadOpt
         let w = weights::Weights::safetensors(files, dtype, &device)?;
         ranks.push(Model::load_shard(cfg, &w, false, crate::tp::Shard { rank, world })?);
     }
-    crate::tp::connect(&mut ranks).map_err(tp_err)?;
+    connect_ranks(&mut ranks).map_err(tp_err)?;
     Ok(ranks)
+}
+
+/// Connects the all-reduce of a tensor-parallel model's ranks (rank order; see
+/// `tp::connect`). One rank needs none.
+pub fn connect_ranks(ranks: &mut [Model]) -> candle_core::Result<()> {
+    let devices: Vec<Device> = ranks.iter().map(|m| m.device().clone()).collect();
+    for (m, comm) in ranks.iter_mut().zip(crate::tp::connect(&devices)?) {
+        m.set_all_reduce(comm);
+    }
+    Ok(())
 }
 
 fn tp_err(e: candle_core::Error) -> LoadError {

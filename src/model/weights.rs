@@ -1,6 +1,7 @@
 //! Where a model's tensors come from: a HF safetensors directory (one file or sharded)
 //! or a GGUF file. Names are always the Hugging Face ones (`model.layers.3.self_attn.q_proj.weight`);
 //! the GGUF side maps them to llama.cpp's (`blk.3.attn_q.weight`).
+//! Over 600 lines only with its tests (about 560 without).
 
 use crate::config::ModelConfig;
 use crate::ops::{dense_matmul, fixed_matmul, qmatmul, qmatmul_many, Isa, QFormat, QMatrix};

@@ -504,54 +504,6 @@ pub(crate) fn paged_attention(
     Ok((out, shape))
 }
 
-/// The CUDA device every crosskv path uses: candle's device on a stream of its own.
-///
-/// `Device::new_cuda` binds candle to the *per-thread* default stream, so work issued
-/// from two threads (weights and KV cache made on the loading thread, the forward on
-/// the engine thread, a tensor dropped on a third) lands on different streams that
-/// nothing orders: a buffer could be freed on one stream while a kernel on another
-/// still read it (the illegal-address crash of long batched runs). One explicit stream
-/// shared by all threads keeps every launch, copy and free in one order.
-///
-/// With one stream there is nothing for cudarc's per-buffer event tracking to order
-/// (it is on by default: two CUDA events created per allocation, recorded and waited
-/// on at every launch), so it is turned off before any tensor exists on the device:
-/// host time a decode step spends in the driver, not on the GPU.
-pub fn device(ordinal: usize) -> Result<candle_core::Device> {
-    let dev = candle_core::Device::new_cuda_with_stream(ordinal)?;
-    if let candle_core::Device::Cuda(d) = &dev {
-        // Safety: every tensor of this device is made, used and freed on its one stream,
-        // and candle refuses to mix tensors of two devices in one op.
-        unsafe { d.disable_event_tracking() };
-    }
-    Ok(dev)
-}
-
-/// Keeps memory freed on `dev` in its stream-ordered pool instead of returning it to the
-/// driver. The pool's default release threshold is 0: every synchronisation hands every
-/// free byte back, and the next step maps it again. A training step frees and
-/// reallocates its activations (gigabytes) every step, and syncs twice per step (the
-/// gradient norm, the loss): on an H100 that cost ~7 ms of a ~30 ms step. Training
-/// turns this on; serving, whose KV cache is sized from the driver's free memory at
-/// start-up, leaves the default. No effect on the CPU.
-pub fn retain_freed_memory(dev: &candle_core::Device) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let candle_core::Device::Cuda(d) = dev else {
-        return Ok(());
-    };
-    let cu_dev = d.cuda_stream().context().cu_device();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: a plain driver call on a valid device.
-    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_dev) }
-        .result()
-        .w()?;
-    set_pool_attr(
-        pool,
-        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-        u64::MAX,
-    )
-}
-
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 
@@ -1309,31 +1261,6 @@ pub fn bench_copy(dev: &candle_core::Device, bytes: usize, iters: usize) -> Resu
         .windows(2)
         .map(|w| w[0].elapsed_ms(&w[1]))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .w()
-}
-
-pub(crate) fn pool_attr(
-    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
-    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
-) -> Result<u64> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let mut v = 0u64;
-    unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }
-        .result()
-        .w()?;
-    Ok(v)
-}
-
-pub(crate) fn set_pool_attr(
-    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
-    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
-    value: u64,
-) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let mut v = value;
-    // SAFETY: the u64 attributes take a pointer to a u64, which outlives the call.
-    unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) }
-        .result()
         .w()
 }
 

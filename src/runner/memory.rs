@@ -1,14 +1,22 @@
 //! How much device memory a forward takes, measured before the KV cache is sized (the
 //! GPU default of `serve`): one dummy prefill through the model with a scratch cache,
-//! read from the device's memory pool.
+//! read from the device's memory pool; and the KV budget `serve` derives from it.
 
+#[cfg(feature = "cuda")]
 use super::{Runner, SeqStep};
+#[cfg(feature = "cuda")]
+use crate::device::{pool_attr, set_pool_attr};
+#[cfg(feature = "cuda")]
 use crate::kv::KvManager;
-use crate::ops::cuda::{pool_attr, set_pool_attr};
+#[cfg(feature = "cuda")]
+use crate::units::format_bytes;
+#[cfg(feature = "cuda")]
 use candle_core::cuda_backend::WrapErr;
+#[cfg(feature = "cuda")]
 use candle_core::Result;
 
 /// What [`profile_forward_peak`] measured, in bytes.
+#[cfg(feature = "cuda")]
 #[derive(Debug, Clone)]
 pub struct ForwardProfile {
     /// The device's memory.
@@ -24,6 +32,7 @@ pub struct ForwardProfile {
 }
 
 /// One device's memory pool around the profiled forward.
+#[cfg(feature = "cuda")]
 struct PoolWatch {
     stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
     pool: Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>,
@@ -32,6 +41,7 @@ struct PoolWatch {
     used_before: u64,
 }
 
+#[cfg(feature = "cuda")]
 impl PoolWatch {
     /// Trims the device's default pool and resets its high-water mark.
     fn start(model: &crate::model::Model) -> Result<Self> {
@@ -112,6 +122,7 @@ impl PoolWatch {
 /// `cuMemGetInfo` after loading, and the forward's peak from the stream-ordered memory
 /// pool's high-water mark (cudarc allocates from the device's default pool), or, without
 /// one, from free memory just after the forward.
+#[cfg(feature = "cuda")]
 pub fn profile_forward_peak(model: &crate::model::Model, block_size: usize, tokens: usize) -> Result<ForwardProfile> {
     profile_forward_peak_ranks(std::slice::from_ref(model), block_size, tokens)
 }
@@ -119,6 +130,7 @@ pub fn profile_forward_peak(model: &crate::model::Model, block_size: usize, toke
 /// [`profile_forward_peak`] for the ranks of a tensor-parallel model (they run the
 /// dummy step together): the tightest rank's figures (least total memory, most in use,
 /// largest peak), since every rank gets the same number of blocks.
+#[cfg(feature = "cuda")]
 pub fn profile_forward_peak_ranks(
     ranks: &[crate::model::Model],
     block_size: usize,
@@ -160,4 +172,40 @@ pub fn profile_forward_peak_ranks(
         });
     }
     Ok(worst.expect("at least one rank"))
+}
+
+/// The KV budget on a GPU, as vLLM sizes it: `fraction` × total device memory, less
+/// what is in use after loading the weights and the activation peak of one forward of
+/// `tokens` tokens (one dummy prefill run with a scratch cache).
+#[cfg(feature = "cuda")]
+pub fn gpu_kv_budget(
+    ranks: &[crate::model::Model],
+    fraction: f64,
+    block_size: usize,
+    tokens: usize,
+) -> anyhow::Result<u64> {
+    let p = profile_forward_peak_ranks(ranks, block_size, tokens)?;
+    let budget = (fraction * p.total as f64) as i128 - p.in_use_after_load as i128 - p.activation_peak as i128;
+    tracing::info!(
+        "GPU memory: total {}, in use after loading {}, forward peak for {tokens} tokens {} ({}); KV budget at {fraction}: {}",
+        format_bytes(p.total),
+        format_bytes(p.in_use_after_load),
+        format_bytes(p.activation_peak),
+        p.how,
+        format_bytes(budget.max(0) as u64),
+    );
+    if budget <= 0 {
+        anyhow::bail!(
+            "--gpu-memory-utilization {fraction}: nothing left for the KV cache ({} in use after loading, forward peak {} of {} total)",
+            format_bytes(p.in_use_after_load),
+            format_bytes(p.activation_peak),
+            format_bytes(p.total)
+        );
+    }
+    Ok(budget as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn gpu_kv_budget(_: &[crate::model::Model], _: f64, _: usize, _: usize) -> anyhow::Result<u64> {
+    anyhow::bail!("GPU memory profiling needs the `cuda` build feature")
 }

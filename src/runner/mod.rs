@@ -4,7 +4,6 @@
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graphs;
-#[cfg(feature = "cuda")]
 pub mod memory;
 pub mod sampler;
 
@@ -265,7 +264,7 @@ impl Runner {
         let input = self.step_input(mgr, steps)?;
         if self.model.device().is_cuda() {
             // The GPU does the work; the calling thread only queues launches on the device's
-            // one stream (`ops::cuda::device`).
+            // one stream (`device::cuda`).
             return self.model.forward(&input, &self.cache);
         }
         // On the CPU the whole forward runs on a rayon worker, so each op's parallel

@@ -128,6 +128,47 @@ pub fn fetch_logits(logits: &candle_core::Tensor, full: &[bool]) -> candle_core:
 /// computes on the device.
 pub use crate::ops::argmax::argmax;
 
+/// A token's log-prob and its top alternatives (id, log-prob), best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of `logits` at `token`, with the `top` best alternatives.
+pub fn token_logprob(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let lse = max + logits.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &x) in logits.iter().enumerate() {
+            if best.len() < top || x > best[best.len() - 1].1 {
+                let pos = best.partition_point(|&(_, y)| y >= x);
+                best.insert(pos, (i as u32, x));
+                best.truncate(top);
+            }
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |&x| x - lse),
+        top: best.into_iter().map(|(i, x)| (i, x - lse)).collect(),
+    }
+}
+
+/// `logits` with the `banned` tokens made unpickable (−∞): before a request's
+/// `min_tokens`, its EOS and stop tokens.
+pub fn mask_tokens(logits: &[f32], banned: impl IntoIterator<Item = u32>) -> Vec<f32> {
+    let mut masked = logits.to_vec();
+    for t in banned {
+        if let Some(x) = masked.get_mut(t as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    masked
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -15,7 +15,6 @@
 #[cfg(feature = "nccl")]
 pub mod nccl;
 
-use crate::model::Model;
 use candle_core::{Device, Result, Tensor};
 use std::ops::Range;
 use std::sync::{Arc, Condvar, Mutex};
@@ -101,39 +100,37 @@ pub fn rank_device(base: &Device, rank: usize) -> Result<Device> {
                 candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
                 _ => unreachable!("a CUDA device"),
             };
-            crate::ops::cuda::device(ordinal + rank)
+            crate::device::cuda(ordinal + rank)
         }
         d => candle_core::bail!("tensor parallelism: device {d:?} is not supported"),
     }
 }
 
-/// Connects the ranks' all-reduce (rank order): NCCL when they are on GPUs (feature
-/// `nccl`), [`LocalGroup`] on the CPU. One rank needs none.
-pub fn connect(ranks: &mut [Model]) -> Result<()> {
-    if ranks.len() < 2 {
-        return Ok(());
+/// One all-reduce handle per rank of `devices` (rank order): NCCL when they are GPUs
+/// (feature `nccl`), [`LocalGroup`] on the CPU. One rank needs none: the list is empty.
+pub fn connect(devices: &[Device]) -> Result<Vec<Arc<dyn AllReduce>>> {
+    if devices.len() < 2 {
+        return Ok(Vec::new());
     }
-    if ranks.iter().all(|m| m.device().is_cpu()) {
-        let groups = LocalGroup::new(ranks.len());
-        for (m, g) in ranks.iter_mut().zip(groups) {
-            m.set_all_reduce(Arc::new(g));
-        }
-        return Ok(());
+    if devices.iter().all(|d| d.is_cpu()) {
+        return Ok(LocalGroup::new(devices.len())
+            .into_iter()
+            .map(|g| Arc::new(g) as Arc<dyn AllReduce>)
+            .collect());
     }
-    connect_gpus(ranks)
+    connect_gpus(devices)
 }
 
 #[cfg(feature = "nccl")]
-fn connect_gpus(ranks: &mut [Model]) -> Result<()> {
-    let devices: Vec<Device> = ranks.iter().map(|m| m.device().clone()).collect();
-    for (m, c) in ranks.iter_mut().zip(nccl::NcclComm::group(&devices)?) {
-        m.set_all_reduce(Arc::new(c));
-    }
-    Ok(())
+fn connect_gpus(devices: &[Device]) -> Result<Vec<Arc<dyn AllReduce>>> {
+    Ok(nccl::NcclComm::group(devices)?
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn AllReduce>)
+        .collect())
 }
 
 #[cfg(not(feature = "nccl"))]
-fn connect_gpus(_: &mut [Model]) -> Result<()> {
+fn connect_gpus(_: &[Device]) -> Result<Vec<Arc<dyn AllReduce>>> {
     candle_core::bail!("tensor parallelism over GPUs needs NCCL: build with --features nccl")
 }
 

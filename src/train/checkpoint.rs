@@ -5,6 +5,7 @@
 //! the state last, so a crash mid-save leaves the previous checkpoint readable.
 
 use super::adamw::{AdamW, AdamWParams};
+use super::files::replace_file;
 use super::trainer::{Trainable, Trainer};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
@@ -78,20 +79,11 @@ pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
     })
 }
 
-/// Writes `path` through `path.tmp` and a rename.
-pub(crate) fn replace_file(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
-}
-
 /// A full checkpoint of the run into `out`, the tokenizer files copied from `tok_dir`
 /// (which may be `out` itself).
 pub fn save(out: &Path, t: &Trainable, trainer: &Trainer, state: &TrainerState, tok_dir: &Path) -> anyhow::Result<()> {
     t.save(out)?;
-    for name in crate::convert::TOKENIZER_FILES {
+    for name in crate::model::reshare::TOKENIZER_FILES {
         let src = tok_dir.join(name);
         if src.exists() {
             replace_file(&out.join(name), |tmp| {

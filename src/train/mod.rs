@@ -6,6 +6,7 @@ pub mod adamw;
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+mod files;
 pub mod trainer;
 
 pub use data::{pack_windows, Corpus, DataOrder};

@@ -56,7 +56,7 @@ impl Trainable {
     pub fn from_dir(
         dir: &Path,
         sharing: Option<KvSharing>,
-        init: crate::convert::KvInit,
+        init: crate::model::reshare::KvInit,
         device: &Device,
     ) -> anyhow::Result<Self> {
         let opts = LoadOptions {
@@ -64,7 +64,7 @@ impl Trainable {
             ..Default::default()
         };
         let m = crate::model::load_model_dir(dir, &opts)?;
-        let (cfg, tensors) = crate::convert::reshared_checkpoint(&m, sharing.as_ref(), init)?;
+        let (cfg, tensors) = crate::model::reshare::reshared_checkpoint(&m, sharing.as_ref(), init)?;
         Self::from_tensors(&cfg, tensors, device)
     }
 
@@ -94,11 +94,11 @@ impl Trainable {
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
-        super::checkpoint::replace_file(&out.join("model.safetensors"), |tmp| {
+        super::files::replace_file(&out.join("model.safetensors"), |tmp| {
             candle_core::safetensors::save(&tensors, tmp).context("writing model.safetensors")
         })?;
         let config = self.model.config().to_json_with_kv_source();
-        super::checkpoint::replace_file(&out.join("config.json"), |tmp| {
+        super::files::replace_file(&out.join("config.json"), |tmp| {
             Ok(std::fs::write(tmp, serde_json::to_string_pretty(&config)?)?)
         })
     }
@@ -221,7 +221,7 @@ impl Trainer {
             bail!("--batch-size must be at least 1");
         }
         #[cfg(feature = "cuda")]
-        crate::ops::cuda::retain_freed_memory(t.model.device())?;
+        crate::device::retain_freed_memory(t.model.device())?;
         opt.keep_compute_copies(opts.dtype)?;
         let compute_model = match opts.dtype {
             DType::F32 => None,

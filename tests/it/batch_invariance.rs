@@ -138,7 +138,7 @@ async fn cuda_batch_invariant_mode_answers_the_same_alone_or_shared() {
             ck.save();
             let mut m = ck.load_with(&LoadOptions {
                 dtype: Some(dtype),
-                device: crosskv::ops::cuda::device(0).expect("a CUDA device"),
+                device: crosskv::device::cuda(0).expect("a CUDA device"),
                 ..Default::default()
             });
             m.set_batch_invariant(true);

@@ -300,11 +300,11 @@ fn convert_with_mean_kv_init_averages_each_groups_projections() {
     // Re-sharing a CLA2 checkpoint by 4: layer 0's cache is read by layers that used
     // two distinct projections (0's and 2's), and their mean is taken once each.
     let mut tensors = got.clone();
-    crosskv::convert::reshare_tensors(
+    crosskv::model::reshare::reshare_tensors(
         &mut tensors,
         &[0, 0, 2, 2],
         &[0, 0, 0, 0],
-        crosskv::convert::KvInit::Mean,
+        crosskv::model::reshare::KvInit::Mean,
     )
     .unwrap();
     let name = |l: usize| format!("model.layers.{l}.self_attn.k_proj.weight");
@@ -314,11 +314,11 @@ fn convert_with_mean_kv_init_averages_each_groups_projections() {
     assert!(!tensors.contains_key(&name(2)));
     // `first` keeps the producer's own.
     let mut tensors = got.clone();
-    crosskv::convert::reshare_tensors(
+    crosskv::model::reshare::reshare_tensors(
         &mut tensors,
         &[0, 0, 2, 2],
         &[0, 0, 0, 0],
-        crosskv::convert::KvInit::First,
+        crosskv::model::reshare::KvInit::First,
     )
     .unwrap();
     assert_eq!(

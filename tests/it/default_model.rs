@@ -3,8 +3,8 @@
 //! through the paged runner.
 
 use crosskv::config::KvSharing;
-use crosskv::convert::KvInit;
 use crosskv::kv::KvManager;
+use crosskv::model::reshare::KvInit;
 use crosskv::model::{self, ChatMessage, LoadOptions, LoadedModel};
 use crosskv::runner::{self, GenerateOptions, Runner, SamplingParams, SeqStep};
 use std::sync::Mutex;

@@ -14,7 +14,7 @@ use serde_json::json;
 fn setup() -> (Trainable, Vec<Vec<u32>>) {
     let tiny = Tiny::new(4, 4, 2, 8, 32, 61).cla("cla_share_factor", json!(2)).seed(5);
     let ck = tiny.write();
-    let t = Trainable::from_dir(ck.path(), None, crosskv::convert::KvInit::First, &Device::Cpu).unwrap();
+    let t = Trainable::from_dir(ck.path(), None, crosskv::model::reshare::KvInit::First, &Device::Cpu).unwrap();
     let mut rng = Rng::new(11);
     let windows = (0..3).map(|_| rng.tokens(9, tiny.vocab)).collect();
     (t, windows)

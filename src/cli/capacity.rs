@@ -1,0 +1,148 @@
+//! `crosskv capacity`: a model's KV layout and capacity with and without sharing, from
+//! its config alone.
+
+use super::{check_block_size, SharingArgs};
+use crate::config::ModelConfig;
+use crate::device::DtypeArg;
+use crate::kv::{CapacityReport, KvLayout};
+use crate::model::{self, ModelSource};
+use crate::units::{format_bytes, parse_size};
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct CapacityArgs {
+    /// A HF model directory, a .gguf file, or a Hugging Face repo id.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    pub model: Option<String>,
+    /// A config.json (no weights needed).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// KV cache budget, e.g. 4GiB.
+    #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+    pub kv_cache_memory: u64,
+    /// Per GPU of N tensor-parallel ranks: each holds its share of the KV heads (an MQA
+    /// head is replicated), so the same budget per GPU holds more tokens.
+    #[arg(long, alias = "tp", default_value_t = 1)]
+    pub tensor_parallel_size: usize,
+    /// Sequence length for max concurrency (default: the model's context length).
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// KV dtype (default: the checkpoint's torch_dtype, else f16).
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
+    #[arg(long, default_value_t = 16)]
+    pub block_size: usize,
+    #[command(flatten)]
+    pub sharing: SharingArgs,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The config of a source without loading its weights.
+fn config_only(src: &str) -> anyhow::Result<ModelConfig> {
+    match model::resolve_source(Some(src))? {
+        ModelSource::Dir(d) => Ok(ModelConfig::from_file(&d.join("config.json"))?),
+        ModelSource::Gguf(p) => {
+            let mut f = std::fs::File::open(&p).with_context(|| p.display().to_string())?;
+            let ct = candle_core::quantized::gguf_file::Content::read(&mut f)
+                .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {e}", p.display()))?;
+            Ok(model::gguf_config::config_from_gguf(&ct)?.0)
+        }
+    }
+}
+
+pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, CapacityReport)> {
+    check_block_size(args.block_size)?;
+    let mut cfg = match (&args.model, &args.config) {
+        (_, Some(path)) => ModelConfig::from_file(path)?,
+        (Some(src), None) => config_only(src)?,
+        (None, None) => bail!("give --model or --config"),
+    };
+    if let Some(s) = args.sharing.sharing()? {
+        cfg.reshare(&s)?;
+    }
+    let dtype_bytes = match args.dtype {
+        Some(d) => d.dtype().size_in_bytes(),
+        None => match cfg.torch_dtype.as_deref() {
+            Some("float32") => 4,
+            _ => 2,
+        },
+    };
+    let seq_len = args.seq_len.unwrap_or(cfg.max_position_embeddings);
+    if seq_len == 0 {
+        bail!("--seq-len must be at least 1");
+    }
+    let shard = crate::tp::Shard {
+        rank: 0,
+        world: args.tensor_parallel_size,
+    };
+    let split = shard
+        .split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
+        .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {}: {e}", args.tensor_parallel_size))?;
+    let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, dtype_bytes);
+    let report = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
+    Ok((cfg, report))
+}
+
+pub fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
+    let (_, r) = capacity_report(args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{}", capacity_table(&r));
+    }
+    Ok(())
+}
+
+pub fn capacity_table(r: &CapacityReport) -> String {
+    let src: Vec<String> = r.kv_source.iter().map(|s| s.to_string()).collect();
+    let gain = r.capacity_tokens as f64 / r.non_cla_capacity_tokens.max(1) as f64;
+    let rows = [
+        (
+            "layers / KV layers",
+            format!("{} / {}", r.layers, r.kv_layers),
+            format!("{} / {}", r.layers, r.layers),
+        ),
+        (
+            "KV heads × head_dim × bytes",
+            format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),
+            format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),
+        ),
+        (
+            "KV bytes per token",
+            r.kv_bytes_per_token.to_string(),
+            r.non_cla_kv_bytes_per_token.to_string(),
+        ),
+        (
+            "KV cache budget",
+            format_bytes(r.kv_cache_bytes),
+            format_bytes(r.kv_cache_bytes),
+        ),
+        (
+            &*format!("blocks of {} tokens", r.block_size),
+            r.num_blocks.to_string(),
+            r.num_blocks.to_string(),
+        ),
+        (
+            "capacity (tokens)",
+            r.capacity_tokens.to_string(),
+            r.non_cla_capacity_tokens.to_string(),
+        ),
+        (
+            &*format!("max concurrency @ {} tokens", r.seq_len),
+            r.max_concurrency.to_string(),
+            r.non_cla_max_concurrency.to_string(),
+        ),
+    ]
+    .map(|(a, b, c)| (a.to_string(), b, c));
+    let mut s = format!("kv_source: [{}]\n", src.join(", "));
+    s += &format!("{:<34}{:>18}{:>18}\n", "", "with sharing", "without sharing");
+    for (a, b, c) in rows {
+        s += &format!("{a:<34}{b:>18}{c:>18}\n");
+    }
+    s += &format!("{:<34}{:>18}\n", "capacity gain from sharing", format!("{gain:.2}×"));
+    s
+}

@@ -1,0 +1,545 @@
+//! The engine thread: one loop that takes commands (add, abort, shutdown), drops the
+//! requests whose clients left, and runs one step at a time, synchronously, in three
+//! phases: schedule (the scheduler and the KV manager pick the step's work), execute
+//! (the runner's batched forward) and update (sampling, stop checks, events out,
+//! finished requests freed). A panic inside a step fails that step's requests only.
+
+use super::output::OutputText;
+use super::scheduler::SchedulerOutput;
+use super::{EngineEvent, EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
+use super::{Scheduled, Scheduler, TokenLogprob, Usage, MAX_SCORED_CHUNK};
+use crate::metrics::Metrics;
+use crate::model::Tok;
+use crate::runner::sampler::{mask_tokens, token_logprob};
+use crate::runner::{Runner, Sampler, SeqStep, StepLogits};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the handle sends the engine thread.
+pub(super) enum Command {
+    Add {
+        id: RequestId,
+        req: GenerateRequest,
+        events: UnboundedSender<EngineEvent>,
+        arrival: Instant,
+    },
+    Abort(RequestId),
+    Fault(Fault),
+    Shutdown,
+}
+
+/// One request's engine-side state.
+struct Live {
+    events: UnboundedSender<EngineEvent>,
+    options: GenerateOptions,
+    sampler: Sampler,
+    text: OutputText,
+    prompt_len: usize,
+    generated: Vec<u32>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    last_token: Option<Instant>,
+    cached_tokens: usize,
+    prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+}
+
+impl Live {
+    /// The next token is the argmax and nothing else is read from the row: greedy, no
+    /// log-probs, no min_tokens masking left to do.
+    fn greedy_pick_suffices(&self) -> bool {
+        self.sampler.is_greedy() && self.options.logprobs.is_none() && self.generated.len() >= self.options.min_tokens
+    }
+}
+
+pub(super) struct Engine {
+    runner: Runner,
+    scheduler: Scheduler,
+    requests: HashMap<RequestId, Live>,
+    tokenizer: Arc<Tok>,
+    metrics: Arc<Metrics>,
+    status: Arc<Mutex<EngineStatus>>,
+    max_model_len: usize,
+    pending_adds: Arc<AtomicUsize>,
+    /// The requests of the step under way: they fail if it panics.
+    in_step: Vec<RequestId>,
+    fault: Option<Fault>,
+}
+
+/// The text of a caught panic's payload.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// What [`Engine::execute`] hands [`Engine::update`]: the step's sequences, the
+/// logits tensor (rows read in place for prompt log-probs) and the rows fetched to the host.
+struct Executed {
+    steps: Vec<SeqStep>,
+    tensor: candle_core::Tensor,
+    logits: StepLogits,
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        runner: Runner,
+        scheduler: Scheduler,
+        tokenizer: Arc<Tok>,
+        metrics: Arc<Metrics>,
+        status: Arc<Mutex<EngineStatus>>,
+        max_model_len: usize,
+        pending_adds: Arc<AtomicUsize>,
+    ) -> Self {
+        Engine {
+            runner,
+            scheduler,
+            requests: HashMap::new(),
+            tokenizer,
+            metrics,
+            status,
+            max_model_len,
+            pending_adds,
+            in_step: Vec::new(),
+            fault: None,
+        }
+    }
+
+    /// Starts the engine thread (`crosskv-engine`), serving the commands of `rx`.
+    pub(super) fn spawn(self, rx: mpsc::Receiver<Command>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("crosskv-engine".into())
+            .spawn(move || self.run(rx))
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        loop {
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(&rx)));
+            match turn {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(p) => self.recover(&*p),
+            }
+        }
+    }
+
+    /// A panic on the engine thread fails the requests of the step it hit (they may be
+    /// half-updated) and frees their blocks; the engine goes on with the others.
+    fn recover(&mut self, panic: &(dyn std::any::Any + Send)) {
+        let msg = panic_message(panic);
+        tracing::error!(
+            "engine step panicked: {msg}; failing its {} request(s)",
+            self.in_step.len()
+        );
+        for id in std::mem::take(&mut self.in_step) {
+            if let Some(l) = self.requests.get(&id) {
+                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
+            }
+            self.finish(id, FinishReason::Abort);
+        }
+        // A panic outside a step may have left a request known to one side only.
+        let scheduled: std::collections::HashSet<RequestId> = self.scheduler.ids().into_iter().collect();
+        for id in &scheduled {
+            if !self.requests.contains_key(id) {
+                if let Err(e) = self.scheduler.remove(*id) {
+                    tracing::error!("freeing request {id}: {e}");
+                }
+            }
+        }
+        let orphans: Vec<RequestId> = self
+            .requests
+            .keys()
+            .filter(|id| !scheduled.contains(id))
+            .copied()
+            .collect();
+        for id in orphans {
+            if let Some(l) = self.requests.get(&id) {
+                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
+            }
+            self.finish(id, FinishReason::Abort);
+        }
+        self.publish();
+    }
+
+    /// One turn of the loop: take commands, drop requests whose clients left, run a
+    /// step. False once the engine is to stop.
+    fn turn(&mut self, rx: &mpsc::Receiver<Command>) -> bool {
+        // Idle: block for work. Busy: take what arrived and go on stepping.
+        let first = if self.scheduler.has_work() {
+            rx.try_recv().ok()
+        } else {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return false,
+            }
+        };
+        let mut stop = false;
+        for cmd in first.into_iter().chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+            match cmd {
+                Command::Add {
+                    id,
+                    req,
+                    events,
+                    arrival,
+                } => {
+                    self.pending_adds.fetch_sub(1, Ordering::Relaxed);
+                    self.add(id, req, events, arrival)
+                }
+                Command::Abort(id) => self.finish(id, FinishReason::Abort),
+                Command::Fault(f) => self.fault = Some(f),
+                Command::Shutdown => stop = true,
+            }
+        }
+        if stop {
+            let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+            for id in ids {
+                self.finish(id, FinishReason::Abort);
+            }
+            self.publish();
+            return false;
+        }
+        // Clients that went away since the last step.
+        let gone: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Abort);
+        }
+        if self.scheduler.has_work() {
+            self.step();
+            self.in_step.clear();
+        }
+        self.publish();
+        true
+    }
+
+    fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineEvent>, arrival: Instant) {
+        let o = req.options;
+        let prompt_len = req.prompt_ids.len();
+        let max_total = prompt_len
+            .saturating_add(o.max_tokens)
+            .min(self.max_model_len.max(prompt_len));
+        if prompt_len == 0 {
+            let _ = events.send(EngineEvent::Error("the prompt is empty".into()));
+            return;
+        }
+        // Prompt log-probs need logits at every prompt position: no prefix-cache skip.
+        if let Err(e) = self
+            .scheduler
+            .add(id, req.prompt_ids, max_total, o.prompt_logprobs.is_none())
+        {
+            let _ = events.send(EngineEvent::Error(e.to_string()));
+            return;
+        }
+        if o.prompt_logprobs.is_some() {
+            self.scheduler.set_max_chunk(id, MAX_SCORED_CHUNK);
+        }
+        self.metrics.prompt_tokens_total.inc_by(prompt_len as u64);
+        self.requests.insert(
+            id,
+            Live {
+                events,
+                sampler: Sampler::new(o.sampling.clone()),
+                text: OutputText::new(o.stop.clone()),
+                prompt_logprobs: o.prompt_logprobs.map(|_| vec![None]),
+                options: o,
+                prompt_len,
+                generated: Vec::new(),
+                arrival,
+                first_scheduled: None,
+                last_token: None,
+                cached_tokens: 0,
+            },
+        );
+    }
+
+    /// One step, in vLLM's EngineCore order: schedule → execute → update.
+    fn step(&mut self) {
+        let Some(out) = self.schedule() else { return };
+        let Some(ex) = self.execute(&out) else { return };
+        self.update(&out, ex);
+    }
+
+    /// Schedule: the scheduler picks this step's work under the token budget (preempting
+    /// when blocks run out); what the step holds is published before the forward.
+    /// `None`: nothing fits this step.
+    fn schedule(&mut self) -> Option<SchedulerOutput> {
+        let out = self.scheduler.schedule();
+        self.metrics.num_preemptions_total.inc_by(out.preempted.len() as u64);
+        self.metrics
+            .prefix_cache_queries_total
+            .inc_by(out.prefix_queries as u64);
+        self.metrics.prefix_cache_hits_total.inc_by(out.prefix_hits as u64);
+        if out.scheduled.is_empty() {
+            // Nothing fits this step (e.g. --max-num-seqs reached by requests being
+            // aborted); wait briefly rather than spin.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            return None;
+        }
+        self.in_step = out.scheduled.iter().map(|s| s.id).collect();
+        // What this step holds is known now: publish before the forward, which may be long.
+        self.publish();
+        match self.fault.take() {
+            Some(Fault::PanicInStep) => panic!("injected fault: a panic in the step"),
+            Some(Fault::StallStep(d)) => std::thread::sleep(d),
+            None => {}
+        }
+        Some(out)
+    }
+
+    /// Execute: one batched forward over the scheduled sequences, and the logits rows
+    /// sampling needs fetched to the host. `None`: the forward failed, and the step's
+    /// requests were failed and freed.
+    fn execute(&mut self, out: &SchedulerOutput) -> Option<Executed> {
+        let now = Instant::now();
+        let steps: Vec<SeqStep> = out
+            .scheduled
+            .iter()
+            .map(|s| {
+                let live = self.requests.get_mut(&s.id);
+                let all_logits = live.as_ref().is_some_and(|l| {
+                    l.prompt_logprobs.as_ref().is_some_and(|p| p.len() < l.prompt_len) && s.start < l.prompt_len
+                });
+                if let Some(l) = live {
+                    if l.first_scheduled.is_none() {
+                        l.first_scheduled = Some(now);
+                        l.cached_tokens = s.cached_tokens;
+                        self.metrics
+                            .request_queue_time_seconds
+                            .observe((now - l.arrival).as_secs_f64());
+                    }
+                }
+                SeqStep {
+                    seq: s.id,
+                    tokens: s.tokens.clone(),
+                    start_pos: s.start,
+                    all_logits,
+                }
+            })
+            .collect();
+        // Which output rows must come to the host whole: prompt log-probs, and sampling
+        // rows that are not plain greedy picks (temperature, log-probs, min_tokens masking).
+        // Prompt rows are scored where they are (`collect_prompt_logprobs`), never copied.
+        let mut full = Vec::new();
+        for (s, step) in out.scheduled.iter().zip(&steps) {
+            if step.all_logits {
+                full.extend(std::iter::repeat_n(false, step.tokens.len() - 1));
+            }
+            full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
+        }
+        let logits = self.runner.step(self.scheduler.kv(), &steps).and_then(|t| {
+            let fetched = crate::runner::fetch_logits(&t, &full)?;
+            Ok((t, fetched))
+        });
+        let (tensor, logits) = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("step failed: {e}");
+                for s in &out.scheduled {
+                    if let Some(l) = self.requests.get(&s.id) {
+                        let _ = l.events.send(EngineEvent::Error(format!("inference failed: {e}")));
+                    }
+                    self.finish(s.id, FinishReason::Abort);
+                }
+                return None;
+            }
+        };
+        Some(Executed { steps, tensor, logits })
+    }
+
+    /// Update: each sequence's progress recorded, prompt log-probs scored, and a token
+    /// sampled where the step ends a sequence's known tokens (stop checks, events out,
+    /// finished requests freed).
+    fn update(&mut self, out: &SchedulerOutput, ex: Executed) {
+        let mut row = 0;
+        for (s, step) in out.scheduled.iter().zip(&ex.steps) {
+            let rows = if step.all_logits { step.tokens.len() } else { 1 };
+            let range = row..row + rows;
+            row += rows;
+            self.scheduler.computed(s);
+            if step.all_logits {
+                if let Err(e) = self.collect_prompt_logprobs(s, &ex.tensor, range.start) {
+                    if let Some(l) = self.requests.get(&s.id) {
+                        let _ = l
+                            .events
+                            .send(EngineEvent::Error(format!("scoring the prompt failed: {e}")));
+                    }
+                    self.finish(s.id, FinishReason::Abort);
+                    continue;
+                }
+            }
+            if s.samples {
+                let last = range.end - 1;
+                self.sample(s.id, ex.logits.rows[last].as_deref(), ex.logits.argmax[last]);
+            }
+        }
+    }
+
+    /// Prompt log-probs: the logits at position p score the prompt token at p + 1. The
+    /// step's logits rows `first_row..` are this chunk's positions; they are read a few
+    /// rows at a time, so scoring costs no more memory than those rows.
+    fn collect_prompt_logprobs(
+        &mut self,
+        s: &Scheduled,
+        logits: &candle_core::Tensor,
+        first_row: usize,
+    ) -> candle_core::Result<()> {
+        const ROWS_AT_ONCE: usize = 32;
+        let Some(l) = self.requests.get_mut(&s.id) else {
+            return Ok(());
+        };
+        let Some(tokens) = self.scheduler.tokens(s.id) else {
+            return Ok(());
+        };
+        let top = l.options.prompt_logprobs.unwrap_or(0);
+        let Some(acc) = l.prompt_logprobs.as_mut() else {
+            return Ok(());
+        };
+        // Positions whose next token is a prompt token not scored yet (a recomputed
+        // chunk after a preemption is skipped): next = start + i + 1 in
+        // acc.len()..prompt_len.
+        let lo = acc.len().saturating_sub(s.start + 1);
+        let hi = s.tokens.len().min(l.prompt_len.saturating_sub(s.start + 1));
+        for chunk in (lo..hi).step_by(ROWS_AT_ONCE) {
+            let n = ROWS_AT_ONCE.min(hi - chunk);
+            let rows = logits.narrow(0, first_row + chunk, n)?.to_vec2::<f32>()?;
+            for (k, r) in rows.iter().enumerate() {
+                let next = s.start + chunk + k + 1;
+                if acc.len() == next {
+                    acc.push(Some(token_logprob(r, tokens[next], top)));
+                }
+            }
+        }
+        if acc.len() == l.prompt_len {
+            let done = std::mem::take(acc);
+            let _ = l.events.send(EngineEvent::PromptLogprobs(done.clone()));
+            // Keep a full-length marker so they are not sent again after a preemption.
+            *acc = done;
+        }
+        Ok(())
+    }
+
+    /// `logits`: the row, when the request needs more than a greedy pick
+    /// ([`Live::greedy_pick_suffices`]); else `greedy` (the device's argmax) is the token.
+    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, greedy: u32) {
+        let Some(l) = self.requests.get_mut(&id) else { return };
+        let o = &l.options;
+        let (token, logprob) = match logits {
+            None => (greedy, None),
+            Some(logits) => {
+                let masked;
+                let mut scores = logits;
+                // Before min_tokens, EOS and stop tokens cannot be picked.
+                if l.generated.len() < o.min_tokens {
+                    let eos = if o.ignore_eos {
+                        None
+                    } else {
+                        Some(&self.tokenizer.eos_ids)
+                    };
+                    masked = mask_tokens(
+                        logits,
+                        o.stop_token_ids.iter().chain(eos.into_iter().flatten()).copied(),
+                    );
+                    scores = &masked;
+                }
+                let token = l.sampler.sample(scores);
+                (token, o.logprobs.map(|top| token_logprob(logits, token, top)))
+            }
+        };
+        let now = Instant::now();
+        match l.last_token {
+            None => self
+                .metrics
+                .time_to_first_token_seconds
+                .observe((now - l.arrival).as_secs_f64()),
+            Some(t) => self
+                .metrics
+                .inter_token_latency_seconds
+                .observe((now - t).as_secs_f64()),
+        }
+        l.last_token = Some(now);
+        l.generated.push(token);
+        self.metrics.generation_tokens_total.inc();
+        let is_eos = !o.ignore_eos && self.tokenizer.eos_ids.contains(&token);
+        let is_stop_token = o.stop_token_ids.contains(&token);
+        let (text, stop_string) = if is_eos || is_stop_token {
+            (String::new(), false)
+        } else {
+            match l.text.push(&self.tokenizer, token) {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = l.events.send(EngineEvent::Error(e.to_string()));
+                    self.finish(id, FinishReason::Abort);
+                    return;
+                }
+            }
+        };
+        let total = l.prompt_len + l.generated.len();
+        let reason = if is_eos || is_stop_token || stop_string {
+            Some(FinishReason::Stop)
+        } else if l.generated.len() >= o.max_tokens || total >= self.max_model_len {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        // Text held back as a possible stop-string start goes out when the request
+        // ends any other way.
+        let text = if reason.is_some() && !stop_string {
+            text + &l.text.flush()
+        } else {
+            text
+        };
+        let _ = l.events.send(EngineEvent::Token {
+            id: token,
+            text,
+            logprob,
+        });
+        match reason {
+            Some(r) => self.finish(id, r),
+            None => self.scheduler.append_token(id, token),
+        }
+    }
+
+    /// Ends a request: frees its blocks and sends `Finished`.
+    fn finish(&mut self, id: RequestId, reason: FinishReason) {
+        if let Err(e) = self.scheduler.remove(id) {
+            tracing::error!("freeing request {id}: {e}");
+        }
+        let Some(l) = self.requests.remove(&id) else { return };
+        self.metrics
+            .e2e_request_latency_seconds
+            .observe(l.arrival.elapsed().as_secs_f64());
+        let usage = Usage {
+            prompt_tokens: l.prompt_len,
+            completion_tokens: l.generated.len(),
+            cached_tokens: l.cached_tokens,
+        };
+        let _ = l.events.send(EngineEvent::Finished { reason, usage });
+    }
+
+    fn publish(&self) {
+        let kv = self.scheduler.kv();
+        let status = EngineStatus {
+            num_running: self.scheduler.num_running(),
+            num_waiting: self.scheduler.num_waiting(),
+            blocks_used: kv.num_used_blocks(),
+            blocks_free: kv.num_free_blocks(),
+            blocks_used_per_slot: kv.used_blocks_per_slot(),
+        };
+        self.metrics.num_requests_running.set(status.num_running as i64);
+        self.metrics.num_requests_waiting.set(status.num_waiting as i64);
+        self.metrics
+            .set_kv_usage(status.blocks_used, self.scheduler.cached_tokens());
+        if let Ok(mut s) = self.status.lock() {
+            *s = status;
+        }
+    }
+}
