@@ -3,7 +3,8 @@
 //! KV metrics (docs/serving.md).
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry, TextEncoder,
+    Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every exported metric name (histograms add `_bucket`, `_sum`, `_count`).
@@ -27,7 +28,47 @@ pub const METRIC_NAMES: &[&str] = &[
     "crosskv_kv_blocks_total",
     "crosskv_kv_blocks_used",
     "crosskv_kv_bytes_saved_by_sharing",
+    "crosskv_engine_steps_total",
+    "crosskv_engine_step_duration_seconds",
+    "crosskv_engine_step_phase_seconds_total",
+    "crosskv_iteration_tokens_total",
 ];
+
+/// The parts of an engine step, timed separately (`crosskv_engine_step_phase_seconds_total`):
+/// where a step's time goes, and so how long the device waits for the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    /// The scheduler's choice of this step's work, and the status published with it.
+    Schedule,
+    /// The step's inputs built from the scheduled sequences.
+    Prepare,
+    /// The batched forward and the logits rows the host needs, fetched (on CUDA this
+    /// waits for the device).
+    Forward,
+    /// Sampling, stop checks, detokenizing and the events to each request.
+    Update,
+    /// The status and gauges published after the step.
+    Publish,
+}
+
+impl StepPhase {
+    pub const ALL: [StepPhase; 5] = [
+        StepPhase::Schedule,
+        StepPhase::Prepare,
+        StepPhase::Forward,
+        StepPhase::Update,
+        StepPhase::Publish,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            StepPhase::Schedule => "schedule",
+            StepPhase::Prepare => "prepare",
+            StepPhase::Forward => "forward",
+            StepPhase::Update => "update",
+            StepPhase::Publish => "publish",
+        }
+    }
+}
 
 /// The static facts behind `crosskv_kv_cache_info` and the capacity gauges.
 #[derive(Debug, Clone)]
@@ -61,6 +102,10 @@ pub struct Metrics {
     pub kv_cache_used_bytes: IntGauge,
     pub kv_blocks_used: IntGauge,
     pub kv_bytes_saved_by_sharing: IntGauge,
+    pub engine_steps_total: IntCounter,
+    pub engine_step_duration_seconds: Histogram,
+    pub iteration_tokens_total: Histogram,
+    step_phase_seconds: [Counter; 5],
     info: KvCacheInfo,
 }
 
@@ -70,6 +115,12 @@ const TTFT_BUCKETS: &[f64] = &[
 ];
 const ITL_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+];
+const STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+];
+const ITERATION_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0,
 ];
 const REQUEST_BUCKETS: &[f64] = &[
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
@@ -127,6 +178,17 @@ impl Metrics {
         .set(info.capacity_tokens as i64);
         igauge("crosskv_kv_cache_bytes", "Bytes of KV cache storage").set((info.num_blocks * info.block_bytes) as i64);
         igauge("crosskv_kv_blocks_total", "KV cache blocks").set(info.num_blocks as i64);
+        let phases = reg(
+            &r,
+            CounterVec::new(
+                Opts::new(
+                    "crosskv_engine_step_phase_seconds_total",
+                    "Seconds engine steps spent in each phase (schedule, prepare, forward, update, publish)",
+                ),
+                &["phase"],
+            )
+            .expect("valid metric"),
+        );
         Metrics {
             kv_cache_usage_perc: gauge(
                 "crosskv_kv_cache_usage_perc",
@@ -171,6 +233,18 @@ impl Metrics {
                 "crosskv_kv_bytes_saved_by_sharing",
                 "Bytes the cached tokens would take with every layer a producer, minus what they take",
             ),
+            engine_steps_total: counter("crosskv_engine_steps_total", "Engine steps run"),
+            engine_step_duration_seconds: hist(
+                "crosskv_engine_step_duration_seconds",
+                "Wall time of an engine step, scheduling to published status",
+                STEP_BUCKETS,
+            ),
+            iteration_tokens_total: hist(
+                "crosskv_iteration_tokens_total",
+                "Tokens (prompt and decode) in one engine step",
+                ITERATION_TOKEN_BUCKETS,
+            ),
+            step_phase_seconds: StepPhase::ALL.map(|p| phases.with_label_values(&[p.label()])),
             registry: r,
             info,
         }
@@ -189,6 +263,11 @@ impl Metrics {
         });
         let saved = cached_tokens * (i.non_cla_kv_bytes_per_token - i.kv_bytes_per_token);
         self.kv_bytes_saved_by_sharing.set(saved as i64);
+    }
+
+    /// Adds `seconds` to the time steps spent in `phase`.
+    pub fn add_step_phase(&self, phase: StepPhase, seconds: f64) {
+        self.step_phase_seconds[phase as usize].inc_by(seconds);
     }
 
     /// The Prometheus text exposition.
@@ -221,6 +300,8 @@ mod tests {
         };
         let m = Metrics::new(info);
         m.time_to_first_token_seconds.observe(0.1);
+        m.add_step_phase(StepPhase::Forward, 0.25);
+        m.add_step_phase(StepPhase::Forward, 0.5);
         m.set_kv_usage(5, 40);
         let text = m.render();
         for name in METRIC_NAMES {
@@ -230,6 +311,8 @@ mod tests {
             );
         }
         assert!(text.contains("crosskv_kv_cache_usage_perc 0.5"));
+        assert!(text.contains("crosskv_engine_step_phase_seconds_total{phase=\"forward\"} 0.75"));
+        assert!(text.contains("crosskv_engine_step_phase_seconds_total{phase=\"update\"} 0"));
         assert!(text.contains("crosskv_kv_bytes_saved_by_sharing 20480"));
     }
 }

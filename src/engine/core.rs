@@ -8,7 +8,7 @@ use super::output::OutputText;
 use super::scheduler::SchedulerOutput;
 use super::{EngineEvent, EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
 use super::{Scheduled, Scheduler, TokenLogprob, Usage, MAX_SCORED_CHUNK};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StepPhase};
 use crate::model::Tok;
 use crate::runner::sampler::{mask_tokens, token_logprob};
 use crate::runner::{Runner, Sampler, SeqStep, StepLogits};
@@ -213,11 +213,22 @@ impl Engine {
         for id in gone {
             self.finish(id, FinishReason::Abort);
         }
-        if self.scheduler.has_work() {
-            self.step();
-            self.in_step.clear();
+        if !self.scheduler.has_work() {
+            self.publish();
+            return true;
         }
+        let start = Instant::now();
+        let tokens = self.step();
+        self.in_step.clear();
+        let published = Instant::now();
         self.publish();
+        if let Some(n) = tokens {
+            let m = &self.metrics;
+            m.add_step_phase(StepPhase::Publish, published.elapsed().as_secs_f64());
+            m.engine_steps_total.inc();
+            m.engine_step_duration_seconds.observe(start.elapsed().as_secs_f64());
+            m.iteration_tokens_total.observe(n as f64);
+        }
         true
     }
 
@@ -261,11 +272,20 @@ impl Engine {
         );
     }
 
-    /// One step, in vLLM's EngineCore order: schedule → execute → update.
-    fn step(&mut self) {
-        let Some(out) = self.schedule() else { return };
-        let Some(ex) = self.execute(&out) else { return };
+    /// One step, in vLLM's EngineCore order: schedule → execute → update, each phase
+    /// timed. The tokens the step ran, or `None` when no forward ran.
+    fn step(&mut self) -> Option<usize> {
+        let t = Instant::now();
+        let out = self.schedule();
+        self.metrics
+            .add_step_phase(StepPhase::Schedule, t.elapsed().as_secs_f64());
+        let out = out?;
+        let ex = self.execute(&out)?;
+        let t = Instant::now();
         self.update(&out, ex);
+        self.metrics
+            .add_step_phase(StepPhase::Update, t.elapsed().as_secs_f64());
+        Some(out.scheduled.iter().map(|s| s.tokens.len()).sum())
     }
 
     /// Schedule: the scheduler picks this step's work under the token budget (preempting
@@ -335,10 +355,15 @@ impl Engine {
             }
             full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
         }
+        let forward = Instant::now();
+        self.metrics
+            .add_step_phase(StepPhase::Prepare, (forward - now).as_secs_f64());
         let logits = self.runner.step(self.scheduler.kv(), &steps).and_then(|t| {
             let fetched = crate::runner::fetch_logits(&t, &full)?;
             Ok((t, fetched))
         });
+        self.metrics
+            .add_step_phase(StepPhase::Forward, forward.elapsed().as_secs_f64());
         let (tensor, logits) = match logits {
             Ok(l) => l,
             Err(e) => {
