@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod device;
 pub mod engine;
+pub mod env;
 pub mod kv;
 pub mod metrics;
 pub mod model;

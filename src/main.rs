@@ -4,8 +4,8 @@ use crosskv::cli::{self, Cli, Command};
 fn main() {
     // Our ops parallelise on rayon; candle's own barrier pool would add a second set of
     // spinning workers on the same cores, so candle's ops run on the calling thread.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    if !crosskv::env::CANDLE_NUM_THREADS.is_set() {
+        crosskv::env::CANDLE_NUM_THREADS.set("1");
     }
     let cli = Cli::parse();
     // The server logs its KV layout and start-up at info.
@@ -16,7 +16,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CROSSKV_LOG")
+            tracing_subscriber::EnvFilter::try_from_env(crosskv::env::LOG.name)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .init();

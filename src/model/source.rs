@@ -30,10 +30,10 @@ fn err(msg: impl Into<String>) -> LoadError {
 
 /// crosskv's own cache (`$CROSSKV_CACHE`, else `~/.cache/crosskv`).
 pub fn cache_dir() -> PathBuf {
-    if let Ok(d) = std::env::var("CROSSKV_CACHE") {
+    if let Some(d) = crate::env::CACHE.get() {
         return PathBuf::from(d);
     }
-    let home = std::env::var("HOME").unwrap_or_else(|_| ".".into());
+    let home = crate::env::HOME.get().unwrap_or_else(|| ".".into());
     PathBuf::from(home).join(".cache").join("crosskv")
 }
 
@@ -86,7 +86,7 @@ pub fn hub_snapshot(repo: &str, cache: &hf_hub::Cache) -> Result<ModelSource, Lo
         }
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_token(std::env::var("HF_TOKEN").ok())
+        .with_token(crate::env::HF_TOKEN.get())
         .with_progress(true)
         .build()
         .map_err(|e| err(format!("{repo}: cannot reach the Hugging Face hub: {e}")))?;

@@ -243,9 +243,9 @@ impl Isa {
         static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *BEST.get_or_init(|| {
             let best = *Isa::available().last().expect("scalar is always there");
-            let cap = match std::env::var("CROSSKV_ISA").as_deref() {
-                Ok("scalar") => Isa::Scalar,
-                Ok("avx2") => Isa::Avx2,
+            let cap = match crate::env::ISA.get().as_deref() {
+                Some("scalar") => Isa::Scalar,
+                Some("avx2") => Isa::Avx2,
                 _ => Isa::Avx512Vnni,
             };
             best.min(cap)

@@ -25,7 +25,7 @@ impl NcclComm {
     pub fn group(devices: &[Device]) -> Result<Vec<NcclComm>> {
         // NVLink multicast (NVLS) stays off wherever crosskv starts NCCL. NCCL
         // reads its environment at initialisation, which is here.
-        std::env::set_var("NCCL_NVLS_ENABLE", "0");
+        crate::env::NCCL_NVLS_ENABLE.set("0");
         let streams = devices
             .iter()
             .map(|d| Ok(d.as_cuda_device()?.cuda_stream()))
