@@ -110,6 +110,21 @@ pub struct ModelArgs {
     /// kernels that compute every row alike (slower, and no CUDA graphs). One GPU only.
     #[arg(long)]
     pub batch_invariant: bool,
+    /// `dummy`: random weights for the config of the `--model` directory (its weight
+    /// files need not exist), made on the device, as vLLM's `--load-format dummy`: the
+    /// serving path measured with a model's shapes. The tokenizer is the directory's,
+    /// else the default model's.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub load_format: LoadFormat,
+}
+
+/// `--load-format`: where the weights come from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum LoadFormat {
+    /// The checkpoint's own weights.
+    Auto,
+    /// Random weights (seed 0) for the checkpoint's config.
+    Dummy,
 }
 
 impl ModelArgs {
@@ -132,7 +147,14 @@ impl ModelArgs {
             // NCCL picks its all-reduce algorithm by message size, so by batch.
             bail!("--batch-invariant works on one GPU: drop --tensor-parallel-size or use one rank");
         }
-        let mut loaded = model::load(source, &opts)?;
+        let mut loaded = match (self.load_format, source) {
+            (LoadFormat::Auto, source) => model::load(source, &opts)?,
+            (LoadFormat::Dummy, model::ModelSource::Dir(dir)) => model::load_dummy(&dir, &opts, 0)?,
+            (LoadFormat::Dummy, other) => bail!(
+                "--load-format dummy needs --model to be a directory with config.json, not {}",
+                other.path().display()
+            ),
+        };
         loaded.model.set_batch_invariant(self.batch_invariant);
         Ok(loaded)
     }

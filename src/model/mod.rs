@@ -10,12 +10,12 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use llama::{Model, StepInput};
-pub use source::{resolve_source, ModelSource};
+pub use source::{default_model, resolve_source, ModelSource};
 pub use tokenizer::{ChatMessage, StreamDecoder, Tok};
 
 use crate::config::{ConfigError, KvSharing, ModelConfig};
 use candle_core::{DType, Device};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -152,6 +152,57 @@ fn tp_err(e: candle_core::Error) -> LoadError {
     LoadError::Source(format!("tensor parallelism: {e}"))
 }
 
+/// The dtype a checkpoint directory loads in: `opts.dtype`, else f32 on the CPU (candle's
+/// CPU f16/bf16 matmuls are slower than f32), else the checkpoint's f16, else bf16 (f32
+/// checkpoints too).
+fn dir_dtype(cfg: &ModelConfig, opts: &LoadOptions) -> DType {
+    opts.dtype.unwrap_or(if opts.device.is_cpu() {
+        DType::F32
+    } else {
+        match dtype_from_torch(cfg.torch_dtype.as_deref()) {
+            DType::F16 => DType::F16,
+            _ => DType::BF16,
+        }
+    })
+}
+
+/// The model of `dir/config.json` with random weights made on the device (as vLLM's
+/// `--load-format dummy`): the serving path measured with a model's shapes without its
+/// checkpoint. The tokenizer is the directory's (`tokenizer.json`), else the default
+/// model's; ids it does not know decode to nothing. One rank.
+pub fn load_dummy(dir: &Path, opts: &LoadOptions, seed: u64) -> Result<LoadedModel, LoadError> {
+    if opts.tensor_parallel_size > 1 {
+        return Err(LoadError::Source(
+            "--load-format dummy makes one rank: drop --tensor-parallel-size".into(),
+        ));
+    }
+    let mut cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+    if let Some(s) = &opts.sharing {
+        cfg.reshare(s)?;
+    }
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Tok::from_dir(dir, &cfg.eos_token_ids)?
+    } else {
+        match default_model()? {
+            ModelSource::Dir(d) => Tok::from_dir(&d, &cfg.eos_token_ids)?,
+            ModelSource::Gguf(p) => {
+                let mut f = std::fs::File::open(&p).map_err(|e| LoadError::Source(format!("{}: {e}", p.display())))?;
+                let content = candle_core::quantized::gguf_file::Content::read(&mut f)
+                    .map_err(|e| LoadError::Source(format!("{}: {e}", p.display())))?;
+                Tok::from_gguf(&content)?
+            }
+        }
+    };
+    let w = weights::Weights::random(&cfg, dir_dtype(&cfg, opts), &opts.device, seed)
+        .map_err(|e| LoadError::Source(format!("random weights: {e}")))?;
+    Ok(LoadedModel {
+        model: Model::load(&cfg, &w, false)?,
+        peers: Vec::new(),
+        tokenizer,
+        source: ModelSource::Dir(dir.to_path_buf()),
+    })
+}
+
 /// Loads config, weights and tokenizer from a resolved source.
 pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, LoadError> {
     let (model, tokenizer) = match &source {
@@ -160,16 +211,7 @@ pub fn load(source: ModelSource, opts: &LoadOptions) -> Result<LoadedModel, Load
             if let Some(s) = &opts.sharing {
                 cfg.reshare(s)?;
             }
-            // CPU default f32: candle's CPU f16/bf16 matmuls are slower than f32. GPU
-            // default: the checkpoint's f16, else bf16 (f32 checkpoints too).
-            let dtype = opts.dtype.unwrap_or(if opts.device.is_cpu() {
-                DType::F32
-            } else {
-                match dtype_from_torch(cfg.torch_dtype.as_deref()) {
-                    DType::F16 => DType::F16,
-                    _ => DType::BF16,
-                }
-            });
+            let dtype = dir_dtype(&cfg, opts);
             let tok = Tok::from_dir(dir, &cfg.eos_token_ids)?;
             let mut ranks = load_ranks(&cfg, &safetensor_files(dir)?, dtype, opts)?;
             let model = ranks.remove(0);

@@ -213,6 +213,44 @@ fn generate_with_a_missing_model_fails_cleanly() {
     assert_fails_naming(&["generate", "--model", &d, "--prompt", "x"], &[&d, "config.json"]);
 }
 
+/// `--load-format dummy` serves a config with no weight files (random weights, the
+/// default model's tokenizer); without it the same directory is refused, naming what is
+/// missing; a GGUF file is refused naming the flag.
+#[test]
+fn dummy_load_format_runs_a_config_without_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), json!({"vocab_size": 49152}));
+    let d = dir.path().display().to_string();
+    let args = [
+        "generate",
+        "--model",
+        &d,
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--stats",
+    ];
+    let o = crosskv(&[&args[..], &["--load-format", "dummy"]].concat());
+    assert_ok(&o);
+    assert!(stderr(&o).contains("generated "), "{}", stderr(&o));
+    assert_fails_naming(&args, &["tokenizer.json"]);
+    let gguf = dir.path().join("m.gguf");
+    std::fs::write(&gguf, b"GGUF").unwrap();
+    assert_fails_naming(
+        &[
+            "generate",
+            "--model",
+            &gguf.display().to_string(),
+            "--prompt",
+            "x",
+            "--load-format",
+            "dummy",
+        ],
+        &["--load-format dummy", "m.gguf"],
+    );
+}
+
 #[test]
 fn convert_writes_a_cla_checkpoint_that_loads_like_resharing_at_load() {
     let src = Tiny::new(4, 4, 2, 8, 32, 61).seed(900).write();
