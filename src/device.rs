@@ -84,7 +84,8 @@ pub fn cuda(ordinal: usize) -> candle_core::Result<Device> {
 /// driver. The pool's default release threshold is 0: every synchronisation hands every
 /// free byte back, and the next step maps it again. A training step frees and
 /// reallocates its activations (gigabytes) every step, and syncs twice per step (the
-/// gradient norm, the loss): on an H100 that cost ~7 ms of a ~30 ms step. Training
+/// gradient norm, the loss): on an H100 that cost a quarter of the step (BENCHMARKS.md,
+/// "Measurements behind design choices"). Training
 /// turns this on; serving, whose KV cache is sized from the driver's free memory at
 /// start-up, leaves the default. No effect on the CPU.
 #[cfg(feature = "cuda")]

@@ -128,9 +128,9 @@ impl Layer {
     ///
     /// o_proj and down_proj are then stored transposed (`Linear::transposed`): cuBLAS
     /// runs them faster in that layout both for a decode step's few rows and for 1024-row
-    /// prefill chunks (`benches/blas_decode.py`, H100: down at 64 rows 16.1 against 22.7
-    /// µs, at 1024 rows 34.7 against 36.6). The stacked q/k/v and gate/up stay as they are:
-    /// transposed, they gain little at 64 rows and lose at 1024 (gate/up 70.9 against 64.3).
+    /// prefill chunks. The stacked q/k/v and gate/up stay as they are: transposed, they
+    /// gain little at a decode step's rows and lose at 1024 (`benches/blas_decode.py`;
+    /// BENCHMARKS.md, "Measurements behind design choices").
     ///
     /// In the batch-invariant mode every linear is instead multiplied by
     /// `ops::fixed_matmul` (its `[out, in]` layout), which computes each row alike for

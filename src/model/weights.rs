@@ -35,8 +35,8 @@ enum LinearWeight {
     Candle(QMatMul),
     /// A dense weight stored transposed, `[in, out]` (CUDA serving, [`Linear::transposed`]):
     /// for some shapes cuBLAS runs `x · w` (its NN form) faster than `x · wᵀ` over the
-    /// `[out, in]` checkpoint layout (TN), e.g. down_proj [2048, 5472] at 64 rows 16.1
-    /// against 22.7 µs on an H100 (`benches/blas_decode.py`).
+    /// `[out, in]` checkpoint layout (TN), e.g. down_proj at a decode step's rows
+    /// (`benches/blas_decode.py`; BENCHMARKS.md, "Measurements behind design choices").
     DenseT(Tensor),
     Quant(Arc<QMatrix>),
     /// A dense `[out, in]` weight multiplied by `ops::fixed_matmul` (the batch-invariant

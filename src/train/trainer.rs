@@ -177,9 +177,9 @@ fn clip_gradients(grads: &GradStore, vars: &[(String, Var)], clip: f64) -> candl
         return Ok((0.0, 1.0));
     };
     // The squares of every gradient summed into one f32 on the device (one kernel on
-    // CUDA, where candle's sqr + sum_all per gradient took 15 of a 78 ms step; bf16
-    // gradients are widened as they are read, not squared and summed in bf16); one
-    // scalar comes back.
+    // CUDA, where candle's sqr + sum_all per gradient took a fifth of a step: BENCHMARKS.md,
+    // "Measurements behind design choices"; bf16 gradients are widened as they are
+    // read, not squared and summed in bf16); one scalar comes back.
     let acc = Tensor::zeros(1, DType::F32, first.device())?;
     crate::ops::sum_squares_many(&acc, &present)?;
     let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
@@ -282,8 +282,8 @@ impl Trainer {
         let grads = loss.backward()?;
         // The forward graph (every saved activation, ~1 000 tensors at 125M) is freed now,
         // while the device is still running the backward: freeing is ordered on the
-        // stream, and the host would otherwise spend ~8 ms on it after the step with the
-        // device idle (measured on an H100: a third of the step).
+        // stream, and the host would otherwise spend a third of the step on it with the
+        // device idle (BENCHMARKS.md, "Measurements behind design choices").
         let loss = {
             let value = loss.detach();
             drop(loss); // shadowing alone would keep the graph alive to the end of the step
