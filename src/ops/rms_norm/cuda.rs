@@ -73,7 +73,7 @@ pub(crate) fn rms_norm(
         candle_core::bail!("{op}: weight is {:?}, x is {:?}", w.dtype(), x.dtype());
     }
     let shape = match residual {
-        Some(_) => super::rms_norm::stacked(xl),
+        Some(_) => super::stacked(xl),
         None => xl.shape().clone(),
     };
     let dev = x.device.clone();
@@ -147,11 +147,11 @@ pub(crate) fn rms_norm_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "rms_norm_bwd";
     let sfx = suffix(x.dtype(), OP)?;
-    let (rows, hidden) = super::rms_norm::bwd_dims(xl, wl, gl)?;
+    let (rows, hidden) = super::bwd_dims(xl, wl, gl)?;
     if w.dtype() != x.dtype() || g.dtype() != x.dtype() {
         candle_core::bail!("{OP}: x, w and g must share one dtype");
     }
-    if hidden == 0 || hidden > super::rms_norm::BWD_MAX_HIDDEN || rows >= u32::MAX as usize {
+    if hidden == 0 || hidden > super::BWD_MAX_HIDDEN || rows >= u32::MAX as usize {
         candle_core::bail!("{OP}: {rows} rows of {hidden} is out of range");
     }
     let (x0, x1) = contiguous(xl, OP, "x")?;
