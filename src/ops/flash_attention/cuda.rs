@@ -8,7 +8,7 @@
 //! input gets its gradient packed in one buffer. The kernels get raw device pointers:
 //! [`Rows::check`] and [`GradLayout`]'s bounds check stand in for cudarc's slices.
 
-use super::Dims;
+use super::{Dims, GradLayout, Rows};
 use crate::ops::cuda::{contiguous, poison, ptx, raw_buffer, suffix, POISON};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
@@ -52,26 +52,7 @@ struct FaParams {
 unsafe impl DeviceRepr for FaParams {}
 const _: () = assert!(std::mem::size_of::<FaParams>() == 80);
 
-/// One input of the kernels: row `r` of the `[b·t, heads·d]` rows of q (or k, v) starts
-/// at element `offset + r·stride` of `s`.
-#[derive(Clone, Copy)]
-pub(crate) struct Rows<'a> {
-    pub s: &'a CudaStorage,
-    pub offset: usize,
-    pub stride: usize,
-}
-
 impl Rows<'_> {
-    /// The whole of a contiguous tensor of rows `width` wide.
-    pub(crate) fn contiguous<'a>(s: &'a CudaStorage, l: &Layout, width: usize, what: &str) -> Result<Rows<'a>> {
-        let (offset, _) = contiguous(l, OP, what)?;
-        Ok(Rows {
-            s,
-            offset,
-            stride: width,
-        })
-    }
-
     /// `rows` rows of `width` fit the storage; offset and stride keep 16-byte alignment
     /// (the kernels' vector loads).
     fn check(&self, rows: usize, width: usize, what: &str) -> Result<()> {
@@ -100,31 +81,7 @@ impl Rows<'_> {
     }
 }
 
-/// Where the backward writes: one buffer of `len` elements holding dq, dk and dv at
-/// (offset, row stride) each. `zeroed`: the buffer starts as zeros, for elements no
-/// kernel writes (a packed input's other heads).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GradLayout {
-    pub len: usize,
-    pub dq: (usize, usize),
-    pub dk: (usize, usize),
-    pub dv: (usize, usize),
-    pub zeroed: bool,
-}
-
 impl GradLayout {
-    /// `[dq | dk | dv]` one after the other, each contiguous.
-    pub(crate) fn flat(d: Dims) -> GradLayout {
-        let (nq, nk) = (d.q_len(), d.kv_len());
-        GradLayout {
-            len: nq + 2 * nk,
-            dq: (0, d.heads * d.d),
-            dk: (nq, d.kv_heads * d.d),
-            dv: (nq + nk, d.kv_heads * d.d),
-            zeroed: false,
-        }
-    }
-
     fn check(&self, d: Dims) -> Result<()> {
         let rows = d.b * d.t;
         for ((off, rs), width, what) in [

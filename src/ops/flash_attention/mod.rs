@@ -248,7 +248,6 @@ impl CustomOp3 for FlashAttn {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use cuda::Rows;
         let d = Dims::of(ql, kl, vl)?;
         let (q, k, v) = (
             Rows::contiguous(q, ql, d.heads * d.d, "q")?,
@@ -376,7 +375,6 @@ impl CustomOp3 for FlashAttnBwd {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use cuda::{GradLayout, Rows};
         let d = Dims::of(ql, kl, vl)?;
         let rows = [
             Rows::contiguous(q, ql, d.heads * d.d, "q")?,
@@ -387,16 +385,74 @@ impl CustomOp3 for FlashAttnBwd {
     }
 }
 
+// ------------------------------------------------------------ the kernels' operands (CUDA)
+
+/// One input of the kernels: row `r` of the `[b·t, heads·d]` rows of q (or k, v) starts
+/// at element `offset + r·stride` of `s` (checked against the storage by the launch).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub s: &'a candle_core::CudaStorage,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Rows<'_> {
+    /// The whole of a contiguous tensor of rows `width` wide.
+    pub(crate) fn contiguous<'a>(
+        s: &'a candle_core::CudaStorage,
+        l: &Layout,
+        width: usize,
+        what: &str,
+    ) -> Result<Rows<'a>> {
+        let (offset, _) = crate::ops::cuda::contiguous(l, OP, what)?;
+        Ok(Rows {
+            s,
+            offset,
+            stride: width,
+        })
+    }
+}
+
+/// Where the backward writes: one buffer of `len` elements holding dq, dk and dv at
+/// (offset, row stride) each. `zeroed`: the buffer starts as zeros, for elements no
+/// kernel writes (a packed input's other heads).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradLayout {
+    pub len: usize,
+    pub dq: (usize, usize),
+    pub dk: (usize, usize),
+    pub dv: (usize, usize),
+    pub zeroed: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl GradLayout {
+    /// `[dq | dk | dv]` one after the other, each contiguous.
+    pub(crate) fn flat(d: Dims) -> GradLayout {
+        let (nq, nk) = (d.q_len(), d.kv_len());
+        GradLayout {
+            len: nq + 2 * nk,
+            dq: (0, d.heads * d.d),
+            dk: (nq, d.kv_heads * d.d),
+            dv: (nq + nk, d.kv_heads * d.d),
+            zeroed: false,
+        }
+    }
+}
+
 /// The CUDA backward with the saved O, dO and LSE (a backward op's `cuda_fwd`).
 #[cfg(feature = "cuda")]
 fn saved_backward(
     d: Dims,
     scale: f32,
-    rows: [cuda::Rows; 3],
+    rows: [Rows; 3],
     o: &Tensor,
     g: &Tensor,
     lse: &Tensor,
-    grads: cuda::GradLayout,
+    grads: GradLayout,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
     let (os, ol) = o.storage_and_layout();
     let (gs, gl) = g.storage_and_layout();
@@ -475,11 +531,11 @@ impl Packing {
     /// The backward's output: each input's gradient in its input's layout, one after
     /// the other; zeros where no head of q, k or v lies.
     #[cfg(feature = "cuda")]
-    fn grad_layout(&self, d: Dims) -> cuda::GradLayout {
+    fn grad_layout(&self, d: Dims) -> GradLayout {
         let bases = self.grad_bases(d);
         let at = |s: Slot| (bases[s.input] + s.head * d.d, self.row_heads[s.input] * d.d);
         let covered: usize = d.heads + 2 * d.kv_heads;
-        cuda::GradLayout {
+        GradLayout {
             len: self.row_heads.iter().map(|rh| d.b * d.t * rh * d.d).sum(),
             dq: at(self.q),
             dk: at(self.k),
@@ -604,12 +660,12 @@ impl FlashAttnPacked {
 
     /// q, k, v as the kernels' row views of the (contiguous) inputs.
     #[cfg(feature = "cuda")]
-    fn rows<'a>(&self, d: Dims, xs: &[(&'a candle_core::CudaStorage, &Layout)]) -> Result<[cuda::Rows<'a>; 3]> {
+    fn rows<'a>(&self, d: Dims, xs: &[(&'a candle_core::CudaStorage, &Layout)]) -> Result<[Rows<'a>; 3]> {
         let p = &self.packing;
-        let at = |s: Slot, what: &str| -> Result<cuda::Rows<'a>> {
+        let at = |s: Slot, what: &str| -> Result<Rows<'a>> {
             let (x, l) = xs[s.input];
             let (start, _) = crate::ops::cuda::contiguous(l, OP, what)?;
-            Ok(cuda::Rows {
+            Ok(Rows {
                 s: x,
                 offset: start + s.head * d.d,
                 stride: p.row_heads[s.input] * d.d,

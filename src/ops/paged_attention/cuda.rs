@@ -22,7 +22,9 @@ unsafe impl DeviceRepr for Params {}
 type Slice<T> = candle_core::cuda_backend::cudarc::driver::CudaSlice<T>;
 type View<'a, T> = candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>;
 
-/// A step's launch state on CUDA, inside its [`PagedAttentionPlan`].
+/// A step's launch state on CUDA, inside its [`PagedAttentionPlan`]. (One per step,
+/// made once and borrowed by every layer: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 pub(super) enum StepLaunch<'a> {
     /// Planned for the step (by [`PagedAttentionPlan::new`], or by the first call that
     /// needs it); each slot's table uploaded by the first layer that reads it.
