@@ -15,7 +15,7 @@ fn main() {
 }
 
 /// `kernels/*.cu` → PTX for sm_90 (or `$CUDA_COMPUTE_CAP`), one
-/// `pub const NAME: &str` per file in `$OUT_DIR/ptx.rs` (included by `src/ops/cuda.rs`).
+/// `pub const NAME: &str` per file in `$OUT_DIR/ptx.rs` (included by `src/ops/cuda/mod.rs`).
 /// Only under `--features cuda`; needs `nvcc` (see docs/gpu.md).
 #[cfg(feature = "cuda")]
 fn cuda_kernels() -> Result<(), Box<dyn std::error::Error>> {

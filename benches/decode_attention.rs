@@ -15,15 +15,15 @@ mod common;
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
     use candle_core::{DType, Tensor, D};
-    use crosskv::ops::SeqSpan;
+    use crosskv::ops::{AttentionDims, PagedAttentionPlan, SeqSpan};
 
     const ITERS: usize = 30;
     let dev = crosskv::device::cuda(0)?;
     // CUDA event times are f32; widening keeps their order, so the median is the same.
     let median = |v: Vec<f32>| common::median(v.into_iter().map(f64::from).collect());
     let copy_bytes = 2usize << 30;
-    crosskv::ops::cuda::bench_copy(&dev, copy_bytes, 3)?;
-    let copy_ms = median(crosskv::ops::cuda::bench_copy(&dev, copy_bytes, 20)?);
+    common::copy_times(&dev, copy_bytes, 3)?;
+    let copy_ms = median(common::copy_times(&dev, copy_bytes, 20)?);
     let copy_gbs = 2.0 * copy_bytes as f64 / (copy_ms * 1e-3) / 1e9;
     println!(
         "device-to-device copy: {} MiB in {:.3} ms = {:.0} GB/s (read + write)",
@@ -69,9 +69,28 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         let scale = 1.0 / (d as f32).sqrt();
-        let run = |iters| crosskv::ops::cuda::bench_paged_attention(&q, &k, &v, &seqs, &perm, nb, scale, iters);
+        // One plan for every run (as one decode step's layers share theirs): its launch,
+        // device copies and the table uploaded once, by the warm-up.
+        let tables = [perm.clone()];
+        let dims = AttentionDims {
+            tokens: b,
+            heads: hq,
+            kv_heads: hkv,
+            head_dim: d,
+            block_size: bs,
+            dtype: DType::BF16,
+        };
+        let plan = PagedAttentionPlan::new(&dev, &seqs, &tables, nb, scale, dims)?;
+        let mut out = None;
+        let mut run = |iters| {
+            common::gpu_times(&dev, iters, || {
+                out = Some(crosskv::ops::paged_attention_run(&plan, 0, &q, &k, &v)?);
+                Ok(())
+            })
+        };
         run(5)?;
-        let (times, out) = run(ITERS)?;
+        let times = run(ITERS)?;
+        let out = out.expect("ran");
         let ms = median(times);
         // Dense f32 reference through the same block tables.
         let idx: Vec<u32> = (0..b)

@@ -271,13 +271,8 @@ fn copy_bandwidth(dev: &Device, tiny: bool) -> Result<(f64, String)> {
 #[cfg(feature = "cuda")]
 fn cuda_copy_bandwidth(dev: &Device) -> Result<(f64, String)> {
     let bytes = 2usize << 30;
-    crosskv::ops::cuda::bench_copy(dev, bytes, 3)?;
-    let ms = median(
-        crosskv::ops::cuda::bench_copy(dev, bytes, 20)?
-            .into_iter()
-            .map(f64::from)
-            .collect(),
-    );
+    common::copy_times(dev, bytes, 3)?;
+    let ms = median(common::copy_times(dev, bytes, 20)?.into_iter().map(f64::from).collect());
     Ok((
         2.0 * bytes as f64 / (ms * 1e-3) / 1e9,
         format!(

@@ -18,7 +18,7 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use crosskv::ops::{self, AttentionPlans, SeqSpan};
+use crosskv::ops::{self, AttentionDims, PagedAttentionPlan, SeqSpan};
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -112,10 +112,17 @@ fn main() -> Result<()> {
     let k = rnd(&[b, KV_HEADS, HEAD_DIM])?;
     let gate = rnd(&[b, FFN])?;
     let scale = 1.0 / (HEAD_DIM as f32).sqrt();
-    let fresh_plans = |f: &mut dyn FnMut(&AttentionPlans) -> Result<()>| -> Result<()> {
-        let plans = AttentionPlans::default();
-        f(&plans)
+    let tables = std::slice::from_ref(&table);
+    let (_, block_size, _, _) = k_cache.dims4()?;
+    let dims = AttentionDims {
+        tokens: b,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: HEAD_DIM,
+        block_size,
+        dtype: q.dtype(),
     };
+    let plan = || PagedAttentionPlan::new(&dev, &spans, tables, blocks_per_seq, scale, dims);
 
     let mut table_rows: Vec<(&str, (f64, f64))> = Vec::new();
     let n = args.iters;
@@ -132,36 +139,13 @@ fn main() -> Result<()> {
     table_rows.push((
         "paged attention, plan made each call",
         time(&dev, n, || {
-            fresh_plans(&mut |p| {
-                ops::paged_attention_planned(
-                    &q,
-                    &k_cache,
-                    &v_cache,
-                    &spans,
-                    &table,
-                    blocks_per_seq,
-                    scale,
-                    Some((p, 0)),
-                )?;
-                Ok(())
-            })
+            ops::paged_attention_run(&plan()?, 0, &q, &k_cache, &v_cache)
         })?,
     ));
-    let shared = AttentionPlans::default();
+    let shared = plan()?;
     table_rows.push((
         "paged attention, plan reused (later layers)",
-        time(&dev, n, || {
-            ops::paged_attention_planned(
-                &q,
-                &k_cache,
-                &v_cache,
-                &spans,
-                &table,
-                blocks_per_seq,
-                scale,
-                Some((&shared, 0)),
-            )
-        })?,
+        time(&dev, n, || ops::paged_attention_run(&shared, 0, &q, &k_cache, &v_cache))?,
     ));
     table_rows.push(("o_proj matmul [B,2048]·[2048,2048]", time(&dev, n, || linear(&x, &wo))?));
     table_rows.push((
@@ -202,16 +186,7 @@ fn main() -> Result<()> {
         let k2 = k2.expect("k");
         ops::reshape_and_cache(&k_cache, &k2, &rows)?;
         ops::reshape_and_cache(&v_cache, &v2.reshape((b, KV_HEADS, HEAD_DIM))?, &rows)?;
-        let o = ops::paged_attention_planned(
-            &q2,
-            &k_cache,
-            &v_cache,
-            &spans,
-            &table,
-            blocks_per_seq,
-            scale,
-            Some((&shared, 0)),
-        )?;
+        let o = ops::paged_attention_run(&shared, 0, &q2, &k_cache, &v_cache)?;
         let o = linear(&o.reshape((b, HEADS * HEAD_DIM))?, &wo)?;
         let (x2, h) = ops::add_rms_norm(&x, &o, &norm_w, 1e-5)?;
         let (g, u) = (linear(&h, &wg)?, linear(&h, &wg)?);

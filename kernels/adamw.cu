@@ -3,16 +3,12 @@
 // the gradient (times clipping's scale), then adamw_params the variable from them. Every step is one IEEE op in
 // the order candle's ops take them (the `_rn` intrinsics keep nvcc from contracting a
 // multiply and an add into an FMA), so the result equals the CPU reference bit for bit.
-// CPU reference: src/ops/adamw.rs.
+// CPU reference: src/ops/adamw/mod.rs; launches: src/ops/adamw/cuda.rs.
 #include <stdint.h>
 
 #include "convert.cuh"
 
-// Mirrors `struct Scalars` in src/ops/adamw.rs.
-struct Scalars {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2;
-  float scale_m, scale_v, eps, decay, lr, grad_scale;
-};
+#include "adamw.cuh"  // struct Scalars
 
 extern "C" __global__ void adamw_moments(float* __restrict__ mv, const float* __restrict__ g, uint64_t n,
                                          Scalars s) {
@@ -51,7 +47,7 @@ __device__ __forceinline__ float adamw_elem(float theta, float& m, float& v, flo
 
 // The tensor that owns block b of a multi-tensor launch: tensor i owns blocks
 // starts[i] .. starts[i + 1] (prefix sums over `count` tensors; BlockTable in
-// src/ops/adamw.rs builds them).
+// src/ops/adamw/cuda.rs builds them).
 __device__ __forceinline__ uint32_t owner_of_block(const uint32_t* __restrict__ starts, uint32_t count, uint32_t b) {
   uint32_t lo = 0, hi = count;
   while (hi - lo > 1) {
@@ -138,7 +134,7 @@ ADAMW_MIXED(bf16, __nv_bfloat16)
 // sum_squares: acc[0] += Σ g[i]² (f32 accumulation: a grid-stride share per thread, a
 // warp then block sum, one atomicAdd per block). Gradient clipping's global norm into one
 // scalar (candle's sqr + sum_all reduce a whole tensor in one block). CPU reference:
-// src/ops/adamw.rs.
+// src/ops/adamw/mod.rs.
 
 // Adds the block's per-thread sums s into acc: a warp then block sum, one atomicAdd.
 __device__ __forceinline__ void block_add(float* acc, float s) {

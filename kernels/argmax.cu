@@ -1,6 +1,6 @@
 // argmax_rows: the index of each row's largest f32, the first on ties; NaN never wins
 // (a row of NaN or -inf gives 0), so the index is always a valid token id. The CUDA
-// side of src/ops/argmax.rs, whose CPU path (runner::sampler::argmax) is the reference.
+// side of src/ops/argmax/ (launch: its cuda.rs), whose CPU path (runner::sampler::argmax) is the reference.
 // One CTA per row.
 #include <stdint.h>
 #include <math.h>

@@ -1,5 +1,6 @@
 // cross_entropy: next-token loss of each row of logits `x` ([rows, cols], T) against its
-// target column, computed in f32. CPU reference and launches: src/ops/cross_entropy.rs.
+// target column, computed in f32. CPU reference: src/ops/cross_entropy/mod.rs;
+// launches: src/ops/cross_entropy/cuda.rs.
 //
 //   forward:  lse[r] = log Σ_j exp(x[r, j]);  loss[r] = lse[r] − x[r, t[r]]
 //             (`out` is [2, rows] f32: the losses, then the log-sum-exps the backward reads)

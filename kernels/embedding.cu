@@ -1,5 +1,6 @@
 // embedding backward: the gradient of a row gather `out[i, :] = table[ids[i], :]` with
-// respect to the table, accumulated in f32. CPU reference and launch: src/ops/embedding.rs.
+// respect to the table, accumulated in f32. CPU reference: src/ops/embedding/mod.rs;
+// launch: src/ops/embedding/cuda.rs.
 //
 //   acc[ids[i], j] += g[i, j]   for i < n, j < hidden   (acc: f32 [vocab, hidden], zeroed)
 //

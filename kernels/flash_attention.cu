@@ -1,6 +1,7 @@
 // Fused causal attention for training, forward and backward, flash-attention-2 style on
 // tensor cores (f16/bf16 in, f32 accumulation via mma.sync m16n8k16): the CUDA path of
-// src/ops/flash_attention.rs (whose CPU path is the reference). The helpers (mma,
+// src/ops/flash_attention/ (whose CPU path is the reference; the launcher is its
+// cuda.rs, the ABI flash_attention.cuh). The helpers (mma,
 // ldmatrix, cp.async, the XOR swizzle) follow kernels/paged_attention_tc.cu.
 //
 // Layout: q, o, dO [b, t, heads, D]; k, v [b, t, kv_heads, D] (heads a multiple of
@@ -37,20 +38,12 @@
 #include <stdint.h>
 #include <math.h>
 
-#define NT 128
-#define TILE_ROWS 64  // query rows and keys per tile
+#include "flash_attention.cuh"
+
+#define NT FA_NT
+#define TILE_ROWS FA_TILE_ROWS  // query rows and keys per tile
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
-
-struct FaParams {  // mirrors struct FaParams in src/ops/cuda_flash.rs
-  uint32_t b, t, heads, kv_heads;
-  uint32_t tp;       // t rounded up to TILE_ROWS: the row stride of LSE and Dsum
-  uint32_t n_tiles;  // tp / TILE_ROWS
-  uint32_t hsplit;   // backward: CTAs the group's query heads are split over
-  float scale;
-  // Row strides, in elements: row r of q starts at q + r·q_rs (head h at + h·D), …
-  uint64_t q_rs, k_rs, v_rs, dq_rs, dk_rs, dv_rs;
-};
 
 #include "mma.cuh"
 
@@ -265,7 +258,7 @@ template <int D> struct BwdCfg {
 
 // 8 warps: warp w owns keys 16·(w%4).. of the tile against queries 32·(w/4).. of each
 // query tile; at the end the two warps of a key group add their partial dK, dV.
-#define NT_BWD 256
+#define NT_BWD FA_NT_BWD
 
 template <typename T, int D>
 __device__ void fa_bwd_dkdv_impl(T* __restrict__ dk_out, T* __restrict__ dv_out, float* __restrict__ dk_acc,

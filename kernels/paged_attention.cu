@@ -1,29 +1,34 @@
-// Paged attention over a varlen batch (prefill chunks and decode steps mixed), the
-// CUDA side of src/ops/paged_attention.rs (the CPU reference it must match).
+// Paged attention over a varlen batch (prefill chunks and decode steps mixed) on CUDA
+// cores: the f32 path of src/ops/paged_attention/ (whose CPU path is the reference it
+// must match); f16/bf16 run on tensor cores (paged_attention_tc.cu). The launcher
+// (src/ops/paged_attention/cuda.rs) runs paged_attention_f32_d* and, when the keys are
+// split, paged_attention_reduce_f32; the f16/bf16 instantiations below are built but
+// not launched. Also poison_bytes, which the GPU tests use on every op's outputs.
 //
 // q: [tokens, heads, D]; K/V caches: [num_blocks, block_size, kv_heads, D]; one block
 // table per sequence (the layer's KV slot). A query at absolute position
 // pos = ctx_len - q_len + i attends to cache positions 0..=pos. GQA/MQA: query head h
 // reads KV head h / (heads / kv_heads).
 //
-// Work decomposition (built on the host, src/ops/cuda.rs): a work item is one
-// sequence's run of `tpc` query tokens × `hpc` query heads of one KV head's group
-// (rows = tokens × heads ≤ ROWS). For decode (q_len = 1) a CTA holds the whole query
-// group (up to ROWS heads), so each K/V block is read once for all the heads that
-// share it. Grid: (work items, kv_heads, partitions). Keys are processed in tiles of
-// TK staged in shared memory (f32), with an online softmax in f32. When contexts are
-// long the keys are split into partitions of `part_size`; each partition writes its
-// unnormalised accumulator with its running max and sum, and paged_attention_reduce
-// combines them. Prefill chunks (q_len > 1) use the same CUDA-core path: correct,
-// not tensor-core tiled (the f16/bf16 paths are, in paged_attention_tc.cu).
+// Work decomposition (planned on the host, src/ops/paged_attention/plan.rs; the ABI in
+// paged_attention.cuh): a work item is one sequence's run of `tpc` query tokens × `hpc`
+// query heads of one KV head's group (rows = tokens × heads ≤ ROWS). For decode
+// (q_len = 1) a CTA holds the whole query group (up to ROWS heads), so each K/V block
+// is read once for all the heads that share it. Grid: (work items, kv_heads,
+// partitions). Keys are processed in tiles of TK staged in shared memory (f32), with an
+// online softmax in f32. When contexts are long the keys are split into partitions of
+// `part_size`; each partition writes its unnormalised accumulator with its running max
+// and sum, and paged_attention_reduce combines them.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>
 #include <math.h>
 
-#define NT 128
+#include "paged_attention.cuh"
+
+#define NT PA_NT
 #define NW (NT / 32)
-#define NONE 0xFFFFFFFFu
+#define NONE PA_NONE
 
 #include "convert.cuh"
 
@@ -54,14 +59,8 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-struct Params {
-  uint32_t num_seqs, max_blocks, block_size, heads, kv_heads;
-  uint32_t hpc, tpc, num_parts, part_size;
-  float scale;
-};
-
 template <int D> struct Cfg {
-  static constexpr int ROWS = D <= 128 ? 16 : 8;  // query rows (tokens × heads) per CTA
+  static constexpr int ROWS = PA_CC_ROWS(D);      // query rows (tokens × heads) per CTA
   static constexpr int TK = D <= 128 ? 32 : 16;   // keys per shared-memory tile
   static constexpr int ACC = ROWS * D / NT;       // accumulator elements per thread
 };

@@ -1,13 +1,15 @@
 // Paged attention on tensor cores (f16/bf16), for decode steps and prefill chunks alike:
-// the fast path of src/ops/paged_attention.rs (whose CPU path is the reference). The
-// f32 path stays on the CUDA-core kernel of paged_attention.cu, which also holds the
-// partition reduction both use.
+// the fast path of src/ops/paged_attention/ (whose CPU path is the reference). The f32
+// path stays on the CUDA-core kernel of paged_attention.cu. These kernels combine their
+// own partitions (below), so the f32 reduction there is not used with them.
 //
 // Layout as there: q [tokens, heads, D]; K/V caches [num_blocks, block_size, kv_heads, D];
 // one block table per sequence (the layer's KV slot). A query row at absolute position
-// pos attends to cache positions 0..=pos. A work item (built on the host,
-// src/ops/cuda.rs) is one sequence's run of `tpc` tokens × `hpc` query heads of one KV
-// head's group: up to ROWS = 64 query rows that share every K/V tile the CTA loads.
+// pos attends to cache positions 0..=pos. A work item (planned on the host,
+// src/ops/paged_attention/plan.rs; the ABI in paged_attention.cuh) is one sequence's run
+// of `tpc` tokens × `hpc` query heads of one KV head's group: up to ROWS = 64 query rows
+// that share every K/V tile the CTA loads. The decode kernel takes the first items (≤ 16
+// rows each), the prefill kernel the rest, from `work_base`.
 //
 // One CTA = 4 warps. Keys stream through shared memory in tiles of TK = 64 keys
 // (16-byte cp.async loads through the block table, STAGES deep, XOR-swizzled rows so
@@ -19,7 +21,10 @@
 //   - larger items (prefill chunks) give each warp its own 16 rows over the whole tile.
 // Long contexts are split into partitions of `part_size` keys (grid z); each writes its
 // unnormalised O with its max and sum, and the item's last partition to finish (an
-// atomic count per item) combines them. part_size 0 (a captured decode graph, whose
+// atomic count per item) combines them; the decode kernel's cluster variant
+// (paged_attention_tc_decode_cluster, launched when every cluster of an item's partitions
+// fits the GPU at once) combines them through the cluster's shared memory instead, up to
+// CMAX partitions. part_size 0 (a captured decode graph, whose
 // contexts change from launch to launch) splits each item's own keys evenly over the
 // num_parts partitions, in whole tiles.
 #include <cuda_fp16.h>
@@ -28,16 +33,12 @@
 #include <math.h>
 #include <cooperative_groups.h>
 
-#define NT 128
-#define NONE 0xFFFFFFFFu
-#define TK 64    // keys per shared-memory tile
-#define ROWS 64  // query rows per work item (4 warps × 16)
+#include "paged_attention.cuh"
 
-struct Params {  // mirrors struct Params in paged_attention.cu and src/ops/cuda.rs
-  uint32_t num_seqs, max_blocks, block_size, heads, kv_heads;
-  uint32_t hpc, tpc, num_parts, part_size;
-  float scale;
-};
+#define NT PA_NT
+#define NONE PA_NONE
+#define TK PA_TC_TK      // keys per shared-memory tile
+#define ROWS PA_TC_ROWS  // query rows per work item (4 warps × 16)
 
 // SPLIT: the kernel for items of ≤ 16 rows (decode), whose warps split the keys; it holds
 // 16 Q rows, and its stages are as deep as shared memory allows: a decode CTA streams
@@ -389,7 +390,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();  // every CTA's rows written (release / acquire)
-    constexpr uint32_t CMAX = 8;  // the most partitions a cluster takes (portable size)
+    constexpr uint32_t CMAX = PA_CMAX;  // the most partitions a cluster takes (portable size)
     const uint32_t nparts = cluster.num_blocks(), rank = cluster.block_rank();
     const float* rmo[CMAX];
     const float* rrml[CMAX];

@@ -4,7 +4,7 @@
 // (block * block_size + offset); token t's row is read at rows + t * src_stride (a
 // contiguous [tokens, row] or a column slice of a wider matrix). One thread block per
 // token row.
-// CPU reference: src/ops/reshape_and_cache.rs.
+// CPU reference: src/ops/reshape_and_cache/mod.rs; launch: its cuda.rs.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <stdint.h>

@@ -1,5 +1,5 @@
 // RMSNorm over the last dimension, and its fusion with the residual add before it.
-// CPU reference: src/ops/rms_norm.rs; launches: src/ops/cuda_fused.rs.
+// CPU reference: src/ops/rms_norm/mod.rs; launches: src/ops/rms_norm/cuda.rs.
 //
 //   rms_norm:      out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w
 //   add_rms_norm:  s[r] = x[r] + res[r] (rounded to T), out[r] = rms_norm(s[r]);
@@ -188,7 +188,7 @@ RMS_NORM(f16, __half)
 RMS_NORM(bf16, __nv_bfloat16)
 
 // Backward of rms_norm given dL/dy = g, computed in f32 (CPU reference: `RmsNormBwd` in
-// src/ops/rms_norm.rs):
+// src/ops/rms_norm/mod.rs):
 //   r = 1 / sqrt(mean(x^2) + eps)
 //   dx = r * g * w - x * r^3 * mean(g * w * x)        (rows 0..rows of `out`, in T)
 //   dw = sum over rows of g * x * r                    (row `rows` of `out`, in T)

@@ -1,5 +1,5 @@
 // Rotary position embeddings for Q and K in one launch. CPU reference:
-// src/ops/rope.rs; launch: src/ops/cuda_fused.rs.
+// src/ops/rope/mod.rs; launch: src/ops/rope/cuda.rs.
 //
 // q: [tokens, heads, D], k: [tokens, kv_heads, D] (kv_heads may be 0: Q only), token t's
 // heads at q + t * q_stride (k + t * k_stride): contiguous, or column slices of one
@@ -31,7 +31,7 @@ __device__ __forceinline__ bool aligned4(const T* p) {
 
 // Pairs per thread: 4 consecutive pairs of the half rotation (loaded as vectors where the
 // addresses allow) when the head's half is a multiple of 4, else one. The launch
-// (src/ops/cuda_fused.rs) sizes its grid with the same rule.
+// (src/ops/rope/cuda.rs) sizes its grid with the same rule.
 __device__ __forceinline__ uint32_t pairs_per_thread(uint32_t half, uint32_t interleaved) {
   return !interleaved && half % 4 == 0 ? 4 : 1;
 }

@@ -1,7 +1,8 @@
 // swiglu: the gated MLP's activation, y = silu(g) * u (g, u, y of one dtype T; computed in
 // f32), and its backward given dy:
 //   s = 1 / (1 + exp(-g)),  dg = dy * u * s * (1 + g * (1 - s)),  du = dy * g * s
-// (`d` holds [2, n]: dg then du). CPU reference: src/ops/swiglu.rs. Grid-stride loops.
+// (`d` holds [2, n]: dg then du). CPU reference: src/ops/swiglu/mod.rs
+// (launches: its cuda.rs). Grid-stride loops.
 #include <stdint.h>
 
 #include "convert.cuh"

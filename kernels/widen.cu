@@ -1,4 +1,4 @@
-// widen_f32: f16/bf16 → f32, the CUDA side of src/ops/widen.rs (whose CPU path, candle's
+// widen_f32: f16/bf16 → f32, the CUDA side of src/ops/widen/ (whose CPU path, candle's
 // cast, is the reference: the result is exact either way). Four elements a thread: one
 // 8-byte load and one 16-byte store, both coalesced. candle's cast kernel stores eight
 // scalars a thread 32 bytes apart: a decode step's [64, 50304] bf16 logits took 34 µs

@@ -9,8 +9,8 @@ use super::weights::{Linear, Part, Weights, WeightsError};
 use crate::config::ModelConfig;
 use crate::kv::{KvCache, KvLayout};
 use crate::ops::{
-    add_rms_norm, fixed_paged_attention_planned, paged_attention_planned, reshape_and_cache, rms_norm, AttentionPlans,
-    SeqSpan,
+    add_rms_norm, fixed_paged_attention_run, paged_attention_run, reshape_and_cache, rms_norm, AttentionDims,
+    PagedAttentionPlan, SeqSpan,
 };
 use crate::tp::{AllReduce, Shard};
 use candle_core::{DType, Device, Result, Tensor};
@@ -526,8 +526,40 @@ impl Model {
     /// [`Model::forward`] for one tensor-parallel rank: only the rank whose logits are
     /// used (`logits`) runs the `lm_head`.
     pub fn forward_rank(&self, step: &StepInput, cache: &KvCache, logits: bool) -> Result<Option<Tensor>> {
-        // Layers reading one slot share its checks and (CUDA) launch plan this step.
-        self.forward_planned(step, cache, &AttentionPlans::default(), logits)
+        let plan = self.attention_plan(step, cache)?;
+        self.forward_planned(step, cache, &plan, logits)
+    }
+
+    /// The step's paged-attention plan, made once before the layers run: layers reading
+    /// one slot share its checks and (CUDA) launch this step. The batch-invariant mode's
+    /// kernel needs no launch plan, only the plan's per-step uploads.
+    pub fn attention_plan<'a>(&self, step: &'a StepInput, cache: &KvCache) -> Result<PagedAttentionPlan<'a>> {
+        let scale = self.attention_scale();
+        if self.batch_invariant {
+            return Ok(PagedAttentionPlan::unplanned(
+                &step.seqs,
+                &step.block_tables,
+                step.max_blocks,
+                scale,
+            ));
+        }
+        let (_, block_size, kv_heads, head_dim) = cache.k().dims4()?;
+        let dims = AttentionDims {
+            tokens: step.input_ids.dim(0)?,
+            heads: self.layers.first().map_or(0, |l| l.attn.heads),
+            kv_heads,
+            head_dim,
+            block_size,
+            dtype: cache.k().dtype(),
+        };
+        PagedAttentionPlan::new(
+            &self.device,
+            &step.seqs,
+            &step.block_tables,
+            step.max_blocks,
+            scale,
+            dims,
+        )
     }
 
     /// 1/√head_dim, the attention scale.
@@ -535,18 +567,18 @@ impl Model {
         1.0 / (self.cfg.head_dim as f32).sqrt()
     }
 
-    /// [`Model::forward_rank`] with the step's attention plans made by the caller: a
-    /// CUDA decode graph brings plans whose device buffers outlive the step.
+    /// [`Model::forward_rank`] with the step's attention plan made by the caller
+    /// ([`Model::attention_plan`]; a CUDA decode graph brings one over the runner's
+    /// device tables).
     pub fn forward_planned(
         &self,
         step: &StepInput,
         cache: &KvCache,
-        plans: &AttentionPlans,
+        plan: &PagedAttentionPlan<'_>,
         logits: bool,
     ) -> Result<Option<Tensor>> {
         let mut x = self.embed.index_select(&step.input_ids, 0)?;
         let mut normed = self.norm_before(0).forward(&x)?;
-        let scale = self.attention_scale();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let rows = &step.cache_rows[a.slot];
@@ -562,27 +594,9 @@ impl Model {
                 }
             };
             let o = if self.batch_invariant {
-                fixed_paged_attention_planned(
-                    &q,
-                    cache.k(),
-                    cache.v(),
-                    &step.seqs,
-                    &step.block_tables[a.slot],
-                    step.max_blocks,
-                    scale,
-                    Some((plans, a.slot)),
-                )?
+                fixed_paged_attention_run(plan, a.slot, &q, cache.k(), cache.v())?
             } else {
-                paged_attention_planned(
-                    &q,
-                    cache.k(),
-                    cache.v(),
-                    &step.seqs,
-                    &step.block_tables[a.slot],
-                    step.max_blocks,
-                    scale,
-                    Some((plans, a.slot)),
-                )?
+                paged_attention_run(plan, a.slot, &q, cache.k(), cache.v())?
             };
             let t = o.dim(0)?;
             (x, normed) = self.finish_layer(i, &x, &o.reshape((t, a.heads * a.head_dim))?)?;

@@ -1,6 +1,8 @@
-//! One custom candle op per kernel. Each op's CPU path is the plain-Rust reference
-//! that the CUDA kernel (feature `cuda`; `cuda.rs` and `cuda_fused.rs` launch
-//! `kernels/*.cu`) must match.
+//! One custom candle op per kernel, each in a folder of its own: `<op>/mod.rs` holds the
+//! op and its plain-Rust CPU path, the reference its CUDA kernel must match (and its
+//! unit tests); `<op>/cuda.rs` (feature `cuda`) launches the op's `kernels/<op>.cu`.
+//! `cuda/` holds what the launchers share, and crosskv's CUDA device. Ops with no
+//! kernel of their own (`dense_matmul`, `qmatmul`, `parallel`) are single files.
 
 pub mod adamw;
 pub mod argmax;
@@ -8,10 +10,6 @@ pub mod batch_invariant;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-mod cuda_flash;
-#[cfg(feature = "cuda")]
-mod cuda_fused;
 pub mod dense_matmul;
 pub mod embedding;
 pub mod flash_attention;
@@ -28,7 +26,7 @@ pub use adamw::{
     adamw_update, adamw_update_mixed, adamw_update_mixed_many, sum_squares_into, sum_squares_many, MixedUpdate,
 };
 pub use argmax::argmax_rows;
-pub use batch_invariant::{fixed_matmul, fixed_paged_attention, fixed_paged_attention_planned};
+pub use batch_invariant::{fixed_matmul, fixed_paged_attention, fixed_paged_attention_run};
 pub use cross_entropy::cross_entropy;
 pub use dense_matmul::dense_matmul;
 pub use embedding::embedding;
@@ -36,7 +34,9 @@ pub use flash_attention::{
     causal_attention, causal_attention_composite, causal_attention_packed, causal_attention_shared_kv,
     causal_attention_with_grads,
 };
-pub use paged_attention::{paged_attention, paged_attention_planned, AttentionPlans, SeqSpan};
+pub use paged_attention::{paged_attention, paged_attention_run, AttentionDims, PagedAttentionPlan, SeqSpan};
+#[cfg(feature = "cuda")]
+pub use paged_attention::{DecodeGraphAttention, DeviceTables};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};

@@ -9,16 +9,17 @@
 //! the graph reads that changes from step to step lives in fixed device buffers,
 //! rewritten before each launch with three copies from page-locked staging: the tokens,
 //! positions and cache rows ([`Buffers::inputs`]), the spans, and every slot's block
-//! table ([`AttentionPlans::for_decode_graph`]); only the blocks a sequence uses are
+//! table ([`GraphBlockTables`]); only the blocks a sequence uses are
 //! staged. The attention's partitions split each sequence's keys evenly, so one graph
 //! serves every context up to its table width. Buffers the forward allocates become the
 //! graph's own allocations (CUDA graph memory nodes), freed inside it.
 
+use super::block_tables::{pinned, GraphBlockTables};
 use super::{SeqStep, MAX_GRAPH_BATCH};
 use crate::kv::{KvCache, KvManager};
 use crate::model::{Model, StepInput};
 use crate::ops::reshape_and_cache::SKIP_ROW;
-use crate::ops::{AttentionPlans, SeqSpan};
+use crate::ops::{DecodeGraphAttention, PagedAttentionPlan, SeqSpan};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{sys, CudaGraph, PinnedHostSlice};
 use candle_core::cuda_backend::{CudaStorage, WrapErr};
@@ -50,7 +51,10 @@ struct Buffers {
     inputs_staged: PinnedHostSlice<u32>,
     /// The captured forward's input: views of `inputs`, and the logits rows.
     step: StepInput,
-    plans: AttentionPlans,
+    /// The attention's launch, made once for the graph's shape.
+    attention: DecodeGraphAttention,
+    /// The spans and every slot's block table the attention reads.
+    tables: GraphBlockTables,
     /// `[batch, vocab]` f32: what each launch leaves.
     logits: Tensor,
     batch: usize,
@@ -107,21 +111,21 @@ impl Buffers {
         let cuda = dev.as_cuda_device()?;
         let slots = model.layout().kv_layers();
         let (_, block_size, kv_heads, d) = cache.k().dims4()?;
-        let plans = AttentionPlans::for_decode_graph(
+        let attention = DecodeGraphAttention::new(
             dev,
             batch,
             max_blocks,
-            slots,
             (model.config().num_attention_heads, kv_heads, d),
             block_size,
             model.dtype(),
             model.attention_scale(),
         )?;
+        let tables = GraphBlockTables::new(cuda, batch, max_blocks, slots, block_size)?;
         let len = (2 + slots) * batch;
         let inputs = Tensor::zeros(len, DType::U32, dev)?;
-        let inputs_staged = crate::ops::cuda::pinned(cuda, len)?;
+        let inputs_staged = pinned(cuda, len)?;
         // The forward's host-side view. On CUDA the attention reads its spans and tables
-        // from the plans' device buffers (refilled each step, and checked then), so the
+        // from the runner's device buffers (refilled each step, and checked then), so the
         // host tables are left empty (0 blocks wide) rather than held as a copy no one
         // reads: up to 20 slots × 512 sequences × 512 blocks a graph.
         let step = StepInput {
@@ -146,7 +150,8 @@ impl Buffers {
             inputs,
             inputs_staged,
             step,
-            plans,
+            attention,
+            tables,
             logits,
             batch,
         })
@@ -187,7 +192,7 @@ impl Buffers {
             q_len: 1,
             ctx_len: 1,
         }));
-        self.plans.refill_decode_graph(&seqs, |t| {
+        self.tables.refill(&seqs, |t| {
             for (i, s) in steps.iter().enumerate() {
                 let used = (s.start_pos + 1).div_ceil(bs);
                 for (slot, table) in mgr.tables(s.seq).map_err(kv_err)?.iter().enumerate() {
@@ -217,8 +222,9 @@ impl Buffers {
     /// The step the graph holds, issued on the stream: the forward, its logits copied
     /// into [`Buffers::logits`].
     fn forward(&self, model: &Model, cache: &KvCache) -> Result<()> {
+        let plan = PagedAttentionPlan::for_decode_graph(&self.step.seqs, &self.attention, self.tables.device_tables());
         let out = model
-            .forward_planned(&self.step, cache, &self.plans, true)?
+            .forward_planned(&self.step, cache, &plan, true)?
             .ok_or_else(|| candle_core::Error::Msg("no logits".into()))?;
         self.logits.slice_set(&out, 0, 0)
     }

@@ -1,6 +1,8 @@
 //! The runner: turns the scheduled sequences of one step (new prompts and decoding
 //! sequences, mixed) into one batched forward through the paged cache, and samples.
 
+#[cfg(feature = "cuda")]
+mod block_tables;
 pub mod generate;
 #[cfg(feature = "cuda")]
 pub mod graphs;

@@ -1,6 +1,6 @@
 //! Launches of `kernels/batch_invariant.cu` (feature `cuda`).
 
-use super::{token_owners, FixedAttention, FixedUploads};
+use super::{token_owners, FixedAttention};
 use crate::ops::cuda::{contiguous, poison, ptx, suffix, POISON};
 use crate::ops::paged_attention::CUDA_HEAD_DIMS;
 use candle_core::backend::BackendStorage;
@@ -213,10 +213,9 @@ pub(super) fn attention(
         block_dim: (32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut own = FixedUploads::default();
-    let mut memo = op.plans.map(|(p, _)| p.fixed.lock().expect("attention plans"));
-    let uploads = memo.as_deref_mut().unwrap_or(&mut own);
-    let slot = op.plans.map_or(0, |(_, slot)| slot);
+    let mut memo = op.plan.fixed.lock().expect("attention plans");
+    let uploads = &mut *memo;
+    let slot = op.slot;
     macro_rules! go {
         ($t:ty) => {{
             let mut out = output::<$t>(&dev, tokens * heads * d)?;

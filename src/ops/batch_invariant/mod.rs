@@ -9,7 +9,7 @@
 #[cfg(feature = "cuda")]
 mod cuda;
 
-use super::paged_attention::{check_spans, AttentionPlans, SeqSpan};
+use super::paged_attention::{PagedAttentionPlan, SeqSpan};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `x · wᵀ`: `x` `[.., k]`, `w` `[n, k]`, one dtype. Serving only (no backward).
@@ -67,12 +67,16 @@ pub fn fixed_paged_attention(
     max_blocks: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    fixed_paged_attention_planned(q, k_cache, v_cache, seqs, block_table, max_blocks, scale, None)
+    if q.device().is_cpu() {
+        return super::paged_attention(q, k_cache, v_cache, seqs, block_table, max_blocks, scale);
+    }
+    let plan = PagedAttentionPlan::single(seqs, block_table, max_blocks, scale);
+    fixed_paged_attention_run(&plan, 0, q, k_cache, v_cache)
 }
 
-/// The step's device copies for [`fixed_paged_attention_planned`]: the token owners
-/// (the same for every layer) and each KV slot's table, uploaded by the first layer that
-/// needs them.
+/// The step's device copies for [`fixed_paged_attention_run`] (kept in its
+/// [`PagedAttentionPlan`]): the token owners (the same for every layer) and each KV
+/// slot's table, uploaded by the first layer that needs them.
 #[cfg(feature = "cuda")]
 #[derive(Default)]
 pub(crate) struct FixedUploads {
@@ -80,45 +84,26 @@ pub(crate) struct FixedUploads {
     tables: std::collections::HashMap<usize, candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
 }
 
-/// [`fixed_paged_attention`] with the step's memo (`plans`, and the KV slot
-/// `block_table` belongs to): the spans are checked and uploaded once a step, each
-/// slot's table once.
-#[allow(clippy::too_many_arguments)]
-pub fn fixed_paged_attention_planned(
+/// [`fixed_paged_attention`] of KV slot `slot` under the step's `plan`: the spans are
+/// checked and uploaded once a step, each slot's table once.
+pub fn fixed_paged_attention_run(
+    plan: &PagedAttentionPlan<'_>,
+    slot: usize,
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    seqs: &[SeqSpan],
-    block_table: &[u32],
-    max_blocks: usize,
-    scale: f32,
-    plans: Option<(&AttentionPlans, usize)>,
 ) -> Result<Tensor> {
     if q.device().is_cpu() {
-        return super::paged_attention(q, k_cache, v_cache, seqs, block_table, max_blocks, scale);
+        return super::paged_attention_run(plan, slot, q, k_cache, v_cache);
     }
-    if block_table.len() != seqs.len() * max_blocks {
-        candle_core::bail!(
-            "fixed_paged_attention: block table has {} entries, want {} × {max_blocks}",
-            block_table.len(),
-            seqs.len()
-        );
-    }
-    let (tokens, _, _) = q.dims3()?;
-    let (num_blocks, block_size, _, _) = k_cache.dims4()?;
-    let checked = plans.is_some_and(|(p, slot)| p.checked.lock().expect("plans").contains(&slot));
-    if !checked {
-        check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
-        if let Some((p, slot)) = plans {
-            p.checked.lock().expect("plans").insert(slot);
-        }
-    }
+    let block_table = plan.checked_table("fixed_paged_attention", slot, q, k_cache)?;
     let op = FixedAttention {
-        plans,
-        seqs,
+        plan,
+        slot,
+        seqs: plan.seqs(),
         block_table,
-        max_blocks,
-        scale,
+        max_blocks: plan.max_blocks(),
+        scale: plan.scale(),
     };
     q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
@@ -141,7 +126,8 @@ fn token_owners(seqs: &[SeqSpan], tokens: usize) -> Vec<u32> {
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct FixedAttention<'a> {
-    plans: Option<(&'a AttentionPlans, usize)>,
+    plan: &'a PagedAttentionPlan<'a>,
+    slot: usize,
     seqs: &'a [SeqSpan],
     block_table: &'a [u32],
     max_blocks: usize,

@@ -1,6 +1,6 @@
 //! `causal_attention`: fused causal multi-head attention for training, forward and
 //! backward (flash-attention-2 style on CUDA: `kernels/flash_attention.cu`, launched by
-//! `cuda_flash.rs`). The CPU paths below are the f32-accumulating references the
+//! `cuda.rs`). The CPU paths below are the f32-accumulating references the
 //! kernels must match.
 //!
 //! q is `[b, t, heads, d]`, k and v `[b, t, kv_heads, d]` with `heads` a multiple of
@@ -14,7 +14,7 @@
 //! one output is `[dq | dk | dv]` flat in q's dtype; dK, dV of a KV head are summed over
 //! the query heads of its group. On CUDA nothing is O(t²): besides LSE and rowsum(dO·O)
 //! per row, only f32 buffers for dK and dV when a GQA/MQA group is split over CTAs
-//! (`cuda_flash.rs`).
+//! (`cuda.rs`).
 //!
 //! Packed forms for training's fused projection: [`causal_attention_packed`] reads q, k
 //! and v as head slices of one `[b, t, heads + 2·kv_heads, d]` tensor, and
@@ -34,6 +34,9 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor, Var, WithDType,
 };
 use std::sync::Mutex;
+
+#[cfg(feature = "cuda")]
+mod cuda;
 
 const OP: &str = "causal_attention";
 
@@ -245,14 +248,13 @@ impl CustomOp3 for FlashAttn {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda_flash::Rows;
         let d = Dims::of(ql, kl, vl)?;
         let (q, k, v) = (
             Rows::contiguous(q, ql, d.heads * d.d, "q")?,
             Rows::contiguous(k, kl, d.kv_heads * d.d, "k")?,
             Rows::contiguous(v, vl, d.kv_heads * d.d, "v")?,
         );
-        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, q, k, v)?;
+        let (out, lse, lse_shape) = cuda::forward(d, self.scale, q, k, v)?;
         self.save(Tensor::from_storage(
             Storage::Cuda(lse),
             lse_shape,
@@ -373,7 +375,6 @@ impl CustomOp3 for FlashAttnBwd {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::cuda_flash::{GradLayout, Rows};
         let d = Dims::of(ql, kl, vl)?;
         let rows = [
             Rows::contiguous(q, ql, d.heads * d.d, "q")?,
@@ -384,23 +385,81 @@ impl CustomOp3 for FlashAttnBwd {
     }
 }
 
+// ------------------------------------------------------------ the kernels' operands (CUDA)
+
+/// One input of the kernels: row `r` of the `[b·t, heads·d]` rows of q (or k, v) starts
+/// at element `offset + r·stride` of `s` (checked against the storage by the launch).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy)]
+pub(crate) struct Rows<'a> {
+    pub s: &'a candle_core::CudaStorage,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+#[cfg(feature = "cuda")]
+impl Rows<'_> {
+    /// The whole of a contiguous tensor of rows `width` wide.
+    pub(crate) fn contiguous<'a>(
+        s: &'a candle_core::CudaStorage,
+        l: &Layout,
+        width: usize,
+        what: &str,
+    ) -> Result<Rows<'a>> {
+        let (offset, _) = crate::ops::cuda::contiguous(l, OP, what)?;
+        Ok(Rows {
+            s,
+            offset,
+            stride: width,
+        })
+    }
+}
+
+/// Where the backward writes: one buffer of `len` elements holding dq, dk and dv at
+/// (offset, row stride) each. `zeroed`: the buffer starts as zeros, for elements no
+/// kernel writes (a packed input's other heads).
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct GradLayout {
+    pub len: usize,
+    pub dq: (usize, usize),
+    pub dk: (usize, usize),
+    pub dv: (usize, usize),
+    pub zeroed: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl GradLayout {
+    /// `[dq | dk | dv]` one after the other, each contiguous.
+    pub(crate) fn flat(d: Dims) -> GradLayout {
+        let (nq, nk) = (d.q_len(), d.kv_len());
+        GradLayout {
+            len: nq + 2 * nk,
+            dq: (0, d.heads * d.d),
+            dk: (nq, d.kv_heads * d.d),
+            dv: (nq + nk, d.kv_heads * d.d),
+            zeroed: false,
+        }
+    }
+}
+
 /// The CUDA backward with the saved O, dO and LSE (a backward op's `cuda_fwd`).
 #[cfg(feature = "cuda")]
 fn saved_backward(
     d: Dims,
     scale: f32,
-    rows: [super::cuda_flash::Rows; 3],
+    rows: [Rows; 3],
     o: &Tensor,
     g: &Tensor,
     lse: &Tensor,
-    grads: super::cuda_flash::GradLayout,
+    grads: GradLayout,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
     let (os, ol) = o.storage_and_layout();
     let (gs, gl) = g.storage_and_layout();
     let (ls, ll) = lse.storage_and_layout();
     match (&*os, &*gs, &*ls) {
         (Storage::Cuda(o), Storage::Cuda(g), Storage::Cuda(lse)) => {
-            super::cuda_flash::backward(d, scale, rows, (o, ol), (g, gl), (lse, ll), grads)
+            cuda::backward(d, scale, rows, (o, ol), (g, gl), (lse, ll), grads)
         }
         _ => candle_core::bail!("{OP}: the saved O, dO and LSE must be on CUDA"),
     }
@@ -472,11 +531,11 @@ impl Packing {
     /// The backward's output: each input's gradient in its input's layout, one after
     /// the other; zeros where no head of q, k or v lies.
     #[cfg(feature = "cuda")]
-    fn grad_layout(&self, d: Dims) -> super::cuda_flash::GradLayout {
+    fn grad_layout(&self, d: Dims) -> GradLayout {
         let bases = self.grad_bases(d);
         let at = |s: Slot| (bases[s.input] + s.head * d.d, self.row_heads[s.input] * d.d);
         let covered: usize = d.heads + 2 * d.kv_heads;
-        super::cuda_flash::GradLayout {
+        GradLayout {
             len: self.row_heads.iter().map(|rh| d.b * d.t * rh * d.d).sum(),
             dq: at(self.q),
             dk: at(self.k),
@@ -589,7 +648,7 @@ impl FlashAttnPacked {
         let ls: Vec<&Layout> = xs.iter().map(|x| x.1).collect();
         let d = self.packing.dims(self.heads, self.kv_heads, &ls)?;
         let [q, k, v] = self.rows(d, xs)?;
-        let (out, lse, lse_shape) = super::cuda_flash::forward(d, self.scale, q, k, v)?;
+        let (out, lse, lse_shape) = cuda::forward(d, self.scale, q, k, v)?;
         *self.lse.lock().expect("causal_attention lse") = Some(Tensor::from_storage(
             Storage::Cuda(lse),
             lse_shape,
@@ -601,16 +660,12 @@ impl FlashAttnPacked {
 
     /// q, k, v as the kernels' row views of the (contiguous) inputs.
     #[cfg(feature = "cuda")]
-    fn rows<'a>(
-        &self,
-        d: Dims,
-        xs: &[(&'a candle_core::CudaStorage, &Layout)],
-    ) -> Result<[super::cuda_flash::Rows<'a>; 3]> {
+    fn rows<'a>(&self, d: Dims, xs: &[(&'a candle_core::CudaStorage, &Layout)]) -> Result<[Rows<'a>; 3]> {
         let p = &self.packing;
-        let at = |s: Slot, what: &str| -> Result<super::cuda_flash::Rows<'a>> {
+        let at = |s: Slot, what: &str| -> Result<Rows<'a>> {
             let (x, l) = xs[s.input];
-            let (start, _) = super::cuda::contiguous(l, OP, what)?;
-            Ok(super::cuda_flash::Rows {
+            let (start, _) = crate::ops::cuda::contiguous(l, OP, what)?;
+            Ok(Rows {
                 s: x,
                 offset: start + s.head * d.d,
                 stride: p.row_heads[s.input] * d.d,

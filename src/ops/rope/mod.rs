@@ -12,6 +12,9 @@ use super::{contiguous, u32_slice, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 const OP: &str = "rope";
 
 /// Tokens are grouped into CPU tasks of about this many elements (decode runs inline).
@@ -168,7 +171,7 @@ impl CustomOp2 for RopeOp {
         pos: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rope(self, (q, ql), None, (pos, pl), None)
+        cuda::rope(self, (q, ql), None, (pos, pl), None)
     }
 
     fn bwd(&self, q: &Tensor, pos: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -208,7 +211,7 @@ impl CustomOp3 for RopeOp {
         pos: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rope(self, (q, ql), Some((k, kl)), (pos, pl), None)
+        cuda::rope(self, (q, ql), Some((k, kl)), (pos, pl), None)
     }
 }
 
@@ -345,7 +348,7 @@ impl RopeCacheOp {
     /// cache of `dtype`.
     fn cache(&self, c: &Tensor, d: usize, dtype: DType, what: &str) -> Result<(u64, usize)> {
         let (s, l) = c.storage_and_layout();
-        let s = super::cuda::cuda_of(&s, "rope_and_cache", what)?;
+        let s = crate::ops::cuda::cuda_of(&s, "rope_and_cache", what)?;
         let dims = l.dims();
         if s.dtype() != dtype || dims.len() < 2 || dims[dims.len() - 2..] != [self.kv_heads, d] {
             candle_core::bail!(
@@ -355,8 +358,8 @@ impl RopeCacheOp {
                 self.kv_heads
             );
         }
-        let (c0, c1) = super::cuda::contiguous(l, "rope_and_cache", what)?;
-        let addr = super::cuda::raw_range(s, c0..c1, "rope_and_cache", what)?;
+        let (c0, c1) = crate::ops::cuda::contiguous(l, "rope_and_cache", what)?;
+        let addr = crate::ops::cuda::raw_range(s, c0..c1, "rope_and_cache", what)?;
         Ok((addr, (c1 - c0) / (self.kv_heads * d)))
     }
 }
@@ -391,7 +394,7 @@ impl CustomOp3 for RopeCacheOp {
         let d = ql.dims().last().copied().unwrap_or(0);
         let (k, k_rows) = self.cache(&self.k_cache, d, q.dtype(), "the k cache")?;
         let (v, v_rows) = self.cache(&self.v_cache, d, q.dtype(), "the v cache")?;
-        let cache = super::cuda_fused::RopeCache {
+        let cache = cuda::RopeCache {
             q_heads: self.q_heads,
             kv_heads: self.kv_heads,
             k,
@@ -399,7 +402,7 @@ impl CustomOp3 for RopeCacheOp {
             cache_rows: k_rows.min(v_rows),
             rows: (rows, rl),
         };
-        super::cuda_fused::rope(&self.rope, (q, ql), None, (pos, pl), Some(cache))
+        cuda::rope(&self.rope, (q, ql), None, (pos, pl), Some(cache))
     }
 }
 

@@ -5,6 +5,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// The first largest value's index; NaN never wins, and a row with nothing above -inf
 /// gives 0 (`argmax_rows` does the same on the device).
 pub fn argmax(logits: &[f32]) -> u32 {
@@ -36,7 +39,7 @@ impl CustomOp1 for ArgmaxRows {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::argmax_rows(s, l)
+        cuda::argmax_rows(s, l)
     }
 }
 

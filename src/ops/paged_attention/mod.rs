@@ -8,7 +8,16 @@
 
 use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+mod plan;
+
+#[cfg(feature = "cuda")]
+pub use cuda::{DecodeGraphAttention, DeviceTables};
 
 /// The head dimensions the CUDA paged-attention kernels are built for.
 pub const CUDA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
@@ -24,26 +33,171 @@ pub struct SeqSpan {
     pub ctx_len: u32,
 }
 
-/// A per-step memo for paged attention: every layer that reads one KV slot in one step
-/// sees the same spans and block table, so the slot's checks run once; on CUDA the
-/// launch plan, the device copies of spans and work list and the scratch are made once
-/// for all slots (every slot sees the same spans), and each slot's table is uploaded
-/// once (20 layers × six driver calls a step otherwise). Make one per step
-/// (`Model::forward` does) and never reuse it with other spans or tables.
-#[derive(Default)]
-pub struct AttentionPlans {
-    pub(crate) checked: std::sync::Mutex<std::collections::HashSet<usize>>,
+/// The shapes a step's attention runs at: `q` `[tokens, heads, head_dim]`, caches
+/// `[_, block_size, kv_heads, head_dim]` of `dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionDims {
+    pub tokens: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+    pub dtype: DType,
+}
+
+/// Where a step's layers find their block tables.
+#[derive(Clone, Copy)]
+enum Tables<'a> {
+    /// Each KV slot's `[seqs, max_blocks]` table, by slot.
+    Slots(&'a [Vec<u32>]),
+    /// One table, for a single call.
+    One(&'a [u32]),
+    /// None on the host: a CUDA decode graph's tables live in the runner's device
+    /// buffers, checked when the runner stages them.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device,
+}
+
+/// One step's paged attention, planned once by the caller before the layers run and
+/// handed to every layer's call ([`paged_attention_run`]): every layer that reads one KV
+/// slot in one step sees the same spans and block table, so the slot's checks run once;
+/// on CUDA the launch plan (work list, partitions), the device copies of spans and work
+/// list and the partition scratch are made once for all slots (every slot sees the same
+/// spans), and each slot's table is uploaded by the first layer that reads it (20
+/// layers × six driver calls a step otherwise). Make one per step (`Model::forward`
+/// does) and never reuse it with other spans or tables.
+pub struct PagedAttentionPlan<'a> {
+    seqs: &'a [SeqSpan],
+    tables: Tables<'a>,
+    max_blocks: usize,
+    scale: f32,
+    /// KV slots whose spans and table were checked.
+    checked: Mutex<HashSet<usize>>,
+    /// The caller checked every slot's table (a decode graph's runner does as it stages them).
+    tables_checked: bool,
     #[cfg(feature = "cuda")]
-    pub(crate) cuda: std::sync::Mutex<super::cuda::CudaPlans>,
+    cuda: cuda::StepLaunch<'a>,
     /// The batch-invariant kernel's device copies of the step's token owners and tables.
     #[cfg(feature = "cuda")]
-    pub(crate) fixed: std::sync::Mutex<super::batch_invariant::FixedUploads>,
+    pub(crate) fixed: Mutex<super::batch_invariant::FixedUploads>,
+}
+
+impl<'a> PagedAttentionPlan<'a> {
+    /// The step's plan: `seqs` (the spans of the flat batch), `tables` (each KV slot's
+    /// `[seqs.len(), max_blocks]` block table, row-major) and the shapes the layers run
+    /// at. On CUDA the split-KV kernels' launch is planned here, once for the step.
+    pub fn new(
+        device: &Device,
+        seqs: &'a [SeqSpan],
+        tables: &'a [Vec<u32>],
+        max_blocks: usize,
+        scale: f32,
+        dims: AttentionDims,
+    ) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let cuda = match device {
+            Device::Cuda(dev) => cuda::StepLaunch::planned(dev, seqs, max_blocks, scale, dims)?,
+            _ => cuda::StepLaunch::default(),
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = (device, dims);
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            cuda,
+            ..Self::unplanned(seqs, tables, max_blocks, scale)
+        })
+    }
+
+    /// A plan whose CUDA launch is planned by the first call that needs one: the
+    /// batch-invariant mode (whose kernel needs none), or a caller that does not know the
+    /// shapes up front.
+    pub fn unplanned(seqs: &'a [SeqSpan], tables: &'a [Vec<u32>], max_blocks: usize, scale: f32) -> Self {
+        Self::with_tables(seqs, Tables::Slots(tables), max_blocks, scale)
+    }
+
+    /// A plan for a single call with one table (slot 0).
+    pub(crate) fn single(seqs: &'a [SeqSpan], table: &'a [u32], max_blocks: usize, scale: f32) -> Self {
+        Self::with_tables(seqs, Tables::One(table), max_blocks, scale)
+    }
+
+    fn with_tables(seqs: &'a [SeqSpan], tables: Tables<'a>, max_blocks: usize, scale: f32) -> Self {
+        Self {
+            seqs,
+            tables,
+            max_blocks,
+            scale,
+            checked: Mutex::default(),
+            tables_checked: false,
+            #[cfg(feature = "cuda")]
+            cuda: cuda::StepLaunch::default(),
+            #[cfg(feature = "cuda")]
+            fixed: Mutex::default(),
+        }
+    }
+
+    /// A CUDA decode graph's step: the launch `graph` made for the graph's shape, over the
+    /// spans and block tables the runner keeps in `tables` (fixed addresses, refilled and
+    /// checked before each launch). `seqs` are the host spans of the captured step.
+    #[cfg(feature = "cuda")]
+    pub fn for_decode_graph(seqs: &'a [SeqSpan], graph: &'a DecodeGraphAttention, tables: DeviceTables<'a>) -> Self {
+        Self {
+            tables_checked: true,
+            cuda: cuda::StepLaunch::Graph { graph, tables },
+            ..Self::with_tables(seqs, Tables::Device, 0, graph.scale())
+        }
+    }
+
+    /// Slot `slot`'s host table (empty for a decode graph's).
+    fn table(&self, slot: usize) -> Result<&'a [u32]> {
+        match self.tables {
+            Tables::Slots(t) => t
+                .get(slot)
+                .map(|t| t.as_slice())
+                .ok_or_else(|| candle_core::Error::Msg(format!("paged_attention: no block table for KV slot {slot}"))),
+            Tables::One(t) => Ok(t),
+            Tables::Device => Ok(&[]),
+        }
+    }
+
+    /// The spans and slot `slot`'s table, checked against `q` and the cache the first
+    /// time a layer reads the slot (`op` names the op in errors).
+    pub(crate) fn checked_table(&self, op: &str, slot: usize, q: &Tensor, k_cache: &Tensor) -> Result<&'a [u32]> {
+        let block_table = self.table(slot)?;
+        let (seqs, max_blocks) = (self.seqs, self.max_blocks);
+        if block_table.len() != seqs.len() * max_blocks {
+            candle_core::bail!(
+                "{op}: block table has {} entries, want {} × {max_blocks}",
+                block_table.len(),
+                seqs.len()
+            );
+        }
+        let (tokens, _, _) = q.dims3()?;
+        let (num_blocks, block_size, _, _) = k_cache.dims4()?;
+        let checked = self.tables_checked || self.checked.lock().expect("plans").contains(&slot);
+        if !checked {
+            check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
+            self.checked.lock().expect("plans").insert(slot);
+        }
+        Ok(block_table)
+    }
+
+    pub(crate) fn seqs(&self) -> &'a [SeqSpan] {
+        self.seqs
+    }
+    pub(crate) fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+    pub(crate) fn scale(&self) -> f32 {
+        self.scale
+    }
 }
 
 struct PagedAttention<'a> {
-    /// The step's memo and the slot these tables belong to (read by the CUDA path).
+    /// The step's plan and the KV slot this call reads (the CUDA path's).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    plans: Option<(&'a AttentionPlans, usize)>,
+    plan: &'a PagedAttentionPlan<'a>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    slot: usize,
     seqs: &'a [SeqSpan],
     /// `[num_seqs, max_blocks]`, row-major.
     block_table: &'a [u32],
@@ -197,19 +351,7 @@ impl CustomOp3 for PagedAttention<'_> {
         vs: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::paged_attention(
-            self.plans,
-            self.seqs,
-            self.block_table,
-            self.max_blocks,
-            self.scale,
-            qs,
-            ql,
-            ks,
-            kl,
-            vs,
-            vl,
-        )
+        cuda::run(self.plan, self.slot, self.block_table, qs, ql, ks, kl, vs, vl)
     }
 }
 
@@ -246,7 +388,8 @@ pub(crate) fn check_spans(
 }
 
 /// `q`: `[tokens, heads, head_dim]`; caches: `[num_blocks, block_size, kv_heads, head_dim]`;
-/// `block_table`: `[seqs.len(), max_blocks]` row-major, the KV slot's tables.
+/// `block_table`: `[seqs.len(), max_blocks]` row-major, the KV slot's tables. A single
+/// call: its plan is made for it alone ([`paged_attention_run`] shares one over a step).
 pub fn paged_attention(
     q: &Tensor,
     k_cache: &Tensor,
@@ -256,43 +399,28 @@ pub fn paged_attention(
     max_blocks: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    paged_attention_planned(q, k_cache, v_cache, seqs, block_table, max_blocks, scale, None)
+    let plan = PagedAttentionPlan::single(seqs, block_table, max_blocks, scale);
+    paged_attention_run(&plan, 0, q, k_cache, v_cache)
 }
 
-/// [`paged_attention`] with the step's memo: `plans` and the KV slot `block_table` is of.
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_planned(
+/// One layer's paged attention under the step's `plan`: `q` `[tokens, heads, head_dim]`
+/// against the caches (`[num_blocks, block_size, kv_heads, head_dim]`) of KV slot `slot`,
+/// through that slot's block table.
+pub fn paged_attention_run(
+    plan: &PagedAttentionPlan<'_>,
+    slot: usize,
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
-    seqs: &[SeqSpan],
-    block_table: &[u32],
-    max_blocks: usize,
-    scale: f32,
-    plans: Option<(&AttentionPlans, usize)>,
 ) -> Result<Tensor> {
-    if block_table.len() != seqs.len() * max_blocks {
-        candle_core::bail!(
-            "paged_attention: block table has {} entries, want {} × {max_blocks}",
-            block_table.len(),
-            seqs.len()
-        );
-    }
-    let (tokens, _, _) = q.dims3()?;
-    let (num_blocks, block_size, _, _) = k_cache.dims4()?;
-    let checked = plans.is_some_and(|(p, slot)| p.checked.lock().expect("plans").contains(&slot));
-    if !checked {
-        check_spans(seqs, block_table, max_blocks, tokens, block_size, num_blocks)?;
-        if let Some((p, slot)) = plans {
-            p.checked.lock().expect("plans").insert(slot);
-        }
-    }
+    let block_table = plan.checked_table("paged_attention", slot, q, k_cache)?;
     let op = PagedAttention {
-        plans,
-        seqs,
+        plan,
+        slot,
+        seqs: plan.seqs,
         block_table,
-        max_blocks,
-        scale,
+        max_blocks: plan.max_blocks,
+        scale: plan.scale,
     };
     q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
 }

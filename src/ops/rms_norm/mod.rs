@@ -7,6 +7,9 @@ use super::{contiguous, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 /// Rows are grouped into CPU tasks of about this many elements (decode runs inline).
 const TASK_ELEMS: usize = 16 * 1024;
 
@@ -140,7 +143,7 @@ impl CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rms_norm(x, xl, None, w, wl, self.eps)
+        cuda::rms_norm(x, xl, None, w, wl, self.eps)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -286,7 +289,7 @@ impl CustomOp3 for RmsNormBwd {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rms_norm_bwd(x, xl, w, wl, g, gl, self.eps)
+        cuda::rms_norm_bwd(x, xl, w, wl, g, gl, self.eps)
     }
 }
 
@@ -327,7 +330,7 @@ impl CustomOp3 for AddRmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
+        cuda::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
     }
 }
 

@@ -6,6 +6,9 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 struct WidenF32;
 
 impl CustomOp1 for WidenF32 {
@@ -25,7 +28,7 @@ impl CustomOp1 for WidenF32 {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda_fused::widen_f32(s, l)
+        cuda::widen_f32(s, l)
     }
 }
 

@@ -6,6 +6,9 @@
 use super::{contiguous, u32_slice, Elem};
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 struct ReshapeAndCache;
 
 /// A token row that is written nowhere (vLLM's slot -1): a decode graph's batch is
@@ -72,7 +75,7 @@ impl InplaceOp3 for ReshapeAndCache {
         pos: &candle_core::CudaStorage,
         pl: &Layout,
     ) -> Result<()> {
-        super::cuda::reshape_and_cache(cache, cl, new, nl, pos, pl)
+        cuda::reshape_and_cache(cache, cl, new, nl, pos, pl)
     }
 }
 

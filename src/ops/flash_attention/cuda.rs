@@ -1,6 +1,6 @@
 //! CUDA launches of `kernels/flash_attention.cu` (feature `cuda`): the forward and
 //! backward of `causal_attention` and its packed forms for f16/bf16 with head_dim 64 or
-//! 128. The CPU paths of `flash_attention.rs` are the references.
+//! 128. The CPU paths of `mod.rs` are the references.
 //!
 //! Every operand is a [`Rows`]: the `[b·t]` rows of q, k or v inside a storage, any
 //! (16-byte aligned) stride apart, so the kernels read column slices of a packed Q/K/V
@@ -8,8 +8,8 @@
 //! input gets its gradient packed in one buffer. The kernels get raw device pointers:
 //! [`Rows::check`] and [`GradLayout`]'s bounds check stand in for cudarc's slices.
 
-use super::cuda::{contiguous, poison, ptx, raw_buffer, suffix, POISON};
-use super::flash_attention::Dims;
+use super::{Dims, GradLayout, Rows};
+use crate::ops::cuda::{contiguous, poison, ptx, raw_buffer, suffix, POISON};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -19,13 +19,18 @@ use std::sync::atomic::Ordering;
 
 const OP: &str = "causal_attention";
 const MODULE: &str = "crosskv_flash_attention";
-/// Query rows and keys per tile (`TILE_ROWS`).
+
+// ---------------------------------------------------------------- mirrors of kernels/flash_attention.cuh
+
+/// kernels/flash_attention.cuh: `FA_TILE_ROWS` (query rows and keys per tile).
 const TILE: usize = 64;
-/// Threads per CTA: forward (4 warps) and backward (8 warps).
+/// kernels/flash_attention.cuh: `FA_NT` (threads per CTA of the forward, `fa_bwd_dot`
+/// and `fa_bwd_dq`: 4 warps).
 const FWD_THREADS: u32 = 128;
+/// kernels/flash_attention.cuh: `FA_NT_BWD` (threads per CTA of `fa_bwd_dkdv`: 8 warps).
 const BWD_THREADS: u32 = 256;
 
-/// Mirrors `struct FaParams` in kernels/flash_attention.cu.
+/// kernels/flash_attention.cuh: `struct FaParams`.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct FaParams {
@@ -45,27 +50,9 @@ struct FaParams {
     dv_rs: u64,
 }
 unsafe impl DeviceRepr for FaParams {}
-
-/// One input of the kernels: row `r` of the `[b·t, heads·d]` rows of q (or k, v) starts
-/// at element `offset + r·stride` of `s`.
-#[derive(Clone, Copy)]
-pub(crate) struct Rows<'a> {
-    pub s: &'a CudaStorage,
-    pub offset: usize,
-    pub stride: usize,
-}
+const _: () = assert!(std::mem::size_of::<FaParams>() == 80);
 
 impl Rows<'_> {
-    /// The whole of a contiguous tensor of rows `width` wide.
-    pub(crate) fn contiguous<'a>(s: &'a CudaStorage, l: &Layout, width: usize, what: &str) -> Result<Rows<'a>> {
-        let (offset, _) = contiguous(l, OP, what)?;
-        Ok(Rows {
-            s,
-            offset,
-            stride: width,
-        })
-    }
-
     /// `rows` rows of `width` fit the storage; offset and stride keep 16-byte alignment
     /// (the kernels' vector loads).
     fn check(&self, rows: usize, width: usize, what: &str) -> Result<()> {
@@ -94,31 +81,7 @@ impl Rows<'_> {
     }
 }
 
-/// Where the backward writes: one buffer of `len` elements holding dq, dk and dv at
-/// (offset, row stride) each. `zeroed`: the buffer starts as zeros, for elements no
-/// kernel writes (a packed input's other heads).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct GradLayout {
-    pub len: usize,
-    pub dq: (usize, usize),
-    pub dk: (usize, usize),
-    pub dv: (usize, usize),
-    pub zeroed: bool,
-}
-
 impl GradLayout {
-    /// `[dq | dk | dv]` one after the other, each contiguous.
-    pub(crate) fn flat(d: Dims) -> GradLayout {
-        let (nq, nk) = (d.q_len(), d.kv_len());
-        GradLayout {
-            len: nq + 2 * nk,
-            dq: (0, d.heads * d.d),
-            dk: (nq, d.kv_heads * d.d),
-            dv: (nq + nk, d.kv_heads * d.d),
-            zeroed: false,
-        }
-    }
-
     fn check(&self, d: Dims) -> Result<()> {
         let rows = d.b * d.t;
         for ((off, rs), width, what) in [
