@@ -6,7 +6,7 @@
 #   scripts/gpu-build.sh
 #
 # Builds, with `--features nccl` (which includes `cuda`): the crosskv binary, the GPU
-# test binary (tests/gpu.rs) and the benchmarks decode_attention, e2e_decode,
+# test binary (tests/gpu/) and the benchmarks decode_attention, e2e_decode,
 # flash_attention, op_overhead, train_throughput and train_ops; strips them and packs each
 # with xz into .gpu/ (git-ignored). On the GPU machine, with .gpu/ beside the checkout:
 # scripts/gpu-test.sh, scripts/gpu-bench.sh, scripts/gpu-profile.sh and

@@ -3,7 +3,7 @@
 # scripts/gpu-build.sh) beside it. Logs go to $OUT (default .gpu/out); a short summary
 # is printed last.
 #
-#   scripts/gpu-test.sh          tests/gpu.rs, one test at a time (the CPU references use
+#   scripts/gpu-test.sh          tests/gpu/, one test at a time (the CPU references use
 #                                every core): every kernel against its CPU reference, a
 #                                tiny CLA model on CUDA against the CPU, decode graphs
 #                                against eager steps, the forward memory profile and, with
