@@ -9,6 +9,10 @@
 //! Q8_1), so a Q4_1 block's dot product is `d_w·d_x·Σ q_w q_x + m_w·d_x·Σ q_x` and a
 //! Q8_0 one `d_w·d_x·Σ q_w q_x`. AVX2 (maddubs) where the CPU has it; the scalar paths
 //! are the reference.
+//!
+//! Over 600 lines on purpose: the activation quantization, the kernel families (scalar,
+//! AVX2, AVX-512 VNNI, one row and four) and the tests that hold them to one answer are
+//! one unit; about 590 lines without the tests.
 
 use super::parallel::for_each_piece_mut;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};

@@ -26,6 +26,10 @@
 //! head_dim 64 or 128. Anything else on CUDA (f32 inputs, other head dims) and other
 //! devices take [`causal_attention_composite`]: candle ops in f32 (expand the KV heads,
 //! Q·Kᵀ, masked softmax, ·V), differentiable by candle's autograd, with O(t²) memory.
+//!
+//! Over 600 lines on purpose: the forward and backward CPU references and the custom ops
+//! around them share one layout vocabulary (`Rows`, `GradLayout`, the packed forms); the
+//! kernels' launches are in `cuda.rs`.
 
 use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};

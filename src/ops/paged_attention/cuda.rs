@@ -4,6 +4,10 @@
 //! kernel or in thread-block clusters). The planner (`plan.rs`) decides the work items
 //! and partitions; this file uploads the plan, sizes the scratch, asks the driver how
 //! many CTAs and clusters fit, and launches.
+//!
+//! Over 600 lines on purpose: one launch path for three kernels and the cluster variant,
+//! whose scratch sizes, partition counts and counters must agree; split, each part would
+//! need the others' invariants.
 
 use super::plan::{plan, Kernel, Params, MAX_CLUSTER_PARTS, TC_TILE_KEYS, THREADS};
 use super::{AttentionDims, PagedAttentionPlan, SeqSpan};
