@@ -5,8 +5,8 @@
 //! - Q8_0 (f16 scale, 32 i8): the default model's tied embedding / lm_head; having it
 //!   here puts it in the same fused, low-overhead parallel region as the rest.
 //!
-//! Activations are quantized per block of 32 to i8 with an f32 scale (llama.cpp's
-//! Q8_1), so a Q4_1 block's dot product is `d_w·d_x·Σ q_w q_x + m_w·d_x·Σ q_x` and a
+//! Activations are quantized per block of 32 to i8 with an f16 scale, rounded as
+//! llama.cpp's Q8_1 is, so a Q4_1 block's dot product is `d_w·d_x·Σ q_w q_x + m_w·d_x·Σ q_x` and a
 //! Q8_0 one `d_w·d_x·Σ q_w q_x`. AVX2 (maddubs) where the CPU has it; the scalar paths
 //! are the reference.
 //!
