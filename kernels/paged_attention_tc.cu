@@ -381,7 +381,8 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     // ops::cuda): each CTA leaves its merged rows in its own shared memory, and after one
     // cluster barrier each combines 1/num_parts of the output elements from all of them
     // through distributed shared memory. No partials in global memory, no fence, no
-    // count: on an H100 those and the last CTA's reload took ~5 µs of an MQA launch.
+    // count, which with the last CTA's reload cost a tenth of an MQA launch
+    // (BENCHMARKS.md, "Measurements behind design choices").
     float* mo = rml + 32;  // [16][D]: this CTA's O over its 4 warps (rows' own scale M)
     for (uint32_t i = tid; i < nrows * (D / 4); i += NT) {
       const uint32_t r = i / (D / 4), d = (i % (D / 4)) * 4;
@@ -464,8 +465,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   // Few partitions (decode at batch 64: 4) and at most CU elements of 4 a thread: every
   // load of the combination (each element's partials and its row's (m, l) of every
   // partition) issued at once, one round trip to L2. The general loop below makes two
-  // dependent round trips per element, 4 µs of an MQA batch-64 launch's 55 (measured
-  // with %globaltimer stamps on an H100).
+  // dependent round trips per element (BENCHMARKS.md, "Measurements behind design choices").
   constexpr uint32_t CP = 4, CU = 4;
   if (parts <= CP && nrows * (D / 4) <= CU * NT) {
     float4 a[CU][CP];

@@ -199,8 +199,8 @@ RMS_NORM(bf16, __nv_bfloat16)
 // row. dx is written in x's dtype directly: no f32 copy of it and no cast.
 // dw_acc holds DW_SLICES rows of `hidden` f32; CTA b adds into row b % DW_SLICES and
 // the finish kernel sums the rows. With one row, every CTA's atomics hit the same
-// `hidden` addresses at about the same time and serialise in L2: 512 CTAs of a
-// [8192, 768] backward spent longer in them than in their loads (46 µs on an H100).
+// `hidden` addresses at about the same time and serialise in L2, longer than the loads
+// (BENCHMARKS.md, "Measurements behind design choices").
 #define DW_SLICES 32
 
 template <typename T>

@@ -1,8 +1,7 @@
 // widen_f32: f16/bf16 → f32, the CUDA side of src/ops/widen/ (whose CPU path, candle's
 // cast, is the reference: the result is exact either way). Four elements a thread: one
 // 8-byte load and one 16-byte store, both coalesced. candle's cast kernel stores eight
-// scalars a thread 32 bytes apart: a decode step's [64, 50304] bf16 logits took 34 µs
-// to widen on an H100, [256, 50304] 140 µs.
+// scalars a thread 32 bytes apart, several times slower (BENCHMARKS.md, "Measurements behind design choices").
 #include <stdint.h>
 
 #include "convert.cuh"

@@ -1,6 +1,6 @@
 //! CUDA graphs for decode steps. A decode step issues ~15 candle ops per
-//! layer, each 6-26 µs of host time (allocation, launch), while the GPU needs a few µs
-//! for most of them: eagerly, the step is the host's (docs/bench-log/2026-11-25.md, "Where
+//! layer, each costing more host time (allocation, launch) than the GPU needs for most
+//! of them: eagerly, the step is the host's (docs/bench-log/2026-11-25.md, "Where
 //! the decode step's time goes"). As vLLM does, a step of `n` one-token sequences runs instead as
 //! one captured graph: launched with one driver call, its kernels back to back.
 //!

@@ -96,7 +96,7 @@ pub(super) fn sum_squares_many(acc: &Tensor, gs: &[Tensor]) -> Result<()> {
     let dev = cuda_of(&guards[0].0, OP, "the gradient")?.device.clone();
     // (address, length) of each gradient: a block per 16384 elements (8 vector loads a
     // thread), at most 1056 per tensor. Blocks of a few scalar loads each cost more to
-    // schedule than their loads (0.29 ms for a ~125M model's gradients on an H100).
+    // schedule than their loads (BENCHMARKS.md, "Measurements behind design choices").
     let mut table = BlockTable::new();
     for (s, l) in &guards {
         let (a, b) = contiguous(l, OP, "gradient")?;

@@ -460,19 +460,18 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usi
 
 /// Longest partition [`cluster_parts`] shrinks a plan to. A long context gains little
 /// from the cluster's cheaper combination and needs the plan's CTAs to keep the memory
-/// busy: on an H100, GQA8 batch 16 at 16384 keys in 3 clustered partitions of 5461 keys
-/// ran 1.5 % slower than in 4 combined through global memory (222 against 219 µs).
+/// busy: 3 clustered partitions of 5461 keys ran slower than 4 combined through global
+/// memory (BENCHMARKS.md, "Measurements behind design choices").
 const MAX_SHRUNK_PART_KEYS: usize = 4096;
 
 /// How many partitions this decode launch takes if it combines them in thread-block
 /// clusters (`paged_attention_tc_decode_cluster`, one cluster per item), or None for the
 /// kernel that combines them through global memory. A cluster's CTAs must be resident
-/// in one GPC together, so fewer clusters than CTAs / size may fit the GPU at once: a
-/// grid of clusters that did not all fit ran 13-18 % slower on an H100 (MQA batch 64 at
-/// 4096 keys, 64 clusters of 4 where 62 fit). The plan's partitions then shrink to the
-/// most (≤ 8) whose clusters all fit: 3 in clusters beat 4 through global memory (batch 64,
-/// 1024-2048 keys: 25.6 → 24.0 and 37.5 → 36.3 µs a launch in the decode graph), but
-/// only down to partitions of [`MAX_SHRUNK_PART_KEYS`]. Off with `CROSSKV_PA_CLUSTER=0`
+/// in one GPC together, so fewer clusters than CTAs / size may fit the GPU at once, and
+/// a grid of clusters that do not all fit runs markedly slower. The plan's partitions
+/// then shrink to the most (≤ 8) whose clusters all fit: 3 in clusters beat 4 through
+/// global memory at batch 64, but only down to partitions of [`MAX_SHRUNK_PART_KEYS`]
+/// (BENCHMARKS.md, "Measurements behind design choices"). Off with `CROSSKV_PA_CLUSTER=0`
 /// (for measuring what it buys).
 fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<Option<usize>> {
     use std::collections::HashMap;

@@ -82,8 +82,8 @@ fn auto_part_size(max_ctx: usize, items: usize, slots: usize) -> usize {
     let (items, slots) = (items.max(1), slots.max(1));
     // Partitions of MIN_PART_SIZE that would fill under half a wave (batch 1-8, or
     // batch 64 at 1024 keys: one CTA per sequence, one warp per scheduler, each CTA
-    // latency-bound) give way to finer ones: measured on the H200, batch 64 at 1024 keys
-    // decodes in 1.72 ms with partitions of 256 against 1.78-1.88 with 1024.
+    // latency-bound) give way to finer ones, which decode faster there
+    // (BENCHMARKS.md, "Measurements behind design choices").
     let min_part = if items * 8 < slots || 2 * items * max_ctx.div_ceil(MIN_PART_SIZE) <= slots {
         MIN_PART_SIZE_SMALL_GRID
     } else {

@@ -1,7 +1,7 @@
 //! `swiglu(gate, up) = silu(gate) · up`, the gated MLP's activation, as one op with a
 //! fused backward: candle's `silu(g) * u` is two kernels forward and about ten
 //! elementwise passes backward over `[tokens, ffn]`, the largest activations of a
-//! training step (measured: ~2 ms a layer at 8192 × 2048 on an H200). Computed in f32,
+//! training step (BENCHMARKS.md, "Measurements behind design choices"). Computed in f32,
 //! stored in the inputs' dtype. The CPU loops are the reference `kernels/swiglu.cu`
 //! must match.
 

@@ -1,6 +1,6 @@
 //! `widen_f32`: f16/bf16 → f32, for a decode step's logits. On CUDA one coalesced
-//! kernel (`kernels/widen.cu`) instead of candle's cast, which took 34 µs for batch 64's
-//! `[64, 50304]` bf16 logits on an H100 and 140 µs at batch 256; the CPU path is candle's
+//! kernel (`kernels/widen.cu`) instead of candle's cast, several times slower on a decode
+//! step's logits (BENCHMARKS.md, "Measurements behind design choices"); the CPU path is candle's
 //! cast, the reference (widening is exact, so the two agree bit for bit). f32 input is
 //! returned as it is.
 
