@@ -9,7 +9,7 @@ pub mod graphs;
 pub mod memory;
 pub mod sampler;
 
-pub use generate::{generate, GenerateOptions, GenerateStats};
+pub use generate::{decode_batch, generate, BatchStats, GenerateOptions, GenerateStats};
 pub use sampler::{fetch_logits, Sampler, SamplingParams, StepLogits};
 
 use crate::kv::{KvCache, KvError, KvManager, SeqId};

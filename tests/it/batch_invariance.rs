@@ -147,3 +147,32 @@ async fn cuda_batch_invariant_mode_answers_the_same_alone_or_shared() {
         .await;
     }
 }
+
+/// `crosskv bench --batch`'s runner loop (`runner::decode_batch`): every sequence gets
+/// exactly the greedy tokens it gets generated alone, and every block comes back.
+#[test]
+fn decode_batch_gives_each_prompt_its_tokens_alone() {
+    use crosskv::kv::KvManager;
+    use crosskv::runner::{decode_batch, generate, GenerateOptions, Runner, SamplingParams};
+    let ck = tiny_checkpoint(crate::http::VOCAB);
+    let m = ck.load();
+    let layout = m.layout().clone();
+    let blocks = 64 * layout.kv_layers();
+    let runner = Runner::new(m, blocks, 16).unwrap();
+    let mut mgr = KvManager::new(layout, blocks, 16);
+    let mut rng = Rng::new(3);
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| rng.tokens(3 + 7 * i, crate::http::VOCAB)).collect();
+    let st = decode_batch(&runner, &mut mgr, &prompts, 9).unwrap();
+    assert_eq!((st.sequences, st.decode_steps), (5, 8));
+    assert_eq!(mgr.num_free_blocks(), blocks);
+    let opts = GenerateOptions {
+        max_tokens: 9,
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+    };
+    let tok = crate::http::tokenizer();
+    for (p, got) in prompts.iter().zip(&st.tokens) {
+        let (alone, _) = generate(&runner, &mut mgr, &tok, p, &opts, |_| {}).unwrap();
+        assert_eq!(&alone, got, "prompt of {} tokens", p.len());
+    }
+}
