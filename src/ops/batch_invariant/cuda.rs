@@ -1,6 +1,6 @@
 //! Launches of `kernels/batch_invariant.cu` (feature `cuda`).
 
-use super::{token_owners, FixedAttention};
+use super::{k_slices, token_owners, FixedAttention, F32_TILE, TC_THREADS, TILE_M, TILE_N};
 use crate::ops::cuda::{contiguous, poison, ptx, suffix, POISON};
 use crate::ops::paged_attention::CUDA_HEAD_DIMS;
 use candle_core::backend::BackendStorage;
@@ -10,29 +10,6 @@ use candle_core::{DType, Layout, Result, Shape};
 use std::sync::atomic::Ordering;
 
 const MODULE: &str = "crosskv_batch_invariant";
-/// The tensor-core matmul's tile (`bi::BM`, `bi::BN`) and threads (`bi::THREADS`).
-const TILE_M: usize = 32;
-const TILE_N: usize = 32;
-const TC_THREADS: u32 = 128;
-/// The f32 matmul's square tile (`bi::FT`).
-const F32_TILE: usize = 16;
-/// Keys of one shared-memory stage (`bi::BK`): K slices are a multiple.
-const TILE_K: usize = 64;
-/// A matrix with fewer column tiles than this (about two CTAs an SM) splits K so the
-/// launch has about this many CTAs: a decode step's few rows otherwise leave most SMs
-/// idle and the weight read latency-bound.
-const SPLIT_K_BELOW_CTAS: usize = 264;
-/// The shortest K slice.
-const MIN_K_SLICE: usize = 512;
-
-/// `(slices, slice length)` of K for an `[n, k]` weight: a function of the weight's
-/// shape alone, never of the rows, so a row sums its slices the same way in any batch.
-fn k_slices(n: usize, k: usize) -> (usize, usize) {
-    let want = SPLIT_K_BELOW_CTAS.div_ceil(n.div_ceil(TILE_N).max(1)).max(1);
-    let slices = want.min((k / MIN_K_SLICE).max(1));
-    let len = k.div_ceil(slices).next_multiple_of(TILE_K).max(TILE_K);
-    (k.div_ceil(len).max(1), len)
-}
 
 fn output<T: DeviceRepr>(
     dev: &CudaDevice,
@@ -256,20 +233,4 @@ pub(super) fn attention(
         _ => go!(half::bf16),
     };
     Ok((out, shape))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn k_is_split_by_the_weight_shape_alone() {
-        // o_proj-like: 64 column tiles, K 2048: four slices of 512.
-        assert_eq!(k_slices(2048, 2048), (4, 512));
-        // down_proj-like: K 5472 in five slices of 1152 (the last shorter).
-        assert_eq!(k_slices(2048, 5472), (5, 1152));
-        // Wide matrices and short K stay whole.
-        assert_eq!(k_slices(10944, 2048), (1, 2048));
-        assert_eq!(k_slices(64, 200), (1, 256));
-    }
 }
