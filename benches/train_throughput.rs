@@ -1,4 +1,4 @@
-//! Training throughput and model FLOPs utilisation (issue 5, item 6): crosskv's own
+//! Training throughput and model FLOPs utilisation: crosskv's own
 //! `Trainer` (batched forward, autograd, gradient clipping, AdamW; bf16 compute with f32
 //! master weights on CUDA) on a ~125M-parameter LLaMA shape with random init and random
 //! token windows. PyTorch on the same shape, eager and `torch.compile`:
