@@ -73,7 +73,11 @@ fn quantize_rows(x: &[f32], cols: usize) -> QuantizedRows {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in out.q[b * QK..(b + 1) * QK].iter_mut().zip(xs) {
-            *q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+            // Half to even by the 1.5·2^23 trick (|v·id| ≤ 127): one add and one
+            // subtract, where `round_ties_even` is a libm call unless the build targets
+            // SSE4.1.
+            const ROUND: f32 = 12_582_912.0;
+            *q = ((v * id + ROUND) - ROUND).clamp(-127.0, 127.0) as i8;
             sum += *q as i32;
         }
         out.d[b] = f16::from_f32(d).to_f32();
@@ -89,6 +93,29 @@ fn block_scales(blk: &[u8]) -> (f32, f32) {
     )
 }
 
+/// [`block_scales`] with the F16C instruction, inlined into the SIMD kernels (which all
+/// enable it): `half`'s conversion picks F16C at run time behind a call per scale unless
+/// the whole build targets a CPU with it. Both conversions are exact.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+unsafe fn block_scales_f16c(blk: *const u8) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+}
+
+/// One f16 at `p` as f32 with F16C (see [`block_scales_f16c`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "f16c")]
+#[inline]
+unsafe fn f16_f16c(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+        (p as *const u16).read_unaligned() as i32
+    )))
+}
+
 /// The Q8_0 reference: one weight row against one quantized activation row.
 fn dot_row_q8_0_scalar(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     let mut sum = 0f32;
@@ -102,7 +129,7 @@ fn dot_row_q8_0_scalar(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_row_q8_0_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let nb = row.len() / 34;
@@ -110,7 +137,7 @@ unsafe fn dot_row_q8_0_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
         let blk = row.as_ptr().add(b * 34);
-        let dw = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+        let dw = f16_f16c(blk);
         let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
         let a = _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i);
         // maddubs wants unsigned × signed: |w| × (a · sign(w)).
@@ -122,7 +149,7 @@ unsafe fn dot_row_q8_0_avx2(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let hi = _mm256_extractf128_ps(acc, 1);
@@ -148,7 +175,7 @@ fn dot_row_scalar(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     use std::arch::x86_64::*;
     let nb = row.len() / 20;
@@ -158,7 +185,7 @@ unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     let mut min_acc = 0f32;
     for b in 0..nb {
         let blk = row.as_ptr().add(b * 20);
-        let (dw, mw) = block_scales(std::slice::from_raw_parts(blk, 4));
+        let (dw, mw) = block_scales_f16c(blk);
         let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
         let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
         let a = _mm256_loadu_si256(q.as_ptr().add(b * QK) as *const __m256i);
@@ -172,7 +199,7 @@ unsafe fn dot_row_avx2(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
 /// Four activation rows against one Q4_1 weight row: each weight block is decoded once
 /// for the four (prefill is compute-bound, so this is where its time goes).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
@@ -183,7 +210,7 @@ unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32];
     let mut min_acc = [0f32; 4];
     for b in 0..nb {
         let blk = row.as_ptr().add(b * 20);
-        let (dw, mw) = block_scales(std::slice::from_raw_parts(blk, 4));
+        let (dw, mw) = block_scales_f16c(blk);
         let qs = _mm_loadu_si128(blk.add(4) as *const __m128i);
         let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(qs, 4), low), _mm_and_si128(qs, low));
         for j in 0..4 {
@@ -207,7 +234,7 @@ unsafe fn dot_row_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4], s: [&[f32];
 
 /// Four activation rows against one Q8_0 weight row.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn dot_row_q8_0_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
@@ -216,7 +243,7 @@ unsafe fn dot_row_q8_0_x4_avx2(row: &[u8], q: [&[i8]; 4], d: [&[f32]; 4]) -> [f3
     let mut acc = [_mm256_setzero_ps(); 4];
     for b in 0..nb {
         let blk = row.as_ptr().add(b * 34);
-        let dw = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+        let dw = f16_f16c(blk);
         let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
         let aw = _mm256_sign_epi8(w, w);
         for j in 0..4 {
@@ -262,7 +289,7 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") {
+            if has!("avx2") && has!("fma") && has!("f16c") {
                 out.push(Isa::Avx2);
                 if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
                     out.push(Isa::Avx512Vnni);
@@ -275,7 +302,7 @@ impl Isa {
 
 /// Q4_1 with AVX-512 VNNI: two blocks per step, `vpdpbusd` (u8 nibbles × i8 activations).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_row_q4_1_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
     dot_row_q4_1_vnni_xn::<1>(row, [q], [d], [s])[0]
 }
@@ -283,7 +310,7 @@ unsafe fn dot_row_q4_1_vnni(row: &[u8], q: &[i8], d: &[f32], s: &[f32]) -> f32 {
 /// `N` activation rows against one Q4_1 row: each weight block pair is decoded once for
 /// all of them, and each row's arithmetic is exactly that of `dot_row_q4_1_vnni`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn dot_row_q4_1_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[f32]; N], s: [&[f32]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
@@ -300,8 +327,8 @@ unsafe fn dot_row_q4_1_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[
         let (b0, b1) = (row.as_ptr().add(b * 20), row.as_ptr().add((b + 1) * 20));
         // Decode streams the weights once: fetch well ahead (rows are contiguous).
         _mm_prefetch(b0.add(PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
-        let (dw0, mw0) = block_scales(std::slice::from_raw_parts(b0, 4));
-        let (dw1, mw1) = block_scales(std::slice::from_raw_parts(b1, 4));
+        let (dw0, mw0) = block_scales_f16c(b0);
+        let (dw1, mw1) = block_scales_f16c(b1);
         let w = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles(b0)), nibbles(b1), 1);
         for j in 0..N {
             let a = _mm512_loadu_si512(q[j].as_ptr().add(b * QK) as *const _);
@@ -332,7 +359,7 @@ unsafe fn dot_row_q4_1_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[
 /// exact. (Taking the offset off after scaling to f32 cancels two large terms: on the
 /// outlier channels of real hidden states that lost most of a logit's digits.)
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
     dot_row_q8_0_vnni_xn::<1>(row, [q], [d])[0]
 }
@@ -340,7 +367,7 @@ unsafe fn dot_row_q8_0_vnni(row: &[u8], q: &[i8], d: &[f32]) -> f32 {
 /// `N` activation rows against one Q8_0 row, each row's arithmetic exactly that of
 /// `dot_row_q8_0_vnni` (so a row's result does not depend on the rows beside it).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 #[inline(never)]
 unsafe fn dot_row_q8_0_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[f32]; N]) -> [f32; N] {
     use std::arch::x86_64::*;
@@ -352,8 +379,8 @@ unsafe fn dot_row_q8_0_vnni_xn<const N: usize>(row: &[u8], q: [&[i8]; N], d: [&[
         let (b0, b1) = (row.as_ptr().add(b * 34), row.as_ptr().add((b + 1) * 34));
         _mm_prefetch(b0.add(PREFETCH_BYTES) as *const i8, _MM_HINT_T0);
         _mm_prefetch(b0.add(PREFETCH_BYTES + 64) as *const i8, _MM_HINT_T0);
-        let dw0 = f16::from_le_bytes([*b0, *b0.add(1)]).to_f32();
-        let dw1 = f16::from_le_bytes([*b1, *b1.add(1)]).to_f32();
+        let dw0 = f16_f16c(b0);
+        let dw1 = f16_f16c(b1);
         let w = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(2) as *const __m256i)),
             _mm256_loadu_si256(b1.add(2) as *const __m256i),
