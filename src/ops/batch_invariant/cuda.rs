@@ -1,26 +1,14 @@
 //! Launches of `kernels/batch_invariant.cu` (feature `cuda`).
 
 use super::{k_slices, token_owners, FixedAttention, F32_TILE, TC_THREADS, TILE_M, TILE_N};
-use crate::ops::cuda::{contiguous, poison, ptx, suffix, POISON};
+use crate::ops::cuda::{contiguous, output, ptx, suffix};
 use crate::ops::paged_attention::CUDA_HEAD_DIMS;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaStorage, WrapErr};
 use candle_core::{DType, Layout, Result, Shape};
-use std::sync::atomic::Ordering;
 
 const MODULE: &str = "crosskv_batch_invariant";
-
-fn output<T: DeviceRepr>(
-    dev: &CudaDevice,
-    n: usize,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
-    let mut out = unsafe { dev.alloc::<T>(n.max(1))? };
-    if POISON.load(Ordering::Relaxed) {
-        poison(dev, &mut out)?;
-    }
-    Ok(out)
-}
 
 /// `x` `[m, k]`, `w` `[n, k]` → `[m, n]`.
 pub(super) fn matmul(x: &CudaStorage, xl: &Layout, w: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
