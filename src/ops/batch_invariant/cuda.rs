@@ -185,14 +185,35 @@ pub(super) fn attention(
         ($t:ty) => {{
             let mut out = output::<$t>(&dev, tokens * heads * d)?;
             if tokens > 0 {
-                if uploads.owners.is_none() {
-                    uploads.owners = Some(dev.clone_htod(&token_owners(op.seqs, tokens))?);
+                if uploads.all.is_none() {
+                    // The owners and every slot's table in one copy, made by the first
+                    // layer: a copy from pageable memory waits for the stream, which this
+                    // early in the step holds only the first layer's projections.
+                    let mut flat = token_owners(op.seqs, tokens);
+                    let slots: Vec<&[u32]> = match op.plan.slot_tables() {
+                        Some(all) => all.iter().map(|t| t.as_slice()).collect(),
+                        None => vec![table],
+                    };
+                    uploads.stride = slots.iter().map(|t| t.len()).max().unwrap_or(0).max(1);
+                    uploads.only = op.plan.slot_tables().is_none().then_some(slot);
+                    for t in &slots {
+                        flat.extend_from_slice(t);
+                        flat.resize(flat.len() + uploads.stride - t.len(), 0);
+                    }
+                    uploads.all = Some(dev.clone_htod(&flat)?);
                 }
-                if !uploads.tables.contains_key(&slot) {
-                    uploads.tables.insert(slot, dev.clone_htod(table)?);
+                if uploads.only.is_some_and(|s| s != slot) {
+                    candle_core::bail!("{OP}: a single-call plan used for KV slot {slot}");
                 }
-                let owners_d = uploads.owners.as_ref().expect("uploaded above");
-                let table_d = &uploads.tables[&slot];
+                let all = uploads.all.as_ref().expect("uploaded above");
+                let at = 2 * tokens
+                    + if uploads.only.is_some() {
+                        0
+                    } else {
+                        slot * uploads.stride
+                    };
+                let owners_d = all.slice(0..2 * tokens);
+                let table_d = all.slice(at..at + uploads.stride);
                 let qs = q.as_cuda_slice::<$t>()?.slice(q0..q1);
                 let ks = k.as_cuda_slice::<$t>()?.slice(k0..k1);
                 let vs = v.as_cuda_slice::<$t>()?.slice(v0..v1);
@@ -203,8 +224,8 @@ pub(super) fn attention(
                     .arg(&qs)
                     .arg(&ks)
                     .arg(&vs)
-                    .arg(owners_d)
-                    .arg(table_d)
+                    .arg(&owners_d)
+                    .arg(&table_d)
                     .arg(&max_blocks)
                     .arg(&block_size32)
                     .arg(&heads32)

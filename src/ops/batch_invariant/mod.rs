@@ -108,8 +108,11 @@ pub fn fixed_paged_attention(
 #[cfg(feature = "cuda")]
 #[derive(Default)]
 pub(crate) struct FixedUploads {
-    owners: Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
-    tables: std::collections::HashMap<usize, candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
+    /// The token owners (`2 × tokens`), then every slot's table, each `stride` long.
+    all: Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>,
+    stride: usize,
+    /// The slot whose table is the only one (a plan for a single call), else `None`.
+    only: Option<usize>,
 }
 
 /// [`fixed_paged_attention`] of KV slot `slot` under the step's `plan`: the spans are

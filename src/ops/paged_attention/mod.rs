@@ -148,6 +148,15 @@ impl<'a> PagedAttentionPlan<'a> {
     }
 
     /// Slot `slot`'s host table (empty for a decode graph's).
+    /// Every KV slot's table, when the plan holds them on the host by slot.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn slot_tables(&self) -> Option<&'a [Vec<u32>]> {
+        match self.tables {
+            Tables::Slots(t) => Some(t),
+            Tables::One(_) | Tables::Device => None,
+        }
+    }
+
     fn table(&self, slot: usize) -> Result<&'a [u32]> {
         match self.tables {
             Tables::Slots(t) => t
