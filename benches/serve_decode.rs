@@ -244,9 +244,9 @@ fn main() -> Result<()> {
         // Warm-up: the first requests pay for lazy set-up (kernels, graphs, pools).
         run(&client, &base, &a, a.batches.iter().copied().max().unwrap_or(1), 4, 1).await?;
         println!(
-            "| batch | prompt | served step ms | engine forward ms/step | host ms/step | served / forward | served tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
+            "| batch | prompt | served step ms | engine forward ms/step | of it queueing | host ms/step | served / forward | served tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms |"
         );
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         for (i, &b) in a.batches.iter().enumerate() {
             let seed = 10 + 2 * i as u64;
             let r1 = run(&client, &base, &a, b, a.n1, seed).await?;
@@ -256,7 +256,8 @@ fn main() -> Result<()> {
             let steps = r2.metrics.get("crosskv_engine_steps_total").copied().unwrap_or(0.0)
                 - r1.metrics.get("crosskv_engine_steps_total").copied().unwrap_or(0.0);
             let per_step = |p: &str| (phase(&r2.metrics, p) - phase(&r1.metrics, p)) / steps.max(1.0);
-            let forward = per_step("forward");
+            let queue = per_step("forward");
+            let forward = queue + per_step("logits");
             let host: f64 = ["schedule", "prepare", "update", "publish"].iter().map(|p| per_step(p)).sum();
             let mut ttft: Vec<f64> = r2.reqs.iter().map(|r| r.ttft).collect();
             let mut gaps: Vec<f64> = r2.reqs.iter().flat_map(|r| r.gaps.iter().copied()).collect();
@@ -268,10 +269,11 @@ fn main() -> Result<()> {
                 percentile(&mut gaps, 0.99),
             );
             println!(
-                "| {b} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
+                "| {b} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} / {:.0} | {:.1} / {:.1} |",
                 a.prompt_tokens,
                 served * 1e3,
                 forward * 1e3,
+                queue * 1e3,
                 host * 1e3,
                 served / forward,
                 tok_s,
@@ -281,7 +283,7 @@ fn main() -> Result<()> {
                 g99 * 1e3
             );
             if a.json {
-                let phases: serde_json::Map<String, Value> = ["schedule", "prepare", "forward", "update", "publish"]
+                let phases: serde_json::Map<String, Value> = ["schedule", "prepare", "forward", "logits", "update", "publish"]
                     .iter()
                     .map(|p| (p.to_string(), json!(per_step(p) * 1e3)))
                     .collect();

@@ -42,9 +42,11 @@ pub enum StepPhase {
     Schedule,
     /// The step's inputs built from the scheduled sequences.
     Prepare,
-    /// The batched forward and the logits rows the host needs, fetched (on CUDA this
-    /// waits for the device).
+    /// The batched forward: on the CPU computed, on CUDA queued (inputs uploaded,
+    /// kernels or a graph launched).
     Forward,
+    /// The logits rows the host needs, fetched: on CUDA this waits for the device.
+    Logits,
     /// Sampling, stop checks, detokenizing and the events to each request.
     Update,
     /// The status and gauges published after the step.
@@ -52,10 +54,11 @@ pub enum StepPhase {
 }
 
 impl StepPhase {
-    pub const ALL: [StepPhase; 5] = [
+    pub const ALL: [StepPhase; 6] = [
         StepPhase::Schedule,
         StepPhase::Prepare,
         StepPhase::Forward,
+        StepPhase::Logits,
         StepPhase::Update,
         StepPhase::Publish,
     ];
@@ -64,6 +67,7 @@ impl StepPhase {
             StepPhase::Schedule => "schedule",
             StepPhase::Prepare => "prepare",
             StepPhase::Forward => "forward",
+            StepPhase::Logits => "logits",
             StepPhase::Update => "update",
             StepPhase::Publish => "publish",
         }
@@ -105,7 +109,7 @@ pub struct Metrics {
     pub engine_steps_total: IntCounter,
     pub engine_step_duration_seconds: Histogram,
     pub iteration_tokens_total: Histogram,
-    step_phase_seconds: [Counter; 5],
+    step_phase_seconds: [Counter; StepPhase::ALL.len()],
     info: KvCacheInfo,
 }
 

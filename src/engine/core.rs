@@ -358,12 +358,16 @@ impl Engine {
         let forward = Instant::now();
         self.metrics
             .add_step_phase(StepPhase::Prepare, (forward - now).as_secs_f64());
-        let logits = self.runner.step(self.scheduler.kv(), &steps).and_then(|t| {
+        let queued = self.runner.step(self.scheduler.kv(), &steps);
+        let fetch = Instant::now();
+        self.metrics
+            .add_step_phase(StepPhase::Forward, (fetch - forward).as_secs_f64());
+        let logits = queued.and_then(|t| {
             let fetched = crate::runner::fetch_logits(&t, &full)?;
             Ok((t, fetched))
         });
         self.metrics
-            .add_step_phase(StepPhase::Forward, forward.elapsed().as_secs_f64());
+            .add_step_phase(StepPhase::Logits, fetch.elapsed().as_secs_f64());
         let (tensor, logits) = match logits {
             Ok(l) => l,
             Err(e) => {
