@@ -1,12 +1,15 @@
 //! The engine thread: one loop that takes commands (add, abort, shutdown), drops the
 //! requests whose clients left, and runs one step at a time, synchronously, in three
 //! phases: schedule (the scheduler and the KV manager pick the step's work), execute
-//! (the runner's batched forward) and update (sampling, stop checks, events out,
-//! finished requests freed). A panic inside a step fails that step's requests only.
+//! (the runner's batched forward) and update (sampling, EOS and length checks, events
+//! queued, finished requests freed). Text and stop strings are not its work: each
+//! request's stream does them (`handle.rs`). A panic inside a step fails that step's
+//! requests only.
 
-use super::output::OutputText;
 use super::scheduler::SchedulerOutput;
-use super::{EngineEvent, EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
+use super::outbox::Outbox;
+use super::request::EngineOutput;
+use super::{EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
 use super::{Scheduled, Scheduler, TokenLogprob, Usage, MAX_SCORED_CHUNK};
 use crate::metrics::{Metrics, StepPhase};
 use crate::model::Tok;
@@ -24,7 +27,7 @@ pub(super) enum Command {
     Add {
         id: RequestId,
         req: GenerateRequest,
-        events: UnboundedSender<EngineEvent>,
+        events: UnboundedSender<EngineOutput>,
         arrival: Instant,
     },
     Abort(RequestId),
@@ -34,10 +37,9 @@ pub(super) enum Command {
 
 /// One request's engine-side state.
 struct Live {
-    events: UnboundedSender<EngineEvent>,
+    events: UnboundedSender<EngineOutput>,
     options: GenerateOptions,
     sampler: Sampler,
-    text: OutputText,
     prompt_len: usize,
     generated: Vec<u32>,
     arrival: Instant,
@@ -67,6 +69,8 @@ pub(super) struct Engine {
     /// The requests of the step under way: they fail if it panics.
     in_step: Vec<RequestId>,
     fault: Option<Fault>,
+    /// Every event goes out through here, a step's worth at a time.
+    outbox: Outbox,
 }
 
 /// The text of a caught panic's payload.
@@ -107,6 +111,7 @@ impl Engine {
             pending_adds,
             in_step: Vec::new(),
             fault: None,
+            outbox: Outbox::start(),
         }
     }
 
@@ -120,10 +125,17 @@ impl Engine {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         loop {
             let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(&rx)));
-            match turn {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(p) => self.recover(&*p),
+            let go_on = match turn {
+                Ok(go_on) => go_on,
+                Err(p) => {
+                    self.recover(&*p);
+                    true
+                }
+            };
+            // The turn's events go out together, after its step.
+            self.outbox.flush();
+            if !go_on {
+                return;
             }
         }
     }
@@ -138,7 +150,7 @@ impl Engine {
         );
         for id in std::mem::take(&mut self.in_step) {
             if let Some(l) = self.requests.get(&id) {
-                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
+                self.outbox.send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
             }
             self.finish(id, FinishReason::Abort);
         }
@@ -159,7 +171,7 @@ impl Engine {
             .collect();
         for id in orphans {
             if let Some(l) = self.requests.get(&id) {
-                let _ = l.events.send(EngineEvent::Error(format!("internal error: {msg}")));
+                self.outbox.send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
             }
             self.finish(id, FinishReason::Abort);
         }
@@ -232,14 +244,14 @@ impl Engine {
         true
     }
 
-    fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineEvent>, arrival: Instant) {
+    fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineOutput>, arrival: Instant) {
         let o = req.options;
         let prompt_len = req.prompt_ids.len();
         let max_total = prompt_len
             .saturating_add(o.max_tokens)
             .min(self.max_model_len.max(prompt_len));
         if prompt_len == 0 {
-            let _ = events.send(EngineEvent::Error("the prompt is empty".into()));
+            self.outbox.send(&events, EngineOutput::Error("the prompt is empty".into()));
             return;
         }
         // Prompt log-probs need logits at every prompt position: no prefix-cache skip.
@@ -247,7 +259,7 @@ impl Engine {
             .scheduler
             .add(id, req.prompt_ids, max_total, o.prompt_logprobs.is_none())
         {
-            let _ = events.send(EngineEvent::Error(e.to_string()));
+            self.outbox.send(&events, EngineOutput::Error(e.to_string()));
             return;
         }
         if o.prompt_logprobs.is_some() {
@@ -259,7 +271,6 @@ impl Engine {
             Live {
                 events,
                 sampler: Sampler::new(o.sampling.clone()),
-                text: OutputText::new(o.stop.clone()),
                 prompt_logprobs: o.prompt_logprobs.map(|_| vec![None]),
                 options: o,
                 prompt_len,
@@ -374,7 +385,7 @@ impl Engine {
                 tracing::error!("step failed: {e}");
                 for s in &out.scheduled {
                     if let Some(l) = self.requests.get(&s.id) {
-                        let _ = l.events.send(EngineEvent::Error(format!("inference failed: {e}")));
+                        self.outbox.send(&l.events, EngineOutput::Error(format!("inference failed: {e}")));
                     }
                     self.finish(s.id, FinishReason::Abort);
                 }
@@ -397,9 +408,10 @@ impl Engine {
             if step.all_logits {
                 if let Err(e) = self.collect_prompt_logprobs(s, &ex.tensor, range.start) {
                     if let Some(l) = self.requests.get(&s.id) {
-                        let _ = l
-                            .events
-                            .send(EngineEvent::Error(format!("scoring the prompt failed: {e}")));
+                        self.outbox.send(
+                            &l.events,
+                            EngineOutput::Error(format!("scoring the prompt failed: {e}")),
+                        );
                     }
                     self.finish(s.id, FinishReason::Abort);
                     continue;
@@ -449,7 +461,7 @@ impl Engine {
         }
         if acc.len() == l.prompt_len {
             let done = std::mem::take(acc);
-            let _ = l.events.send(EngineEvent::PromptLogprobs(done.clone()));
+            self.outbox.send(&l.events, EngineOutput::PromptLogprobs(done.clone()));
             // Keep a full-length marker so they are not sent again after a preemption.
             *acc = done;
         }
@@ -499,37 +511,20 @@ impl Engine {
         self.metrics.generation_tokens_total.inc();
         let is_eos = !o.ignore_eos && self.tokenizer.eos_ids.contains(&token);
         let is_stop_token = o.stop_token_ids.contains(&token);
-        let (text, stop_string) = if is_eos || is_stop_token {
-            (String::new(), false)
-        } else {
-            match l.text.push(&self.tokenizer, token) {
-                Ok(t) => t,
-                Err(e) => {
-                    let _ = l.events.send(EngineEvent::Error(e.to_string()));
-                    self.finish(id, FinishReason::Abort);
-                    return;
-                }
-            }
-        };
         let total = l.prompt_len + l.generated.len();
-        let reason = if is_eos || is_stop_token || stop_string {
+        let reason = if is_eos || is_stop_token {
             Some(FinishReason::Stop)
         } else if l.generated.len() >= o.max_tokens || total >= self.max_model_len {
             Some(FinishReason::Length)
         } else {
             None
         };
-        // Text held back as a possible stop-string start goes out when the request
-        // ends any other way.
-        let text = if reason.is_some() && !stop_string {
-            text + &l.text.flush()
-        } else {
-            text
-        };
-        let _ = l.events.send(EngineEvent::Token {
+        self.outbox.send(&l.events, EngineOutput::Token {
             id: token,
-            text,
             logprob,
+            decode: !(is_eos || is_stop_token),
+            last: reason.is_some(),
+            cached_tokens: l.cached_tokens,
         });
         match reason {
             Some(r) => self.finish(id, r),
@@ -551,7 +546,7 @@ impl Engine {
             completion_tokens: l.generated.len(),
             cached_tokens: l.cached_tokens,
         };
-        let _ = l.events.send(EngineEvent::Finished { reason, usage });
+        self.outbox.send(&l.events, EngineOutput::Finished { reason, usage });
     }
 
     fn publish(&self) {

@@ -3,7 +3,9 @@
 //! thread publishes; a request's events come back on its [`RequestStream`].
 
 use super::core::{self, Command};
-use super::{EngineConfig, EngineError, EngineEvent, EngineStatus, Fault, GenerateRequest, RequestId};
+use super::output::OutputText;
+use super::request::EngineOutput;
+use super::{EngineConfig, EngineError, EngineEvent, EngineStatus, Fault, FinishReason, GenerateRequest, RequestId, Usage};
 use super::{Scheduler, SchedulerConfig};
 use crate::kv::{CapacityReport, KvManager};
 use crate::metrics::{KvCacheInfo, Metrics};
@@ -38,32 +40,113 @@ pub struct EngineHandle {
 }
 
 /// One request's outputs. Dropping it aborts the request.
+///
+/// The engine sends token ids; the stream turns them into text and matches the stop
+/// strings as the caller reads them, on the caller's thread (the engine thread only
+/// samples). A stop string ends the stream at once and tells the engine to drop the
+/// request, which may have run a step further by then; that token is never seen.
 pub struct RequestStream {
     id: RequestId,
-    rx: UnboundedReceiver<EngineEvent>,
+    rx: UnboundedReceiver<EngineOutput>,
     handle: Arc<HandleInner>,
+    text: OutputText,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    cached_tokens: usize,
+    /// The `Finished` a stop string made, returned by the next read.
+    stopped: Option<EngineEvent>,
+    /// Nothing more is read: the stream ended by a stop string or a decoding error.
+    ended: bool,
 }
 
 impl RequestStream {
     pub fn id(&self) -> RequestId {
         self.id
     }
-    /// The next event; `None` once the engine has dropped the request.
+    /// The next event; `None` once the request has ended.
     pub async fn next(&mut self) -> Option<EngineEvent> {
-        self.rx.recv().await
+        if let Some(e) = self.stopped.take() {
+            return Some(e);
+        }
+        if self.ended {
+            return None;
+        }
+        let out = self.rx.recv().await?;
+        Some(self.event(out))
     }
     /// Blocking variant for non-async callers.
     pub fn blocking_next(&mut self) -> Option<EngineEvent> {
-        self.rx.blocking_recv()
+        if let Some(e) = self.stopped.take() {
+            return Some(e);
+        }
+        if self.ended {
+            return None;
+        }
+        let out = self.rx.blocking_recv()?;
+        Some(self.event(out))
+    }
+
+    /// The event the caller sees for what the engine sent: token ids decoded, stop
+    /// strings matched.
+    fn event(&mut self, out: EngineOutput) -> EngineEvent {
+        match out {
+            EngineOutput::PromptLogprobs(p) => EngineEvent::PromptLogprobs(p),
+            EngineOutput::Finished { reason, usage } => EngineEvent::Finished { reason, usage },
+            EngineOutput::Error(e) => EngineEvent::Error(e),
+            EngineOutput::Token {
+                id,
+                logprob,
+                decode,
+                last,
+                cached_tokens,
+            } => {
+                self.completion_tokens += 1;
+                self.cached_tokens = cached_tokens;
+                let (mut text, stop) = if decode {
+                    match self.text.push(&self.handle.tokenizer, id) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            self.end();
+                            return EngineEvent::Error(e.to_string());
+                        }
+                    }
+                } else {
+                    (String::new(), false)
+                };
+                if stop {
+                    self.stopped = Some(EngineEvent::Finished {
+                        reason: FinishReason::Stop,
+                        usage: Usage {
+                            prompt_tokens: self.prompt_tokens,
+                            completion_tokens: self.completion_tokens,
+                            cached_tokens: self.cached_tokens,
+                        },
+                    });
+                    self.end();
+                } else if last {
+                    text += &self.text.flush();
+                }
+                EngineEvent::Token { id, text, logprob }
+            }
+        }
+    }
+
+    /// Ends the stream here and has the engine drop the request.
+    fn end(&mut self) {
+        if !self.ended {
+            self.ended = true;
+            self.rx.close();
+            if let Ok(tx) = self.handle.tx.lock() {
+                let _ = tx.send(Command::Abort(self.id));
+            }
+        }
     }
 }
 
 impl Drop for RequestStream {
     fn drop(&mut self) {
         self.handle.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if let Ok(tx) = self.handle.tx.lock() {
-            let _ = tx.send(Command::Abort(self.id));
-        }
+        self.end();
     }
 }
 
@@ -186,6 +269,12 @@ impl EngineHandle {
             id,
             rx,
             handle: inner.clone(),
+            text: OutputText::new(req.options.stop.clone()),
+            prompt_tokens: req.prompt_ids.len(),
+            completion_tokens: 0,
+            cached_tokens: 0,
+            stopped: None,
+            ended: false,
         };
         inner.pending_adds.fetch_add(1, Ordering::Relaxed);
         let sent = inner.tx.lock().map_err(|_| EngineError::ShutDown).and_then(|tx| {

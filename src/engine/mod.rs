@@ -7,6 +7,7 @@
 
 mod core;
 mod handle;
+mod outbox;
 pub mod output;
 pub mod request;
 pub mod scheduler;

@@ -95,3 +95,24 @@ pub enum EngineEvent {
     /// The request failed; nothing follows.
     Error(String),
 }
+
+/// What the engine thread sends a request's stream: token ids, not text. The stream
+/// ([`super::RequestStream`]) detokenizes and matches stop strings on the caller's
+/// thread, so that work grows with the caller's requests, not with the engine's batch.
+#[derive(Debug)]
+pub(super) enum EngineOutput {
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+        /// False for EOS and stop tokens, whose text is never shown.
+        decode: bool,
+        /// The engine ends the request with this token (EOS, a stop token, a length
+        /// limit): text held back as a possible stop-string start goes out with it.
+        last: bool,
+        /// Prompt tokens served from the prefix cache.
+        cached_tokens: usize,
+    },
+    Finished { reason: FinishReason, usage: Usage },
+    Error(String),
+}

@@ -5,7 +5,7 @@
 //! is preempted (its blocks freed, recomputed later). It never builds a tensor.
 
 use crate::kv::{KvError, KvManager, SeqId};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -33,6 +33,8 @@ struct SchedRequest {
     use_prefix_cache: bool,
     /// Most tokens of this request computed in one step.
     max_chunk: usize,
+    /// In `running` (else in `waiting`).
+    running: bool,
 }
 
 /// One request's share of a step: compute `tokens[start..start + len]`.
@@ -60,8 +62,13 @@ pub struct SchedulerOutput {
 pub struct Scheduler {
     cfg: SchedulerConfig,
     kv: KvManager,
-    waiting: VecDeque<SchedRequest>,
-    running: Vec<SchedRequest>,
+    /// Every request, by id: a step's per-request updates are lookups, not scans of the
+    /// running list (which would make a step O(batch²)).
+    reqs: HashMap<SeqId, SchedRequest>,
+    /// Waiting ids, arrival order (preempted ones go back to the front).
+    waiting: VecDeque<SeqId>,
+    /// Running ids, admission order: the newest is preempted first.
+    running: Vec<SeqId>,
 }
 
 impl Scheduler {
@@ -69,6 +76,7 @@ impl Scheduler {
         Scheduler {
             cfg,
             kv,
+            reqs: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -88,7 +96,7 @@ impl Scheduler {
     }
     /// Tokens held in the cache per KV slot, over every running request.
     pub fn cached_tokens(&self) -> usize {
-        self.running.iter().map(|r| r.num_computed).sum()
+        self.running.iter().map(|id| self.reqs[id].num_computed).sum()
     }
 
     /// Queues a request. `max_total_tokens` (prompt + the most it may generate) must fit
@@ -107,17 +115,19 @@ impl Scheduler {
                 total: self.kv.num_blocks(),
             });
         }
-        if self.find(id).is_some() {
+        if self.reqs.contains_key(&id) {
             return Err(AdmitError::Duplicate(id));
         }
         let prompt_len = prompt.len();
-        self.waiting.push_back(SchedRequest {
+        self.waiting.push_back(id);
+        self.reqs.insert(id, SchedRequest {
             id,
             tokens: prompt,
             prompt_len,
             num_computed: 0,
             use_prefix_cache: use_prefix_cache && self.cfg.prefix_caching,
             max_chunk: usize::MAX,
+            running: false,
         });
         Ok(())
     }
@@ -125,31 +135,22 @@ impl Scheduler {
     /// Caps how many of a request's tokens one step computes (a request that needs the
     /// logits of every position makes a full-vocabulary row per token it computes).
     pub fn set_max_chunk(&mut self, id: SeqId, max_chunk: usize) {
-        if let Some(r) = self.find_mut(id) {
+        if let Some(r) = self.reqs.get_mut(&id) {
             r.max_chunk = max_chunk.max(1);
         }
     }
 
-    fn find(&self, id: SeqId) -> Option<&SchedRequest> {
-        self.running.iter().chain(self.waiting.iter()).find(|r| r.id == id)
-    }
-    fn find_mut(&mut self, id: SeqId) -> Option<&mut SchedRequest> {
-        self.running
-            .iter_mut()
-            .chain(self.waiting.iter_mut())
-            .find(|r| r.id == id)
-    }
 
     /// Every request it holds, running or waiting.
     pub fn ids(&self) -> Vec<SeqId> {
-        self.running.iter().chain(self.waiting.iter()).map(|r| r.id).collect()
+        self.running.iter().chain(self.waiting.iter()).copied().collect()
     }
 
     pub fn tokens(&self, id: SeqId) -> Option<&[u32]> {
-        self.find(id).map(|r| r.tokens.as_slice())
+        self.reqs.get(&id).map(|r| r.tokens.as_slice())
     }
     pub fn prompt_len(&self, id: SeqId) -> Option<usize> {
-        self.find(id).map(|r| r.prompt_len)
+        self.reqs.get(&id).map(|r| r.prompt_len)
     }
 
     /// Picks this step's work and allocates its blocks.
@@ -158,9 +159,10 @@ impl Scheduler {
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
-            let (id, computed, len, max_chunk) = {
-                let r = &self.running[i];
-                (r.id, r.num_computed, r.tokens.len(), r.max_chunk)
+            let id = self.running[i];
+            let (computed, len, max_chunk) = {
+                let r = &self.reqs[&id];
+                (r.num_computed, r.tokens.len(), r.max_chunk)
             };
             let want = (len - computed).min(budget).min(max_chunk);
             // Make room by preempting the newest running requests, possibly this one.
@@ -176,7 +178,7 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            let r = &self.running[i];
+            let r = &self.reqs[&id];
             out.scheduled.push(Scheduled {
                 id,
                 start: computed,
@@ -189,8 +191,9 @@ impl Scheduler {
         }
         // New work only when nothing had to be preempted: admitting would just thrash.
         while out.preempted.is_empty() && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(r) = self.waiting.front() else { break };
-            let (id, len, max_chunk) = (r.id, r.tokens.len(), r.max_chunk);
+            let Some(&id) = self.waiting.front() else { break };
+            let r = &self.reqs[&id];
+            let (len, max_chunk) = (r.tokens.len(), r.max_chunk);
             let (mut cached, lookup) = (0, r.use_prefix_cache && r.num_computed == 0);
             if lookup {
                 cached = self.kv.start_with_prefix(id, &r.tokens);
@@ -208,8 +211,10 @@ impl Scheduler {
                 out.prefix_queries += len;
                 out.prefix_hits += cached;
             }
-            let mut r = self.waiting.pop_front().expect("peeked");
+            self.waiting.pop_front();
+            let r = self.reqs.get_mut(&id).expect("waiting requests are known");
             r.num_computed = start;
+            r.running = true;
             out.scheduled.push(Scheduled {
                 id,
                 start,
@@ -218,17 +223,19 @@ impl Scheduler {
                 cached_tokens: cached,
             });
             budget -= want;
-            self.running.push(r);
+            self.running.push(id);
         }
         out
     }
 
-    fn preempt(&mut self, mut victim: SchedRequest, out: &mut SchedulerOutput) {
-        if self.kv.contains(victim.id) {
-            self.kv.free(victim.id).expect("running requests hold blocks");
+    fn preempt(&mut self, victim: SeqId, out: &mut SchedulerOutput) {
+        if self.kv.contains(victim) {
+            self.kv.free(victim).expect("running requests hold blocks");
         }
-        victim.num_computed = 0;
-        out.preempted.push(victim.id);
+        let r = self.reqs.get_mut(&victim).expect("running requests are known");
+        r.num_computed = 0;
+        r.running = false;
+        out.preempted.push(victim);
         self.waiting.push_front(victim);
     }
 
@@ -236,7 +243,7 @@ impl Scheduler {
     /// shareable through the prefix cache.
     pub fn computed(&mut self, s: &Scheduled) {
         let prefix_caching = self.cfg.prefix_caching;
-        let Some(r) = self.running.iter_mut().find(|r| r.id == s.id) else {
+        let Some(r) = self.reqs.get_mut(&s.id).filter(|r| r.running) else {
             return;
         };
         r.num_computed = s.start + s.tokens.len();
@@ -248,15 +255,20 @@ impl Scheduler {
 
     /// Appends a sampled token to a running request.
     pub fn append_token(&mut self, id: SeqId, token: u32) {
-        if let Some(r) = self.find_mut(id) {
+        if let Some(r) = self.reqs.get_mut(&id) {
             r.tokens.push(token);
         }
     }
 
     /// Removes a request (finished or aborted) and frees its blocks.
     pub fn remove(&mut self, id: SeqId) -> Result<(), KvError> {
-        self.running.retain(|r| r.id != id);
-        self.waiting.retain(|r| r.id != id);
+        if let Some(r) = self.reqs.remove(&id) {
+            if r.running {
+                self.running.retain(|&x| x != id);
+            } else {
+                self.waiting.retain(|&x| x != id);
+            }
+        }
         if self.kv.contains(id) {
             self.kv.free(id)?;
         }

@@ -29,6 +29,10 @@ struct SeqBlocks {
     hashed_blocks: usize,
     /// Chain hash of the last hashed block.
     last_hash: u64,
+    /// Names these tables for their life: they only ever grow at the end, so a copy
+    /// made under the same epoch stays a valid prefix (a preempted sequence gets new
+    /// tables, and a new epoch, when it comes back).
+    epoch: u64,
 }
 
 /// Chain hash of one full block: its tokens and everything before it (the parent).
@@ -54,6 +58,7 @@ pub struct KvManager {
     /// Distinct blocks held per KV slot, kept as blocks gain their first reference and
     /// lose their last (status reads it every step; recounting is O(total blocks)).
     used_per_slot: Vec<usize>,
+    next_epoch: u64,
 }
 
 impl KvManager {
@@ -64,6 +69,7 @@ impl KvManager {
             block_size,
             seqs: HashMap::new(),
             used_per_slot: vec![0; layout.kv_layers()],
+            next_epoch: 1,
             layout,
         }
     }
@@ -113,9 +119,14 @@ impl KvManager {
             });
         }
         let kv_layers = self.layout.kv_layers();
-        let entry = self.seqs.entry(seq).or_insert_with(|| SeqBlocks {
-            tables: vec![Vec::new(); kv_layers],
-            ..Default::default()
+        let next_epoch = &mut self.next_epoch;
+        let entry = self.seqs.entry(seq).or_insert_with(|| {
+            *next_epoch += 1;
+            SeqBlocks {
+                tables: vec![Vec::new(); kv_layers],
+                epoch: *next_epoch,
+                ..Default::default()
+            }
         });
         let want = total_tokens.div_ceil(self.block_size);
         for (slot, table) in entry.tables.iter_mut().enumerate() {
@@ -185,8 +196,10 @@ impl KvManager {
                 num_tokens: n * bs,
                 hashed_blocks: n,
                 last_hash: chain,
+                epoch: self.next_epoch + 1,
             },
         );
+        self.next_epoch += 1;
         n * bs
     }
 
@@ -237,6 +250,15 @@ impl KvManager {
         self.seqs
             .get(&seq)
             .map(|s| s.tables.as_slice())
+            .ok_or(KvError::UnknownSequence(seq))
+    }
+
+    /// `tables(seq)` and their epoch: tables seen under one epoch keep their entries and
+    /// only grow.
+    pub fn tables_with_epoch(&self, seq: SeqId) -> Result<(u64, &[Vec<BlockId>]), KvError> {
+        self.seqs
+            .get(&seq)
+            .map(|s| (s.epoch, s.tables.as_slice()))
             .ok_or(KvError::UnknownSequence(seq))
     }
 

@@ -58,6 +58,11 @@ struct Buffers {
     /// `[batch, vocab]` f32: what each launch leaves.
     logits: Tensor,
     batch: usize,
+    /// Per row of the staged tables: the epoch of the tables staged there and how many
+    /// blocks of them (`KvManager::tables_with_epoch`). A row that keeps its sequence
+    /// only has its new blocks written, so a step's staging costs O(batch), not
+    /// O(batch × context).
+    staged: Vec<(u64, usize)>,
 }
 
 /// One captured decode step.
@@ -154,6 +159,7 @@ impl Buffers {
             tables,
             logits,
             batch,
+            staged: vec![(0, 0); batch],
         })
     }
 
@@ -168,12 +174,19 @@ impl Buffers {
         let (ids, rest) = staged.split_at_mut(batch);
         let (positions, rows) = rest.split_at_mut(batch);
         let mut seqs = Vec::with_capacity(batch);
+        let mut tables = Vec::with_capacity(n);
         for (i, s) in steps.iter().enumerate() {
             ids[i] = s.tokens[0];
             positions[i] = s.start_pos as u32;
-            for slot in 0..slots {
-                rows[slot * batch + i] = mgr.cache_position(s.seq, slot, s.start_pos).map_err(kv_err)?;
+            let (epoch, t) = mgr.tables_with_epoch(s.seq).map_err(kv_err)?;
+            let block = s.start_pos / bs;
+            for (slot, table) in t.iter().enumerate().take(slots) {
+                let b = table.get(block).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("sequence {} has no block for position {}", s.seq, s.start_pos))
+                })?;
+                rows[slot * batch + i] = b * bs as u32 + (s.start_pos % bs) as u32;
             }
+            tables.push((epoch, t));
             seqs.push(SeqSpan {
                 q_start: i as u32,
                 q_len: 1,
@@ -192,11 +205,17 @@ impl Buffers {
             q_len: 1,
             ctx_len: 1,
         }));
+        let staged = &mut self.staged;
         self.tables.refill(&seqs, |t| {
-            for (i, s) in steps.iter().enumerate() {
+            for (i, (s, &(epoch, tables))) in steps.iter().zip(&tables).enumerate() {
                 let used = (s.start_pos + 1).div_ceil(bs);
-                for (slot, table) in mgr.tables(s.seq).map_err(kv_err)?.iter().enumerate() {
-                    let src = table.get(..used).ok_or_else(|| {
+                // The blocks this row already holds, when it held these tables last step.
+                let from = match staged[i] {
+                    (e, held) if e == epoch && held <= used => held,
+                    _ => 0,
+                };
+                for (slot, table) in tables.iter().enumerate() {
+                    let src = table.get(from..used).ok_or_else(|| {
                         candle_core::Error::Msg(format!("sequence {} has no block for position {}", s.seq, s.start_pos))
                     })?;
                     if let Some(b) = src.iter().find(|&&b| b as usize >= num_blocks) {
@@ -206,14 +225,16 @@ impl Buffers {
                         );
                     }
                     let at = slot * t.stride + i * t.max_blocks;
-                    t.tables[at..at + used].copy_from_slice(src);
+                    t.tables[at + from..at + used].copy_from_slice(src);
                 }
+                staged[i] = (epoch, used);
             }
             for slot in 0..slots {
                 for i in n..batch {
                     t.tables[slot * t.stride + i * t.max_blocks] = 0;
                 }
             }
+            staged[n..].fill((0, 0));
             Ok(())
         })?;
         self.inputs.inplace_op1(&Upload(&self.inputs_staged))

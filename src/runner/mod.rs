@@ -17,9 +17,10 @@ use crate::model::{Model, StepInput};
 use crate::ops::SeqSpan;
 use candle_core::{Result, Tensor};
 
-/// The largest decode batch run as a CUDA graph (vLLM's default capture limit too);
-/// larger steps run eagerly.
-pub const MAX_GRAPH_BATCH: usize = 512;
+/// The largest decode batch run as a CUDA graph: a CLA cache holds batches of many
+/// hundreds of sequences, where an eager step's launches would cost more than its
+/// kernels; larger steps run eagerly.
+pub const MAX_GRAPH_BATCH: usize = 1024;
 
 /// One sequence's share of a step: `tokens` are computed at positions
 /// `start_pos..start_pos + tokens.len()`; the manager must already hold blocks for them.
@@ -220,10 +221,14 @@ impl Runner {
                 logits_rows.push(ids.len() as u32 - 1);
             }
             let tables = mgr.tables(s.seq).map_err(kv_err)?;
-            for (slot, slot_rows) in rows.iter_mut().enumerate() {
-                for p in s.start_pos..end {
-                    slot_rows.push(mgr.cache_position(s.seq, slot, p).map_err(kv_err)?);
+            for (table, slot_rows) in tables.iter().zip(rows.iter_mut()) {
+                if table.len() * bs < end {
+                    return Err(kv_err(KvError::OutOfBlocks {
+                        needed: end.div_ceil(bs) - table.len(),
+                        free: mgr.num_free_blocks(),
+                    }));
                 }
+                slot_rows.extend((s.start_pos..end).map(|p| table[p / bs] * bs as u32 + (p % bs) as u32));
             }
             max_blocks = max_blocks
                 .max(end.div_ceil(bs))

@@ -51,7 +51,10 @@ impl Default for StepLaunch<'_> {
 #[derive(Default)]
 pub(super) struct StepMemo {
     prepared: Option<Prepared>,
-    tables: std::collections::HashMap<usize, Slice<u32>>,
+    /// Every slot's table, slot after slot, uploaded in one copy by the step's first
+    /// layer: an upload from pageable memory waits for the kernels queued before it, so
+    /// one per slot, mid-step, would hold the host back to the device's pace.
+    tables: Option<Slice<u32>>,
 }
 
 impl StepLaunch<'_> {
@@ -240,13 +243,29 @@ pub(super) fn run(
                     q.dtype(),
                     true,
                 )?);
-                memo.tables.clear();
+                memo.tables = None;
             }
-            let table = match memo.tables.entry(slot) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(upload_table(&dev, block_table)?),
+            let all = plan.host_tables();
+            let stride = block_table.len();
+            if all.iter().any(|t| t.len() != stride) {
+                candle_core::bail!("{OP}: the KV slots' block tables differ in size");
             }
-            .as_view();
+            let table = if all.len() > 1 && stride > 0 {
+                if memo.tables.is_none() {
+                    memo.tables = Some(upload_table(&dev, &all.concat())?);
+                }
+                let at = slot * stride;
+                memo.tables
+                    .as_ref()
+                    .expect("uploaded above")
+                    .slice(at..at + stride)
+            } else {
+                // One table (a single call): its own upload.
+                if memo.tables.is_none() {
+                    memo.tables = Some(upload_table(&dev, block_table)?);
+                }
+                memo.tables.as_ref().expect("uploaded above").as_view()
+            };
             // The spans: the plan's own upload (`Prepared::seqs_d`).
             (memo.prepared.as_mut().expect("made above"), None, table)
         }

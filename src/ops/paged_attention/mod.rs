@@ -157,6 +157,17 @@ impl<'a> PagedAttentionPlan<'a> {
         }
     }
 
+    /// Every KV slot's table, slot order (one for a single call; none for a decode
+    /// graph, whose tables are on the device already).
+    #[cfg(feature = "cuda")]
+    fn host_tables(&self) -> Vec<&'a [u32]> {
+        match self.tables {
+            Tables::Slots(t) => t.iter().map(|t| t.as_slice()).collect(),
+            Tables::One(t) => vec![t],
+            Tables::Device => Vec::new(),
+        }
+    }
+
     fn table(&self, slot: usize) -> Result<&'a [u32]> {
         match self.tables {
             Tables::Slots(t) => t
