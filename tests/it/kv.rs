@@ -318,3 +318,37 @@ fn blocks_used_per_slot_are_kept_exactly_through_sharing_frees_and_evictions() {
     }
     assert_eq!(m.used_blocks_per_slot(), vec![0, 0, 0]);
 }
+
+#[test]
+fn a_tables_epoch_lasts_while_they_grow_and_changes_when_they_are_made_again() {
+    let mut m = manager(30);
+    m.allocate(1, 2).unwrap();
+    m.allocate(2, 2).unwrap();
+    let (e1, _) = m.tables_with_epoch(1).unwrap();
+    let (e2, _) = m.tables_with_epoch(2).unwrap();
+    assert_ne!(e1, e2);
+    // Growing keeps the epoch, and the entries seen under it.
+    let before = m.tables(1).unwrap().to_vec();
+    m.allocate(1, 9).unwrap();
+    let (again, tables) = m.tables_with_epoch(1).unwrap();
+    assert_eq!(again, e1);
+    for (old, new) in before.iter().zip(tables) {
+        assert_eq!(&new[..old.len()], old.as_slice());
+    }
+    // Freed and allocated again (a preempted sequence coming back): a new epoch, even
+    // where the id and the first block ids repeat.
+    m.free(1).unwrap();
+    m.allocate(1, 2).unwrap();
+    let (e3, _) = m.tables_with_epoch(1).unwrap();
+    assert!(e3 != e1 && e3 != e2);
+    // Tables started from the prefix cache get one too.
+    let toks: Vec<u32> = (0..12).collect();
+    m.free(1).unwrap();
+    m.allocate(1, 12).unwrap();
+    m.cache_full_blocks(1, &toks, 12);
+    let (e4, _) = m.tables_with_epoch(1).unwrap();
+    assert_eq!(m.start_with_prefix(5, &toks), 8);
+    let (e5, _) = m.tables_with_epoch(5).unwrap();
+    assert!(![e1, e2, e3, e4].contains(&e5));
+    assert!(matches!(m.tables_with_epoch(9), Err(KvError::UnknownSequence(9))));
+}
