@@ -6,16 +6,16 @@
 //! request's stream does them (`handle.rs`). A panic inside a step fails that step's
 //! requests only.
 
-use super::scheduler::SchedulerOutput;
 use super::outbox::Outbox;
 use super::request::EngineOutput;
+use super::scheduler::SchedulerOutput;
 use super::{EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
 use super::{Scheduled, Scheduler, TokenLogprob, Usage, MAX_SCORED_CHUNK};
 use crate::metrics::{Metrics, StepPhase};
 use crate::model::Tok;
 use crate::runner::sampler::{mask_tokens, token_logprob};
 use crate::runner::{Runner, Sampler, SeqStep, StepLogits};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -60,7 +60,7 @@ impl Live {
 pub(super) struct Engine {
     runner: Runner,
     scheduler: Scheduler,
-    requests: HashMap<RequestId, Live>,
+    requests: FxHashMap<RequestId, Live>,
     tokenizer: Arc<Tok>,
     metrics: Arc<Metrics>,
     status: Arc<Mutex<EngineStatus>>,
@@ -103,7 +103,7 @@ impl Engine {
         Engine {
             runner,
             scheduler,
-            requests: HashMap::new(),
+            requests: FxHashMap::default(),
             tokenizer,
             metrics,
             status,
@@ -150,7 +150,8 @@ impl Engine {
         );
         for id in std::mem::take(&mut self.in_step) {
             if let Some(l) = self.requests.get(&id) {
-                self.outbox.send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
+                self.outbox
+                    .send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
             }
             self.finish(id, FinishReason::Abort);
         }
@@ -171,7 +172,8 @@ impl Engine {
             .collect();
         for id in orphans {
             if let Some(l) = self.requests.get(&id) {
-                self.outbox.send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
+                self.outbox
+                    .send(&l.events, EngineOutput::Error(format!("internal error: {msg}")));
             }
             self.finish(id, FinishReason::Abort);
         }
@@ -251,7 +253,8 @@ impl Engine {
             .saturating_add(o.max_tokens)
             .min(self.max_model_len.max(prompt_len));
         if prompt_len == 0 {
-            self.outbox.send(&events, EngineOutput::Error("the prompt is empty".into()));
+            self.outbox
+                .send(&events, EngineOutput::Error("the prompt is empty".into()));
             return;
         }
         // Prompt log-probs need logits at every prompt position: no prefix-cache skip.
@@ -385,7 +388,8 @@ impl Engine {
                 tracing::error!("step failed: {e}");
                 for s in &out.scheduled {
                     if let Some(l) = self.requests.get(&s.id) {
-                        self.outbox.send(&l.events, EngineOutput::Error(format!("inference failed: {e}")));
+                        self.outbox
+                            .send(&l.events, EngineOutput::Error(format!("inference failed: {e}")));
                     }
                     self.finish(s.id, FinishReason::Abort);
                 }
@@ -519,13 +523,16 @@ impl Engine {
         } else {
             None
         };
-        self.outbox.send(&l.events, EngineOutput::Token {
-            id: token,
-            logprob,
-            decode: !(is_eos || is_stop_token),
-            last: reason.is_some(),
-            cached_tokens: l.cached_tokens,
-        });
+        self.outbox.send(
+            &l.events,
+            EngineOutput::Token {
+                id: token,
+                logprob,
+                decode: !(is_eos || is_stop_token),
+                last: reason.is_some(),
+                cached_tokens: l.cached_tokens,
+            },
+        );
         match reason {
             Some(r) => self.finish(id, r),
             None => self.scheduler.append_token(id, token),

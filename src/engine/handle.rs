@@ -5,7 +5,9 @@
 use super::core::{self, Command};
 use super::output::OutputText;
 use super::request::EngineOutput;
-use super::{EngineConfig, EngineError, EngineEvent, EngineStatus, Fault, FinishReason, GenerateRequest, RequestId, Usage};
+use super::{
+    EngineConfig, EngineError, EngineEvent, EngineStatus, Fault, FinishReason, GenerateRequest, RequestId, Usage,
+};
 use super::{Scheduler, SchedulerConfig};
 use crate::kv::{CapacityReport, KvManager};
 use crate::metrics::{KvCacheInfo, Metrics};

@@ -113,6 +113,9 @@ pub(super) enum EngineOutput {
         /// Prompt tokens served from the prefix cache.
         cached_tokens: usize,
     },
-    Finished { reason: FinishReason, usage: Usage },
+    Finished {
+        reason: FinishReason,
+        usage: Usage,
+    },
     Error(String),
 }

@@ -5,7 +5,8 @@
 //! is preempted (its blocks freed, recomputed later). It never builds a tensor.
 
 use crate::kv::{KvError, KvManager, SeqId};
-use std::collections::{HashMap, VecDeque};
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -64,7 +65,7 @@ pub struct Scheduler {
     kv: KvManager,
     /// Every request, by id: a step's per-request updates are lookups, not scans of the
     /// running list (which would make a step O(batch²)).
-    reqs: HashMap<SeqId, SchedRequest>,
+    reqs: FxHashMap<SeqId, SchedRequest>,
     /// Waiting ids, arrival order (preempted ones go back to the front).
     waiting: VecDeque<SeqId>,
     /// Running ids, admission order: the newest is preempted first.
@@ -76,7 +77,7 @@ impl Scheduler {
         Scheduler {
             cfg,
             kv,
-            reqs: HashMap::new(),
+            reqs: FxHashMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
         }
@@ -120,15 +121,18 @@ impl Scheduler {
         }
         let prompt_len = prompt.len();
         self.waiting.push_back(id);
-        self.reqs.insert(id, SchedRequest {
+        self.reqs.insert(
             id,
-            tokens: prompt,
-            prompt_len,
-            num_computed: 0,
-            use_prefix_cache: use_prefix_cache && self.cfg.prefix_caching,
-            max_chunk: usize::MAX,
-            running: false,
-        });
+            SchedRequest {
+                id,
+                tokens: prompt,
+                prompt_len,
+                num_computed: 0,
+                use_prefix_cache: use_prefix_cache && self.cfg.prefix_caching,
+                max_chunk: usize::MAX,
+                running: false,
+            },
+        );
         Ok(())
     }
 
@@ -139,7 +143,6 @@ impl Scheduler {
             r.max_chunk = max_chunk.max(1);
         }
     }
-
 
     /// Every request it holds, running or waiting.
     pub fn ids(&self) -> Vec<SeqId> {

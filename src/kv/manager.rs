@@ -4,7 +4,7 @@
 
 use super::block_pool::{BlockId, BlockPool, PoolError};
 use super::layout::KvLayout;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 pub type SeqId = u64;
@@ -54,7 +54,8 @@ pub struct KvManager {
     pool: BlockPool,
     layout: Arc<KvLayout>,
     block_size: usize,
-    seqs: HashMap<SeqId, SeqBlocks>,
+    /// By id (sequential integers: a plain multiplicative hash is enough).
+    seqs: FxHashMap<SeqId, SeqBlocks>,
     /// Distinct blocks held per KV slot, kept as blocks gain their first reference and
     /// lose their last (status reads it every step; recounting is O(total blocks)).
     used_per_slot: Vec<usize>,
@@ -67,7 +68,7 @@ impl KvManager {
         KvManager {
             pool: BlockPool::new(num_blocks),
             block_size,
-            seqs: HashMap::new(),
+            seqs: FxHashMap::default(),
             used_per_slot: vec![0; layout.kv_layers()],
             next_epoch: 1,
             layout,

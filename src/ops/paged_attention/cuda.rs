@@ -255,10 +255,7 @@ pub(super) fn run(
                     memo.tables = Some(upload_table(&dev, &all.concat())?);
                 }
                 let at = slot * stride;
-                memo.tables
-                    .as_ref()
-                    .expect("uploaded above")
-                    .slice(at..at + stride)
+                memo.tables.as_ref().expect("uploaded above").slice(at..at + stride)
             } else {
                 // One table (a single call): its own upload.
                 if memo.tables.is_none() {
