@@ -122,6 +122,50 @@ fn stop_strings_end_the_output_before_them_even_across_tokens() {
 }
 
 #[test]
+fn a_stop_string_ends_the_stream_and_frees_the_request_while_the_stream_is_still_held() {
+    let e = engine(256, 8, 64);
+    let prompt = [5, 6, 7, 8, 9];
+    let (ids, full, _) = run(&e.handle, &prompt, greedy(24));
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    assert!(chars.len() > 8, "need some text: {full:?}");
+    let stop = full[chars[4].0..chars[6].0].to_string();
+    let mut s = e
+        .handle
+        .submit(GenerateRequest {
+            prompt_ids: prompt.to_vec(),
+            options: GenerateOptions {
+                stop: vec![stop.clone()],
+                ..greedy(24)
+            },
+        })
+        .unwrap();
+    let mut got = Vec::new();
+    let usage = loop {
+        match s.blocking_next().expect("a Finished event") {
+            EngineEvent::Token { id, .. } => got.push(id),
+            EngineEvent::Finished { reason, usage } => {
+                assert_eq!(reason, FinishReason::Stop);
+                break usage;
+            }
+            EngineEvent::Error(e) => panic!("engine error: {e}"),
+            EngineEvent::PromptLogprobs(_) => {}
+        }
+    };
+    // The tokens up to the one that completed the stop string, the same as the run
+    // without it, and counted as the usage.
+    assert!(got.len() < ids.len(), "the stop string ended the output early");
+    assert_eq!(got, ids[..got.len()]);
+    assert_eq!(usage.completion_tokens, got.len());
+    assert_eq!(usage.prompt_tokens, prompt.len());
+    // Nothing follows, and the engine let go of the request without the stream being
+    // dropped.
+    assert!(s.blocking_next().is_none());
+    assert_eq!(wait_for_free_blocks(&e.handle), 0);
+    drop(s);
+    e.handle.shutdown();
+}
+
+#[test]
 fn stop_token_ids_and_min_tokens() {
     let e = engine(256, 8, 64);
     let prompt = [100, 200, 300];
