@@ -237,6 +237,7 @@ impl EngineHandle {
             status.clone(),
             config.max_model_len,
             pending_adds.clone(),
+            config.async_scheduling,
         )
         .spawn(rx)
         .map_err(|e| EngineError::Start(e.to_string()))?;

@@ -231,6 +231,34 @@ impl Scheduler {
         out
     }
 
+    /// The decode step after one whose picks are not read yet: each of `prev` (running
+    /// requests that computed their last known token in it) one position further, its
+    /// token the one being picked (a placeholder here: the runner takes it from the
+    /// device). Blocks for the new positions are allocated; `None` when a request is no
+    /// longer such a decode or a block is missing (no preemption here: the caller
+    /// schedules normally instead).
+    pub fn continue_decode(&mut self, prev: &[&Scheduled]) -> Option<SchedulerOutput> {
+        if prev.len() > self.cfg.max_num_batched_tokens {
+            return None;
+        }
+        let mut out = SchedulerOutput::default();
+        for s in prev {
+            let r = self.reqs.get(&s.id).filter(|r| r.running)?;
+            if s.tokens.len() != 1 || r.tokens.len() != s.start + 1 {
+                return None;
+            }
+            self.kv.allocate(s.id, s.start + 2).ok()?;
+            out.scheduled.push(Scheduled {
+                id: s.id,
+                start: s.start + 1,
+                tokens: vec![0],
+                samples: true,
+                cached_tokens: 0,
+            });
+        }
+        Some(out)
+    }
+
     fn preempt(&mut self, victim: SeqId, out: &mut SchedulerOutput) {
         if self.kv.contains(victim) {
             self.kv.free(victim).expect("running requests hold blocks");

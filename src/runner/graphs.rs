@@ -166,7 +166,9 @@ impl Buffers {
     /// Stages the step of `steps` (one token each) in the graph's buffers, padded: ids,
     /// positions and every slot's cache rows, the spans, and every slot's table, each
     /// checked against the cache; then copies them to the device.
-    fn fill(&mut self, mgr: &KvManager, steps: &[SeqStep], num_blocks: usize) -> Result<()> {
+    /// `ids`: the token ids already on the device (the previous step's picks), in place
+    /// of the steps' own.
+    fn fill(&mut self, mgr: &KvManager, steps: &[SeqStep], num_blocks: usize, on_device: Option<&Tensor>) -> Result<()> {
         let (batch, n) = (self.batch, steps.len());
         let slots = self.step.cache_rows.len();
         let bs = mgr.block_size();
@@ -237,7 +239,12 @@ impl Buffers {
             staged[n..].fill((0, 0));
             Ok(())
         })?;
-        self.inputs.inplace_op1(&Upload(&self.inputs_staged))
+        self.inputs.inplace_op1(&Upload(&self.inputs_staged))?;
+        if let Some(ids) = on_device {
+            // Ordered on the stream after the upload, and after the step that picked them.
+            self.inputs.slice_set(ids, 0, 0)?;
+        }
+        Ok(())
     }
 
     /// The step the graph holds, issued on the stream: the forward, its logits copied
@@ -307,8 +314,12 @@ impl DecodeGraphs {
         cache: &KvCache,
         mgr: &KvManager,
         steps: &[SeqStep],
+        ids: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         let n = steps.len();
+        if ids.is_some_and(|t| t.dims() != [n]) {
+            candle_core::bail!("decode graph: device token ids of another batch than {n}");
+        }
         if self.failed || n == 0 || n > MAX_GRAPH_BATCH || steps.iter().any(|s| s.tokens.len() != 1) {
             return Ok(None);
         }
@@ -326,12 +337,12 @@ impl DecodeGraphs {
         let graph = match self.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => {
                 let g = e.into_mut();
-                g.bufs.fill(mgr, steps, num_blocks)?;
+                g.bufs.fill(mgr, steps, num_blocks, ids)?;
                 g
             }
             std::collections::hash_map::Entry::Vacant(e) => {
                 let captured = Buffers::new(model, cache, key.0, key.1).and_then(|mut bufs| {
-                    bufs.fill(mgr, steps, num_blocks)?;
+                    bufs.fill(mgr, steps, num_blocks, ids)?;
                     DecodeGraph::capture(model, cache, bufs)
                 });
                 match captured {

@@ -61,6 +61,21 @@ pub struct Runner {
     /// Decode steps as CUDA graphs (`Runner::set_cuda_graphs`); `None`: every step eager.
     #[cfg(feature = "cuda")]
     graphs: Option<std::sync::Mutex<graphs::DecodeGraphs>>,
+    /// Page-locked buffers the launched steps' picks are copied into (two in turn when
+    /// steps overlap).
+    #[cfg(feature = "cuda")]
+    pinned_picks: std::sync::Mutex<Vec<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>>,
+}
+
+/// A decode step on the device, launched by [`Runner::launch_decode`], not waited for.
+pub struct LaunchedDecode {
+    logits: Tensor,
+    /// Each row's greedy pick, on the device: the next step's input ids.
+    pub picks: Tensor,
+    #[cfg(feature = "cuda")]
+    host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    n: usize,
 }
 
 /// A step's inputs on the host, before each rank uploads them to its device.
@@ -131,6 +146,8 @@ impl Runner {
             peers,
             #[cfg(feature = "cuda")]
             graphs: None,
+            #[cfg(feature = "cuda")]
+            pinned_picks: Default::default(),
         })
     }
 
@@ -263,7 +280,7 @@ impl Runner {
             let logits = graphs
                 .lock()
                 .expect("decode graphs")
-                .run(&self.model, &self.cache, mgr, steps)?;
+                .run(&self.model, &self.cache, mgr, steps, None)?;
             if let Some(logits) = logits {
                 return Ok(logits);
             }
@@ -277,6 +294,63 @@ impl Runner {
         // On the CPU the whole forward runs on a rayon worker, so each op's parallel
         // region starts without handing off to another thread.
         crate::ops::parallel::in_pool(|| self.model.forward(&input, &self.cache))
+    }
+
+    /// Launches a decode step (every sequence one token) as a CUDA graph and returns
+    /// without waiting for it: its picks come back by [`LaunchedDecode::wait`], while
+    /// the host prepares the next step. `ids`: the step's token ids on the device (a
+    /// launched step's [`LaunchedDecode::picks`], rows chosen), in place of the steps'
+    /// own, so a step can be launched before the host knows its tokens. `None`: the
+    /// step cannot run so (no graphs, or not a decode step a graph takes); run it with
+    /// [`Runner::step`].
+    pub fn launch_decode(&self, mgr: &KvManager, steps: &[SeqStep], ids: Option<&Tensor>) -> Result<Option<LaunchedDecode>> {
+        #[cfg(feature = "cuda")]
+        if let Some(graphs) = &self.graphs {
+            let logits = graphs
+                .lock()
+                .expect("decode graphs")
+                .run(&self.model, &self.cache, mgr, steps, ids)?;
+            let Some(logits) = logits else { return Ok(None) };
+            let picks = crate::ops::argmax_rows(&logits)?;
+            let mut host = self.pinned_picks.lock().expect("pinned picks").pop();
+            if host.as_ref().is_none_or(|h| h.len() < steps.len()) {
+                host = Some(block_tables::pinned(self.model.device().as_cuda_device()?, MAX_GRAPH_BATCH)?);
+            }
+            let mut host = host.expect("made above");
+            {
+                use candle_core::cuda_backend::WrapErr;
+                let (storage, layout) = picks.storage_and_layout();
+                let candle_core::Storage::Cuda(c) = &*storage else {
+                    candle_core::bail!("launch_decode: picks off the device");
+                };
+                let src = c.as_cuda_slice::<u32>()?.slice(layout.start_offset()..layout.start_offset() + steps.len());
+                c.device.cuda_stream().memcpy_dtoh(&src, &mut host).w()?;
+            }
+            return Ok(Some(LaunchedDecode {
+                logits,
+                picks,
+                host,
+                n: steps.len(),
+            }));
+        }
+        let _ = (mgr, steps, ids);
+        Ok(None)
+    }
+
+    /// Waits for a launched step's picks (only for them: work queued after it runs on).
+    #[cfg(feature = "cuda")]
+    pub fn wait_decode(&self, l: LaunchedDecode) -> Result<(Tensor, Vec<u32>)> {
+        use candle_core::cuda_backend::WrapErr;
+        let picks = l.host.as_slice().w()?[..l.n].to_vec();
+        self.pinned_picks.lock().expect("pinned picks").push(l.host);
+        Ok((l.logits, picks))
+    }
+
+    /// Without CUDA no step is ever launched ([`Runner::launch_decode`] says `None`).
+    #[cfg(not(feature = "cuda"))]
+    pub fn wait_decode(&self, l: LaunchedDecode) -> Result<(Tensor, Vec<u32>)> {
+        let picks = l.picks.to_vec1::<u32>()?;
+        Ok((l.logits, picks))
     }
 
     /// Every rank runs the step on its own thread (they meet in each layer's

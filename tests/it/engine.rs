@@ -37,6 +37,7 @@ fn engine(kv_tokens: usize, max_num_seqs: usize, budget: usize) -> TestEngine {
         max_queued_requests: 64,
         prefix_caching: true,
         cuda_graphs: false,
+        async_scheduling: false,
     };
     TestEngine {
         handle: EngineHandle::start(model, tokenizer(), config).unwrap(),
@@ -337,4 +338,103 @@ fn prompt_logprobs_match_a_full_forward() {
         assert_eq!(lp.top[0].0, want.top[0].0);
     }
     e.handle.shutdown();
+}
+
+/// Async scheduling on CUDA (a decode step launched before the previous one's picks
+/// are read) gives every request the tokens of the synchronous engine: requests of
+/// different lengths ending by length and by a stop token (a step launched past the
+/// end, whose row is dropped), one aborted mid-way, and a KV budget that forces
+/// preemption. Every block comes back. f32, so the picks do not hang on rounding.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
+    use crosskv::model::LoadOptions;
+    let ckpt = Tiny::new(4, 4, 2, 64, 128, VOCAB)
+        .cla("cla_share_factor", serde_json::json!(2))
+        .seed(9)
+        .write();
+    let start = |async_scheduling: bool| {
+        let model = ckpt.load_with(&LoadOptions {
+            dtype: Some(candle_core::DType::F32),
+            device: crosskv::device::cuda(0).expect("a CUDA device"),
+            ..Default::default()
+        });
+        let layout = model.layout().clone();
+        let config = EngineConfig {
+            // 40 blocks of 16 per slot: the 8 requests at their longest need 48.
+            kv_cache_bytes: 40 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
+            block_size: 16,
+            max_model_len: 128,
+            max_num_seqs: 16,
+            max_num_batched_tokens: 512,
+            max_queued_requests: 64,
+            prefix_caching: true,
+            cuda_graphs: true,
+            async_scheduling,
+        };
+        EngineHandle::start(model, tokenizer(), config).unwrap()
+    };
+    let mut rng = crate::common::Rng::new(5);
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| rng.tokens(5 + 6 * i, VOCAB)).collect();
+    let max_tokens = [6, 9, 40, 40, 33, 40, 12, 40];
+    // A stop token for request 3: a token the synchronous engine gives request 2.
+    let reference = start(false);
+    let (probe, _, _) = run(&reference, &prompts[2], greedy(40));
+    let stop_token = probe[17];
+    let options = |i: usize| GenerateOptions {
+        stop_token_ids: if i == 3 { vec![stop_token] } else { Vec::new() },
+        ..greedy(max_tokens[i])
+    };
+    let serve = |h: &EngineHandle| -> Vec<(Vec<u32>, FinishReason)> {
+        let streams: Vec<_> = (0..8)
+            .map(|i| {
+                h.submit(GenerateRequest {
+                    prompt_ids: prompts[i].clone(),
+                    options: options(i),
+                })
+                .unwrap()
+            })
+            .collect();
+        let outs = std::thread::scope(|s| {
+            let joins: Vec<_> = streams
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut st)| {
+                    s.spawn(move || {
+                        if i == 5 {
+                            // Aborted after 4 tokens: the stream is dropped.
+                            let mut ids = Vec::new();
+                            while ids.len() < 4 {
+                                match st.blocking_next() {
+                                    Some(EngineEvent::Token { id, .. }) => ids.push(id),
+                                    Some(EngineEvent::Finished { reason, .. }) => return (ids, reason),
+                                    other => panic!("request 5: {other:?}"),
+                                }
+                            }
+                            return (ids, FinishReason::Abort);
+                        }
+                        let (ids, _, reason) = collect(&mut st);
+                        (ids, reason)
+                    })
+                })
+                .collect();
+            joins.into_iter().map(|j| j.join().unwrap()).collect::<Vec<_>>()
+        });
+        assert_eq!(wait_for_free_blocks(h), 0, "every block comes back");
+        outs
+    };
+    let want = serve(&reference);
+    reference.shutdown();
+    let overlapped = start(true);
+    // The same history as the reference's (its prefix cache holds this run too).
+    assert_eq!(run(&overlapped, &prompts[2], greedy(40)).0, probe);
+    let got = serve(&overlapped);
+    overlapped.shutdown();
+    for (i, ((w, wr), (g, gr))) in want.iter().zip(&got).enumerate() {
+        assert_eq!(g, w, "request {i}: tokens");
+        assert_eq!(gr, wr, "request {i}: finish reason");
+    }
+    assert_eq!(want[3].1, FinishReason::Stop, "request 3 ends on its stop token");
+    assert!(want[3].0.len() < 40);
+    assert_eq!(want[2].0.len(), 40);
 }

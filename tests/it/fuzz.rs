@@ -187,6 +187,7 @@ fn fixture() -> &'static Fixture {
                 max_queued_requests: 32,
                 prefix_caching: true,
                 cuda_graphs: false,
+                async_scheduling: false,
             },
         )
         .unwrap();

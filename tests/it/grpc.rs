@@ -89,6 +89,7 @@ async fn start_configured(max_queued_requests: usize, cfg: grpc::GrpcConfig) -> 
             max_queued_requests,
             prefix_caching: true,
             cuda_graphs: false,
+            async_scheduling: false,
         },
     )
     .unwrap();

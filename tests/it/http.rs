@@ -102,6 +102,7 @@ pub(crate) async fn start_model(s: Setup, ck: Checkpoint, m: crosskv::model::Mod
             max_queued_requests: s.max_queued_requests,
             prefix_caching: true,
             cuda_graphs: false,
+            async_scheduling: false,
         },
     )
     .unwrap();
@@ -311,6 +312,7 @@ async fn health_is_503_while_loading_then_200() {
         max_queued_requests: 4,
         prefix_caching: true,
         cuda_graphs: false,
+        async_scheduling: false,
     };
     let handle = EngineHandle::start(ck.load(), tokenizer(), cfg).unwrap();
     state.set_ready(handle.clone());

@@ -227,6 +227,7 @@ fn the_engine_serves_a_sharded_model_and_frees_its_blocks() {
         max_queued_requests: 8,
         prefix_caching: true,
         cuda_graphs: false,
+        async_scheduling: false,
     };
     let ids = |world: usize| {
         let loaded = model::load(ModelSource::Dir(ck.path().to_path_buf()), &opts(world)).unwrap();

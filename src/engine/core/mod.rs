@@ -6,6 +6,8 @@
 //! request's stream does them (`handle.rs`). A panic inside a step fails that step's
 //! requests only.
 
+mod overlap;
+
 use super::outbox::Outbox;
 use super::request::EngineOutput;
 use super::scheduler::SchedulerOutput;
@@ -71,6 +73,10 @@ pub(super) struct Engine {
     fault: Option<Fault>,
     /// Every event goes out through here, a step's worth at a time.
     outbox: Outbox,
+    /// Decode steps launched without waiting, the next one queued behind (`overlap.rs`).
+    async_scheduling: bool,
+    /// The step launched and not yet updated.
+    in_flight: Option<overlap::InFlight>,
 }
 
 /// The text of a caught panic's payload.
@@ -99,6 +105,7 @@ impl Engine {
         status: Arc<Mutex<EngineStatus>>,
         max_model_len: usize,
         pending_adds: Arc<AtomicUsize>,
+        async_scheduling: bool,
     ) -> Self {
         Engine {
             runner,
@@ -112,6 +119,8 @@ impl Engine {
             in_step: Vec::new(),
             fault: None,
             outbox: Outbox::start(),
+            async_scheduling,
+            in_flight: None,
         }
     }
 
@@ -210,6 +219,12 @@ impl Engine {
             }
         }
         if stop {
+            if let Some(f) = self.in_flight.take() {
+                self.complete(f);
+                if let Some(next) = self.in_flight.take() {
+                    self.complete(next);
+                }
+            }
             let ids: Vec<RequestId> = self.requests.keys().copied().collect();
             for id in ids {
                 self.finish(id, FinishReason::Abort);
@@ -227,12 +242,15 @@ impl Engine {
         for id in gone {
             self.finish(id, FinishReason::Abort);
         }
-        if !self.scheduler.has_work() {
+        let start = Instant::now();
+        let tokens = if let Some(f) = self.in_flight.take() {
+            Some(self.complete(f))
+        } else if self.scheduler.has_work() {
+            self.step()
+        } else {
             self.publish();
             return true;
-        }
-        let start = Instant::now();
-        let tokens = self.step();
+        };
         self.in_step.clear();
         let published = Instant::now();
         self.publish();
@@ -294,12 +312,18 @@ impl Engine {
         self.metrics
             .add_step_phase(StepPhase::Schedule, t.elapsed().as_secs_f64());
         let out = out?;
-        let ex = self.execute(&out)?;
+        let tokens = out.scheduled.iter().map(|s| s.tokens.len()).sum();
+        let (steps, full) = self.prepare(&out);
+        let (out, steps) = match self.launch(out, steps, &full) {
+            Ok(()) => return Some(tokens),
+            Err(not_launched) => not_launched,
+        };
+        let ex = self.execute(&out, steps, full)?;
         let t = Instant::now();
         self.update(&out, ex);
         self.metrics
             .add_step_phase(StepPhase::Update, t.elapsed().as_secs_f64());
-        Some(out.scheduled.iter().map(|s| s.tokens.len()).sum())
+        Some(tokens)
     }
 
     /// Schedule: the scheduler picks this step's work under the token budget (preempting
@@ -329,10 +353,9 @@ impl Engine {
         Some(out)
     }
 
-    /// Execute: one batched forward over the scheduled sequences, and the logits rows
-    /// sampling needs fetched to the host. `None`: the forward failed, and the step's
-    /// requests were failed and freed.
-    fn execute(&mut self, out: &SchedulerOutput) -> Option<Executed> {
+    /// Prepare: the step's sequences for the runner (first scheduling recorded), and
+    /// which logits rows must come to the host whole.
+    fn prepare(&mut self, out: &SchedulerOutput) -> (Vec<SeqStep>, Vec<bool>) {
         let now = Instant::now();
         let steps: Vec<SeqStep> = out
             .scheduled
@@ -369,9 +392,16 @@ impl Engine {
             }
             full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
         }
-        let forward = Instant::now();
         self.metrics
-            .add_step_phase(StepPhase::Prepare, (forward - now).as_secs_f64());
+            .add_step_phase(StepPhase::Prepare, now.elapsed().as_secs_f64());
+        (steps, full)
+    }
+
+    /// Execute: one batched forward over the scheduled sequences, and the logits rows
+    /// sampling needs fetched to the host. `None`: the forward failed, and the step's
+    /// requests were failed and freed.
+    fn execute(&mut self, out: &SchedulerOutput, steps: Vec<SeqStep>, full: Vec<bool>) -> Option<Executed> {
+        let forward = Instant::now();
         let queued = self.runner.step(self.scheduler.kv(), &steps);
         let fetch = Instant::now();
         self.metrics
@@ -387,11 +417,7 @@ impl Engine {
             Err(e) => {
                 tracing::error!("step failed: {e}");
                 for s in &out.scheduled {
-                    if let Some(l) = self.requests.get(&s.id) {
-                        self.outbox
-                            .send(&l.events, EngineOutput::Error(format!("inference failed: {e}")));
-                    }
-                    self.finish(s.id, FinishReason::Abort);
+                    self.fail(s.id, &format!("inference failed: {e}"));
                 }
                 return None;
             }
@@ -537,6 +563,14 @@ impl Engine {
             Some(r) => self.finish(id, r),
             None => self.scheduler.append_token(id, token),
         }
+    }
+
+    /// Ends a request with an error event (then `Finished`, abort).
+    fn fail(&mut self, id: RequestId, msg: &str) {
+        if let Some(l) = self.requests.get(&id) {
+            self.outbox.send(&l.events, EngineOutput::Error(msg.to_string()));
+        }
+        self.finish(id, FinishReason::Abort);
     }
 
     /// Ends a request: frees its blocks and sends `Finished`.
