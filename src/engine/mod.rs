@@ -1,6 +1,6 @@
 //! The engine (docs/architecture.md): one thread owns the model, the KV cache, the scheduler
 //! and the KV manager, and runs steps synchronously: schedule → execute → update
-//! (`core.rs`). Front ends talk to it only through a cloneable `EngineHandle`
+//! (`core/`). Front ends talk to it only through a cloneable `EngineHandle`
 //! (`handle.rs`): commands in, and per request an output channel. A request whose
 //! receiver is dropped (client gone) is aborted at the next step and its blocks are
 //! freed. Here: how the engine is sized and checked, its errors and its status.

@@ -168,7 +168,13 @@ impl Buffers {
     /// checked against the cache; then copies them to the device.
     /// `ids`: the token ids already on the device (the previous step's picks), in place
     /// of the steps' own.
-    fn fill(&mut self, mgr: &KvManager, steps: &[SeqStep], num_blocks: usize, on_device: Option<&Tensor>) -> Result<()> {
+    fn fill(
+        &mut self,
+        mgr: &KvManager,
+        steps: &[SeqStep],
+        num_blocks: usize,
+        on_device: Option<&Tensor>,
+    ) -> Result<()> {
         let (batch, n) = (self.batch, steps.len());
         let slots = self.step.cache_rows.len();
         let bs = mgr.block_size();

@@ -303,7 +303,12 @@ impl Runner {
     /// own, so a step can be launched before the host knows its tokens. `None`: the
     /// step cannot run so (no graphs, or not a decode step a graph takes); run it with
     /// [`Runner::step`].
-    pub fn launch_decode(&self, mgr: &KvManager, steps: &[SeqStep], ids: Option<&Tensor>) -> Result<Option<LaunchedDecode>> {
+    pub fn launch_decode(
+        &self,
+        mgr: &KvManager,
+        steps: &[SeqStep],
+        ids: Option<&Tensor>,
+    ) -> Result<Option<LaunchedDecode>> {
         #[cfg(feature = "cuda")]
         if let Some(graphs) = &self.graphs {
             let logits = graphs
@@ -314,7 +319,10 @@ impl Runner {
             let picks = crate::ops::argmax_rows(&logits)?;
             let mut host = self.pinned_picks.lock().expect("pinned picks").pop();
             if host.as_ref().is_none_or(|h| h.len() < steps.len()) {
-                host = Some(block_tables::pinned(self.model.device().as_cuda_device()?, MAX_GRAPH_BATCH)?);
+                host = Some(block_tables::pinned(
+                    self.model.device().as_cuda_device()?,
+                    MAX_GRAPH_BATCH,
+                )?);
             }
             let mut host = host.expect("made above");
             {
@@ -323,7 +331,9 @@ impl Runner {
                 let candle_core::Storage::Cuda(c) = &*storage else {
                     candle_core::bail!("launch_decode: picks off the device");
                 };
-                let src = c.as_cuda_slice::<u32>()?.slice(layout.start_offset()..layout.start_offset() + steps.len());
+                let src = c
+                    .as_cuda_slice::<u32>()?
+                    .slice(layout.start_offset()..layout.start_offset() + steps.len());
                 c.device.cuda_stream().memcpy_dtoh(&src, &mut host).w()?;
             }
             return Ok(Some(LaunchedDecode {
