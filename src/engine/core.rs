@@ -26,7 +26,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub(super) enum Command {
     Add {
         id: RequestId,
-        req: GenerateRequest,
+        /// Boxed: the options (stop strings, logit bias) make it the largest variant by far.
+        req: Box<GenerateRequest>,
         events: UnboundedSender<EngineOutput>,
         arrival: Instant,
     },
@@ -206,7 +207,7 @@ impl Engine {
                     arrival,
                 } => {
                     self.pending_adds.fetch_sub(1, Ordering::Relaxed);
-                    self.add(id, req, events, arrival)
+                    self.add(id, *req, events, arrival)
                 }
                 Command::Abort(id) => self.finish(id, FinishReason::Abort),
                 Command::Fault(f) => self.fault = Some(f),

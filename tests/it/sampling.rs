@@ -286,7 +286,7 @@ async fn usage_reports_cached_prompt_tokens() {
     assert_eq!(st, 200, "{again}");
     // Whole 16-token blocks of the prompt come from the cache.
     let hit = cached(&again);
-    assert!(hit >= 80 && hit < 100 && hit % 16 == 0, "{again}");
+    assert!((80..100).contains(&hit) && hit % 16 == 0, "{again}");
     let mut sb = body;
     sb["stream"] = json!(true);
     sb["stream_options"] = json!({"include_usage": true});
