@@ -72,8 +72,8 @@ struct Piece {
     logprobs: Option<CompletionLogprobs>,
     chat_logprobs: Option<ChatLogprobs>,
     finish: Option<&'static str>,
-    /// (prompt, completion) tokens, with the finish.
-    usage: Option<(usize, usize)>,
+    /// (prompt, completion, cached prompt) tokens, with the finish.
+    usage: Option<(usize, usize, usize)>,
 }
 
 impl Piece {
@@ -162,21 +162,22 @@ impl CompletionState {
                 } else {
                     usage.completion_tokens
                 };
-                p.usage = Some((usage.prompt_tokens, completion));
+                p.usage = Some((usage.prompt_tokens, completion, usage.cached_tokens));
             }
             Some(EngineEvent::Error(m)) => return Err(ApiError::Generation(m)),
             None => {
                 p.finish = Some("abort");
-                p.usage = Some((self.prompt_ids.len(), 0));
+                p.usage = Some((self.prompt_ids.len(), 0, 0));
             }
         }
         Ok(p)
     }
 }
 
-fn add_usage(usage: &mut UsageOut, i: usize, n: usize, u: (usize, usize)) {
-    // The prompt counts once however many choices it has.
-    usage.add(if i.is_multiple_of(n) { u.0 } else { 0 }, u.1);
+fn add_usage(usage: &mut UsageOut, i: usize, n: usize, u: (usize, usize, usize)) {
+    // The prompt (and its cached part) counts once however many choices it has.
+    let first = i.is_multiple_of(n);
+    usage.add(if first { u.0 } else { 0 }, u.1, if first { u.2 } else { 0 });
 }
 
 pub async fn completion_response(
@@ -302,12 +303,12 @@ impl ChatState {
             }
             Some(EngineEvent::Finished { reason, usage }) => {
                 p.finish = Some(reason.as_str());
-                p.usage = Some((usage.prompt_tokens, usage.completion_tokens));
+                p.usage = Some((usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens));
             }
             Some(EngineEvent::Error(m)) => return Err(ApiError::Generation(m)),
             None => {
                 p.finish = Some("abort");
-                p.usage = Some((self.prompt_len, 0));
+                p.usage = Some((self.prompt_len, 0, 0));
             }
         }
         Ok(p)

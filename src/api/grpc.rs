@@ -178,12 +178,7 @@ pub fn validate(
             prompt_ids.len()
         )));
     }
-    if !req.temperature.is_finite() || req.temperature < 0.0 {
-        return Err(Status::invalid_argument(format!(
-            "temperature: {} must be a number >= 0",
-            req.temperature
-        )));
-    }
+    validate::check_temperature(req.temperature).map_err(invalid)?;
     // proto3 cannot tell an unset float from 0; top_p 0 would keep nothing, so it
     // means unset (1.0).
     let top_p = if req.top_p == 0.0 { 1.0 } else { req.top_p };
@@ -194,6 +189,15 @@ pub fn validate(
         )));
     }
     validate::check_stop(&req.stop).map_err(invalid)?;
+    let repetition_penalty = req.repetition_penalty.unwrap_or(1.0);
+    validate::check_penalties(
+        req.presence_penalty,
+        req.frequency_penalty,
+        repetition_penalty,
+        req.min_p,
+    )
+    .map_err(invalid)?;
+    let logit_bias = validate::check_logit_bias(req.logit_bias, vocab).map_err(invalid)?;
     Ok(engine::GenerateRequest {
         prompt_ids,
         options: GenerateOptions {
@@ -202,7 +206,12 @@ pub fn validate(
                 temperature: req.temperature,
                 top_p,
                 top_k: req.top_k as usize,
+                min_p: req.min_p,
                 seed: req.seed,
+                logit_bias,
+                presence_penalty: req.presence_penalty,
+                frequency_penalty: req.frequency_penalty,
+                repetition_penalty,
             },
             stop: req.stop,
             ignore_eos: req.ignore_eos,

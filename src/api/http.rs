@@ -309,10 +309,11 @@ async fn tokenize(
     let e = st.engine()?.clone();
     validate::check_model(r.model.as_deref(), &st.config().served_model_name)?;
     let max_model_len = e.config().max_model_len;
-    let tokens = blocking::run(move || -> Result<Vec<u32>, ValidationError> {
+    let want_strs = r.return_token_strs.unwrap_or(false);
+    let (tokens, token_strs) = blocking::run(move || -> Result<_, ValidationError> {
         let lim = st.limits(&e);
         let tok = e.tokenizer();
-        match (&r.prompt, &r.messages) {
+        let tokens = match (&r.prompt, &r.messages) {
             (Some(p), None) => {
                 validate::check_prompt_bytes("prompt", p.len(), lim.max_prompt_bytes)?;
                 tok.encode(p, r.add_special_tokens.unwrap_or(true))
@@ -323,13 +324,21 @@ async fn tokenize(
                 validate::chat_prompt(tok, m, r.add_generation_prompt.unwrap_or(true))
             }
             _ => Err(validate::field("prompt", "give exactly one of `prompt` and `messages`")),
-        }
+        }?;
+        let strs = want_strs.then(|| {
+            tokens
+                .iter()
+                .map(|&t| tok.inner().id_to_token(t).unwrap_or_default())
+                .collect::<Vec<String>>()
+        });
+        Ok((tokens, strs))
     })
     .await??;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         max_model_len,
         tokens,
+        token_strs,
     }))
 }
 

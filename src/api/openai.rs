@@ -47,8 +47,9 @@ pub struct StreamOptions {
 }
 
 /// `POST /v1/completions`. Unknown fields are ignored (clients send metadata such as
-/// `user`). The `Value` fields after `add_special_tokens` are OpenAI/vLLM features this
-/// server does not honour yet: read only so that setting one is a 400 naming it
+/// `user`). The sampling `Value` fields (`logit_bias` to `min_p`) are checked, with the
+/// field named, in `validate`; the `Value` fields after them are OpenAI/vLLM features
+/// this server does not honour yet: read only so that setting one is a 400 naming it
 /// (`validate::not_honoured`), never an answer that silently ignores it.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct CompletionRequest {
@@ -60,7 +61,7 @@ pub struct CompletionRequest {
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
     pub min_tokens: Option<u64>,
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
     #[serde(default)]
     pub stop: Value,
     pub stop_token_ids: Option<Vec<u32>>,
@@ -95,8 +96,8 @@ pub struct ChatMessageIn {
     pub content: Value,
 }
 
-/// `POST /v1/chat/completions` (the `Value` fields after `top_logprobs`: as for
-/// completions, refused unless neutral).
+/// `POST /v1/chat/completions` (the `Value` fields after `min_p`: as for completions,
+/// refused unless neutral).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
@@ -108,7 +109,7 @@ pub struct ChatCompletionRequest {
     pub top_p: Option<f32>,
     pub top_k: Option<i64>,
     pub min_tokens: Option<u64>,
-    pub seed: Option<u64>,
+    pub seed: Option<i64>,
     #[serde(default)]
     pub stop: Value,
     pub stop_token_ids: Option<Vec<u32>>,
@@ -141,13 +142,22 @@ pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache (not computed again).
+    pub cached_tokens: usize,
 }
 
 impl UsageOut {
-    pub fn add(&mut self, prompt: usize, completion: usize) {
+    pub fn add(&mut self, prompt: usize, completion: usize, cached: usize) {
         self.prompt_tokens += prompt;
         self.completion_tokens += completion;
         self.total_tokens += prompt + completion;
+        self.prompt_tokens_details.cached_tokens += cached;
     }
 }
 
@@ -299,6 +309,8 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<ChatMessageIn>>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// Also return each token's vocabulary string (`token_strs`).
+    pub return_token_strs: Option<bool>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -306,6 +318,10 @@ pub struct TokenizeResponse {
     pub count: usize,
     pub max_model_len: usize,
     pub tokens: Vec<u32>,
+    /// With `return_token_strs`: the tokenizer's string of each token (as vLLM's
+    /// `convert_ids_to_tokens`: vocabulary entries, not decoded text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_strs: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]

@@ -18,6 +18,10 @@ pub const MAX_STOP: usize = 16;
 pub const MAX_STOP_BYTES: usize = 1024;
 /// Most `stop_token_ids`: each generated token is checked against all of them.
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// Most `logit_bias` entries: each is added to every sampled row of the request.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Largest `temperature` (OpenAI's bound).
+pub const MAX_TEMPERATURE: f32 = 2.0;
 /// Bytes of prompt text allowed per token of `max_model_len` when no explicit limit is
 /// set: far above any real tokenizer's average, so only text that cannot fit is refused
 /// before the tokenizer spends time on it.
@@ -299,12 +303,8 @@ pub fn check_stop_token_ids(ids: &[u32], vocab: usize) -> Result<(), ValidationE
 /// Whether a field this server does not honour is at its neutral value (absent, null,
 /// or the value that means "off").
 fn is_neutral(name: &str, v: &Value) -> bool {
-    let num = |x: f64| v.as_f64() == Some(x);
     match (name, v) {
         (_, Value::Null) => true,
-        ("presence_penalty" | "frequency_penalty" | "min_p", _) => num(0.0),
-        ("repetition_penalty", _) => num(1.0),
-        ("logit_bias", Value::Object(m)) => m.is_empty(),
         ("tools" | "functions", Value::Array(a)) => a.is_empty(),
         ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
         ("response_format", Value::Object(m)) => m.get("type").and_then(Value::as_str) == Some("text"),
@@ -333,11 +333,6 @@ fn not_honoured(fields: &[(&'static str, &Option<Value>)]) -> Result<(), Validat
 macro_rules! not_honoured_common {
     ($r:expr $(, $extra:ident)*) => {
         not_honoured(&[
-            ("logit_bias", &$r.logit_bias),
-            ("presence_penalty", &$r.presence_penalty),
-            ("frequency_penalty", &$r.frequency_penalty),
-            ("repetition_penalty", &$r.repetition_penalty),
-            ("min_p", &$r.min_p),
             ("response_format", &$r.response_format),
             ("structured_outputs", &$r.structured_outputs),
             ("guided_json", &$r.guided_json),
@@ -371,11 +366,16 @@ struct Common<'a> {
     top_p: Option<f32>,
     top_k: Option<i64>,
     min_tokens: Option<u64>,
-    seed: Option<u64>,
+    seed: Option<i64>,
     stop: &'a Value,
     stop_token_ids: Option<&'a [u32]>,
     ignore_eos: Option<bool>,
     n: Option<u64>,
+    logit_bias: Option<&'a Value>,
+    presence_penalty: Option<&'a Value>,
+    frequency_penalty: Option<&'a Value>,
+    repetition_penalty: Option<&'a Value>,
+    min_p: Option<&'a Value>,
 }
 
 /// Both request types carry the same sampling fields (serde's `flatten` would share the
@@ -394,6 +394,11 @@ macro_rules! common_view {
                     stop_token_ids: self.stop_token_ids.as_deref(),
                     ignore_eos: self.ignore_eos,
                     n: self.n,
+                    logit_bias: self.logit_bias.as_ref(),
+                    presence_penalty: self.presence_penalty.as_ref(),
+                    frequency_penalty: self.frequency_penalty.as_ref(),
+                    repetition_penalty: self.repetition_penalty.as_ref(),
+                    min_p: self.min_p.as_ref(),
                 }
             }
         }
@@ -401,11 +406,111 @@ macro_rules! common_view {
 }
 common_view!(CompletionRequest, ChatCompletionRequest);
 
-fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptions, usize), ValidationError> {
-    let temperature = c.temperature.unwrap_or(1.0);
-    if !temperature.is_finite() || temperature < 0.0 {
-        return Err(field("temperature", "must be a finite number ≥ 0"));
+/// `temperature` in 0..=2 (both front ends).
+pub fn check_temperature(t: f32) -> Result<f32, ValidationError> {
+    if !(0.0..=MAX_TEMPERATURE).contains(&t) {
+        return Err(field(
+            "temperature",
+            format!("must be a number in [0, {MAX_TEMPERATURE}]; 0 is greedy"),
+        ));
     }
+    Ok(t)
+}
+
+/// The penalties and `min_p` (both front ends), each in its range: `presence_penalty`
+/// and `frequency_penalty` in [-2, 2] (OpenAI), `repetition_penalty` finite and > 0
+/// (vLLM), `min_p` in [0, 1].
+pub fn check_penalties(presence: f32, frequency: f32, repetition: f32, min_p: f32) -> Result<(), ValidationError> {
+    for (name, x) in [("presence_penalty", presence), ("frequency_penalty", frequency)] {
+        if !(-2.0..=2.0).contains(&x) {
+            return Err(field(name, "must be a number in [-2, 2]; 0 is off"));
+        }
+    }
+    if !(repetition.is_finite() && repetition > 0.0) {
+        return Err(field("repetition_penalty", "must be a finite number > 0; 1 is off"));
+    }
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(field("min_p", "must be a number in [0, 1]; 0 is off"));
+    }
+    Ok(())
+}
+
+/// `logit_bias` entries (token id, bias): at most [`MAX_LOGIT_BIAS`], ids inside the
+/// vocabulary, biases in [-100, 100]. A repeated id (`"5"` and `"05"`) keeps its last bias.
+pub fn check_logit_bias(
+    entries: impl IntoIterator<Item = (u32, f32)>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ValidationError> {
+    let mut out = std::collections::BTreeMap::new();
+    for (i, (t, b)) in entries.into_iter().enumerate() {
+        if i >= MAX_LOGIT_BIAS {
+            return Err(field("logit_bias", format!("at most {MAX_LOGIT_BIAS} entries")));
+        }
+        if t as usize >= vocab {
+            return Err(field(
+                "logit_bias",
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        if !(-100.0..=100.0).contains(&b) {
+            return Err(field(
+                "logit_bias",
+                format!("the bias of token {t} must be a number in [-100, 100]"),
+            ));
+        }
+        out.insert(t, b);
+    }
+    // A zero bias changes nothing: dropped, so a neutral map keeps greedy picks on the device.
+    Ok(out.into_iter().filter(|&(_, b)| b != 0.0).collect())
+}
+
+/// A JSON `logit_bias`: an object from token-id strings to numbers.
+fn logit_bias(v: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, ValidationError> {
+    let m = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => {
+            return Err(field(
+                "logit_bias",
+                "expected an object from token ids (strings) to biases",
+            ))
+        }
+    };
+    if m.len() > MAX_LOGIT_BIAS {
+        return Err(field("logit_bias", format!("at most {MAX_LOGIT_BIAS} entries")));
+    }
+    let mut entries = Vec::with_capacity(m.len());
+    for (k, b) in m {
+        let t = match k.trim().parse::<i64>() {
+            Ok(t) => u32::try_from(t).unwrap_or(u32::MAX),
+            Err(_) => return Err(field("logit_bias", format!("key `{k}` is not a token id"))),
+        };
+        let b = b.as_f64().ok_or_else(|| {
+            field(
+                "logit_bias",
+                format!("the bias of token `{k}` must be a number in [-100, 100]"),
+            )
+        })?;
+        // Beyond f32's range becomes infinite, still out of [-100, 100].
+        entries.push((t, b as f32));
+    }
+    check_logit_bias(entries, vocab)
+}
+
+/// An optional JSON number (absent or null: `default`).
+fn number(param: &str, v: Option<&Value>, default: f32) -> Result<f32, ValidationError> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        // Beyond f32's range becomes infinite, which every range check refuses.
+        Some(x) => x
+            .as_f64()
+            .map(|x| x as f32)
+            .ok_or_else(|| field(param, "must be a number")),
+    }
+}
+
+fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptions, usize), ValidationError> {
+    let temperature = check_temperature(c.temperature.unwrap_or(1.0))?;
     let top_p = c.top_p.unwrap_or(1.0);
     if top_p.is_nan() || top_p <= 0.0 || top_p > 1.0 {
         return Err(field("top_p", "must be in (0, 1]"));
@@ -426,6 +531,12 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
     let stop_token_ids = c.stop_token_ids.unwrap_or_default();
     check_stop_token_ids(stop_token_ids, lim.vocab_size)?;
     let stop_token_ids = stop_token_ids.to_vec();
+    let presence_penalty = number("presence_penalty", c.presence_penalty, 0.0)?;
+    let frequency_penalty = number("frequency_penalty", c.frequency_penalty, 0.0)?;
+    let repetition_penalty = number("repetition_penalty", c.repetition_penalty, 1.0)?;
+    let min_p = number("min_p", c.min_p, 0.0)?;
+    check_penalties(presence_penalty, frequency_penalty, repetition_penalty, min_p)?;
+    let logit_bias = logit_bias(c.logit_bias, lim.vocab_size)?;
     let o = GenerateOptions {
         max_tokens,
         min_tokens,
@@ -433,7 +544,13 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
             temperature,
             top_p,
             top_k,
-            seed: c.seed,
+            min_p,
+            // vLLM's seeds are int64; the generator takes the same 64 bits.
+            seed: c.seed.map(|s| s as u64),
+            logit_bias,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
         },
         stop: stop_strings(c.stop)?,
         stop_token_ids,
@@ -442,6 +559,17 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         prompt_logprobs: None,
     };
     Ok((o, to_usize(n)))
+}
+
+/// `stream_options` only with `stream: true` (OpenAI's rule and wording).
+fn check_stream_options(stream: Option<bool>, has_options: bool) -> Result<(), ValidationError> {
+    if has_options && !stream.unwrap_or(false) {
+        return Err(field(
+            "stream_options",
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    Ok(())
 }
 
 /// `prompt + max_tokens ≤ max_model_len`, without overflow for any request numbers.
@@ -502,6 +630,7 @@ pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion
     }
     // max_tokens 0 (echo only): the engine generates one token that is dropped.
     options.max_tokens = max_tokens.max(1);
+    check_stream_options(r.stream, r.stream_options.is_some())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidCompletion {
         model,
@@ -630,6 +759,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     check_length("messages", param, prompt_ids.len(), max_tokens, lim.max_model_len)?;
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
+    check_stream_options(r.stream, r.stream_options.is_some())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidChat {
         model,

@@ -69,6 +69,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            ..Default::default()
         },
         stop_at_eos: true,
     };

@@ -283,7 +283,7 @@ impl EngineHandle {
         let sent = inner.tx.lock().map_err(|_| EngineError::ShutDown).and_then(|tx| {
             tx.send(Command::Add {
                 id,
-                req,
+                req: Box::new(req),
                 events,
                 arrival: Instant::now(),
             })

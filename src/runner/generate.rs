@@ -33,6 +33,15 @@ impl GenerateStats {
     }
 }
 
+/// The next token from a full row: bias and penalties applied, then sampled; the
+/// sampler counts the pick.
+fn pick(sampler: &mut Sampler, mut row: Vec<f32>) -> u32 {
+    sampler.adjust(&mut row);
+    let t = sampler.sample(&row);
+    sampler.accept(t);
+    t
+}
+
 /// Generates up to `max_tokens` after `prompt`, calling `on_text` with each printable
 /// piece. The sequence's blocks are freed whatever happens.
 pub fn generate(
@@ -51,7 +60,7 @@ pub fn generate(
         "the prompt has {} tokens; the model's context is {max_pos}",
         prompt.len()
     );
-    let mut sampler = Sampler::new(opts.sampling.clone());
+    let mut sampler = Sampler::with_prompt(opts.sampling.clone(), prompt);
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
         ..Default::default()
@@ -73,7 +82,7 @@ pub fn generate(
                 all_logits: false,
             }],
         )?;
-        let mut next = sampler.sample(&logits.get(0)?.to_vec1::<f32>()?);
+        let mut next = pick(&mut sampler, logits.get(0)?.to_vec1::<f32>()?);
         stats.prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut pos = prompt.len();
@@ -98,7 +107,7 @@ pub fn generate(
                     all_logits: false,
                 }],
             )?;
-            next = sampler.sample(&logits.get(0)?.to_vec1::<f32>()?);
+            next = pick(&mut sampler, logits.get(0)?.to_vec1::<f32>()?);
             pos += 1;
         }
         stats.decode_secs = t1.elapsed().as_secs_f64();

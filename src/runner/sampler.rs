@@ -1,7 +1,14 @@
-//! Sampling: greedy, temperature, top-k, top-p; seeded and reproducible.
+//! Sampling: logit bias, repetition / frequency / presence penalties, greedy,
+//! temperature, top-k, min-p, top-p; seeded and reproducible.
+//!
+//! The order is vLLM's: the logit bias is added, then the penalties are applied
+//! (repetition over prompt and output tokens, then frequency and presence over output
+//! tokens), then the engine's `min_tokens` masking, then temperature, top-k, min-p and
+//! top-p on the scaled row. Greedy picks take the argmax of the biased, penalised row.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -11,7 +18,19 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 keeps every token.
     pub top_k: usize,
+    /// 0 keeps every token; else tokens whose probability is below `min_p` times the
+    /// most likely token's are dropped.
+    pub min_p: f32,
     pub seed: Option<u64>,
+    /// Added to the logits of these tokens (each id at most once).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Subtracted once from the logit of every token already generated (0: off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (0: off).
+    pub frequency_penalty: f32,
+    /// Tokens of the prompt or the output: a positive logit is divided by it, a
+    /// negative one multiplied (1: off).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -20,7 +39,79 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: None,
+            logit_bias: Vec::new(),
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Any penalty is on: the sampler must know the tokens seen.
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
+    }
+
+    /// The row is changed before sampling (bias or penalties), so the device's argmax
+    /// of the raw row may not be the pick.
+    pub fn adjusts_logits(&self) -> bool {
+        !self.logit_bias.is_empty() || self.has_penalties()
+    }
+}
+
+/// The tokens a request's penalties read: how often each was generated, and which
+/// appeared in the prompt or the output.
+#[derive(Debug, Clone, Default)]
+pub struct TokenHistory {
+    output: FxHashMap<u32, u32>,
+    seen: FxHashSet<u32>,
+}
+
+impl TokenHistory {
+    pub fn new(prompt: &[u32]) -> Self {
+        TokenHistory {
+            output: FxHashMap::default(),
+            seen: prompt.iter().copied().collect(),
+        }
+    }
+
+    /// One generated token.
+    pub fn push(&mut self, token: u32) {
+        *self.output.entry(token).or_insert(0) += 1;
+        self.seen.insert(token);
+    }
+}
+
+/// Adds each bias to its token's logit (ids outside the row are ignored: validation
+/// keeps them inside the vocabulary).
+pub fn apply_logit_bias(logits: &mut [f32], bias: &[(u32, f32)]) {
+    for &(t, b) in bias {
+        if let Some(x) = logits.get_mut(t as usize) {
+            *x += b;
+        }
+    }
+}
+
+/// vLLM's penalties: repetition over prompt and output tokens (positive logits divided,
+/// negative multiplied), then `frequency × count` and `presence × (count > 0)`
+/// subtracted for output tokens.
+pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory) {
+    if p.repetition_penalty != 1.0 {
+        let r = p.repetition_penalty;
+        for &t in &h.seen {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x = if *x > 0.0 { *x / r } else { *x * r };
+            }
+        }
+    }
+    if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+        for (&t, &n) in &h.output {
+            if let Some(x) = logits.get_mut(t as usize) {
+                *x -= p.frequency_penalty * n as f32 + p.presence_penalty;
+            }
         }
     }
 }
@@ -28,22 +119,52 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Kept only while a penalty reads it.
+    history: Option<TokenHistory>,
 }
 
 impl Sampler {
+    /// A sampler whose penalties see no prompt tokens (see [`Sampler::with_prompt`]).
     pub fn new(params: SamplingParams) -> Self {
+        Self::with_prompt(params, &[])
+    }
+
+    /// A sampler for a request with this prompt: the repetition penalty counts its tokens.
+    pub fn with_prompt(params: SamplingParams, prompt: &[u32]) -> Self {
         let rng = match params.seed {
             Some(s) => StdRng::seed_from_u64(s),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng }
+        let history = params.has_penalties().then(|| TokenHistory::new(prompt));
+        Sampler { params, rng, history }
     }
 
-    /// Greedy: the pick is the argmax, which the device can take without the row.
+    /// Greedy: the pick is the argmax (of the adjusted row when [`Sampler::adjusts_logits`]).
     pub fn is_greedy(&self) -> bool {
         self.params.temperature <= 1e-5 || self.params.top_k == 1
     }
 
+    /// Whether [`Sampler::adjust`] changes the row: the raw row's argmax is then not enough.
+    pub fn adjusts_logits(&self) -> bool {
+        self.params.adjusts_logits()
+    }
+
+    /// The logit bias and the penalties, in place.
+    pub fn adjust(&self, logits: &mut [f32]) {
+        apply_logit_bias(logits, &self.params.logit_bias);
+        if let Some(h) = &self.history {
+            apply_penalties(logits, &self.params, h);
+        }
+    }
+
+    /// Records a generated token (the penalties count it from the next pick on).
+    pub fn accept(&mut self, token: u32) {
+        if let Some(h) = self.history.as_mut() {
+            h.push(token);
+        }
+    }
+
+    /// Samples from a row already [`Sampler::adjust`]ed (and masked).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if self.is_greedy() {
@@ -64,6 +185,12 @@ impl Sampler {
         }
         let max = cands[0].1;
         let mut probs: Vec<f32> = cands.iter().map(|c| (c.1 - max).exp()).collect();
+        if p.min_p > 0.0 {
+            // Relative to the best token (probs[0] is 1 before normalizing): the same set
+            // whether taken before or after top-k, as both keep a prefix of the sorted row.
+            let keep = probs.partition_point(|&x| x >= p.min_p);
+            probs.truncate(keep.max(1));
+        }
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         if p.top_p < 1.0 {
@@ -198,6 +325,7 @@ mod tests {
             top_p: 1.0,
             top_k: 3,
             seed: Some(7),
+            ..Default::default()
         };
         let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
         let xs: Vec<u32> = (0..100).map(|_| a.sample(&logits)).collect();
@@ -219,7 +347,140 @@ mod tests {
             top_p: 0.5,
             top_k: 0,
             seed: Some(1),
+            ..Default::default()
         });
         assert!((0..200).all(|_| s.sample(&logits) == 0));
+    }
+
+    #[test]
+    fn logit_bias_adds_to_the_named_tokens_only() {
+        let mut row = [1.0f32, -2.0, 0.5, f32::NEG_INFINITY];
+        apply_logit_bias(&mut row, &[(1, 100.0), (2, -0.5), (3, 5.0), (9, 1.0)]);
+        assert_eq!(row, [1.0, 98.0, 0.0, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn penalties_follow_vllm_exactly() {
+        // Prompt [0, 1]; output 2, 2, 3: repetition on 0..=3, frequency/presence on 2 and 3.
+        let mut h = TokenHistory::new(&[0, 1]);
+        for t in [2, 2, 3] {
+            h.push(t);
+        }
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            frequency_penalty: 0.5,
+            presence_penalty: 0.25,
+            ..Default::default()
+        };
+        let mut row = [4.0f32, -1.0, 3.0, 1.0, 7.0];
+        apply_penalties(&mut row, &p, &h);
+        // 0: 4/2; 1: -1*2; 2: 3/2 - 0.5*2 - 0.25; 3: 1/2 - 0.5 - 0.25; 4: untouched.
+        assert_eq!(row, [2.0, -2.0, 0.25, -0.25, 7.0]);
+        // Frequency and presence read output tokens only, never the prompt.
+        let p = SamplingParams {
+            frequency_penalty: 1.0,
+            presence_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut row = [4.0f32, -1.0, 3.0, 1.0, 7.0];
+        apply_penalties(&mut row, &p, &h);
+        assert_eq!(row, [4.0, -1.0, 0.0, -1.0, 7.0]);
+        // Negative penalties reward repeats.
+        let p = SamplingParams {
+            presence_penalty: -2.0,
+            ..Default::default()
+        };
+        let mut row = [0.0f32; 5];
+        apply_penalties(&mut row, &p, &h);
+        assert_eq!(row, [0.0, 0.0, 2.0, 2.0, 0.0]);
+    }
+
+    #[test]
+    fn sampler_counts_its_own_output_and_the_prompt() {
+        let mut s = Sampler::with_prompt(
+            SamplingParams {
+                frequency_penalty: 1.0,
+                repetition_penalty: 4.0,
+                ..Default::default()
+            },
+            &[1],
+        );
+        assert!(s.adjusts_logits() && s.is_greedy());
+        let mut row = vec![3.0f32, 8.0, 2.5];
+        s.adjust(&mut row);
+        assert_eq!(row, [3.0, 2.0, 2.5]);
+        assert_eq!(s.sample(&row), 0);
+        s.accept(0);
+        let mut row = vec![3.0f32, 8.0, 2.5];
+        s.adjust(&mut row);
+        // Token 0: 3/4 - 1.
+        assert_eq!(row, [-0.25, 2.0, 2.5]);
+        assert_eq!(s.sample(&row), 2);
+        assert!(!Sampler::new(SamplingParams::default()).adjusts_logits());
+        let biased = SamplingParams {
+            logit_bias: vec![(0, 1.0)],
+            ..Default::default()
+        };
+        assert!(Sampler::new(biased).adjusts_logits());
+    }
+
+    #[test]
+    fn min_p_drops_tokens_below_its_share_of_the_best() {
+        // Probabilities relative to the best at temperature 1: 1, e^-1 ≈ 0.37, e^-2 ≈ 0.14,
+        // e^-3 ≈ 0.05. min_p 0.2 keeps tokens 0 and 1 only; 0.5 keeps token 0 only.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let sample = |min_p: f32| -> std::collections::BTreeSet<u32> {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: 1.0,
+                min_p,
+                seed: Some(3),
+                ..Default::default()
+            });
+            (0..2000).map(|_| s.sample(&logits)).collect()
+        };
+        assert_eq!(sample(0.2), [0, 1].into());
+        assert_eq!(sample(0.5), [0].into());
+        assert_eq!(sample(0.0), [0, 1, 2, 3].into());
+        // Temperature first: at 2 the ratios are e^-0.5, e^-1, e^-1.5 (≈ 0.61, 0.37, 0.22).
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 2.0,
+            min_p: 0.3,
+            seed: Some(4),
+            ..Default::default()
+        });
+        let picked: std::collections::BTreeSet<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+        assert_eq!(picked, [0, 1, 2].into());
+    }
+
+    #[test]
+    fn seeded_sampling_with_penalties_and_bias_is_reproducible() {
+        let params = SamplingParams {
+            temperature: 0.8,
+            top_p: 0.95,
+            min_p: 0.01,
+            seed: Some(42),
+            logit_bias: vec![(3, 2.0), (7, -1.0)],
+            presence_penalty: 0.3,
+            frequency_penalty: 0.2,
+            repetition_penalty: 1.3,
+            ..Default::default()
+        };
+        let base: Vec<f32> = (0..32).map(|i| (i as f32 * 0.71).cos() * 2.0).collect();
+        let run = || {
+            let mut s = Sampler::with_prompt(params.clone(), &[1, 2, 3]);
+            (0..64)
+                .map(|_| {
+                    let mut row = base.clone();
+                    s.adjust(&mut row);
+                    let t = s.sample(&row);
+                    s.accept(t);
+                    t
+                })
+                .collect::<Vec<u32>>()
+        };
+        let a = run();
+        assert_eq!(a, run());
+        let distinct: std::collections::HashSet<_> = a.iter().collect();
+        assert!(distinct.len() > 4, "penalties should spread the picks: {a:?}");
     }
 }

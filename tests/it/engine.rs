@@ -246,6 +246,7 @@ fn seeded_sampling_is_reproducible_across_batches() {
             top_p: 0.95,
             top_k: 50,
             seed: Some(seed),
+            ..Default::default()
         },
         ..greedy(10)
     };

@@ -47,6 +47,11 @@ const KEYS: &[&str] = &[
     "type",
     "text",
     "tokens",
+    "logit_bias",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_p",
 ];
 
 const CONFIG_KEYS: &[&str] = &[
@@ -300,6 +305,7 @@ fn fuzz_grpc_generate_requests() {
                 seed,
                 stop,
                 ignore_eos,
+                ..Default::default()
             };
             if let Err(status) = grpc::validate(&f.handle, req, 4096) {
                 prop_assert_eq!(status.code(), tonic::Code::InvalidArgument, "{:?}", status);

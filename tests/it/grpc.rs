@@ -555,3 +555,136 @@ async fn grpc_health_turns_not_serving_when_the_engine_is_gone() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn grpc_logit_bias_and_penalties_are_checked_and_honoured() {
+    let mut s = start().await;
+    let tok = tokenizer();
+    let forced = tok.encode(" river", false).unwrap()[0];
+    let bias = |pairs: &[(u32, f32)]| pairs.iter().copied().collect::<std::collections::HashMap<u32, f32>>();
+    // +100 forces a token; −100 bans the greedy pick.
+    let r = s
+        .client
+        .generate(pb::GenerateRequest {
+            logit_bias: bias(&[(forced, 100.0)]),
+            ..greedy("Once upon a time", 6)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.token_ids, vec![forced; 6]);
+    let base = s
+        .client
+        .generate(greedy("The meaning of life is", 8))
+        .await
+        .unwrap()
+        .into_inner()
+        .token_ids;
+    let r = s
+        .client
+        .generate(pb::GenerateRequest {
+            logit_bias: bias(&[(base[0], -100.0)]),
+            ..greedy("The meaning of life is", 8)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(r.token_ids, base);
+    assert!(!r.token_ids.contains(&base[0]), "{:?}", r.token_ids);
+    // A frequency penalty of 2 never repeats more than plain greedy.
+    let plain = s.client.generate(greedy("the the the", 24)).await.unwrap().into_inner();
+    let pen = s
+        .client
+        .generate(pb::GenerateRequest {
+            frequency_penalty: 2.0,
+            presence_penalty: 1.0,
+            repetition_penalty: Some(1.5),
+            min_p: 0.1,
+            ..greedy("the the the", 24)
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let distinct = |ids: &[u32]| ids.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(distinct(&pen.token_ids) >= distinct(&plain.token_ids));
+    // Out of range: INVALID_ARGUMENT naming the field.
+    let many: std::collections::HashMap<u32, f32> = (0..1025).map(|i| (i, 1.0)).collect();
+    let cases = [
+        (
+            pb::GenerateRequest {
+                logit_bias: bias(&[(VOCAB as u32, 1.0)]),
+                ..greedy("Hi", 2)
+            },
+            "logit_bias",
+        ),
+        (
+            pb::GenerateRequest {
+                logit_bias: bias(&[(3, 100.5)]),
+                ..greedy("Hi", 2)
+            },
+            "logit_bias",
+        ),
+        (
+            pb::GenerateRequest {
+                logit_bias: bias(&[(3, f32::NAN)]),
+                ..greedy("Hi", 2)
+            },
+            "logit_bias",
+        ),
+        (
+            pb::GenerateRequest {
+                logit_bias: many,
+                ..greedy("Hi", 2)
+            },
+            "logit_bias",
+        ),
+        (
+            pb::GenerateRequest {
+                presence_penalty: 2.5,
+                ..greedy("Hi", 2)
+            },
+            "presence_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                frequency_penalty: -3.0,
+                ..greedy("Hi", 2)
+            },
+            "frequency_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                repetition_penalty: Some(0.0),
+                ..greedy("Hi", 2)
+            },
+            "repetition_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                repetition_penalty: Some(f32::INFINITY),
+                ..greedy("Hi", 2)
+            },
+            "repetition_penalty",
+        ),
+        (
+            pb::GenerateRequest {
+                min_p: 1.5,
+                ..greedy("Hi", 2)
+            },
+            "min_p",
+        ),
+        (
+            pb::GenerateRequest {
+                temperature: 2.5,
+                ..greedy("Hi", 2)
+            },
+            "temperature",
+        ),
+    ];
+    for (req, field) in cases {
+        let e = s.client.generate(req).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    s.shutdown().await;
+}

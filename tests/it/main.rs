@@ -21,6 +21,7 @@ mod http;
 mod kv;
 mod paged_vs_dense;
 mod random_weights;
+mod sampling;
 mod scheduler;
 mod serve_binary;
 mod sources;

@@ -28,7 +28,8 @@ use tokio::sync::mpsc::UnboundedSender;
 pub(super) enum Command {
     Add {
         id: RequestId,
-        req: GenerateRequest,
+        /// Boxed: the options (stop strings, logit bias) make it the largest variant by far.
+        req: Box<GenerateRequest>,
         events: UnboundedSender<EngineOutput>,
         arrival: Instant,
     },
@@ -52,10 +53,14 @@ struct Live {
 }
 
 impl Live {
-    /// The next token is the argmax and nothing else is read from the row: greedy, no
-    /// log-probs, no min_tokens masking left to do.
+    /// The next token is the raw row's argmax and nothing else is read from the row:
+    /// greedy, no log-probs, no min_tokens masking left to do, and no logit bias or
+    /// penalty (either can move the argmax).
     fn greedy_pick_suffices(&self) -> bool {
-        self.sampler.is_greedy() && self.options.logprobs.is_none() && self.generated.len() >= self.options.min_tokens
+        self.sampler.is_greedy()
+            && !self.sampler.adjusts_logits()
+            && self.options.logprobs.is_none()
+            && self.generated.len() >= self.options.min_tokens
     }
 }
 
@@ -211,7 +216,7 @@ impl Engine {
                     arrival,
                 } => {
                     self.pending_adds.fetch_sub(1, Ordering::Relaxed);
-                    self.add(id, req, events, arrival)
+                    self.add(id, *req, events, arrival)
                 }
                 Command::Abort(id) => self.finish(id, FinishReason::Abort),
                 Command::Fault(f) => self.fault = Some(f),
@@ -275,6 +280,8 @@ impl Engine {
                 .send(&events, EngineOutput::Error("the prompt is empty".into()));
             return;
         }
+        // The repetition penalty counts the prompt's tokens: read before the scheduler takes them.
+        let sampler = Sampler::with_prompt(o.sampling.clone(), &req.prompt_ids);
         // Prompt log-probs need logits at every prompt position: no prefix-cache skip.
         if let Err(e) = self
             .scheduler
@@ -291,7 +298,7 @@ impl Engine {
             id,
             Live {
                 events,
-                sampler: Sampler::new(o.sampling.clone()),
+                sampler,
                 prompt_logprobs: o.prompt_logprobs.map(|_| vec![None]),
                 options: o,
                 prompt_len,
@@ -506,8 +513,17 @@ impl Engine {
         let (token, logprob) = match logits {
             None => (greedy, None),
             Some(logits) => {
-                let masked;
+                let adjusted;
                 let mut scores = logits;
+                // Logit bias, then penalties, on a copy: the reported log-probs stay the
+                // model's own distribution (vLLM's default, raw log-probs).
+                if l.sampler.adjusts_logits() {
+                    let mut row = logits.to_vec();
+                    l.sampler.adjust(&mut row);
+                    adjusted = row;
+                    scores = &adjusted;
+                }
+                let masked;
                 // Before min_tokens, EOS and stop tokens cannot be picked.
                 if l.generated.len() < o.min_tokens {
                     let eos = if o.ignore_eos {
@@ -516,7 +532,7 @@ impl Engine {
                         Some(&self.tokenizer.eos_ids)
                     };
                     masked = mask_tokens(
-                        logits,
+                        scores,
                         o.stop_token_ids.iter().chain(eos.into_iter().flatten()).copied(),
                     );
                     scores = &masked;
@@ -525,6 +541,7 @@ impl Engine {
                 (token, o.logprobs.map(|top| token_logprob(logits, token, top)))
             }
         };
+        l.sampler.accept(token);
         let now = Instant::now();
         match l.last_token {
             None => self
