@@ -57,10 +57,15 @@ impl Live {
     /// greedy, no log-probs, no min_tokens masking left to do, and no logit bias or
     /// penalty (either can move the argmax).
     fn greedy_pick_suffices(&self) -> bool {
+        self.greedy_pick_suffices_after(self.generated.len())
+    }
+
+    /// [`Live::greedy_pick_suffices`] once `generated` tokens are out.
+    fn greedy_pick_suffices_after(&self, generated: usize) -> bool {
         self.sampler.is_greedy()
             && !self.sampler.adjusts_logits()
             && self.options.logprobs.is_none()
-            && self.generated.len() >= self.options.min_tokens
+            && generated >= self.options.min_tokens
     }
 }
 

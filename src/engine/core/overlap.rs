@@ -6,8 +6,8 @@
 //!
 //! The next step can be launched before its tokens are known when it is the same decode
 //! batch one position further: every request greedy with nothing to read from its logits
-//! row (no sampler, no log-probs, no `min_tokens` mask), nobody waiting to be admitted,
-//! and a block for every next position without preempting. A request whose picked token
+//! row (no sampler, log-probs, `min_tokens` mask, logit bias or penalty), nobody waiting
+//! to be admitted, and a block for every next position without preempting. A request whose picked token
 //! turns out to end it (EOS, a stop token) was launched one step too far: that row's
 //! result is dropped, as vLLM does; its blocks are freed when it finishes, and anything
 //! that reuses them runs after the step on the device's one stream. A request that ends
@@ -129,8 +129,7 @@ impl Engine {
             // Counting the token `f` picks for it.
             let generated = l.generated.len() + 1;
             let ends_by_length = generated >= l.options.max_tokens || l.prompt_len + generated >= self.max_model_len;
-            let plain_pick = l.sampler.is_greedy() && l.options.logprobs.is_none() && generated >= l.options.min_tokens;
-            if ends_by_length || !plain_pick {
+            if ends_by_length || !l.greedy_pick_suffices_after(generated) {
                 continue;
             }
             rows.push(row as u32);
