@@ -65,6 +65,9 @@ pub struct Runner {
     /// steps overlap).
     #[cfg(feature = "cuda")]
     pinned_picks: std::sync::Mutex<Vec<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>>,
+    /// The picks on their way to a pinned buffer, padded to its length.
+    #[cfg(feature = "cuda")]
+    picks_staging: std::sync::Mutex<Option<candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>>>,
 }
 
 /// A decode step on the device, launched by [`Runner::launch_decode`], not waited for.
@@ -148,6 +151,8 @@ impl Runner {
             graphs: None,
             #[cfg(feature = "cuda")]
             pinned_picks: Default::default(),
+            #[cfg(feature = "cuda")]
+            picks_staging: Default::default(),
         })
     }
 
@@ -331,10 +336,19 @@ impl Runner {
                 let candle_core::Storage::Cuda(c) = &*storage else {
                     candle_core::bail!("launch_decode: picks off the device");
                 };
-                let src = c
-                    .as_cuda_slice::<u32>()?
-                    .slice(layout.start_offset()..layout.start_offset() + steps.len());
-                c.device.cuda_stream().memcpy_dtoh(&src, &mut host).w()?;
+                let n = steps.len();
+                let src = c.as_cuda_slice::<u32>()?.slice(layout.start_offset()..layout.start_offset() + n);
+                // A copy to the host moves the whole destination: the picks go through a
+                // device buffer of the pinned buffer's length (ordered on the stream, so
+                // one serves every step in flight).
+                let stream = c.device.cuda_stream();
+                let mut staging = self.picks_staging.lock().expect("picks staging");
+                if staging.as_ref().is_none_or(|d| d.len() != host.len()) {
+                    *staging = Some(stream.alloc_zeros::<u32>(host.len()).w()?);
+                }
+                let staging = staging.as_mut().expect("made above");
+                stream.memcpy_dtod(&src, &mut staging.slice_mut(0..n)).w()?;
+                stream.memcpy_dtoh(&*staging, &mut host).w()?;
             }
             return Ok(Some(LaunchedDecode {
                 logits,

@@ -352,6 +352,7 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
     use crosskv::model::LoadOptions;
     let ckpt = Tiny::new(4, 4, 2, 64, 128, VOCAB)
         .cla("cla_share_factor", serde_json::json!(2))
+        .max_positions(256)
         .seed(9)
         .write();
     let start = |async_scheduling: bool| {
