@@ -63,6 +63,9 @@ struct Buffers {
     /// only has its new blocks written, so a step's staging costs O(batch), not
     /// O(batch × context).
     staged: Vec<(u64, usize)>,
+    /// Recorded after the last step's uploads from the staging buffers: a step launched
+    /// before the previous one finished must not rewrite them while they are read.
+    uploaded: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
 }
 
 /// One captured decode step.
@@ -160,6 +163,7 @@ impl Buffers {
             logits,
             batch,
             staged: vec![(0, 0); batch],
+            uploaded: None,
         })
     }
 
@@ -175,6 +179,9 @@ impl Buffers {
         num_blocks: usize,
         on_device: Option<&Tensor>,
     ) -> Result<()> {
+        if let Some(e) = self.uploaded.take() {
+            e.synchronize().w()?;
+        }
         let (batch, n) = (self.batch, steps.len());
         let slots = self.step.cache_rows.len();
         let bs = mgr.block_size();
@@ -250,6 +257,8 @@ impl Buffers {
             // Ordered on the stream after the upload, and after the step that picked them.
             self.inputs.slice_set(ids, 0, 0)?;
         }
+        let stream = self.inputs.device().as_cuda_device()?.cuda_stream();
+        self.uploaded = Some(stream.record_event(None).w()?);
         Ok(())
     }
 

@@ -77,6 +77,9 @@ pub struct LaunchedDecode {
     pub picks: Tensor,
     #[cfg(feature = "cuda")]
     host: candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>,
+    /// Recorded after the copy into `host`.
+    #[cfg(feature = "cuda")]
+    copied: candle_core::cuda_backend::cudarc::driver::CudaEvent,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     n: usize,
 }
@@ -349,13 +352,17 @@ impl Runner {
                 let staging = staging.as_mut().expect("made above");
                 stream.memcpy_dtod(&src, &mut staging.slice_mut(0..n)).w()?;
                 stream.memcpy_dtoh(&*staging, &mut host).w()?;
+                // The pinned buffer's own event is not recorded on candle's stream (it
+                // leaves stream synchronization to its user): this one marks the copy.
+                let copied = stream.record_event(None).w()?;
+                return Ok(Some(LaunchedDecode {
+                    logits,
+                    picks: picks.clone(),
+                    host,
+                    copied,
+                    n,
+                }));
             }
-            return Ok(Some(LaunchedDecode {
-                logits,
-                picks,
-                host,
-                n: steps.len(),
-            }));
         }
         let _ = (mgr, steps, ids);
         Ok(None)
@@ -365,6 +372,7 @@ impl Runner {
     #[cfg(feature = "cuda")]
     pub fn wait_decode(&self, l: LaunchedDecode) -> Result<(Tensor, Vec<u32>)> {
         use candle_core::cuda_backend::WrapErr;
+        l.copied.synchronize().w()?;
         let picks = l.host.as_slice().w()?[..l.n].to_vec();
         self.pinned_picks.lock().expect("pinned picks").push(l.host);
         Ok((l.logits, picks))
