@@ -148,7 +148,7 @@ fn dashboard_covers_every_required_topic() {
     let topics: &[Topic] = &[
         ("KV cache usage", &|p| uses(p, "crosskv_kv_cache_usage_perc")),
         ("KV blocks used/total", &|p| {
-            uses(p, "crosskv_kv_blocks_used") && uses(p, "crosskv_kv_blocks_total")
+            uses(p, "crosskv_kv_blocks_used") && uses(p, "crosskv_kv_blocks")
         }),
         ("bytes saved by sharing", &|p| {
             uses(p, "crosskv_kv_bytes_saved_by_sharing")
