@@ -1,6 +1,8 @@
 //! Every Prometheus metric crosskv exports, declared in this one module: names follow
 //! vLLM's (prefix `crosskv_`) so existing dashboards port over, plus the CLA-specific
-//! KV metrics (docs/serving.md).
+//! KV metrics (docs/serving.md). Prometheus naming wins where the two differ: `_total`
+//! ends counter names and nothing else, so vLLM's `iteration_tokens_total` histogram is
+//! `crosskv_iteration_tokens` here.
 
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntGauge, Opts, Registry,
@@ -25,13 +27,13 @@ pub const METRIC_NAMES: &[&str] = &[
     "crosskv_kv_cache_capacity_tokens",
     "crosskv_kv_cache_bytes",
     "crosskv_kv_cache_used_bytes",
-    "crosskv_kv_blocks_total",
+    "crosskv_kv_blocks",
     "crosskv_kv_blocks_used",
     "crosskv_kv_bytes_saved_by_sharing",
     "crosskv_engine_steps_total",
     "crosskv_engine_step_duration_seconds",
     "crosskv_engine_step_phase_seconds_total",
-    "crosskv_iteration_tokens_total",
+    "crosskv_iteration_tokens",
 ];
 
 /// The parts of an engine step, timed separately (`crosskv_engine_step_phase_seconds_total`):
@@ -108,7 +110,7 @@ pub struct Metrics {
     pub kv_bytes_saved_by_sharing: IntGauge,
     pub engine_steps_total: IntCounter,
     pub engine_step_duration_seconds: Histogram,
-    pub iteration_tokens_total: Histogram,
+    pub iteration_tokens: Histogram,
     step_phase_seconds: [Counter; StepPhase::ALL.len()],
     info: KvCacheInfo,
 }
@@ -181,7 +183,7 @@ impl Metrics {
         )
         .set(info.capacity_tokens as i64);
         igauge("crosskv_kv_cache_bytes", "Bytes of KV cache storage").set((info.num_blocks * info.block_bytes) as i64);
-        igauge("crosskv_kv_blocks_total", "KV cache blocks").set(info.num_blocks as i64);
+        igauge("crosskv_kv_blocks", "KV cache blocks").set(info.num_blocks as i64);
         let phases = reg(
             &r,
             CounterVec::new(
@@ -243,8 +245,8 @@ impl Metrics {
                 "Wall time of an engine step, scheduling to published status",
                 STEP_BUCKETS,
             ),
-            iteration_tokens_total: hist(
-                "crosskv_iteration_tokens_total",
+            iteration_tokens: hist(
+                "crosskv_iteration_tokens",
                 "Tokens (prompt and decode) in one engine step",
                 ITERATION_TOKEN_BUCKETS,
             ),
@@ -288,9 +290,8 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    #[test]
-    fn every_declared_name_is_exported() {
-        let info = KvCacheInfo {
+    fn info() -> KvCacheInfo {
+        KvCacheInfo {
             layers: 4,
             kv_layers: 2,
             cla_share_factor: Some(2),
@@ -301,8 +302,12 @@ mod tests {
             num_blocks: 10,
             block_bytes: 4096,
             capacity_tokens: 80,
-        };
-        let m = Metrics::new(info);
+        }
+    }
+
+    #[test]
+    fn every_declared_name_is_exported() {
+        let m = Metrics::new(info());
         m.time_to_first_token_seconds.observe(0.1);
         m.add_step_phase(StepPhase::Forward, 0.25);
         m.add_step_phase(StepPhase::Forward, 0.5);
@@ -318,5 +323,18 @@ mod tests {
         assert!(text.contains("crosskv_engine_step_phase_seconds_total{phase=\"forward\"} 0.75"));
         assert!(text.contains("crosskv_engine_step_phase_seconds_total{phase=\"update\"} 0"));
         assert!(text.contains("crosskv_kv_bytes_saved_by_sharing 20480"));
+    }
+
+    /// Prometheus naming: `_total` marks a counter, and only a counter.
+    #[test]
+    fn counters_and_only_counters_end_in_total() {
+        let m = Metrics::new(info());
+        m.add_step_phase(StepPhase::Forward, 0.25);
+        let families = m.registry.gather();
+        assert_eq!(families.len(), METRIC_NAMES.len());
+        for f in families {
+            let counter = f.get_field_type() == prometheus::proto::MetricType::COUNTER;
+            assert_eq!(f.name().ends_with("_total"), counter, "{}", f.name());
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `crosskv capacity`: a model's KV layout and capacity with and without sharing, from
 //! its config alone.
 
+use super::capacity_plot::{capacity_series, plot_lengths, write_capacity_plot};
 use super::{check_block_size, SharingArgs};
 use crate::config::ModelConfig;
 use crate::device::DtypeArg;
@@ -9,7 +10,7 @@ use crate::model::{self, ModelSource};
 use crate::units::{format_bytes, parse_size};
 use anyhow::{bail, Context};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct CapacityArgs {
@@ -39,6 +40,10 @@ pub struct CapacityArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write an SVG chart of max concurrency against sequence length (the block
+    /// size doubling up to --seq-len), with and without sharing.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
 }
 
 /// The config of a source without loading its weights.
@@ -54,7 +59,9 @@ fn config_only(src: &str) -> anyhow::Result<ModelConfig> {
     }
 }
 
-pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, CapacityReport)> {
+/// The config (re-shared as asked), its KV layout on one rank, and the sequence length
+/// the figures are computed at.
+fn capacity_layout(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayout, usize)> {
     check_block_size(args.block_size)?;
     let mut cfg = match (&args.model, &args.config) {
         (_, Some(path)) => ModelConfig::from_file(path)?,
@@ -83,12 +90,44 @@ pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, Capa
         .split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
         .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {}: {e}", args.tensor_parallel_size))?;
     let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, dtype_bytes);
-    let report = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
-    Ok((cfg, report))
+    Ok((cfg, layout, seq_len))
+}
+
+pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, CapacityReport)> {
+    let (cfg, layout, seq_len) = capacity_layout(args)?;
+    Ok((cfg, layout.capacity(args.kv_cache_memory, args.block_size, seq_len)))
+}
+
+/// Writes the `--plot` chart for `args` to `path`.
+fn plot_capacity(args: &CapacityArgs, layout: &KvLayout, seq_len: usize, path: &Path) -> anyhow::Result<()> {
+    let lengths = plot_lengths(args.block_size, seq_len);
+    let points = capacity_series(layout, args.kv_cache_memory, args.block_size, &lengths);
+    write_capacity_plot(path, &plot_title(args, layout), &points)
+}
+
+/// The chart's title: the model or config as given, its KV layers, the budget per GPU.
+fn plot_title(args: &CapacityArgs, layout: &KvLayout) -> String {
+    let source = match (&args.model, &args.config) {
+        (Some(m), _) => m.clone(),
+        (None, Some(c)) => c.display().to_string(),
+        (None, None) => String::new(),
+    };
+    let per_gpu = if args.tensor_parallel_size > 1 { " per GPU" } else { "" };
+    format!(
+        "{source} ({} of {} layers keep KV): KV budget {}{per_gpu}",
+        layout.kv_layers(),
+        layout.layers(),
+        format_bytes(args.kv_cache_memory)
+    )
 }
 
 pub fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
-    let (_, r) = capacity_report(args)?;
+    let (_, layout, seq_len) = capacity_layout(args)?;
+    // The chart first: a path that cannot be written fails before anything is printed.
+    if let Some(path) = &args.plot {
+        plot_capacity(args, &layout, seq_len, path)?;
+    }
+    let r = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod capacity;
+mod capacity_plot;
 mod convert;
 mod eval;
 mod generate;
@@ -21,6 +22,7 @@ mod training;
 
 pub use bench::{bench, BenchArgs};
 pub use capacity::{capacity, capacity_report, capacity_table, CapacityArgs};
+pub use capacity_plot::{capacity_series, capacity_svg, plot_lengths, CapacityPoint};
 pub use convert::{convert, ConvertArgs};
 pub use eval::{eval, EvalArgs};
 pub use generate::{generate, GenerateArgs};

@@ -1,4 +1,4 @@
-//! The built binary: `capacity` (JSON and table), clean failures on bad input (non-zero
+//! The built binary: `capacity` (JSON, table and `--plot` chart), clean failures on bad input (non-zero
 //! exit, a message naming the problem, never a panic), and `convert`.
 
 use crate::common::{dense_logits, Rng, Tiny};
@@ -200,6 +200,74 @@ fn bad_capacity_inputs_fail_cleanly_naming_the_problem() {
     );
     assert_fails_naming(&["capacity", "--config", &cfg, "--seq-len", "0"], &["--seq-len"]);
     assert_fails_naming(&["capacity"], &["--model"]);
+}
+
+#[test]
+fn capacity_plot_writes_an_svg_chart_with_both_series() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), json!({"cla_share_factor": 2}));
+    let svg_path = dir.path().join("capacity.svg");
+    let svg_arg = svg_path.display().to_string();
+    let o = crosskv(&[
+        "capacity",
+        "--config",
+        &cfg,
+        "--kv-cache-memory",
+        "1MiB",
+        "--plot",
+        &svg_arg,
+    ]);
+    assert_ok(&o);
+    // The table is still printed alongside the chart.
+    assert!(stdout(&o).contains("max concurrency @ 64 tokens"), "{}", stdout(&o));
+    let svg = std::fs::read_to_string(&svg_path).expect("the chart was written");
+    assert!(svg.trim_start().starts_with("<svg"), "{svg}");
+    assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
+    for text in [
+        "with CLA sharing",
+        "without sharing",
+        "1.00 MiB",
+        "config.json",
+        "2 of 4 layers",
+    ] {
+        assert!(svg.contains(text), "no `{text}` in the chart:\n{svg}");
+    }
+}
+
+#[test]
+fn capacity_plot_series_with_cla2_are_twice_those_without_sharing() {
+    use crosskv::cli::{capacity_series, plot_lengths};
+    use crosskv::kv::KvLayout;
+    // 4 layers, factor 2, 2 KV heads × head_dim 8 × 2 bytes: 1024-byte blocks of 16 tokens,
+    // so 1 MiB is 1024 blocks and every length below divides it evenly.
+    let layout = KvLayout::new(vec![0, 0, 2, 2], 2, 8, 2);
+    let lengths = plot_lengths(16, 1024);
+    assert_eq!(lengths, [16, 32, 64, 128, 256, 512, 1024]);
+    let points = capacity_series(&layout, 1 << 20, 16, &lengths);
+    assert_eq!(points.len(), lengths.len());
+    for (p, &len) in points.iter().zip(&lengths) {
+        assert_eq!(p.seq_len, len);
+        assert_eq!(p.without_sharing, 1024 / (4 * len / 16), "{p:?}");
+        assert_eq!(p.with_sharing, 2 * p.without_sharing, "{p:?}");
+    }
+    // Without sharing the same layout is every layer a producer: both series agree.
+    let plain = KvLayout::new(vec![0, 1, 2, 3], 2, 8, 2);
+    for p in capacity_series(&plain, 1 << 20, 16, &lengths) {
+        assert_eq!(p.with_sharing, p.without_sharing, "{p:?}");
+    }
+}
+
+#[test]
+fn capacity_plot_to_an_unwritable_path_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), json!({}));
+    let bad = dir.path().join("no-such-dir").join("chart.svg");
+    let bad_arg = bad.display().to_string();
+    assert_fails_naming(
+        &["capacity", "--config", &cfg, "--plot", &bad_arg],
+        &["--plot", &bad_arg],
+    );
+    assert!(!bad.exists());
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The operators' kit in `docker/`: every query of the provisioned Grafana dashboard
 //! names a metric the server exports (crosskv::metrics), the dashboard covers the
 //! required topics, and the Prometheus / Grafana / compose / Dockerfile wiring agrees
-//! (scrape port and path, datasource uid, dashboard path, build stages).
+//! (scrape port and path, datasource uid, dashboard path, build stages, the toolchain
+//! of rust-toolchain.toml and the cargo features of Cargo.toml).
 //! Reads files only: no network, no docker.
 
 use crosskv::metrics::{KvCacheInfo, Metrics, METRIC_NAMES};
@@ -148,7 +149,7 @@ fn dashboard_covers_every_required_topic() {
     let topics: &[Topic] = &[
         ("KV cache usage", &|p| uses(p, "crosskv_kv_cache_usage_perc")),
         ("KV blocks used/total", &|p| {
-            uses(p, "crosskv_kv_blocks_used") && uses(p, "crosskv_kv_blocks_total")
+            uses(p, "crosskv_kv_blocks_used") && uses(p, "crosskv_kv_blocks")
         }),
         ("bytes saved by sharing", &|p| {
             uses(p, "crosskv_kv_bytes_saved_by_sharing")
@@ -352,4 +353,44 @@ fn dockerfiles_copy_from_stages_they_define() {
         assert!(text.contains("USER crosskv"), "{dockerfile}: non-root");
     }
     assert!(docker_file("Dockerfile.cuda").contains(r#""--device", "cuda"]"#));
+}
+
+/// The default `value` of `ARG NAME=value` in a Dockerfile.
+fn arg_default<'a>(dockerfile: &'a str, name: &str) -> Option<&'a str> {
+    dockerfile
+        .lines()
+        .find_map(|l| l.strip_prefix("ARG ")?.strip_prefix(name)?.strip_prefix('='))
+}
+
+#[test]
+fn dockerfiles_use_the_pinned_toolchain_and_defined_features() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let toolchain = std::fs::read_to_string(root.join("rust-toolchain.toml")).unwrap();
+    let channel = toolchain
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("channel")?.trim_start().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"'))
+        .expect("rust-toolchain.toml channel");
+    let cargo_toml = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let features = cargo_toml.split("[features]").nth(1).expect("[features]");
+    let features = features.split("\n[").next().unwrap();
+    let defined = |f: &str| features.lines().any(|l| l.starts_with(&format!("{f} = ")));
+
+    for dockerfile in ["Dockerfile", "Dockerfile.cuda"] {
+        let text = docker_file(dockerfile);
+        assert_eq!(arg_default(&text, "RUST_VERSION"), Some(channel), "{dockerfile}");
+        assert!(!text.contains("stable"), "{dockerfile}: a floating toolchain");
+    }
+    let cpu = docker_file("Dockerfile");
+    assert!(cpu.contains("FROM rust:${RUST_VERSION}-bookworm AS build"));
+    assert!(!cpu.contains("--features"), "the CPU image builds the default features");
+    let cuda = docker_file("Dockerfile.cuda");
+    assert!(cuda.contains("--default-toolchain ${RUST_VERSION}"));
+    assert!(cuda.contains("--features ${CARGO_FEATURES}"));
+    let default_features = arg_default(&cuda, "CARGO_FEATURES").expect("ARG CARGO_FEATURES");
+    assert_eq!(default_features, "cuda");
+    for f in ["cuda", "nccl"] {
+        assert!(defined(f), "Cargo.toml has no `{f}` feature");
+        assert!(cuda.contains(&format!("`{f}`")), "Dockerfile.cuda documents `{f}`");
+    }
 }

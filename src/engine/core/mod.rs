@@ -269,7 +269,7 @@ impl Engine {
             m.add_step_phase(StepPhase::Publish, published.elapsed().as_secs_f64());
             m.engine_steps_total.inc();
             m.engine_step_duration_seconds.observe(start.elapsed().as_secs_f64());
-            m.iteration_tokens_total.observe(n as f64);
+            m.iteration_tokens.observe(n as f64);
         }
         true
     }
