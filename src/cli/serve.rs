@@ -41,10 +41,10 @@ pub struct ServeArgs {
     pub max_queued_requests: usize,
     #[arg(long)]
     pub no_prefix_caching: bool,
-    /// CUDA: wait for each decode step before scheduling the next, instead of launching
-    /// the next step while the device still runs this one (async scheduling).
+    /// CUDA graphs: launch the next decode step while the device still runs this one,
+    /// its tokens taken from this one's picks on the device (async scheduling).
     #[arg(long)]
-    pub no_async_scheduling: bool,
+    pub async_scheduling: bool,
     /// Require `Authorization: Bearer KEY` (not on /health and /metrics).
     #[arg(long)]
     pub api_key: Option<String>,
@@ -142,7 +142,7 @@ fn start_engine(args: &ServeArgs) -> anyhow::Result<crate::engine::EngineHandle>
         max_queued_requests: args.max_queued_requests,
         prefix_caching: !args.no_prefix_caching,
         cuda_graphs: !args.model.enforce_eager,
-        async_scheduling: !args.no_async_scheduling,
+        async_scheduling: args.async_scheduling,
     };
     let ranks = std::iter::once(loaded.model).chain(loaded.peers).collect();
     Ok(EngineHandle::start_ranks(ranks, loaded.tokenizer, config)?)

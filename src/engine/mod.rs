@@ -35,7 +35,8 @@ pub struct EngineConfig {
     /// CUDA: decode steps as captured graphs (`Runner::set_cuda_graphs`).
     pub cuda_graphs: bool,
     /// CUDA graphs: a decode step is launched before the previous one's picks are read
-    /// (async scheduling), so the host's work of a step overlaps the device's.
+    /// (async scheduling, `--async-scheduling`), so the host's work of a step overlaps
+    /// the device's.
     pub async_scheduling: bool,
 }
 

@@ -340,7 +340,9 @@ impl Runner {
                     candle_core::bail!("launch_decode: picks off the device");
                 };
                 let n = steps.len();
-                let src = c.as_cuda_slice::<u32>()?.slice(layout.start_offset()..layout.start_offset() + n);
+                let src = c
+                    .as_cuda_slice::<u32>()?
+                    .slice(layout.start_offset()..layout.start_offset() + n);
                 // A copy to the host moves the whole destination: the picks go through a
                 // device buffer of the pinned buffer's length (ordered on the stream, so
                 // one serves every step in flight).
