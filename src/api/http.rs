@@ -156,7 +156,7 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
 }
 
-/// The router: open `/health` and `/metrics`, everything else behind the API key.
+/// The router: open `/`, `/health` and `/metrics`, everything else behind the API key.
 pub fn router(state: AppState) -> Router {
     let cfg = state.config().clone();
     let protected = Router::new()
@@ -170,6 +170,7 @@ pub fn router(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth))
         .route_layer(middleware::from_fn_with_state(state.clone(), timeout));
     Router::new()
+        .route("/", get(operators_page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(protected)
@@ -226,6 +227,24 @@ async fn timeout(State(st): State<AppState>, req: Request, next: Next) -> Respon
         Ok(r) => r,
         Err(_) => ApiError::Timeout.into_response(),
     }
+}
+
+/// The operators' page (docs/serving.md): static, self-contained HTML whose script reads
+/// `/v1/kv` and `/metrics`. It holds no data, so it is open; its content security policy
+/// lets it reach this server only.
+async fn operators_page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+            ),
+        ],
+        include_str!("operators.html"),
+    )
+        .into_response()
 }
 
 async fn health(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -19,6 +19,7 @@ mod grpc;
 mod hardening;
 mod http;
 mod kv;
+mod operators_page;
 mod paged_vs_dense;
 mod random_weights;
 mod sampling;
