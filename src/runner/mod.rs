@@ -284,14 +284,8 @@ impl Runner {
             return self.step_tensor_parallel(&self.step_host(mgr, steps)?);
         }
         #[cfg(feature = "cuda")]
-        if let Some(graphs) = &self.graphs {
-            let logits = graphs
-                .lock()
-                .expect("decode graphs")
-                .run(&self.model, &self.cache, mgr, steps, None)?;
-            if let Some(logits) = logits {
-                return Ok(logits);
-            }
+        if let Some(logits) = self.graph_step(mgr, steps, None)? {
+            return Ok(logits);
         }
         let input = self.step_input(mgr, steps)?;
         if self.model.device().is_cuda() {
@@ -304,8 +298,21 @@ impl Runner {
         crate::ops::parallel::in_pool(|| self.model.forward(&input, &self.cache))
     }
 
+    /// The step as a decode graph, when graphs are on and one takes it (`ids`: token ids
+    /// already on the device); `None`: run it eagerly.
+    #[cfg(feature = "cuda")]
+    fn graph_step(&self, mgr: &KvManager, steps: &[SeqStep], ids: Option<&Tensor>) -> Result<Option<Tensor>> {
+        match &self.graphs {
+            Some(graphs) => graphs
+                .lock()
+                .expect("decode graphs")
+                .run(&self.model, &self.cache, mgr, steps, ids),
+            None => Ok(None),
+        }
+    }
+
     /// Launches a decode step (every sequence one token) as a CUDA graph and returns
-    /// without waiting for it: its picks come back by [`LaunchedDecode::wait`], while
+    /// without waiting for it: its picks come back by [`Runner::wait_decode`], while
     /// the host prepares the next step. `ids`: the step's token ids on the device (a
     /// launched step's [`LaunchedDecode::picks`], rows chosen), in place of the steps'
     /// own, so a step can be launched before the host knows its tokens. `None`: the
@@ -318,12 +325,10 @@ impl Runner {
         ids: Option<&Tensor>,
     ) -> Result<Option<LaunchedDecode>> {
         #[cfg(feature = "cuda")]
-        if let Some(graphs) = &self.graphs {
-            let logits = graphs
-                .lock()
-                .expect("decode graphs")
-                .run(&self.model, &self.cache, mgr, steps, ids)?;
-            let Some(logits) = logits else { return Ok(None) };
+        if self.graphs.is_some() {
+            let Some(logits) = self.graph_step(mgr, steps, ids)? else {
+                return Ok(None);
+            };
             let picks = crate::ops::argmax_rows(&logits)?;
             let mut host = self.pinned_picks.lock().expect("pinned picks").pop();
             if host.as_ref().is_none_or(|h| h.len() < steps.len()) {
