@@ -557,6 +557,8 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs: None,
         prompt_logprobs: None,
+        // Structured outputs are refused before this point (`not_honoured`).
+        constraint: None,
     };
     Ok((o, to_usize(n)))
 }

@@ -22,6 +22,25 @@ pub struct GenerateOptions {
     pub logprobs: Option<usize>,
     /// Log-probs of the prompt tokens (for `echo`), with this many top alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// A grammar the output must follow: each step's pick is masked to the tokens that
+    /// keep it valid.
+    pub constraint: Option<Constraint>,
+}
+
+/// What a constrained request's output must be (OpenAI's `response_format`, vLLM's
+/// `structured_outputs`, a forced tool call's arguments).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against this JSON Schema.
+    JsonSchema(serde_json::Value),
+    /// Text matching this regular expression in full.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// Text of this grammar (Lark syntax, or GBNF as llama.cpp writes it).
+    Grammar(String),
 }
 
 impl Default for GenerateOptions {
@@ -35,6 +54,7 @@ impl Default for GenerateOptions {
             ignore_eos: false,
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
         }
     }
 }

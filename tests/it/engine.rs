@@ -377,7 +377,10 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
         EngineHandle::start(model, tokenizer(), config).unwrap()
     };
     let mut rng = crate::common::Rng::new(5);
-    let prompts: Vec<Vec<u32>> = (0..8).map(|i| rng.tokens(5 + 6 * i, VOCAB)).collect();
+    let mut prompts: Vec<Vec<u32>> = (0..8).map(|i| rng.tokens(5 + 6 * i, VOCAB)).collect();
+    // Request 3 repeats request 2's prompt, so its greedy tokens are request 2's and its
+    // stop token, taken from them, is met by the 18th token at the latest.
+    prompts[3] = prompts[2].clone();
     let max_tokens = [6, 9, 40, 40, 33, 40, 12, 40];
     // A stop token for request 3: a token the synchronous engine gives request 2.
     let reference = start(false);
@@ -437,6 +440,6 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
         assert_eq!(gr, wr, "request {i}: finish reason");
     }
     assert_eq!(want[3].1, FinishReason::Stop, "request 3 ends on its stop token");
-    assert!(want[3].0.len() < 40);
+    assert!(want[3].0.len() <= 18);
     assert_eq!(want[2].0.len(), 40);
 }
