@@ -47,6 +47,9 @@ pub enum StepPhase {
     /// The batched forward: on the CPU computed, on CUDA queued (inputs uploaded,
     /// kernels or a graph launched).
     Forward,
+    /// Structured outputs: the constrained requests' allowed tokens, computed on the
+    /// host after the forward is queued (on CUDA, while the device runs it).
+    Masks,
     /// The logits rows the host needs, fetched: on CUDA this waits for the device.
     Logits,
     /// Sampling, stop checks, detokenizing and the events to each request.
@@ -56,10 +59,11 @@ pub enum StepPhase {
 }
 
 impl StepPhase {
-    pub const ALL: [StepPhase; 6] = [
+    pub const ALL: [StepPhase; 7] = [
         StepPhase::Schedule,
         StepPhase::Prepare,
         StepPhase::Forward,
+        StepPhase::Masks,
         StepPhase::Logits,
         StepPhase::Update,
         StepPhase::Publish,
@@ -69,6 +73,7 @@ impl StepPhase {
             StepPhase::Schedule => "schedule",
             StepPhase::Prepare => "prepare",
             StepPhase::Forward => "forward",
+            StepPhase::Masks => "masks",
             StepPhase::Logits => "logits",
             StepPhase::Update => "update",
             StepPhase::Publish => "publish",

@@ -67,6 +67,7 @@ impl ApiError {
             ApiError::Engine(EngineError::QueueFull(_)) => {
                 (S::TOO_MANY_REQUESTS, "rate_limit_error", None, Some("queue_full"))
             }
+            ApiError::Engine(EngineError::Constraint(_)) => (S::BAD_REQUEST, invalid, None, None),
             ApiError::Engine(EngineError::ShutDown) => (S::SERVICE_UNAVAILABLE, "server_error", None, Some("shutdown")),
             ApiError::Engine(_) | ApiError::Generation(_) | ApiError::Internal(_) => {
                 (S::INTERNAL_SERVER_ERROR, "server_error", None, None)

@@ -103,6 +103,7 @@ impl AppState {
                 .max_prompt_bytes
                 .unwrap_or_else(|| validate::default_max_prompt_bytes(max_model_len)),
             max_choices: e.config().max_queued_requests,
+            structured: e.structured(),
         }
     }
 }

@@ -4,6 +4,8 @@
 //! (prompts, options, stop strings, lengths); split by endpoint they would be exported.
 
 use super::openai::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
+use super::structured::ConstraintFields;
+use crate::engine::structured::StructuredOutputs;
 use crate::engine::{GenerateOptions, GenerateRequest};
 use crate::model::{ChatMessage, Tok};
 use crate::runner::SamplingParams;
@@ -90,6 +92,8 @@ pub struct Limits<'a> {
     /// Most engine requests (prompts × `n`) one API request may become: the engine's
     /// queue bound, so a request that could never be admitted is a 400, not a 429.
     pub max_choices: usize,
+    /// Compiles structured-output constraints (an invalid one is refused here).
+    pub structured: &'a StructuredOutputs,
 }
 
 /// One prompt, tokenized, with the text `echo` returns.
@@ -307,7 +311,6 @@ fn is_neutral(name: &str, v: &Value) -> bool {
         (_, Value::Null) => true,
         ("tools" | "functions", Value::Array(a)) => a.is_empty(),
         ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
-        ("response_format", Value::Object(m)) => m.get("type").and_then(Value::as_str) == Some("text"),
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
     }
@@ -329,18 +332,24 @@ fn not_honoured(fields: &[(&'static str, &Option<Value>)]) -> Result<(), Validat
     Ok(())
 }
 
-/// The not-honoured fields both request types carry.
-macro_rules! not_honoured_common {
+/// The not-honoured fields of a request type.
+macro_rules! not_honoured_fields {
     ($r:expr $(, $extra:ident)*) => {
-        not_honoured(&[
-            ("response_format", &$r.response_format),
-            ("structured_outputs", &$r.structured_outputs),
-            ("guided_json", &$r.guided_json),
-            ("guided_regex", &$r.guided_regex),
-            ("guided_choice", &$r.guided_choice),
-            ("guided_grammar", &$r.guided_grammar),
-            $((stringify!($extra), &$r.$extra),)*
-        ])
+        not_honoured(&[$((stringify!($extra), &$r.$extra),)*])
+    };
+}
+
+/// The structured-output fields both request types carry.
+macro_rules! constraint_fields {
+    ($r:expr) => {
+        ConstraintFields {
+            response_format: $r.response_format.as_ref(),
+            structured_outputs: $r.structured_outputs.as_ref(),
+            guided_json: $r.guided_json.as_ref(),
+            guided_regex: $r.guided_regex.as_ref(),
+            guided_choice: $r.guided_choice.as_ref(),
+            guided_grammar: $r.guided_grammar.as_ref(),
+        }
     };
 }
 
@@ -557,7 +566,7 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs: None,
         prompt_logprobs: None,
-        // Structured outputs are refused before this point (`not_honoured`).
+        // Set by the caller, from the structured-output fields (`ConstraintFields`).
         constraint: None,
     };
     Ok((o, to_usize(n)))
@@ -599,7 +608,7 @@ pub fn check_length(
 
 pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
-    not_honoured_common!(r, suffix)?;
+    not_honoured_fields!(r, suffix)?;
     // best_of = n (or 1) is plain sampling; more candidates than returned is not done.
     if let Some(b) = &r.best_of {
         let n = r.n.unwrap_or(1);
@@ -632,6 +641,7 @@ pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion
     }
     // max_tokens 0 (echo only): the engine generates one token that is dropped.
     options.max_tokens = max_tokens.max(1);
+    options.constraint = constraint_fields!(r).constraint(lim.structured)?;
     check_stream_options(r.stream, r.stream_options.is_some())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidCompletion {
@@ -733,7 +743,7 @@ pub fn chat_prompt(
 
 pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
-    not_honoured_common!(r, tools, tool_choice, functions, function_call)?;
+    not_honoured_fields!(r, tools, tool_choice, functions, function_call)?;
     check_choices(1, to_usize(r.n.unwrap_or(1)), lim.max_choices)?;
     check_chat_bytes(&r.messages, lim.max_prompt_bytes)?;
     let prompt_ids = chat_prompt(lim.tok, &r.messages, true)?;
@@ -761,6 +771,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     check_length("messages", param, prompt_ids.len(), max_tokens, lim.max_model_len)?;
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
+    options.constraint = constraint_fields!(r).constraint(lim.structured)?;
     check_stream_options(r.stream, r.stream_options.is_some())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidChat {

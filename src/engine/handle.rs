@@ -5,6 +5,7 @@
 use super::core::{self, Command};
 use super::output::OutputText;
 use super::request::EngineOutput;
+use super::structured::StructuredOutputs;
 use super::{
     EngineConfig, EngineError, EngineEvent, EngineStatus, Fault, FinishReason, GenerateRequest, RequestId, Usage,
 };
@@ -32,6 +33,7 @@ struct HandleInner {
     capacity: CapacityReport,
     config: EngineConfig,
     vocab_size: usize,
+    structured: StructuredOutputs,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -241,6 +243,7 @@ impl EngineHandle {
         )
         .spawn(rx)
         .map_err(|e| EngineError::Start(e.to_string()))?;
+        let structured = StructuredOutputs::new(tokenizer.clone(), vocab_size);
         Ok(EngineHandle {
             inner: Arc::new(HandleInner {
                 tx: Mutex::new(tx),
@@ -253,14 +256,20 @@ impl EngineHandle {
                 capacity: cap,
                 config,
                 vocab_size,
+                structured,
                 thread: Mutex::new(Some(thread)),
             }),
         })
     }
 
     /// Queues a request; its events arrive on the returned stream.
+    /// A request with a constraint has it compiled here, on the caller's thread.
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
         let inner = &self.inner;
+        let constraint = match &req.options.constraint {
+            Some(c) => Some(inner.structured.matcher(c).map_err(EngineError::Constraint)?),
+            None => None,
+        };
         let queued = inner.in_flight.fetch_add(1, Ordering::Relaxed);
         if queued >= inner.config.max_queued_requests {
             inner.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -284,6 +293,7 @@ impl EngineHandle {
             tx.send(Command::Add {
                 id,
                 req: Box::new(req),
+                constraint,
                 events,
                 arrival: Instant::now(),
             })
@@ -310,6 +320,10 @@ impl EngineHandle {
     }
     pub fn vocab_size(&self) -> usize {
         self.inner.vocab_size
+    }
+    /// The model's structured-output compiler (front ends check constraints with it).
+    pub fn structured(&self) -> &StructuredOutputs {
+        &self.inner.structured
     }
     /// The status the engine published last (after its latest scheduling), with the
     /// requests sent since then counted as waiting.

@@ -11,6 +11,7 @@ mod outbox;
 pub mod output;
 pub mod request;
 pub mod scheduler;
+pub mod structured;
 
 /// Moved to the sampler; kept here for callers of the old path.
 pub use crate::runner::sampler::token_logprob;
@@ -96,6 +97,9 @@ pub enum EngineError {
     QueueFull(usize),
     #[error("{0}")]
     Start(String),
+    /// The request's constraint does not compile (llguidance's message).
+    #[error("invalid constraint: {0}")]
+    Constraint(String),
 }
 
 /// The live state front ends can read without asking the engine thread.

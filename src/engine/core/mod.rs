@@ -11,6 +11,7 @@ mod overlap;
 use super::outbox::Outbox;
 use super::request::EngineOutput;
 use super::scheduler::SchedulerOutput;
+use super::structured::{ConstraintMatcher, TokenMask};
 use super::{EngineStatus, Fault, FinishReason, GenerateOptions, GenerateRequest, RequestId};
 use super::{Scheduled, Scheduler, TokenLogprob, Usage, MAX_SCORED_CHUNK};
 use crate::metrics::{Metrics, StepPhase};
@@ -30,6 +31,9 @@ pub(super) enum Command {
         id: RequestId,
         /// Boxed: the options (stop strings, logit bias) make it the largest variant by far.
         req: Box<GenerateRequest>,
+        /// The request's constraint, compiled on the caller's side (compiling a large
+        /// schema here would stall every request's step).
+        constraint: Option<ConstraintMatcher>,
         events: UnboundedSender<EngineOutput>,
         arrival: Instant,
     },
@@ -50,12 +54,14 @@ struct Live {
     last_token: Option<Instant>,
     cached_tokens: usize,
     prompt_logprobs: Option<Vec<Option<TokenLogprob>>>,
+    /// Where the output stands in its grammar (structured outputs).
+    constraint: Option<ConstraintMatcher>,
 }
 
 impl Live {
     /// The next token is the raw row's argmax and nothing else is read from the row:
-    /// greedy, no log-probs, no min_tokens masking left to do, and no logit bias or
-    /// penalty (either can move the argmax).
+    /// greedy, no log-probs, no min_tokens masking left to do, no logit bias or
+    /// penalty (either can move the argmax), and no grammar to mask the row with.
     fn greedy_pick_suffices(&self) -> bool {
         self.greedy_pick_suffices_after(self.generated.len())
     }
@@ -66,6 +72,7 @@ impl Live {
             && !self.sampler.adjusts_logits()
             && self.options.logprobs.is_none()
             && generated >= self.options.min_tokens
+            && self.constraint.is_none()
     }
 }
 
@@ -98,11 +105,13 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// What [`Engine::execute`] hands [`Engine::update`]: the step's sequences, the
-/// logits tensor (rows read in place for prompt log-probs) and the rows fetched to the host.
+/// logits tensor (rows read in place for prompt log-probs), the rows fetched to the
+/// host, and the constrained requests' masks for this step's pick.
 struct Executed {
     steps: Vec<SeqStep>,
     tensor: candle_core::Tensor,
     logits: StepLogits,
+    masks: FxHashMap<RequestId, Result<TokenMask, String>>,
 }
 
 impl Engine {
@@ -217,11 +226,12 @@ impl Engine {
                 Command::Add {
                     id,
                     req,
+                    constraint,
                     events,
                     arrival,
                 } => {
                     self.pending_adds.fetch_sub(1, Ordering::Relaxed);
-                    self.add(id, *req, events, arrival)
+                    self.add(id, *req, constraint, events, arrival)
                 }
                 Command::Abort(id) => self.finish(id, FinishReason::Abort),
                 Command::Fault(f) => self.fault = Some(f),
@@ -274,7 +284,14 @@ impl Engine {
         true
     }
 
-    fn add(&mut self, id: RequestId, req: GenerateRequest, events: UnboundedSender<EngineOutput>, arrival: Instant) {
+    fn add(
+        &mut self,
+        id: RequestId,
+        req: GenerateRequest,
+        constraint: Option<ConstraintMatcher>,
+        events: UnboundedSender<EngineOutput>,
+        arrival: Instant,
+    ) {
         let o = req.options;
         let prompt_len = req.prompt_ids.len();
         let max_total = prompt_len
@@ -312,6 +329,7 @@ impl Engine {
                 first_scheduled: None,
                 last_token: None,
                 cached_tokens: 0,
+                constraint,
             },
         );
     }
@@ -415,9 +433,14 @@ impl Engine {
     fn execute(&mut self, out: &SchedulerOutput, steps: Vec<SeqStep>, full: Vec<bool>) -> Option<Executed> {
         let forward = Instant::now();
         let queued = self.runner.step(self.scheduler.kv(), &steps);
+        let masking = Instant::now();
+        self.metrics
+            .add_step_phase(StepPhase::Forward, (masking - forward).as_secs_f64());
+        // On CUDA the forward is only queued: the masks are computed while it runs.
+        let masks = self.compute_masks(out);
         let fetch = Instant::now();
         self.metrics
-            .add_step_phase(StepPhase::Forward, (fetch - forward).as_secs_f64());
+            .add_step_phase(StepPhase::Masks, (fetch - masking).as_secs_f64());
         let logits = queued.and_then(|t| {
             let fetched = crate::runner::fetch_logits(&t, &full)?;
             Ok((t, fetched))
@@ -434,13 +457,37 @@ impl Engine {
                 return None;
             }
         };
-        Some(Executed { steps, tensor, logits })
+        Some(Executed {
+            steps,
+            tensor,
+            logits,
+            masks,
+        })
+    }
+
+    /// The allowed tokens of every constrained request that picks a token this step,
+    /// computed in parallel (each request's matcher is its own).
+    fn compute_masks(&mut self, out: &SchedulerOutput) -> FxHashMap<RequestId, Result<TokenMask, String>> {
+        use rayon::prelude::*;
+        let picking: rustc_hash::FxHashSet<RequestId> =
+            out.scheduled.iter().filter(|s| s.samples).map(|s| s.id).collect();
+        let mut matchers: Vec<(RequestId, &mut ConstraintMatcher)> = self
+            .requests
+            .iter_mut()
+            .filter(|(id, _)| picking.contains(id))
+            .filter_map(|(id, l)| l.constraint.as_mut().map(|c| (*id, c)))
+            .collect();
+        match matchers.len() {
+            0 => FxHashMap::default(),
+            1 => matchers.iter_mut().map(|(id, m)| (*id, m.mask())).collect(),
+            _ => matchers.par_iter_mut().map(|(id, m)| (*id, m.mask())).collect(),
+        }
     }
 
     /// Update: each sequence's progress recorded, prompt log-probs scored, and a token
     /// sampled where the step ends a sequence's known tokens (stop checks, events out,
     /// finished requests freed).
-    fn update(&mut self, out: &SchedulerOutput, ex: Executed) {
+    fn update(&mut self, out: &SchedulerOutput, mut ex: Executed) {
         let mut row = 0;
         for (s, step) in out.scheduled.iter().zip(&ex.steps) {
             let rows = if step.all_logits { step.tokens.len() } else { 1 };
@@ -461,7 +508,8 @@ impl Engine {
             }
             if s.samples {
                 let last = range.end - 1;
-                self.sample(s.id, ex.logits.rows[last].as_deref(), ex.logits.argmax[last]);
+                let mask = ex.masks.remove(&s.id);
+                self.sample(s.id, ex.logits.rows[last].as_deref(), ex.logits.argmax[last], mask);
             }
         }
     }
@@ -510,26 +558,43 @@ impl Engine {
         Ok(())
     }
 
-    /// `logits`: the row, when the request needs more than a greedy pick
-    /// ([`Live::greedy_pick_suffices`]); else `greedy` (the device's argmax) is the token.
-    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, greedy: u32) {
-        let Some(l) = self.requests.get_mut(&id) else { return };
+    /// The token a request picks from its row (or the device's greedy pick) and its
+    /// log-prob; a constrained request's grammar is advanced by it. `Ok(None)`: the
+    /// request is gone. `Err`: its grammar failed, and the request must end.
+    fn pick(
+        &mut self,
+        id: RequestId,
+        logits: Option<&[f32]>,
+        greedy: u32,
+        mask: Option<Result<TokenMask, String>>,
+    ) -> Result<Option<(u32, Option<TokenLogprob>)>, String> {
+        let Some(l) = self.requests.get_mut(&id) else { return Ok(None) };
+        let mask = match (mask, l.constraint.as_mut()) {
+            (Some(m), _) => Some(m?),
+            // Not computed with the step's others (not expected): computed now.
+            (None, Some(c)) => Some(c.mask()?),
+            (None, None) => None,
+        };
         let o = &l.options;
         let (token, logprob) = match logits {
             None => (greedy, None),
             Some(logits) => {
                 let adjusted;
                 let mut scores = logits;
-                // Logit bias, then penalties, on a copy: the reported log-probs stay the
-                // model's own distribution (vLLM's default, raw log-probs).
-                if l.sampler.adjusts_logits() {
+                // Logit bias, penalties and the grammar's mask, on a copy: the reported
+                // log-probs stay the model's own distribution (vLLM's default, raw log-probs).
+                if l.sampler.adjusts_logits() || mask.is_some() {
                     let mut row = logits.to_vec();
                     l.sampler.adjust(&mut row);
+                    if let Some(m) = &mask {
+                        m.apply(&mut row);
+                    }
                     adjusted = row;
                     scores = &adjusted;
                 }
                 let masked;
-                // Before min_tokens, EOS and stop tokens cannot be picked.
+                // Before min_tokens, EOS and stop tokens cannot be picked, unless the
+                // grammar allows nothing else.
                 if l.generated.len() < o.min_tokens {
                     let eos = if o.ignore_eos {
                         None
@@ -540,12 +605,35 @@ impl Engine {
                         scores,
                         o.stop_token_ids.iter().chain(eos.into_iter().flatten()).copied(),
                     );
-                    scores = &masked;
+                    if mask.is_none() || masked.iter().any(|x| x.is_finite()) {
+                        scores = &masked;
+                    }
                 }
                 let token = l.sampler.sample(scores);
                 (token, o.logprobs.map(|top| token_logprob(logits, token, top)))
             }
         };
+        if let Some(c) = l.constraint.as_mut() {
+            if !mask.as_ref().is_some_and(|m| m.allows(token)) {
+                return Err(format!("no token of the model's row is allowed by the grammar (picked {token})"));
+            }
+            c.accept(token)?;
+        }
+        Ok(Some((token, logprob)))
+    }
+
+    /// `logits`: the row, when the request needs more than a greedy pick
+    /// ([`Live::greedy_pick_suffices`]); else `greedy` (the device's argmax) is the token.
+    /// `mask`: a constrained request's allowed tokens, computed during the forward.
+    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, greedy: u32, mask: Option<Result<TokenMask, String>>) {
+        let picked = self.pick(id, logits, greedy, mask);
+        let (token, logprob) = match picked {
+            Ok(Some(p)) => p,
+            Ok(None) => return,
+            Err(e) => return self.fail(id, &format!("structured output: {e}")),
+        };
+        let Some(l) = self.requests.get_mut(&id) else { return };
+        let o = &l.options;
         l.sampler.accept(token);
         let now = Instant::now();
         match l.last_token {
@@ -561,10 +649,14 @@ impl Engine {
         l.last_token = Some(now);
         l.generated.push(token);
         self.metrics.generation_tokens_total.inc();
-        let is_eos = !o.ignore_eos && self.tokenizer.eos_ids.contains(&token);
+        // With a grammar, EOS comes only where the grammar allows it: it always ends.
+        let constrained = l.constraint.is_some();
+        let is_eos = (!o.ignore_eos || constrained) && self.tokenizer.eos_ids.contains(&token);
         let is_stop_token = o.stop_token_ids.contains(&token);
         let total = l.prompt_len + l.generated.len();
-        let reason = if is_eos || is_stop_token {
+        // The grammar allows nothing more: the output is complete with this token.
+        let complete = l.constraint.as_ref().is_some_and(|c| c.is_finished());
+        let reason = if is_eos || is_stop_token || complete {
             Some(FinishReason::Stop)
         } else if l.generated.len() >= o.max_tokens || total >= self.max_model_len {
             Some(FinishReason::Length)

@@ -99,6 +99,8 @@ impl Engine {
                         argmax: picks,
                         rows: vec![None; n],
                     },
+                    // A constrained request is never launched ahead (`greedy_pick_suffices`).
+                    masks: Default::default(),
                 };
                 self.update(&f.out, ex);
             }
