@@ -198,6 +198,10 @@ pub fn validate(
     )
     .map_err(invalid)?;
     let logit_bias = validate::check_logit_bias(req.logit_bias, vocab).map_err(invalid)?;
+    let constraint = match req.constraint {
+        Some(c) => Some(constraint(handle, c).map_err(|m| Status::invalid_argument(format!("constraint: {m}")))?),
+        None => None,
+    };
     Ok(engine::GenerateRequest {
         prompt_ids,
         options: GenerateOptions {
@@ -215,15 +219,35 @@ pub fn validate(
             },
             stop: req.stop,
             ignore_eos: req.ignore_eos,
+            constraint,
             ..Default::default()
         },
     })
+}
+
+/// The engine's constraint for `constraint`, compiled to check it.
+fn constraint(handle: &EngineHandle, c: pb::OutputConstraint) -> Result<engine::Constraint, String> {
+    use pb::output_constraint::Kind;
+    let c = match c.kind.ok_or("set one of json_schema, json_object, regex, choice, grammar")? {
+        Kind::JsonSchema(s) => engine::Constraint::JsonSchema(
+            serde_json::from_str(&s).map_err(|e| format!("json_schema is not valid JSON: {e}"))?,
+        ),
+        Kind::JsonObject(true) => engine::Constraint::JsonObject,
+        Kind::JsonObject(false) => return Err("json_object must be true when set".into()),
+        Kind::Regex(r) => engine::Constraint::Regex(r),
+        Kind::Choice(c) if c.choices.is_empty() => return Err("choice needs at least one string".into()),
+        Kind::Choice(c) => engine::Constraint::Choice(c.choices),
+        Kind::Grammar(g) => engine::Constraint::Grammar(g),
+    };
+    handle.structured().check(&c)?;
+    Ok(c)
 }
 
 fn submit_status(e: EngineError) -> Status {
     match e {
         EngineError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
         EngineError::ShutDown => Status::unavailable(e.to_string()),
+        EngineError::Constraint(_) => Status::invalid_argument(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }

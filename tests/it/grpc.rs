@@ -688,3 +688,72 @@ async fn grpc_logit_bias_and_penalties_are_checked_and_honoured() {
     }
     s.shutdown().await;
 }
+
+#[tokio::test]
+async fn grpc_constraint_shapes_the_output_and_an_invalid_one_is_invalid_argument() {
+    use pb::output_constraint::Kind;
+    let mut s = start().await;
+    let constrained = |kind: Kind| pb::GenerateRequest {
+        prompt: "Answer:".into(),
+        max_tokens: 120,
+        constraint: Some(pb::OutputConstraint { kind: Some(kind) }),
+        ..Default::default()
+    };
+    let schema = serde_json::json!({"type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}, "s": {"enum": ["p", "q"]}},
+        "required": ["n", "s"], "additionalProperties": false});
+    let r = s
+        .client
+        .generate(constrained(Kind::JsonSchema(schema.to_string())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.finish_reason, "stop", "{}", r.text);
+    let v: serde_json::Value = serde_json::from_str(&r.text).unwrap();
+    assert!((1..=9).contains(&v["n"].as_i64().unwrap()), "{v}");
+    assert!(v["s"] == "p" || v["s"] == "q", "{v}");
+    let choices = vec!["alpha".to_string(), "beta".to_string()];
+    let mut stream = s
+        .client
+        .generate_stream(constrained(Kind::Choice(pb::Choices { choices: choices.clone() })))
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut text, mut finish) = (String::new(), String::new());
+    while let Some(m) = stream.message().await.unwrap() {
+        text += &m.text;
+        finish = m.finish_reason;
+    }
+    assert_eq!(finish, "stop");
+    assert!(choices.contains(&text), "{text}");
+    let r = s
+        .client
+        .generate(constrained(Kind::Regex("[0-9]{3}-[a-z]{2}".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.finish_reason, "stop");
+    assert!(regex::Regex::new("^[0-9]{3}-[a-z]{2}$").unwrap().is_match(&r.text), "{}", r.text);
+    for kind in [
+        Kind::JsonSchema("{not json".into()),
+        Kind::JsonSchema(r#"{"type": "nope"}"#.into()),
+        Kind::Regex("(".into()),
+        Kind::Choice(pb::Choices { choices: vec![] }),
+        Kind::Grammar("start: missing".into()),
+        Kind::JsonObject(false),
+    ] {
+        let e = s.client.generate(constrained(kind.clone())).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{kind:?}: {e:?}");
+        assert!(e.message().starts_with("constraint"), "{kind:?}: {}", e.message());
+    }
+    let e = s
+        .client
+        .generate(pb::GenerateRequest {
+            constraint: Some(pb::OutputConstraint { kind: None }),
+            ..greedy("Hi", 2)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    s.shutdown().await;
+}

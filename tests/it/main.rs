@@ -26,6 +26,7 @@ mod sampling;
 mod scheduler;
 mod serve_binary;
 mod sources;
+mod structured;
 mod tensor_parallel;
 mod tokenizer;
 mod training;
