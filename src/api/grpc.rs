@@ -228,7 +228,10 @@ pub fn validate(
 /// The engine's constraint for `constraint`, compiled to check it.
 fn constraint(handle: &EngineHandle, c: pb::OutputConstraint) -> Result<engine::Constraint, String> {
     use pb::output_constraint::Kind;
-    let c = match c.kind.ok_or("set one of json_schema, json_object, regex, choice, grammar")? {
+    let c = match c
+        .kind
+        .ok_or("set one of json_schema, json_object, regex, choice, grammar")?
+    {
         Kind::JsonSchema(s) => engine::Constraint::JsonSchema(
             serde_json::from_str(&s).map_err(|e| format!("json_schema is not valid JSON: {e}"))?,
         ),

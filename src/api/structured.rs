@@ -34,7 +34,9 @@ impl ConstraintFields<'_> {
         let mut found: Option<(&str, Constraint)> = None;
         for (name, v, read) in given {
             let Some(v) = v.filter(|v| !v.is_null()) else { continue };
-            let Some(c) = read(v).map_err(|m| field(name, m))? else { continue };
+            let Some(c) = read(v).map_err(|m| field(name, m))? else {
+                continue;
+            };
             if let Some((first, _)) = &found {
                 return Err(field(
                     name,
@@ -94,7 +96,9 @@ fn structured_outputs(v: &Value) -> Result<Option<Constraint>, String> {
         };
         let Some(c) = c else { continue };
         if let Some((first, _)) = &found {
-            return Err(format!("set exactly one of its keys: `{first}` and `{key}` are both set"));
+            return Err(format!(
+                "set exactly one of its keys: `{first}` and `{key}` are both set"
+            ));
         }
         found = Some((key, c));
     }

@@ -16,7 +16,9 @@ pub mod structured;
 /// Moved to the sampler; kept here for callers of the old path.
 pub use crate::runner::sampler::token_logprob;
 pub use handle::{EngineHandle, RequestStream};
-pub use request::{Constraint, EngineEvent, FinishReason, GenerateOptions, GenerateRequest, RequestId, TokenLogprob, Usage};
+pub use request::{
+    Constraint, EngineEvent, FinishReason, GenerateOptions, GenerateRequest, RequestId, TokenLogprob, Usage,
+};
 pub use scheduler::{AdmitError, Scheduled, Scheduler, SchedulerConfig};
 
 use crate::kv::CapacityReport;

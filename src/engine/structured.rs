@@ -143,7 +143,12 @@ fn token_env(tok: &Tok, vocab_size: usize) -> Result<TokEnv, String> {
         w[0] = TokTrie::SPECIAL_TOKEN_MARKER;
         words.push(w);
     }
-    let mut eos: Vec<TokenId> = tok.eos_ids.iter().copied().filter(|&t| (t as usize) < vocab_size).collect();
+    let mut eos: Vec<TokenId> = tok
+        .eos_ids
+        .iter()
+        .copied()
+        .filter(|&t| (t as usize) < vocab_size)
+        .collect();
     eos.sort_unstable();
     let Some(&first) = eos.first() else {
         return Err("the tokenizer has no end-of-sequence token".into());

@@ -715,7 +715,9 @@ async fn grpc_constraint_shapes_the_output_and_an_invalid_one_is_invalid_argumen
     let choices = vec!["alpha".to_string(), "beta".to_string()];
     let mut stream = s
         .client
-        .generate_stream(constrained(Kind::Choice(pb::Choices { choices: choices.clone() })))
+        .generate_stream(constrained(Kind::Choice(pb::Choices {
+            choices: choices.clone(),
+        })))
         .await
         .unwrap()
         .into_inner();
@@ -733,7 +735,11 @@ async fn grpc_constraint_shapes_the_output_and_an_invalid_one_is_invalid_argumen
         .unwrap()
         .into_inner();
     assert_eq!(r.finish_reason, "stop");
-    assert!(regex::Regex::new("^[0-9]{3}-[a-z]{2}$").unwrap().is_match(&r.text), "{}", r.text);
+    assert!(
+        regex::Regex::new("^[0-9]{3}-[a-z]{2}$").unwrap().is_match(&r.text),
+        "{}",
+        r.text
+    );
     for kind in [
         Kind::JsonSchema("{not json".into()),
         Kind::JsonSchema(r#"{"type": "nope"}"#.into()),

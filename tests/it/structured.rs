@@ -49,13 +49,18 @@ fn assert_person(text: &str) {
     );
     let name = o["name"].as_str().unwrap();
     assert!((1..=8).contains(&name.chars().count()), "{text}");
-    let age = o["age"].as_i64().unwrap_or_else(|| panic!("age not an integer: {text}"));
+    let age = o["age"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("age not an integer: {text}"));
     assert!((0..=120).contains(&age), "{text}");
     let score = o["score"].as_f64().unwrap();
     assert!((-1.5..=2.5).contains(&score), "{text}");
     let tags = o["tags"].as_array().unwrap();
     assert!(tags.len() <= 3, "{text}");
-    assert!(tags.iter().all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap_or(""))), "{text}");
+    assert!(
+        tags.iter().all(|t| ["a", "b", "c"].contains(&t.as_str().unwrap_or(""))),
+        "{text}"
+    );
     let addr = o["address"].as_object().unwrap();
     assert_eq!(addr.len(), 2, "{text}");
     assert!(addr["city"].as_str().unwrap().chars().count() <= 6, "{text}");
@@ -151,12 +156,18 @@ async fn json_object_regex_choice_and_grammar_outputs_follow_their_constraint() 
                 assert_eq!(finish, "length", "{what}");
                 assert!(text.starts_with('{'), "{what}: {text}");
             }
-            for extra in [json!({"guided_regex": rx}), json!({"structured_outputs": {"regex": rx}})] {
+            for extra in [
+                json!({"guided_regex": rx}),
+                json!({"structured_outputs": {"regex": rx}}),
+            ] {
                 let (text, finish) = generate(&s, chat, stream, extra).await;
                 assert_eq!(finish, "stop", "{what}: {text}");
                 assert!(full.is_match(&text), "{what}: {text:?} does not match {rx}");
             }
-            for extra in [json!({"guided_choice": choices}), json!({"structured_outputs": {"choice": choices}})] {
+            for extra in [
+                json!({"guided_choice": choices}),
+                json!({"structured_outputs": {"choice": choices}}),
+            ] {
                 let (text, finish) = generate(&s, chat, stream, extra).await;
                 assert_eq!(finish, "stop", "{what}: {text}");
                 assert!(choices.contains(&text.as_str()), "{what}: {text:?}");
@@ -226,20 +237,41 @@ async fn every_invalid_constraint_is_a_400_naming_its_field() {
             json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}}),
             "response_format",
         ),
-        (json!({"structured_outputs": {"json": "{not json"}}), "structured_outputs"),
-        (json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}), "structured_outputs"),
+        (
+            json!({"structured_outputs": {"json": "{not json"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}),
+            "structured_outputs",
+        ),
         (json!({"structured_outputs": {}}), "structured_outputs"),
-        (json!({"structured_outputs": {"structural_tag": "x"}}), "structured_outputs"),
-        (json!({"structured_outputs": {"regex": "(unclosed"}}), "structured_outputs"),
-        (json!({"guided_json": {"type": "object", "properties": 3}}), "guided_json"),
+        (
+            json!({"structured_outputs": {"structural_tag": "x"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"structured_outputs": {"regex": "(unclosed"}}),
+            "structured_outputs",
+        ),
+        (
+            json!({"guided_json": {"type": "object", "properties": 3}}),
+            "guided_json",
+        ),
         (json!({"guided_json": 7}), "guided_json"),
         (json!({"guided_regex": "[z-a]"}), "guided_regex"),
         (json!({"guided_choice": []}), "guided_choice"),
         (json!({"guided_choice": ["a", 1]}), "guided_choice"),
         (json!({"guided_grammar": "start: undefined_rule"}), "guided_grammar"),
         (json!({"guided_grammar": "start: ("}), "guided_grammar"),
-        (json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}), "guided_regex"),
-        (json!({"guided_json": {"type": "object"}, "guided_choice": ["a"]}), "guided_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}, "guided_regex": "a+"}),
+            "guided_regex",
+        ),
+        (
+            json!({"guided_json": {"type": "object"}, "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
     ];
     for chat in [false, true] {
         for (extra, param) in &cases {
@@ -256,7 +288,9 @@ async fn every_invalid_constraint_is_a_400_naming_its_field() {
         }
     }
     // llguidance's own message reaches the client.
-    let (_, r) = s.post(C, json!({"prompt": "Hi", "guided_grammar": "start: undefined_rule"})).await;
+    let (_, r) = s
+        .post(C, json!({"prompt": "Hi", "guided_grammar": "start: undefined_rule"}))
+        .await;
     let msg = r["error"]["message"].as_str().unwrap();
     assert!(msg.contains("undefined_rule"), "{msg}");
     assert!(s.handle.is_alive());
@@ -301,4 +335,62 @@ async fn a_constraint_set_on_the_options_is_enforced_by_the_engine() {
         Ok(_) => panic!("an invalid regex was accepted"),
     }
     s.wait_idle().await;
+}
+
+/// The host time structured outputs add to a step: 64 requests decoding together, half
+/// of them held to a JSON schema, against the same 64 unconstrained. The unconstrained
+/// requests outlive the constrained ones, so every step that computes masks is a batch
+/// of 64 with 32 masks; the masks phase (the engine's own counter) is divided by those
+/// steps (the longest constrained output). Prints its figures:
+/// `cargo test --release --test it structured_mask_cost -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: prints figures, asserts none"]
+async fn structured_mask_cost_at_batch_64() {
+    let s = start(Setup {
+        kv_cache_bytes: 64 << 20,
+        max_model_len: 512,
+        ..Setup::default()
+    })
+    .await;
+    let phase = |p: &'static str| format!("crosskv_engine_step_phase_seconds_total{{phase=\"{p}\"}}");
+    let schema = person_schema();
+    // Twice each, alternating: the shared machine's load moves between runs.
+    for constrained in [0usize, 32, 0, 32] {
+        let steps0 = s.metric("crosskv_engine_steps_total").await;
+        let masks0 = s.metric(&phase("masks")).await;
+        let step_sum0 = s.metric("crosskv_engine_step_duration_seconds_sum").await;
+        let reqs = (0..64).map(|i| {
+            let mut body = json!({"model": MODEL, "prompt": format!("Request {i}:"), "max_tokens": 200,
+                "temperature": 0, "ignore_eos": true});
+            if i < constrained {
+                body["ignore_eos"] = json!(false);
+                body["structured_outputs"] = json!({"json": schema});
+            }
+            let s = &s;
+            async move {
+                let (st, r) = s.post(C, body).await;
+                assert_eq!(st, 200, "{r}");
+                (i < constrained).then(|| r["usage"]["completion_tokens"].as_u64().unwrap())
+            }
+        });
+        let lens: Vec<u64> = futures_util::future::join_all(reqs)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        let steps = s.metric("crosskv_engine_steps_total").await - steps0;
+        let masks = s.metric(&phase("masks")).await - masks0;
+        let step_sum = s.metric("crosskv_engine_step_duration_seconds_sum").await - step_sum0;
+        let masked_steps = lens.iter().max().copied().unwrap_or(0);
+        println!(
+            "batch 64, {constrained} constrained: {steps} steps, {:.2} ms/step on average; masks {:.1} ms in all, \
+             {:.2} ms per step over the {masked_steps} steps with 32 masks (constrained outputs {:?}..{:?} tokens)",
+            1e3 * step_sum / steps,
+            1e3 * masks,
+            1e3 * masks / masked_steps.max(1) as f64,
+            lens.iter().min(),
+            lens.iter().max(),
+        );
+        s.wait_idle().await;
+    }
 }

@@ -94,6 +94,9 @@ pub(super) struct Engine {
     async_scheduling: bool,
     /// The step launched and not yet updated.
     in_flight: Option<overlap::InFlight>,
+    /// Live requests with a structured-output constraint: with none, a step looks for
+    /// no masks to compute.
+    num_constrained: usize,
 }
 
 /// The text of a caught panic's payload.
@@ -140,6 +143,7 @@ impl Engine {
             outbox: Outbox::start(),
             async_scheduling,
             in_flight: None,
+            num_constrained: 0,
         }
     }
 
@@ -316,6 +320,7 @@ impl Engine {
             self.scheduler.set_max_chunk(id, MAX_SCORED_CHUNK);
         }
         self.metrics.prompt_tokens_total.inc_by(prompt_len as u64);
+        self.num_constrained += usize::from(constraint.is_some());
         self.requests.insert(
             id,
             Live {
@@ -469,6 +474,9 @@ impl Engine {
     /// computed in parallel (each request's matcher is its own).
     fn compute_masks(&mut self, out: &SchedulerOutput) -> FxHashMap<RequestId, Result<TokenMask, String>> {
         use rayon::prelude::*;
+        if self.num_constrained == 0 {
+            return FxHashMap::default();
+        }
         let picking: rustc_hash::FxHashSet<RequestId> =
             out.scheduled.iter().filter(|s| s.samples).map(|s| s.id).collect();
         let mut matchers: Vec<(RequestId, &mut ConstraintMatcher)> = self
@@ -568,7 +576,9 @@ impl Engine {
         greedy: u32,
         mask: Option<Result<TokenMask, String>>,
     ) -> Result<Option<(u32, Option<TokenLogprob>)>, String> {
-        let Some(l) = self.requests.get_mut(&id) else { return Ok(None) };
+        let Some(l) = self.requests.get_mut(&id) else {
+            return Ok(None);
+        };
         let mask = match (mask, l.constraint.as_mut()) {
             (Some(m), _) => Some(m?),
             // Not computed with the step's others (not expected): computed now.
@@ -615,7 +625,9 @@ impl Engine {
         };
         if let Some(c) = l.constraint.as_mut() {
             if !mask.as_ref().is_some_and(|m| m.allows(token)) {
-                return Err(format!("no token of the model's row is allowed by the grammar (picked {token})"));
+                return Err(format!(
+                    "no token of the model's row is allowed by the grammar (picked {token})"
+                ));
             }
             c.accept(token)?;
         }
@@ -693,6 +705,7 @@ impl Engine {
             tracing::error!("freeing request {id}: {e}");
         }
         let Some(l) = self.requests.remove(&id) else { return };
+        self.num_constrained -= usize::from(l.constraint.is_some());
         self.metrics
             .e2e_request_latency_seconds
             .observe(l.arrival.elapsed().as_secs_f64());
