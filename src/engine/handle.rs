@@ -267,7 +267,7 @@ impl EngineHandle {
     pub fn submit(&self, req: GenerateRequest) -> Result<RequestStream, EngineError> {
         let inner = &self.inner;
         let constraint = match &req.options.constraint {
-            Some(c) => Some(inner.structured.matcher(c).map_err(EngineError::Constraint)?),
+            Some(c) => Some(Box::new(inner.structured.matcher(c).map_err(EngineError::Constraint)?)),
             None => None,
         };
         let queued = inner.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -33,7 +33,7 @@ pub(super) enum Command {
         req: Box<GenerateRequest>,
         /// The request's constraint, compiled on the caller's side (compiling a large
         /// schema here would stall every request's step).
-        constraint: Option<ConstraintMatcher>,
+        constraint: Option<Box<ConstraintMatcher>>,
         events: UnboundedSender<EngineOutput>,
         arrival: Instant,
     },
@@ -235,7 +235,7 @@ impl Engine {
                     arrival,
                 } => {
                     self.pending_adds.fetch_sub(1, Ordering::Relaxed);
-                    self.add(id, *req, constraint, events, arrival)
+                    self.add(id, *req, constraint.map(|c| *c), events, arrival)
                 }
                 Command::Abort(id) => self.finish(id, FinishReason::Abort),
                 Command::Fault(f) => self.fault = Some(f),
