@@ -46,10 +46,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let tok = &loaded.tokenizer;
     let text = if args.chat {
         tok.apply_chat_template(
-            &[ChatMessage {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }],
+            &[ChatMessage::new("user", args.prompt.clone())],
             true,
         )?
     } else {

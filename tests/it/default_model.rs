@@ -86,10 +86,7 @@ fn default_model_chat_template_renders_chatml() {
     let text = m
         .tokenizer
         .apply_chat_template(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "Hi there".into(),
-            }],
+            &[ChatMessage::new("user", "Hi there")],
             true,
         )
         .unwrap();

@@ -27,6 +27,8 @@ mod scheduler;
 mod serve_binary;
 mod sources;
 mod tensor_parallel;
+mod tool_calls;
+mod tool_calls_forced;
 mod tokenizer;
 mod training;
 mod training_batch;
