@@ -136,7 +136,7 @@ async fn auto_answers_without_a_call_are_text_streamed_or_not() {
         assert_eq!(m["content"], want.as_str(), "{r}");
         assert!(m.get("tool_calls").is_none(), "{r}");
         assert_eq!(r["choices"][0]["finish_reason"], none["choices"][0]["finish_reason"]);
-        assert_eq!(r["usage"], none["usage"]);
+        assert_eq!(r["usage"]["prompt_tokens"], none["usage"]["prompt_tokens"]);
     }
     let events = s.stream(CHAT, ask(json!({"stream": true, "parallel_tool_calls": false}))).await;
     let mut content = String::new();
