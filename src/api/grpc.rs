@@ -455,7 +455,8 @@ impl Generation for GrpcService {
                         };
                         if let Some(p) = parser.as_mut() {
                             add_pieces(&mut out, p.finish());
-                            out.finish_reason = tool_calls::finish_reason(p.plan(), p.calls(), reason.as_str()).to_string();
+                            out.finish_reason =
+                                tool_calls::finish_reason(p.plan(), p.calls(), reason.as_str()).to_string();
                         }
                         Ok(out)
                     }

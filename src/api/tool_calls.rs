@@ -366,7 +366,10 @@ fn call_from(v: &Value) -> Option<ParsedCall> {
     let args = o.get("arguments").or_else(|| o.get("parameters"));
     let arguments = match args {
         None | Some(Value::Null) => "{}".to_string(),
-        Some(Value::String(s)) => serde_json::from_str::<Value>(s).ok().filter(Value::is_object)?.to_string(),
+        Some(Value::String(s)) => serde_json::from_str::<Value>(s)
+            .ok()
+            .filter(Value::is_object)?
+            .to_string(),
         Some(a @ Value::Object(_)) => a.to_string(),
         Some(_) => return None,
     };
@@ -413,7 +416,11 @@ fn parse_hermes(text: &str) -> Parsed {
             Some(e) => (&after[..e], &after[e + HERMES_CLOSE.len()..]),
             None => (after, ""),
         };
-        match serde_json::from_str::<Value>(body.trim()).ok().as_ref().and_then(call_from) {
+        match serde_json::from_str::<Value>(body.trim())
+            .ok()
+            .as_ref()
+            .and_then(call_from)
+        {
             Some(c) => calls.push(c),
             None => return Parsed::text(text),
         }
@@ -557,9 +564,16 @@ impl HiddenMarkers {
 pub enum StreamPiece {
     Content(String),
     /// A call begins (OpenAI's first delta: id, type, name, empty arguments).
-    CallStart { index: usize, id: String, name: String },
+    CallStart {
+        index: usize,
+        id: String,
+        name: String,
+    },
     /// More of the arguments of call `index`.
-    Arguments { index: usize, fragment: String },
+    Arguments {
+        index: usize,
+        fragment: String,
+    },
 }
 
 /// Reads one choice's output for tool calls as it streams. Text before a call streams as
@@ -704,7 +718,9 @@ impl StreamParser {
     fn hermes_drain(&mut self, out: &mut Vec<StreamPiece>) {
         loop {
             if self.in_call {
-                let Some(end) = self.held.find(HERMES_CLOSE) else { return };
+                let Some(end) = self.held.find(HERMES_CLOSE) else {
+                    return;
+                };
                 let block: String = self.held.drain(..end + HERMES_CLOSE.len()).collect();
                 self.in_call = false;
                 let p = parse_hermes(&block);
@@ -817,19 +833,22 @@ mod tests {
         );
         assert_eq!(parse_output(&named, "{\"a\": ").content.as_deref(), Some("{\"a\": "));
         let req = plan(OutputMode::Required);
-        let r = parse_output(&req, "[{\"name\": \"f\", \"parameters\": {\"a\": 1}}, {\"name\": \"g\", \"parameters\": {}}]");
+        let r = parse_output(
+            &req,
+            "[{\"name\": \"f\", \"parameters\": {\"a\": 1}}, {\"name\": \"g\", \"parameters\": {}}]",
+        );
         assert_eq!(r.calls, vec![call("f", r#"{"a":1}"#), call("g", "{}")]);
         for text in ["[]", "junk", "[{\"name\": 1}]", "{\"name\": \"f\"}"] {
             assert_eq!(parse_output(&req, text), Parsed::text(text), "{text}");
         }
-        let one = OutputPlan {
-            max_calls: 1,
-            ..req
-        };
+        let one = OutputPlan { max_calls: 1, ..req };
         assert_eq!(
-            parse_output(&one, "[{\"name\": \"f\", \"parameters\": {}}, {\"name\": \"g\", \"parameters\": {}}]")
-                .calls
-                .len(),
+            parse_output(
+                &one,
+                "[{\"name\": \"f\", \"parameters\": {}}, {\"name\": \"g\", \"parameters\": {}}]"
+            )
+            .calls
+            .len(),
             1
         );
     }
@@ -871,7 +890,10 @@ mod tests {
                 OutputMode::Auto(Format::Hermes),
                 "Checking <tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": \"<b>\"}}\n</tool_call> done <tool_ca",
             ),
-            (OutputMode::Auto(Format::Hermes), "plain text with < and <tool but no call"),
+            (
+                OutputMode::Auto(Format::Hermes),
+                "plain text with < and <tool but no call",
+            ),
             (
                 OutputMode::Auto(Format::Llama3),
                 "  <|python_tag|>{\"name\": \"f\", \"parameters\": {\"x\": 1}}",
@@ -881,7 +903,10 @@ mod tests {
                 OutputMode::Auto(Format::Mistral),
                 "Über [TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]",
             ),
-            (OutputMode::Required, "[{\"name\": \"g\", \"parameters\": {\"y\": true}}]"),
+            (
+                OutputMode::Required,
+                "[{\"name\": \"g\", \"parameters\": {\"y\": true}}]",
+            ),
             (OutputMode::Named("h".into()), "{\"z\": [1, 2]}"),
         ];
         for (mode, text) in cases {
@@ -904,25 +929,44 @@ mod tests {
     fn tool_fields_are_checked_naming_the_field() {
         let tpl = Some("{% for t in tools %}{{ t }}{% endfor %}<tool_call>");
         let f = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]);
-        let ok = |tools: &Value, choice: Option<Value>| check(Some(tools), choice.as_ref(), None, tpl, ToolCallParser::Auto);
+        let ok =
+            |tools: &Value, choice: Option<Value>| check(Some(tools), choice.as_ref(), None, tpl, ToolCallParser::Auto);
         let plan = ok(&f, None).unwrap().unwrap();
         assert_eq!(plan.choice, ToolChoice::Auto);
         assert_eq!(plan.format, Some(Format::Hermes));
         assert_eq!(plan.constraint(), None);
-        let named = ok(&f, Some(json!({"type": "function", "function": {"name": "get_weather"}}))).unwrap().unwrap();
-        assert_eq!(named.constraint(), Some(Constraint::JsonSchema(json!({"type": "object"}))));
+        let named = ok(
+            &f,
+            Some(json!({"type": "function", "function": {"name": "get_weather"}})),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            named.constraint(),
+            Some(Constraint::JsonSchema(json!({"type": "object"})))
+        );
         let param = |r: Result<Option<ToolPlan>, ValidationError>| r.unwrap_err().param().unwrap();
-        assert_eq!(param(ok(&f, Some(json!({"type": "function", "function": {"name": "nope"}})))), "tool_choice");
+        assert_eq!(
+            param(ok(&f, Some(json!({"type": "function", "function": {"name": "nope"}})))),
+            "tool_choice"
+        );
         assert_eq!(param(ok(&f, Some(json!("sometimes")))), "tool_choice");
         assert_eq!(param(ok(&json!([]), Some(json!("required")))), "tool_choice");
         assert_eq!(param(ok(&json!({"a": 1}), None)), "tools");
         assert_eq!(param(ok(&json!([{"type": "code"}]), None)), "tools[0].type");
-        assert_eq!(param(ok(&json!([{"type": "function", "function": {"name": "a b"}}]), None)), "tools[0].function.name");
         assert_eq!(
-            param(ok(&json!([{"type": "function", "function": {"name": "a", "parameters": 3}}]), None)),
+            param(ok(&json!([{"type": "function", "function": {"name": "a b"}}]), None)),
+            "tools[0].function.name"
+        );
+        assert_eq!(
+            param(ok(
+                &json!([{"type": "function", "function": {"name": "a", "parameters": 3}}]),
+                None
+            )),
             "tools[0].function.parameters"
         );
-        let twice = json!([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}]);
+        let twice =
+            json!([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}]);
         assert_eq!(param(ok(&twice, None)), "tools[1].function.name");
         let strict = json!([{"type": "function", "function": {"name": "a", "strict": true}}]);
         assert_eq!(param(ok(&strict, None)), "tools[0].function.strict");
@@ -933,7 +977,16 @@ mod tests {
         assert!(check(Some(&f), Some(&json!("required")), None, plain, ToolCallParser::Auto).is_ok());
         assert!(check(Some(&f), None, None, plain, ToolCallParser::Llama3).is_ok());
         // A template that ignores tools.
-        assert_eq!(param(check(Some(&f), None, None, Some("{{ messages }}"), ToolCallParser::Hermes)), "tools");
+        assert_eq!(
+            param(check(
+                Some(&f),
+                None,
+                None,
+                Some("{{ messages }}"),
+                ToolCallParser::Hermes
+            )),
+            "tools"
+        );
         // No tools and a neutral choice: nothing to do.
         assert_eq!(ok(&json!([]), Some(json!("auto"))).unwrap(), None);
     }
@@ -944,17 +997,61 @@ mod tests {
             {"type": "function", "function": {"name": "a", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}},
             {"type": "function", "function": {"name": "b"}}
         ]);
-        let plan = check(Some(&tools), Some(&json!("required")), Some(false), Some("{{tools}}"), ToolCallParser::None)
-            .unwrap()
-            .unwrap();
-        let Some(Constraint::JsonSchema(s)) = plan.constraint() else { panic!() };
+        let plan = check(
+            Some(&tools),
+            Some(&json!("required")),
+            Some(false),
+            Some("{{tools}}"),
+            ToolCallParser::None,
+        )
+        .unwrap()
+        .unwrap();
+        let Some(Constraint::JsonSchema(s)) = plan.constraint() else {
+            panic!()
+        };
         assert_eq!(s["minItems"], 1);
         assert_eq!(s["maxItems"], 1);
         let any = s["items"]["anyOf"].as_array().unwrap();
         assert_eq!(any[0]["properties"]["name"]["enum"], json!(["a"]));
         assert_eq!(any[0]["properties"]["parameters"]["properties"]["x"]["type"], "integer");
-        assert_eq!(any[1]["properties"]["parameters"], json!({"type": "object", "properties": {}}));
+        assert_eq!(
+            any[1]["properties"]["parameters"],
+            json!({"type": "object", "properties": {}})
+        );
         assert_eq!(plan.output().unwrap().max_calls, 1);
+    }
+
+    proptest::proptest! {
+        /// Any output, cut anywhere: no panic, and every call's arguments are a JSON object.
+        #[test]
+        fn any_output_reads_without_panic(
+            parts in proptest::collection::vec(0usize..20, 0..40),
+            step in 1usize..9,
+            mode in 0usize..5,
+        ) {
+            const BITS: [&str; 20] = ["<tool_call>", "</tool_call>", "{", "}", "\"name\"", ":", "\"f\"", ",",
+                "\"arguments\"", "[TOOL_CALLS]", "<|python_tag|>", "[", "]", " ", "é", "x", ";", "<", "<tool", "\"parameters\""];
+            let text: String = parts.iter().map(|&i| BITS[i]).collect();
+            let mode = [
+                OutputMode::Auto(Format::Hermes),
+                OutputMode::Auto(Format::Llama3),
+                OutputMode::Auto(Format::Mistral),
+                OutputMode::Required,
+                OutputMode::Named("f".into()),
+            ][mode].clone();
+            let whole = parse_output(&plan(mode.clone()), &text);
+            for c in &whole.calls {
+                proptest::prop_assert!(serde_json::from_str::<Value>(&c.arguments).is_ok_and(|v| v.is_object()));
+            }
+            let named = matches!(mode, OutputMode::Named(_));
+            let (_, calls, _) = stream(plan(mode), &text, step);
+            for (_, args) in calls {
+                // A named call's arguments stream raw, before they can be checked.
+                if !named {
+                    proptest::prop_assert!(serde_json::from_str::<Value>(&args).is_ok_and(|v| v.is_object()));
+                }
+            }
+        }
     }
 
     #[test]

@@ -736,7 +736,12 @@ fn history_tool_calls(i: usize, calls: &[super::openai::ToolCallIn]) -> Result<V
                     .filter(Value::is_object)
                     .ok_or_else(|| field(format!("{p}.function.arguments"), "must be a JSON object (as a string)"))?,
                 v @ Value::Object(_) => v.clone(),
-                _ => return Err(field(format!("{p}.function.arguments"), "must be a JSON object (as a string)")),
+                _ => {
+                    return Err(field(
+                        format!("{p}.function.arguments"),
+                        "must be a JSON object (as a string)",
+                    ))
+                }
             };
             let mut call = serde_json::json!({
                 "type": "function",
@@ -773,7 +778,11 @@ pub fn check_chat_bytes(messages: &[ChatMessageIn], max: usize) -> Result<(), Va
     };
     let total = messages
         .iter()
-        .map(|m| text_bytes(&m.content).saturating_add(m.role.len()).saturating_add(call_bytes(m)))
+        .map(|m| {
+            text_bytes(&m.content)
+                .saturating_add(m.role.len())
+                .saturating_add(call_bytes(m))
+        })
         .fold(0usize, usize::saturating_add);
     check_prompt_bytes("messages", total, max)
 }
@@ -781,7 +790,10 @@ pub fn check_chat_bytes(messages: &[ChatMessageIn], max: usize) -> Result<(), Va
 /// The bytes of the tools' JSON: they go into the prompt with the messages, so they
 /// count against the same limit.
 pub fn tools_json_bytes(tools: &[Value]) -> usize {
-    tools.iter().map(|t| t.to_string().len()).fold(0usize, usize::saturating_add)
+    tools
+        .iter()
+        .map(|t| t.to_string().len())
+        .fold(0usize, usize::saturating_add)
 }
 
 /// Renders chat messages (and the tools the model may call) through the template and

@@ -327,7 +327,8 @@ fn python_tojson(
         let _ = kwargs.get::<Option<minijinja::Value>>(k)?;
     }
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&v).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::BadSerialization, e.to_string()))?;
+    let json = serde_json::to_value(&v)
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::BadSerialization, e.to_string()))?;
     let mut out = String::new();
     write_python_json(&mut out, &json, indent, 0);
     Ok(minijinja::Value::from_safe_string(out))

@@ -43,7 +43,7 @@ pub(crate) fn weather_tools() -> Value {
             "description": "Current weather of a city",
             "parameters": {
                 "type": "object",
-                "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}},
+                "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"type": "string", "enum": ["C", "F"]}},
                 "required": ["city"]
             }
         }},
@@ -54,6 +54,7 @@ pub(crate) fn weather_tools() -> Value {
 pub(crate) async fn start_hermes() -> Server {
     start(Setup {
         chat_template: Some(HERMES_TEMPLATE.into()),
+        max_model_len: 1024,
         ..Default::default()
     })
     .await
@@ -75,7 +76,10 @@ async fn rendered(s: &Server, body: Value) -> (String, usize) {
     assert_eq!(st, 200, "{t}");
     let (st, d) = s.post("/detokenize", json!({"tokens": t["tokens"]})).await;
     assert_eq!(st, 200, "{d}");
-    (d["prompt"].as_str().unwrap().to_string(), t["count"].as_u64().unwrap() as usize)
+    (
+        d["prompt"].as_str().unwrap().to_string(),
+        t["count"].as_u64().unwrap() as usize,
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +88,7 @@ async fn tools_and_a_history_of_calls_reach_the_chat_template() {
     let (text, count) = rendered(&s, json!({"messages": history(), "tools": weather_tools()})).await;
     // Each tool as transformers' `tojson` writes it: keys in the order sent, ", " / ": ".
     assert!(
-        text.contains(r#"{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["C", "F"]}}, "required": ["city"]}}}"#),
+        text.contains(r#"{"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"type": "string", "enum": ["C", "F"]}}, "required": ["city"]}}}"#),
         "{text}"
     );
     assert!(text.contains(r#""name": "get_time""#), "{text}");
@@ -93,16 +97,23 @@ async fn tools_and_a_history_of_calls_reach_the_chat_template() {
         text.contains("<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"C\"}}\n</tool_call>"),
         "{text}"
     );
-    assert!(text.contains("<tool_response id=\"call_1\">\n18 degrees, sunny\n</tool_response>"), "{text}");
+    assert!(
+        text.contains("<tool_response id=\"call_1\">\n18 degrees, sunny\n</tool_response>"),
+        "{text}"
+    );
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");
 
     // A chat request renders the same prompt: its usage counts it.
-    let body = json!({"model": MODEL, "messages": history(), "tools": weather_tools(), "max_tokens": 2, "temperature": 0});
+    let body =
+        json!({"model": MODEL, "messages": history(), "tools": weather_tools(), "max_tokens": 2, "temperature": 0});
     let (st, r) = s.post(CHAT, body).await;
     assert_eq!(st, 200, "{r}");
     assert_eq!(r["usage"]["prompt_tokens"], count, "{r}");
     let (without, _) = rendered(&s, json!({"messages": history()})).await;
-    assert!(!without.contains("get_time") && !without.contains("<tools>"), "{without}");
+    assert!(
+        !without.contains("get_time") && !without.contains("<tools>"),
+        "{without}"
+    );
     let (st, r) = s
         .post(CHAT, json!({"messages": history(), "max_tokens": 2, "temperature": 0}))
         .await;
@@ -138,7 +149,9 @@ async fn auto_answers_without_a_call_are_text_streamed_or_not() {
         assert_eq!(r["choices"][0]["finish_reason"], none["choices"][0]["finish_reason"]);
         assert_eq!(r["usage"]["prompt_tokens"], none["usage"]["prompt_tokens"]);
     }
-    let events = s.stream(CHAT, ask(json!({"stream": true, "parallel_tool_calls": false}))).await;
+    let events = s
+        .stream(CHAT, ask(json!({"stream": true, "parallel_tool_calls": false})))
+        .await;
     let mut content = String::new();
     let mut finish = Vec::new();
     for e in &events {
@@ -165,7 +178,10 @@ async fn forced_calls_on_an_unconstrained_model_answer_without_failing() {
             let body = ask(json!({"tool_choice": choice, "stream": stream}));
             if stream {
                 let events = s.stream(CHAT, body).await;
-                assert!(events.iter().any(|e| !e["choices"][0]["finish_reason"].is_null()), "{events:?}");
+                assert!(
+                    events.iter().any(|e| !e["choices"][0]["finish_reason"].is_null()),
+                    "{events:?}"
+                );
             } else {
                 let (st, r) = s.post(CHAT, body).await;
                 assert_eq!(st, 200, "{r}");
@@ -198,10 +214,16 @@ async fn malformed_tool_fields_are_400_naming_them() {
         ),
         (json!({"tools": [f("a")], "tool_choice": f("b")}), "tool_choice"),
         (json!({"tools": [f("a")], "tool_choice": "always"}), "tool_choice"),
-        (json!({"tools": [f("a")], "tool_choice": {"type": "function"}}), "tool_choice"),
+        (
+            json!({"tools": [f("a")], "tool_choice": {"type": "function"}}),
+            "tool_choice",
+        ),
         (json!({"tool_choice": "required"}), "tool_choice"),
         (json!({"tool_choice": f("a")}), "tool_choice"),
-        (json!({"tools": [f("a")], "parallel_tool_calls": "yes"}), "parallel_tool_calls"),
+        (
+            json!({"tools": [f("a")], "parallel_tool_calls": "yes"}),
+            "parallel_tool_calls",
+        ),
         (json!({"functions": [{"name": "a"}]}), "functions"),
         (json!({"function_call": {"name": "a"}}), "function_call"),
         (
@@ -218,7 +240,10 @@ async fn malformed_tool_fields_are_400_naming_them() {
                 {"id": "c", "type": "code", "function": {"name": "a", "arguments": "{}"}}]}]}),
             "messages[0].tool_calls[0].type",
         ),
-        (json!({"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}), "messages[0].tool_call_id"),
+        (
+            json!({"messages": [{"role": "tool", "tool_call_id": 5, "content": "x"}]}),
+            "messages[0].tool_call_id",
+        ),
     ];
     for (extra, param) in cases {
         let mut body = json!({"model": MODEL, "messages": user, "max_tokens": 2});
@@ -229,7 +254,9 @@ async fn malformed_tool_fields_are_400_naming_them() {
         assert_error(st, &r, 400, Some(param), &body.to_string());
     }
     // `/tokenize` checks its tools too.
-    let (st, r) = s.post("/tokenize", json!({"messages": user, "tools": [f("a b")]})).await;
+    let (st, r) = s
+        .post("/tokenize", json!({"messages": user, "tools": [f("a b")]}))
+        .await;
     assert_error(st, &r, 400, Some("tools[0].function.name"), "tokenize");
     let (st, r) = s.post("/tokenize", json!({"prompt": "x", "tools": [f("a")]})).await;
     assert_error(st, &r, 400, Some("tools"), "tokenize with a prompt");
@@ -274,7 +301,11 @@ mod grpc {
     use crosskv::engine::{EngineConfig, EngineHandle};
     use serde_json::json;
 
-    async fn start() -> (EngineHandle, GenerationClient<tonic::transport::Channel>, crate::common::Checkpoint) {
+    async fn start() -> (
+        EngineHandle,
+        GenerationClient<tonic::transport::Channel>,
+        crate::common::Checkpoint,
+    ) {
         let ck = crate::http::tiny_checkpoint(crate::http::VOCAB);
         let mut tok = tokenizer();
         tok.chat_template = Some(HERMES_TEMPLATE.into());
@@ -347,7 +378,10 @@ mod grpc {
             .into_inner();
         assert!(!named.text.is_empty() || named.tool_calls.len() == 1);
         for (req, field) in [
-            (chat(r#"{"type": "function", "function": {"name": "nope"}}"#), "tool_choice"),
+            (
+                chat(r#"{"type": "function", "function": {"name": "nope"}}"#),
+                "tool_choice",
+            ),
             (chat("sometimes"), "tool_choice"),
             (
                 pb::GenerateRequest {
@@ -388,7 +422,11 @@ mod grpc {
         ] {
             let e = c.generate(req).await.unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{field}: {e:?}");
-            assert!(e.message().starts_with(&format!("{field}:")), "{field}: {}", e.message());
+            assert!(
+                e.message().starts_with(&format!("{field}:")),
+                "{field}: {}",
+                e.message()
+            );
         }
         handle.shutdown();
     }
