@@ -421,3 +421,29 @@ mod stream_tests {
         assert_eq!(super::new_suffix("", "é"), "é");
     }
 }
+
+#[cfg(test)]
+mod tojson_tests {
+    fn render(tpl: &str, value: serde_json::Value) -> String {
+        let mut env = minijinja::Environment::new();
+        env.add_filter("tojson", super::python_tojson);
+        env.add_template("t", tpl).unwrap();
+        env.get_template("t")
+            .unwrap()
+            .render(minijinja::context! { v => value })
+            .unwrap()
+    }
+
+    #[test]
+    fn tojson_writes_as_python_json_dumps() {
+        let v = serde_json::json!({"name": "f", "arguments": {"b": [1, 2.5], "a": "<é>"}, "e": {}});
+        // Keys in their order, ", " and ": ", no HTML escaping, non-ASCII as is.
+        let want = r#"{"name": "f", "arguments": {"b": [1, 2.5], "a": "<é>"}, "e": {}}"#;
+        assert_eq!(render("{{ v | tojson }}", v.clone()), want);
+        assert_eq!(
+            render("{{ v.arguments | tojson(indent=2) }}", v.clone()),
+            "{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"<é>\"\n}"
+        );
+        assert_eq!(render("{{ v.e | tojson(2) }}", v), "{}");
+    }
+}
