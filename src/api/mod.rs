@@ -11,4 +11,5 @@ pub mod grpc_codec;
 pub mod http;
 pub mod listener;
 pub mod openai;
+pub mod tool_calls;
 pub mod validate;

@@ -28,5 +28,7 @@ mod serve_binary;
 mod sources;
 mod tensor_parallel;
 mod tokenizer;
+mod tool_calls;
+mod tool_calls_forced;
 mod training;
 mod training_batch;
