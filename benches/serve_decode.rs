@@ -4,9 +4,9 @@
 //!
 //!   cargo build --release && cargo bench --bench serve_decode -- --batches 1,8 -- [serve flags]
 //!
-//! For each batch B, B completions (random prompt ids, greedy, `ignore_eos`, streamed)
-//! are sent at once, twice: asking for N1 and for N2 new tokens, with fresh prompts each
-//! time so the prefix cache never hits. Then:
+//! For each batch B, B completions (random prompt ids, greedy unless `--temperature`,
+//! `ignore_eos`, streamed) are sent at once, twice: asking for N1 and for N2 new tokens,
+//! with fresh prompts each time so the prefix cache never hits. Then:
 //!
 //! - **served step** = (wall(N2) − wall(N1)) / (N2 − N1): what one more decode step costs
 //!   a client; prefill, connection set-up and the HTTP round trip cancel;
@@ -56,6 +56,12 @@ struct Args {
     /// Where the server's log goes (default: discarded).
     #[arg(long)]
     server_log: Option<std::path::PathBuf>,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus of every request (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Print one JSON object per batch as well.
     #[arg(long)]
     json: bool,
@@ -122,9 +128,9 @@ fn prompt(seed: u64, len: usize, range: u32) -> Vec<u32> {
         .collect()
 }
 
-async fn one(client: &reqwest::Client, url: &str, ids: Vec<u32>, n: usize) -> Result<Timed> {
-    let body = json!({"prompt": ids, "max_tokens": n, "temperature": 0, "ignore_eos": true,
-        "stream": true, "stream_options": {"include_usage": true}});
+async fn one(client: &reqwest::Client, url: &str, ids: Vec<u32>, n: usize, sampling: (f32, f32)) -> Result<Timed> {
+    let body = json!({"prompt": ids, "max_tokens": n, "temperature": sampling.0, "top_p": sampling.1,
+        "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let t0 = Instant::now();
     let resp = client.post(url).json(&body).send().await?;
     if !resp.status().is_success() {
@@ -176,6 +182,7 @@ async fn run(client: &reqwest::Client, base: &str, a: &Args, batch: usize, n: us
             &url,
             prompt(seed * 100_003 + i as u64, a.prompt_tokens, a.vocab_range),
             n,
+            (a.temperature, a.top_p),
         )
     }))
     .await

@@ -4,6 +4,7 @@
 
 use super::error::ApiError;
 use super::openai::*;
+use super::tool_calls::{self, HiddenMarkers, OutputMode, OutputPlan, StreamParser, StreamPiece};
 use super::validate::{ValidChat, ValidCompletion};
 use crate::engine::{EngineEvent, EngineHandle, GenerateRequest, RequestStream, TokenLogprob};
 use crate::model::Tok;
@@ -271,9 +272,23 @@ pub fn completion_stream(
 struct ChatState {
     logprobs: Option<usize>,
     prompt_len: usize,
+    /// With tool calls read from the output: marker tokens the detokenizer hides.
+    markers: HiddenMarkers,
 }
 
 impl ChatState {
+    fn new(tok: &Tok, v: &ValidChat) -> Self {
+        let format = match v.tool_output.as_ref().map(|t| &t.mode) {
+            Some(OutputMode::Auto(f)) => Some(*f),
+            _ => None,
+        };
+        ChatState {
+            logprobs: v.logprobs,
+            prompt_len: v.prompt_ids.len(),
+            markers: HiddenMarkers::new(tok, format),
+        }
+    }
+
     fn on(&mut self, tok: &Tok, ev: Option<EngineEvent>) -> Result<Piece, ApiError> {
         let mut p = Piece {
             chat_logprobs: self.logprobs.map(|_| ChatLogprobs::default()),
@@ -282,7 +297,7 @@ impl ChatState {
         match ev {
             Some(EngineEvent::PromptLogprobs(_)) => {}
             Some(EngineEvent::Token { id, text, logprob }) => {
-                p.text = text;
+                p.text = self.markers.visible(id, &text);
                 if let (Some(acc), Some(lp), Some(k)) = (p.chat_logprobs.as_mut(), logprob, self.logprobs) {
                     let entry = |t: u32, x: f32| {
                         let s = token_str(tok, t);
@@ -321,18 +336,15 @@ pub async fn chat_response(
     streams: Vec<RequestStream>,
 ) -> Result<ChatCompletionResponse, ApiError> {
     let n = streams.len();
-    let mut states: Vec<ChatState> = (0..n)
-        .map(|_| ChatState {
-            logprobs: v.logprobs,
-            prompt_len: v.prompt_ids.len(),
-        })
-        .collect();
+    let mut states: Vec<ChatState> = (0..n).map(|_| ChatState::new(&ctx.tok, &v)).collect();
+    let mut texts = vec![String::new(); n];
     let mut choices: Vec<ChatChoice> = (0..n)
         .map(|index| ChatChoice {
             index,
             message: ChatMessageOut {
                 role: "assistant",
-                content: String::new(),
+                content: None,
+                tool_calls: None,
             },
             logprobs: v.logprobs.map(|_| ChatLogprobs::default()),
             finish_reason: None,
@@ -343,7 +355,7 @@ pub async fn chat_response(
     while let Some((i, ev)) = events.next().await {
         let p = states[i].on(&ctx.tok, ev)?;
         let c = &mut choices[i];
-        c.message.content.push_str(&p.text);
+        texts[i].push_str(&p.text);
         if let (Some(acc), Some(mut l)) = (c.logprobs.as_mut(), p.chat_logprobs) {
             acc.content.append(&mut l.content);
         }
@@ -354,6 +366,12 @@ pub async fn chat_response(
             add_usage(&mut usage, i, v.n, u);
         }
     }
+    for (c, text) in choices.iter_mut().zip(texts) {
+        match &v.tool_output {
+            None => c.message.content = Some(text),
+            Some(plan) => read_tool_calls(plan, c, &text),
+        }
+    }
     Ok(ChatCompletionResponse {
         id: ctx.id,
         object: "chat.completion",
@@ -362,6 +380,63 @@ pub async fn chat_response(
         choices,
         usage,
     })
+}
+
+/// A whole choice's output read for tool calls: the calls, the text outside them, and
+/// the finish reason they make.
+fn read_tool_calls(plan: &OutputPlan, c: &mut ChatChoice, text: &str) {
+    let parsed = tool_calls::parse_output(plan, text);
+    let calls: Vec<ToolCallOut> = parsed
+        .calls
+        .into_iter()
+        .map(|call| ToolCallOut {
+            id: tool_calls::call_id(plan.short_ids),
+            kind: "function",
+            function: FunctionOut {
+                name: call.name,
+                arguments: call.arguments,
+            },
+        })
+        .collect();
+    if let Some(f) = c.finish_reason {
+        c.finish_reason = Some(tool_calls::finish_reason(plan, calls.len(), f));
+    }
+    c.message.content = parsed.content;
+    c.message.tool_calls = (!calls.is_empty()).then_some(calls);
+}
+
+/// A streamed piece as OpenAI's delta.
+fn piece_delta(piece: StreamPiece) -> ChatDelta {
+    match piece {
+        StreamPiece::Content(c) => ChatDelta {
+            content: Some(c),
+            ..Default::default()
+        },
+        StreamPiece::CallStart { index, id, name } => ChatDelta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index,
+                id: Some(id),
+                kind: Some("function"),
+                function: FunctionDelta {
+                    name: Some(name),
+                    arguments: String::new(),
+                },
+            }]),
+            ..Default::default()
+        },
+        StreamPiece::Arguments { index, fragment } => ChatDelta {
+            tool_calls: Some(vec![ToolCallDelta {
+                index,
+                id: None,
+                kind: None,
+                function: FunctionDelta {
+                    name: None,
+                    arguments: fragment,
+                },
+            }]),
+            ..Default::default()
+        },
+    }
 }
 
 pub fn chat_stream(
@@ -380,11 +455,11 @@ pub fn chat_stream(
             usage,
         };
         for index in 0..n {
-            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()) };
+            let delta = ChatDelta { role: Some("assistant"), content: Some(String::new()), tool_calls: None };
             yield json_event(&chunk(vec![ChatChunkChoice { index, delta, logprobs: None, finish_reason: None }], None));
         }
-        let mut states: Vec<ChatState> =
-            (0..n).map(|_| ChatState { logprobs: v.logprobs, prompt_len: v.prompt_ids.len() }).collect();
+        let mut states: Vec<ChatState> = (0..n).map(|_| ChatState::new(&ctx.tok, &v)).collect();
+        let mut parsers: Vec<Option<StreamParser>> = (0..n).map(|_| v.tool_output.clone().map(StreamParser::new)).collect();
         let mut usage = UsageOut::default();
         let mut events = std::pin::pin!(merged(streams));
         while let Some((i, ev)) = events.next().await {
@@ -396,9 +471,38 @@ pub fn chat_stream(
                     if p.is_empty() {
                         continue;
                     }
-                    let delta = ChatDelta { role: None, content: (!p.text.is_empty()).then_some(p.text) };
-                    let c = ChatChunkChoice { index: i, delta, logprobs: p.chat_logprobs, finish_reason: p.finish };
-                    yield json_event(&chunk(vec![c], None));
+                    let Some(parser) = parsers[i].as_mut() else {
+                        let delta = ChatDelta { content: (!p.text.is_empty()).then_some(p.text), ..Default::default() };
+                        let c = ChatChunkChoice { index: i, delta, logprobs: p.chat_logprobs, finish_reason: p.finish };
+                        yield json_event(&chunk(vec![c], None));
+                        continue;
+                    };
+                    let mut pieces = parser.push(&p.text);
+                    let mut finish = p.finish;
+                    if let Some(f) = finish {
+                        pieces.extend(parser.finish());
+                        finish = Some(tool_calls::finish_reason(parser.plan(), parser.calls(), f));
+                    }
+                    // The log-probs and the finish ride on the last chunk of this event.
+                    let mut deltas: Vec<ChatDelta> = pieces.into_iter().map(piece_delta).collect();
+                    if deltas.is_empty() {
+                        if finish.is_none() && p.chat_logprobs.as_ref().is_none_or(|l| l.content.is_empty()) {
+                            continue;
+                        }
+                        deltas.push(ChatDelta::default());
+                    }
+                    let last = deltas.len() - 1;
+                    let mut logprobs = p.chat_logprobs;
+                    for (k, delta) in deltas.into_iter().enumerate() {
+                        let end = k == last;
+                        let c = ChatChunkChoice {
+                            index: i,
+                            delta,
+                            logprobs: if end { logprobs.take() } else { None },
+                            finish_reason: if end { finish } else { None },
+                        };
+                        yield json_event(&chunk(vec![c], None));
+                    }
                 }
                 Err(e) => {
                     yield json_event(&e.body());

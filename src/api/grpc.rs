@@ -9,6 +9,9 @@
 
 use super::blocking;
 use super::listener::{self, ConnectionLimits};
+use super::openai::ChatMessageIn;
+use super::structured;
+use super::tool_calls::{self, HiddenMarkers, OutputMode, OutputPlan, StreamParser, StreamPiece, ToolCallParser};
 use super::validate::{self, ValidationError};
 use crate::engine::{self, EngineError, EngineEvent, EngineHandle, FinishReason, GenerateOptions};
 use crate::runner::SamplingParams;
@@ -38,6 +41,8 @@ pub struct GrpcConfig {
     /// Longest prompt text (`None`: as the HTTP API's default).
     pub max_prompt_bytes: Option<usize>,
     pub connections: ConnectionLimits,
+    /// The tool-call format read from outputs (`--tool-call-parser`).
+    pub tool_call_parser: ToolCallParser,
 }
 
 /// Serves `Generation` and the health service on `addr` until `shutdown` resolves.
@@ -107,6 +112,7 @@ fn check_api_key<T>(key: Option<&str>, req: &Request<T>) -> Result<(), Status> {
 pub struct GrpcService {
     handle: EngineHandle,
     max_prompt_bytes: usize,
+    tool_call_parser: ToolCallParser,
 }
 
 impl GrpcService {
@@ -117,15 +123,32 @@ impl GrpcService {
             max_prompt_bytes: cfg
                 .max_prompt_bytes
                 .unwrap_or_else(|| validate::default_max_prompt_bytes(max_model_len)),
+            tool_call_parser: cfg.tool_call_parser,
         }
     }
 
     /// `validate` on the blocking pool (it may tokenize).
-    async fn checked(&self, req: pb::GenerateRequest) -> Result<engine::GenerateRequest, Status> {
-        let (handle, max) = (self.handle.clone(), self.max_prompt_bytes);
-        blocking::run(move || validate(&handle, req, max))
+    async fn checked(&self, req: pb::GenerateRequest) -> Result<Checked, Status> {
+        let (handle, max, parser) = (self.handle.clone(), self.max_prompt_bytes, self.tool_call_parser);
+        blocking::run(move || validate(&handle, req, max, parser))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
+    }
+}
+
+/// A checked request: what the engine runs and how its output is read for tool calls.
+pub struct Checked {
+    pub request: engine::GenerateRequest,
+    pub tool_output: Option<OutputPlan>,
+}
+
+impl Checked {
+    fn markers(&self, tok: &crate::model::Tok) -> HiddenMarkers {
+        let format = match self.tool_output.as_ref().map(|t| &t.mode) {
+            Some(OutputMode::Auto(f)) => Some(*f),
+            _ => None,
+        };
+        HiddenMarkers::new(tok, format)
     }
 }
 
@@ -137,14 +160,100 @@ fn invalid(e: ValidationError) -> Status {
     }
 }
 
+/// The chat and tool check errors, their fields named as this API spells them.
+fn invalid_chat(e: ValidationError) -> Status {
+    match e {
+        ValidationError::Field { param, message } => {
+            let param = if let Some(rest) = param.strip_prefix("tools") {
+                format!("tools_json{rest}")
+            } else if let Some(rest) = param.strip_prefix("messages") {
+                format!("messages_json{rest}")
+            } else {
+                param
+            };
+            Status::invalid_argument(format!("{param}: {message}"))
+        }
+        e => invalid(e),
+    }
+}
+
+/// A JSON string field (empty: absent).
+fn json_field(param: &str, s: &str) -> Result<Option<serde_json::Value>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(s)
+        .map(Some)
+        .map_err(|e| Status::invalid_argument(format!("{param}: not valid JSON: {e}")))
+}
+
+/// A chat request's prompt (its messages and tools through the chat template) and its
+/// tool plan.
+fn chat_prompt(
+    handle: &EngineHandle,
+    req: &pb::GenerateRequest,
+    max_prompt_bytes: usize,
+    parser: ToolCallParser,
+) -> Result<(Vec<u32>, Option<tool_calls::ToolPlan>), Status> {
+    if !req.prompt.is_empty() || !req.prompt_ids.is_empty() {
+        return Err(Status::invalid_argument(
+            "messages_json: give messages_json or a prompt (prompt, prompt_ids), not both",
+        ));
+    }
+    let messages: Vec<ChatMessageIn> = serde_json::from_str(&req.messages_json)
+        .map_err(|e| Status::invalid_argument(format!("messages_json: expected a JSON array of messages: {e}")))?;
+    let tools = json_field("tools_json", &req.tools_json)?;
+    let choice = match req.tool_choice.trim_start() {
+        "" => None,
+        c if c.starts_with('{') => json_field("tool_choice", c)?,
+        c => Some(serde_json::Value::String(c.to_string())),
+    };
+    let tok = handle.tokenizer();
+    let plan = tool_calls::check(
+        tools.as_ref(),
+        choice.as_ref(),
+        req.parallel_tool_calls,
+        tok.chat_template.as_deref(),
+        parser,
+    )
+    .map_err(invalid_chat)?;
+    let template_tools = plan.as_ref().map(|t| t.template_tools.as_slice());
+    let tools_bytes = template_tools.map_or(0, validate::tools_json_bytes);
+    validate::check_prompt_bytes("tools_json", tools_bytes, max_prompt_bytes).map_err(invalid)?;
+    validate::check_chat_bytes(&messages, max_prompt_bytes - tools_bytes).map_err(invalid_chat)?;
+    let ids = validate::chat_prompt(tok, &messages, template_tools, true).map_err(invalid_chat)?;
+    if ids.is_empty() {
+        return Err(Status::invalid_argument("messages_json: the rendered prompt is empty"));
+    }
+    validate::check_ids(&ids, handle.vocab_size(), "messages_json").map_err(invalid)?;
+    Ok((ids, plan))
+}
+
 /// Checks a request and turns it into the engine's form; the errors name the field.
 pub fn validate(
     handle: &EngineHandle,
     req: pb::GenerateRequest,
     max_prompt_bytes: usize,
-) -> Result<engine::GenerateRequest, Status> {
+    tool_call_parser: ToolCallParser,
+) -> Result<Checked, Status> {
     let vocab = handle.vocab_size();
-    let prompt_ids = if !req.prompt_ids.is_empty() {
+    let mut tools = None;
+    let prompt_ids = if !req.messages_json.is_empty() {
+        let (ids, plan) = chat_prompt(handle, &req, max_prompt_bytes, tool_call_parser)?;
+        tools = plan;
+        ids
+    } else if !req.tools_json.is_empty() || !req.tool_choice.is_empty() || req.parallel_tool_calls.is_some() {
+        let param = if !req.tools_json.is_empty() {
+            "tools_json"
+        } else if !req.tool_choice.is_empty() {
+            "tool_choice"
+        } else {
+            "parallel_tool_calls"
+        };
+        return Err(Status::invalid_argument(format!(
+            "{param}: tools need a chat request (messages_json)"
+        )));
+    } else if !req.prompt_ids.is_empty() {
         if let Some((i, id)) = req.prompt_ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
             return Err(Status::invalid_argument(format!(
                 "prompt_ids[{i}]: token id {id} is outside the vocabulary (size {vocab})"
@@ -198,11 +307,22 @@ pub fn validate(
     )
     .map_err(invalid)?;
     let logit_bias = validate::check_logit_bias(req.logit_bias, vocab).map_err(invalid)?;
+    // A forced tool call's constraint, or the request's own: not both.
+    let forced = tools.as_ref().is_some_and(|t| t.constraint().is_some());
     let constraint = match req.constraint {
+        Some(_) if forced => {
+            return Err(Status::invalid_argument(format!(
+                "constraint: {}",
+                structured::FORCED_CALL_CONFLICT
+            )))
+        }
         Some(c) => Some(constraint(handle, c).map_err(|m| Status::invalid_argument(format!("constraint: {m}")))?),
-        None => None,
+        None => match &tools {
+            Some(t) => t.checked_constraint(handle.structured()).map_err(invalid_chat)?,
+            None => None,
+        },
     };
-    Ok(engine::GenerateRequest {
+    let request = engine::GenerateRequest {
         prompt_ids,
         options: GenerateOptions {
             max_tokens,
@@ -222,6 +342,10 @@ pub fn validate(
             constraint,
             ..Default::default()
         },
+    };
+    Ok(Checked {
+        request,
+        tool_output: tools.as_ref().and_then(|t| t.output()),
     })
 }
 
@@ -246,6 +370,26 @@ fn constraint(handle: &EngineHandle, c: pb::OutputConstraint) -> Result<engine::
     Ok(c)
 }
 
+/// Streamed tool-call pieces as one response's text and calls.
+fn add_pieces(out: &mut pb::GenerateResponse, pieces: Vec<StreamPiece>) {
+    for piece in pieces {
+        match piece {
+            StreamPiece::Content(c) => out.text.push_str(&c),
+            StreamPiece::CallStart { index, id, name } => out.tool_calls.push(pb::ToolCall {
+                index: index as u32,
+                id,
+                name,
+                arguments: String::new(),
+            }),
+            StreamPiece::Arguments { index, fragment } => out.tool_calls.push(pb::ToolCall {
+                index: index as u32,
+                arguments: fragment,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
 fn submit_status(e: EngineError) -> Status {
     match e {
         EngineError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
@@ -268,18 +412,36 @@ type GenerateStreamOut = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Gene
 #[tonic::async_trait]
 impl Generation for GrpcService {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let req = self.checked(request.into_inner()).await?;
+        let checked = self.checked(request.into_inner()).await?;
+        let markers = checked.markers(self.handle.tokenizer());
         // Dropped with this future when the client cancels: the request is aborted.
-        let mut stream = self.handle.submit(req).map_err(submit_status)?;
+        let mut stream = self.handle.submit(checked.request).map_err(submit_status)?;
         let mut out = pb::GenerateResponse::default();
         loop {
             match stream.next().await {
                 Some(EngineEvent::Token { id, text, .. }) => {
                     out.token_ids.push(id);
-                    out.text.push_str(&text);
+                    out.text.push_str(&markers.visible(id, &text));
                 }
                 Some(EngineEvent::Finished { reason, .. }) => {
                     out.finish_reason = finish_reason(reason);
+                    if let Some(plan) = &checked.tool_output {
+                        let parsed = tool_calls::parse_output(plan, &out.text);
+                        out.finish_reason =
+                            tool_calls::finish_reason(plan, parsed.calls.len(), reason.as_str()).to_string();
+                        out.text = parsed.content.unwrap_or_default();
+                        out.tool_calls = parsed
+                            .calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(index, c)| pb::ToolCall {
+                                index: index as u32,
+                                id: tool_calls::call_id(plan.short_ids),
+                                name: c.name,
+                                arguments: c.arguments,
+                            })
+                            .collect();
+                    }
                     return Ok(Response::new(out));
                 }
                 Some(EngineEvent::Error(msg)) => return Err(Status::internal(msg)),
@@ -295,8 +457,10 @@ impl Generation for GrpcService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let req = self.checked(request.into_inner()).await?;
-        let mut stream = self.handle.submit(req).map_err(submit_status)?;
+        let checked = self.checked(request.into_inner()).await?;
+        let markers = checked.markers(self.handle.tokenizer());
+        let mut parser = checked.tool_output.map(StreamParser::new);
+        let mut stream = self.handle.submit(checked.request).map_err(submit_status)?;
         let (tx, rx) = mpsc::channel::<Result<pb::GenerateResponse, Status>>(64);
         tokio::spawn(async move {
             // Token ids whose text is not out yet (partial UTF-8, a held-back stop prefix).
@@ -310,20 +474,30 @@ impl Generation for GrpcService {
                 let msg = match event {
                     Some(EngineEvent::Token { id, text, .. }) => {
                         ids.push(id);
-                        if text.is_empty() {
+                        let mut out = pb::GenerateResponse::default();
+                        match parser.as_mut() {
+                            Some(p) => add_pieces(&mut out, p.push(&markers.visible(id, &text))),
+                            None => out.text = text,
+                        }
+                        if out.text.is_empty() && out.tool_calls.is_empty() {
                             continue;
                         }
-                        Ok(pb::GenerateResponse {
-                            text,
-                            token_ids: std::mem::take(&mut ids),
-                            finish_reason: String::new(),
-                        })
+                        out.token_ids = std::mem::take(&mut ids);
+                        Ok(out)
                     }
-                    Some(EngineEvent::Finished { reason, .. }) => Ok(pb::GenerateResponse {
-                        text: String::new(),
-                        token_ids: std::mem::take(&mut ids),
-                        finish_reason: finish_reason(reason),
-                    }),
+                    Some(EngineEvent::Finished { reason, .. }) => {
+                        let mut out = pb::GenerateResponse {
+                            token_ids: std::mem::take(&mut ids),
+                            finish_reason: finish_reason(reason),
+                            ..Default::default()
+                        };
+                        if let Some(p) = parser.as_mut() {
+                            add_pieces(&mut out, p.finish());
+                            out.finish_reason =
+                                tool_calls::finish_reason(p.plan(), p.calls(), reason.as_str()).to_string();
+                        }
+                        Ok(out)
+                    }
                     Some(EngineEvent::Error(msg)) => Err(Status::internal(msg)),
                     Some(EngineEvent::PromptLogprobs(_)) => continue,
                     None => Err(engine_gone()),

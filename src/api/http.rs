@@ -9,6 +9,7 @@ use super::choices::{self, submit_all};
 use super::error::ApiError;
 use super::listener::{self, ConnectionLimits};
 use super::openai::*;
+use super::tool_calls::{self, ToolCallParser};
 use super::validate::{self, Limits, ValidationError};
 use crate::engine::EngineHandle;
 use axum::body::Bytes;
@@ -35,6 +36,8 @@ pub struct HttpConfig {
     /// Longest prompt text accepted before tokenizing (`None`: `max_model_len` ×
     /// `validate::PROMPT_BYTES_PER_TOKEN`).
     pub max_prompt_bytes: Option<usize>,
+    /// The tool-call format read from outputs (`--tool-call-parser`).
+    pub tool_call_parser: ToolCallParser,
 }
 
 impl Default for HttpConfig {
@@ -45,6 +48,7 @@ impl Default for HttpConfig {
             max_body_bytes: 32 << 20,
             request_timeout: Duration::from_secs(600),
             max_prompt_bytes: None,
+            tool_call_parser: ToolCallParser::Auto,
         }
     }
 }
@@ -104,6 +108,7 @@ impl AppState {
                 .unwrap_or_else(|| validate::default_max_prompt_bytes(max_model_len)),
             max_choices: e.config().max_queued_requests,
             structured: e.structured(),
+            tool_call_parser: self.inner.cfg.tool_call_parser,
         }
     }
 }
@@ -333,6 +338,9 @@ async fn tokenize(
     let (tokens, token_strs) = blocking::run(move || -> Result<_, ValidationError> {
         let lim = st.limits(&e);
         let tok = e.tokenizer();
+        if r.prompt.is_some() && r.tools.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(validate::field("tools", "only with `messages`"));
+        }
         let tokens = match (&r.prompt, &r.messages) {
             (Some(p), None) => {
                 validate::check_prompt_bytes("prompt", p.len(), lim.max_prompt_bytes)?;
@@ -340,8 +348,22 @@ async fn tokenize(
                     .map_err(|e| validate::field("prompt", e.to_string()))
             }
             (None, Some(m)) => {
-                validate::check_chat_bytes(m, lim.max_prompt_bytes)?;
-                validate::chat_prompt(tok, m, r.add_generation_prompt.unwrap_or(true))
+                // The tools are checked as for a chat request, none of them called.
+                let none = serde_json::json!("none");
+                let tools = tool_calls::check(
+                    r.tools.as_ref(),
+                    Some(&none),
+                    None,
+                    tok.chat_template.as_deref(),
+                    lim.tool_call_parser,
+                )?
+                .map(|t| t.template_tools)
+                .unwrap_or_default();
+                let tools_bytes = validate::tools_json_bytes(&tools);
+                validate::check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
+                validate::check_chat_bytes(m, lim.max_prompt_bytes - tools_bytes)?;
+                let tools = (!tools.is_empty()).then_some(tools.as_slice());
+                validate::chat_prompt(tok, m, tools, r.add_generation_prompt.unwrap_or(true))
             }
             _ => Err(validate::field("prompt", "give exactly one of `prompt` and `messages`")),
         }?;

@@ -12,4 +12,5 @@ pub mod http;
 pub mod listener;
 pub mod openai;
 pub mod structured;
+pub mod tool_calls;
 pub mod validate;

@@ -94,6 +94,34 @@ pub struct ChatMessageIn {
     pub role: String,
     #[serde(default)]
     pub content: Value,
+    /// An assistant message's tool calls (history).
+    #[serde(default, deserialize_with = "optional_objects")]
+    pub tool_calls: Option<Vec<ToolCallIn>>,
+    /// A `tool` message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A tool call in the history: `{"id", "type": "function", "function": {"name",
+/// "arguments"}}`; `arguments` is a JSON string (OpenAI) or an object.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ToolCallIn {
+    pub id: Option<String>,
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    #[serde(deserialize_with = "object")]
+    pub function: FunctionCallIn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FunctionCallIn {
+    pub name: String,
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    Ok(ObjectOnly::<T>::deserialize(d)?.0)
 }
 
 /// `POST /v1/chat/completions` (the `Value` fields after `min_p`: as for completions,
@@ -133,6 +161,7 @@ pub struct ChatCompletionRequest {
     pub guided_grammar: Option<Value>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
 }
@@ -213,10 +242,47 @@ pub struct CompletionResponse {
     pub usage: Option<UsageOut>,
 }
 
+/// The answer: `content` is null when the model only called tools.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessageOut {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallOut {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionOut {
+    pub name: String,
+    /// The arguments as a JSON string.
+    pub arguments: String,
+}
+
+/// A streamed piece of a tool call: the first one of a call carries `id`, `type` and
+/// `function.name` (with empty arguments), the next ones more of `function.arguments`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -263,6 +329,8 @@ pub struct ChatDelta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -307,6 +375,8 @@ pub struct TokenizeRequest {
     pub prompt: Option<String>,
     #[serde(default, deserialize_with = "optional_objects")]
     pub messages: Option<Vec<ChatMessageIn>>,
+    /// Rendered into the prompt as for a chat request.
+    pub tools: Option<Value>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
     /// Also return each token's vocabulary string (`token_strs`).

@@ -2,8 +2,10 @@
 //! OpenAI's `response_format`, vLLM's `structured_outputs` and its older `guided_json`,
 //! `guided_regex`, `guided_choice` and `guided_grammar`. At most one may be set; each
 //! is compiled here, so an invalid schema, regex or grammar is a 400 naming its field
-//! with llguidance's account of what is wrong.
+//! with llguidance's account of what is wrong. A chat request's forced tool call sets
+//! its own constraint, compiled the same way; it and these fields exclude each other.
 
+use super::tool_calls::ToolPlan;
 use super::validate::{field, ValidationError};
 use crate::engine::structured::StructuredOutputs;
 use crate::engine::Constraint;
@@ -23,6 +25,31 @@ impl ConstraintFields<'_> {
     /// The one constraint the fields ask for, checked by compiling it; `None` when
     /// none is set (absent, null, or `response_format` `{"type": "text"}`).
     pub fn constraint(&self, structured: &StructuredOutputs) -> Result<Option<Constraint>, ValidationError> {
+        let Some((name, c)) = self.read()? else { return Ok(None) };
+        structured.check(&c).map_err(|m| field(name, m))?;
+        Ok(Some(c))
+    }
+
+    /// The constraint of a chat request: a forced tool call's or the fields'. Both is a
+    /// 400 naming the structured-output field, since a forced call's output is already
+    /// held to the tool's `parameters` schema and cannot follow a second constraint.
+    pub fn with_tools(
+        &self,
+        tools: Option<&ToolPlan>,
+        structured: &StructuredOutputs,
+    ) -> Result<Option<Constraint>, ValidationError> {
+        let forced = tools.is_some_and(|t| t.constraint().is_some());
+        if !forced {
+            return self.constraint(structured);
+        }
+        if let Some((name, _)) = self.read()? {
+            return Err(field(name, FORCED_CALL_CONFLICT));
+        }
+        tools.map_or(Ok(None), |t| t.checked_constraint(structured))
+    }
+
+    /// The set field's name and its constraint, not yet compiled.
+    fn read(&self) -> Result<Option<(&'static str, Constraint)>, ValidationError> {
         let given = [
             ("response_format", self.response_format, response_format as Reader),
             ("structured_outputs", self.structured_outputs, structured_outputs),
@@ -31,7 +58,7 @@ impl ConstraintFields<'_> {
             ("guided_choice", self.guided_choice, choice),
             ("guided_grammar", self.guided_grammar, grammar),
         ];
-        let mut found: Option<(&str, Constraint)> = None;
+        let mut found: Option<(&'static str, Constraint)> = None;
         for (name, v, read) in given {
             let Some(v) = v.filter(|v| !v.is_null()) else { continue };
             let Some(c) = read(v).map_err(|m| field(name, m))? else {
@@ -45,11 +72,12 @@ impl ConstraintFields<'_> {
             }
             found = Some((name, c));
         }
-        let Some((name, c)) = found else { return Ok(None) };
-        structured.check(&c).map_err(|m| field(name, m))?;
-        Ok(Some(c))
+        Ok(found)
     }
 }
+
+/// Why a structured-output constraint is refused next to a forced tool call.
+pub const FORCED_CALL_CONFLICT: &str = "cannot be combined with a forced tool call (`tool_choice` \"required\" or a named function): the call's arguments follow the tool's `parameters` schema; leave one of them out";
 
 /// Reads one field: `Ok(None)` when it asks for no constraint.
 type Reader = fn(&Value) -> Result<Option<Constraint>, String>;

@@ -5,6 +5,7 @@
 
 use super::openai::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
 use super::structured::ConstraintFields;
+use super::tool_calls::{self, OutputPlan, ToolCallParser};
 use crate::engine::structured::StructuredOutputs;
 use crate::engine::{GenerateOptions, GenerateRequest};
 use crate::model::{ChatMessage, Tok};
@@ -94,6 +95,8 @@ pub struct Limits<'a> {
     pub max_choices: usize,
     /// Compiles structured-output constraints (an invalid one is refused here).
     pub structured: &'a StructuredOutputs,
+    /// The tool-call format `tool_choice: "auto"` reads (`--tool-call-parser`).
+    pub tool_call_parser: ToolCallParser,
 }
 
 /// One prompt, tokenized, with the text `echo` returns.
@@ -146,6 +149,8 @@ pub struct ValidChat {
     pub include_usage: bool,
     /// `top_logprobs` when `logprobs` is true.
     pub logprobs: Option<usize>,
+    /// How each choice's output is read for tool calls (`None`: plain text).
+    pub tool_output: Option<OutputPlan>,
 }
 
 impl ValidChat {
@@ -309,8 +314,8 @@ pub fn check_stop_token_ids(ids: &[u32], vocab: usize) -> Result<(), ValidationE
 fn is_neutral(name: &str, v: &Value) -> bool {
     match (name, v) {
         (_, Value::Null) => true,
-        ("tools" | "functions", Value::Array(a)) => a.is_empty(),
-        ("tool_choice" | "function_call", Value::String(s)) => s == "none" || s == "auto",
+        ("functions", Value::Array(a)) => a.is_empty(),
+        ("function_call", Value::String(s)) => s == "none" || s == "auto",
         ("suffix", Value::String(s)) => s.is_empty(),
         _ => false,
     }
@@ -566,7 +571,8 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
         ignore_eos: c.ignore_eos.unwrap_or(false),
         logprobs: None,
         prompt_logprobs: None,
-        // Set by the caller, from the structured-output fields (`ConstraintFields`).
+        // Set by the caller: from the structured-output fields (`ConstraintFields`), or
+        // a forced tool call's.
         constraint: None,
     };
     Ok((o, to_usize(n)))
@@ -662,6 +668,7 @@ fn content(i: usize, m: &ChatMessageIn) -> Result<String, ValidationError> {
     let param = format!("messages[{i}].content");
     match &m.content {
         Value::String(s) => Ok(s.clone()),
+        // An assistant turn that only called tools has none.
         Value::Null if m.role == "assistant" => Ok(String::new()),
         Value::Null => Err(field(param, "is required")),
         Value::Array(parts) => {
@@ -700,10 +707,60 @@ pub fn chat_messages(messages: &[ChatMessageIn]) -> Result<Vec<ChatMessage>, Val
                     format!("unknown role `{}`", m.role),
                 ));
             }
+            let tool_calls = match &m.tool_calls {
+                None => None,
+                Some(_) if m.role != "assistant" => {
+                    return Err(field(
+                        format!("messages[{i}].tool_calls"),
+                        "only `assistant` messages carry tool calls",
+                    ))
+                }
+                Some(calls) => Some(history_tool_calls(i, calls)?),
+            };
             Ok(ChatMessage {
                 role: m.role.clone(),
                 content: content(i, m)?,
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
             })
+        })
+        .collect()
+}
+
+/// An assistant message's tool calls as templates read them (as vLLM passes them): the
+/// arguments JSON string parsed into an object.
+fn history_tool_calls(i: usize, calls: &[super::openai::ToolCallIn]) -> Result<Vec<Value>, ValidationError> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(j, c)| {
+            let p = format!("messages[{i}].tool_calls[{j}]");
+            if c.kind.as_deref().is_some_and(|k| k != "function") {
+                return Err(field(format!("{p}.type"), "must be \"function\""));
+            }
+            let arguments = match &c.function.arguments {
+                Value::Null => Value::Object(Default::default()),
+                Value::String(s) => serde_json::from_str::<Value>(s)
+                    .ok()
+                    .filter(Value::is_object)
+                    .ok_or_else(|| field(format!("{p}.function.arguments"), "must be a JSON object (as a string)"))?,
+                v @ Value::Object(_) => v.clone(),
+                _ => {
+                    return Err(field(
+                        format!("{p}.function.arguments"),
+                        "must be a JSON object (as a string)",
+                    ))
+                }
+            };
+            let mut call = serde_json::json!({
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": arguments},
+            });
+            if let Some(id) = &c.id {
+                call["id"] = Value::String(id.clone());
+            }
+            Ok(call)
         })
         .collect()
 }
@@ -720,33 +777,66 @@ pub fn check_chat_bytes(messages: &[ChatMessageIn], max: usize) -> Result<(), Va
             .sum(),
         _ => 0,
     };
+    let call_bytes = |m: &ChatMessageIn| {
+        m.tool_calls.iter().flatten().fold(0usize, |n, c| {
+            let args = match &c.function.arguments {
+                Value::String(s) => s.len(),
+                v => v.to_string().len(),
+            };
+            n.saturating_add(c.function.name.len()).saturating_add(args)
+        })
+    };
     let total = messages
         .iter()
-        .map(|m| text_bytes(&m.content).saturating_add(m.role.len()))
+        .map(|m| {
+            text_bytes(&m.content)
+                .saturating_add(m.role.len())
+                .saturating_add(call_bytes(m))
+        })
         .fold(0usize, usize::saturating_add);
     check_prompt_bytes("messages", total, max)
 }
 
-/// Renders chat messages through the template and tokenizes them (the template writes
-/// the special tokens itself).
+/// The bytes of the tools' JSON: they go into the prompt with the messages, so they
+/// count against the same limit.
+pub fn tools_json_bytes(tools: &[Value]) -> usize {
+    tools
+        .iter()
+        .map(|t| t.to_string().len())
+        .fold(0usize, usize::saturating_add)
+}
+
+/// Renders chat messages (and the tools the model may call) through the template and
+/// tokenizes them (the template writes the special tokens itself).
 pub fn chat_prompt(
     tok: &Tok,
     messages: &[ChatMessageIn],
+    tools: Option<&[Value]>,
     add_generation_prompt: bool,
 ) -> Result<Vec<u32>, ValidationError> {
     let msgs = chat_messages(messages)?;
     let text = tok
-        .apply_chat_template(&msgs, add_generation_prompt)
+        .apply_chat_template_with_tools(&msgs, tools, add_generation_prompt)
         .map_err(|e| field("messages", e.to_string()))?;
     tok.encode(&text, false).map_err(|e| field("messages", e.to_string()))
 }
 
 pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, ValidationError> {
     let model = check_model(r.model.as_deref(), lim.served_model_name)?;
-    not_honoured_fields!(r, tools, tool_choice, functions, function_call)?;
+    not_honoured_fields!(r, functions, function_call)?;
     check_choices(1, to_usize(r.n.unwrap_or(1)), lim.max_choices)?;
-    check_chat_bytes(&r.messages, lim.max_prompt_bytes)?;
-    let prompt_ids = chat_prompt(lim.tok, &r.messages, true)?;
+    let tools = tool_calls::check(
+        r.tools.as_ref(),
+        r.tool_choice.as_ref(),
+        r.parallel_tool_calls,
+        lim.tok.chat_template.as_deref(),
+        lim.tool_call_parser,
+    )?;
+    let tools_bytes = tools.as_ref().map_or(0, |t| tools_json_bytes(&t.template_tools));
+    check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
+    check_chat_bytes(&r.messages, lim.max_prompt_bytes - tools_bytes)?;
+    let template_tools = tools.as_ref().map(|t| t.template_tools.as_slice());
+    let prompt_ids = chat_prompt(lim.tok, &r.messages, template_tools, true)?;
     if prompt_ids.is_empty() {
         return Err(field("messages", "the rendered prompt is empty"));
     }
@@ -771,10 +861,11 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     check_length("messages", param, prompt_ids.len(), max_tokens, lim.max_model_len)?;
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
-    options.constraint = constraint_fields!(r).constraint(lim.structured)?;
+    options.constraint = constraint_fields!(r).with_tools(tools.as_ref(), lim.structured)?;
     check_stream_options(r.stream, r.stream_options.is_some())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidChat {
+        tool_output: tools.as_ref().and_then(|t| t.output()),
         model,
         prompt_ids,
         options,

@@ -45,13 +45,7 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let loaded = args.model.load()?;
     let tok = &loaded.tokenizer;
     let text = if args.chat {
-        tok.apply_chat_template(
-            &[ChatMessage {
-                role: "user".into(),
-                content: args.prompt.clone(),
-            }],
-            true,
-        )?
+        tok.apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())], true)?
     } else {
         args.prompt.clone()
     };

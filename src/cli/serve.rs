@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// longer is refused with 400 before tokenizing (default: max-model-len × 64 bytes).
     #[arg(long, value_parser = parse_size)]
     pub max_prompt_bytes: Option<u64>,
+    /// The tool-call format read from chat outputs for `tool_choice: "auto"`: auto (the
+    /// one the model's chat template writes), hermes, llama3, mistral or none.
+    #[arg(long, default_value = "auto")]
+    pub tool_call_parser: crate::api::tool_calls::ToolCallParser,
     /// Open HTTP connections at once; one more is answered 503 and closed.
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
@@ -177,6 +181,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             max_body_bytes: usize::try_from(args.max_request_body).unwrap_or(usize::MAX),
             request_timeout: std::time::Duration::from_secs(args.request_timeout),
             max_prompt_bytes: args.max_prompt_bytes.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
+            tool_call_parser: args.tool_call_parser,
         });
         let limits = crate::api::listener::ConnectionLimits {
             max_connections: args.max_connections,
@@ -214,6 +219,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 api_key: args.api_key.clone(),
                 max_prompt_bytes: args.max_prompt_bytes.map(|b| usize::try_from(b).unwrap_or(usize::MAX)),
                 connections: limits.clone(),
+                tool_call_parser: args.tool_call_parser,
             };
             tokio::spawn(async move {
                 if let Err(e) = crate::api::grpc::serve(h, grpc, addr, fut).await {

@@ -28,10 +28,31 @@ fn load_err(e: impl std::fmt::Display) -> TokenizerError {
     TokenizerError::Load(e.to_string())
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+/// One message as the chat template reads it (the keys transformers passes: absent
+/// ones stay undefined, as templates test them with `is defined` / `in message`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's calls: `{"id", "type": "function", "function": {"name",
+    /// "arguments"}}` with the arguments as an object, as templates index them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
 }
 
 pub struct Tok {
@@ -248,6 +269,18 @@ impl Tok {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` and the `tools` the model may call (OpenAI's list of
+    /// `{"type": "function", "function": {…}}`, as transformers passes it; `none` when
+    /// absent).
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let tpl = self
             .chat_template
             .as_deref()
@@ -258,18 +291,86 @@ impl Tok {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
+        env.add_filter("tojson", python_tojson);
         env.add_template("chat", tpl)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
         env.get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
                     messages => messages,
+                    tools => tools,
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
                 })
             })
             .map_err(|e| TokenizerError::Template(e.to_string()))
+    }
+}
+
+/// The `tojson` filter as transformers defines it for chat templates: Python's
+/// `json.dumps` (`", "` and `": "` separators, keys in their order, no HTML escaping,
+/// `indent` as a keyword or the first argument), so a prompt shows tools and arguments
+/// the way the model was trained on them.
+fn python_tojson(
+    v: minijinja::Value,
+    indent: Option<minijinja::Value>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<minijinja::Value, minijinja::Error> {
+    let indent = match kwargs.get::<Option<minijinja::Value>>("indent")?.or(indent) {
+        Some(i) if i.is_none() => None,
+        Some(i) => Some(usize::try_from(i)?),
+        None => None,
+    };
+    // Accepted as transformers accepts them; only their Python defaults are written.
+    for k in ["ensure_ascii", "separators", "sort_keys"] {
+        let _ = kwargs.get::<Option<minijinja::Value>>(k)?;
+    }
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&v)
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::BadSerialization, e.to_string()))?;
+    let mut out = String::new();
+    write_python_json(&mut out, &json, indent, 0);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_python_json(out: &mut String, v: &Value, indent: Option<usize>, depth: usize) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    // Python's separator after an item: "," before a newline, ", " on one line.
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_python_json(out, x, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_python_json(out, x, indent, depth + 1);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -318,5 +419,31 @@ mod stream_tests {
         assert_eq!(super::new_suffix("xy", "aéz"), "z");
         assert_eq!(super::new_suffix("xyz", "a"), "");
         assert_eq!(super::new_suffix("", "é"), "é");
+    }
+}
+
+#[cfg(test)]
+mod tojson_tests {
+    fn render(tpl: &str, value: serde_json::Value) -> String {
+        let mut env = minijinja::Environment::new();
+        env.add_filter("tojson", super::python_tojson);
+        env.add_template("t", tpl).unwrap();
+        env.get_template("t")
+            .unwrap()
+            .render(minijinja::context! { v => value })
+            .unwrap()
+    }
+
+    #[test]
+    fn tojson_writes_as_python_json_dumps() {
+        let v = serde_json::json!({"name": "f", "arguments": {"b": [1, 2.5], "a": "<é>"}, "e": {}});
+        // Keys in their order, ", " and ": ", no HTML escaping, non-ASCII as is.
+        let want = r#"{"name": "f", "arguments": {"b": [1, 2.5], "a": "<é>"}, "e": {}}"#;
+        assert_eq!(render("{{ v | tojson }}", v.clone()), want);
+        assert_eq!(
+            render("{{ v.arguments | tojson(indent=2) }}", v.clone()),
+            "{\n  \"b\": [\n    1,\n    2.5\n  ],\n  \"a\": \"<é>\"\n}"
+        );
+        assert_eq!(render("{{ v.e | tojson(2) }}", v), "{}");
     }
 }

@@ -19,6 +19,7 @@ pub mod qmatmul;
 pub mod reshape_and_cache;
 pub mod rms_norm;
 pub mod rope;
+pub mod sample_rows;
 pub mod swiglu;
 pub mod widen;
 
@@ -41,6 +42,7 @@ pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
 pub use reshape_and_cache::reshape_and_cache;
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{rope, rope_and_cache, rope_packed};
+pub use sample_rows::{sample_rows, LogitAdjust, RowSample};
 pub use swiglu::{swiglu, swiglu_packed};
 pub use widen::widen_f32;
 

@@ -315,7 +315,8 @@ impl Runner {
     /// without waiting for it: its picks come back by [`Runner::wait_decode`], while
     /// the host prepares the next step. `ids`: the step's token ids on the device (a
     /// launched step's [`LaunchedDecode::picks`], rows chosen), in place of the steps'
-    /// own, so a step can be launched before the host knows its tokens. `None`: the
+    /// own, so a step can be launched before the host knows its tokens. `sampling`: how
+    /// each row is picked on the device, when not every pick is the argmax. `None`: the
     /// step cannot run so (no graphs, or not a decode step a graph takes); run it with
     /// [`Runner::step`].
     pub fn launch_decode(
@@ -323,13 +324,17 @@ impl Runner {
         mgr: &KvManager,
         steps: &[SeqStep],
         ids: Option<&Tensor>,
+        sampling: Option<&[crate::ops::RowSample]>,
     ) -> Result<Option<LaunchedDecode>> {
         #[cfg(feature = "cuda")]
         if self.graphs.is_some() {
             let Some(logits) = self.graph_step(mgr, steps, ids)? else {
                 return Ok(None);
             };
-            let picks = crate::ops::argmax_rows(&logits)?;
+            let picks = match sampling {
+                Some(rows) => crate::ops::sample_rows(&logits, rows)?,
+                None => crate::ops::argmax_rows(&logits)?,
+            };
             let mut host = self.pinned_picks.lock().expect("pinned picks").pop();
             if host.as_ref().is_none_or(|h| h.len() < steps.len()) {
                 host = Some(block_tables::pinned(
@@ -371,7 +376,7 @@ impl Runner {
                 }));
             }
         }
-        let _ = (mgr, steps, ids);
+        let _ = (mgr, steps, ids, sampling);
         Ok(None)
     }
 

@@ -6,6 +6,7 @@
 //! tokens), then the engine's `min_tokens` masking, then temperature, top-k, min-p and
 //! top-p on the scaled row. Greedy picks take the argmax of the biased, penalised row.
 
+use crate::ops::{LogitAdjust, RowSample};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -119,6 +120,9 @@ pub fn apply_penalties(logits: &mut [f32], p: &SamplingParams, h: &TokenHistory)
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The key of the device's draws ([`Sampler::device_row`]): from the seed when
+    /// there is one.
+    draw_key: u64,
     /// Kept only while a penalty reads it.
     history: Option<TokenHistory>,
 }
@@ -136,12 +140,26 @@ impl Sampler {
             None => StdRng::from_os_rng(),
         };
         let history = params.has_penalties().then(|| TokenHistory::new(prompt));
-        Sampler { params, rng, history }
+        let draw_key = match params.seed {
+            Some(s) => splitmix64(s ^ 0x5EED_D4A7_0000_0001),
+            None => rand::random(),
+        };
+        Sampler {
+            params,
+            rng,
+            draw_key,
+            history,
+        }
     }
 
     /// Greedy: the pick is the argmax (of the adjusted row when [`Sampler::adjusts_logits`]).
     pub fn is_greedy(&self) -> bool {
         self.params.temperature <= 1e-5 || self.params.top_k == 1
+    }
+
+    /// Whether a penalty reads the tokens generated so far.
+    pub fn has_penalties(&self) -> bool {
+        self.params.has_penalties()
     }
 
     /// Whether [`Sampler::adjust`] changes the row: the raw row's argmax is then not enough.
@@ -161,6 +179,58 @@ impl Sampler {
     pub fn accept(&mut self, token: u32) {
         if let Some(h) = self.history.as_mut() {
             h.push(token);
+        }
+    }
+
+    /// Pick number `pick` (0 for the first generated token) as the device samples it
+    /// ([`crate::ops::sample_rows`]): the request's parameters, the pick's draw, and its
+    /// logit bias, penalties and the `banned` tokens as sparse adjustments of logits row
+    /// `row`. The same distribution as [`Sampler::adjust`] then [`Sampler::sample`]; the
+    /// pick for a given draw may differ (ties at a threshold are kept, and the draw walks
+    /// the row in index order). The draw depends on the seed and `pick` only, so a step
+    /// prepared twice (launched ahead, then run after all) draws the same.
+    pub fn device_row(&self, row: u32, pick: usize, banned: impl IntoIterator<Item = u32>) -> RowSample {
+        let p = &self.params;
+        let mut adjust: FxHashMap<u32, LogitAdjust> = FxHashMap::default();
+        let mut adjust_of = |t: u32, f: &mut dyn FnMut(&mut LogitAdjust)| {
+            f(adjust.entry(t).or_insert(LogitAdjust {
+                token: t,
+                bias: 0.0,
+                rep: 1.0,
+                sub: 0.0,
+            }))
+        };
+        for &(t, b) in &p.logit_bias {
+            adjust_of(t, &mut |a| a.bias += b);
+        }
+        if let Some(h) = &self.history {
+            if p.repetition_penalty != 1.0 {
+                for &t in &h.seen {
+                    adjust_of(t, &mut |a| a.rep = p.repetition_penalty);
+                }
+            }
+            if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+                for (&t, &n) in &h.output {
+                    adjust_of(t, &mut |a| a.sub += p.frequency_penalty * n as f32 + p.presence_penalty);
+                }
+            }
+        }
+        for t in banned {
+            adjust_of(t, &mut |a| a.sub = f32::INFINITY);
+        }
+        let greedy = self.is_greedy();
+        // 24 random bits: every value exact in an f32 below 1.
+        let uniform = (splitmix64(self.draw_key ^ (pick as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32
+            / (1u64 << 24) as f32;
+        let p = &self.params;
+        RowSample {
+            row,
+            temperature: if greedy { 0.0 } else { p.temperature },
+            top_k: p.top_k.min(u32::MAX as usize) as u32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            uniform,
+            adjust: adjust.into_values().collect(),
         }
     }
 
@@ -218,14 +288,25 @@ impl Sampler {
     }
 }
 
+/// SplitMix64's output function: a well-mixed u64 of any u64.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// A step's logits brought to the host as far as the samplers need them: every row's
 /// argmax is taken where the logits are (one u32 a row), and only the rows marked `full`
 /// are copied whole: at batch 256 with a 50k vocabulary all rows would be 51 MB of f32
 /// a step, most of it for greedy rows that need one index.
 pub struct StepLogits {
+    /// Each row's argmax; for a launched decode step, each row's device pick.
     pub argmax: Vec<u32>,
     /// `Some` for the rows asked for in full.
     pub rows: Vec<Option<Vec<f32>>>,
+    /// `Some` for the rows sampled on the device ([`crate::ops::sample_rows`]): the pick.
+    pub sampled: Vec<Option<u32>>,
 }
 
 pub fn fetch_logits(logits: &candle_core::Tensor, full: &[bool]) -> candle_core::Result<StepLogits> {
@@ -248,7 +329,11 @@ pub fn fetch_logits(logits: &candle_core::Tensor, full: &[bool]) -> candle_core:
             rows[i as usize] = Some(r);
         }
     }
-    Ok(StepLogits { argmax, rows })
+    Ok(StepLogits {
+        argmax,
+        rows,
+        sampled: vec![None; n],
+    })
 }
 
 /// The greedy pick of one row: the op layer's definition, which `ops::argmax_rows` also
@@ -450,6 +535,68 @@ mod tests {
         });
         let picked: std::collections::BTreeSet<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
         assert_eq!(picked, [0, 1, 2].into());
+    }
+
+    #[test]
+    fn device_rows_carry_the_adjustments_and_a_draw_of_the_seed_and_pick_only() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            seed: Some(9),
+            logit_bias: vec![(3, 2.0)],
+            frequency_penalty: 0.5,
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::with_prompt(params.clone(), &[1]);
+        s.accept(3);
+        s.accept(3);
+        let r = s.device_row(4, 2, [7]);
+        assert_eq!((r.row, r.top_k, r.temperature), (4, 5, 0.7));
+        let mut adjust = r.adjust.clone();
+        adjust.sort_by_key(|a| a.token);
+        let entry = |token, bias, rep, sub| LogitAdjust { token, bias, rep, sub };
+        assert_eq!(
+            adjust,
+            vec![
+                entry(1, 0.0, 2.0, 0.0),
+                entry(3, 2.0, 2.0, 1.0),
+                entry(7, 0.0, 1.0, f32::INFINITY)
+            ]
+        );
+        // The device's adjustment is the host's: (x + bias), repetition, then subtraction.
+        let mut row = vec![0.5f32, 4.0, -1.0, 3.0, 0.0, 0.0, 0.0, 9.0];
+        let mut host = row.clone();
+        s.adjust(&mut host);
+        for a in &adjust {
+            let x = &mut row[a.token as usize];
+            let v = *x + a.bias;
+            *x = if a.rep != 1.0 {
+                if v > 0.0 {
+                    v / a.rep
+                } else {
+                    v * a.rep
+                }
+            } else {
+                v
+            } - a.sub;
+        }
+        assert_eq!(&row[..7], &host[..7]);
+        // The draw: the same for the same seed and pick, whatever was drawn before.
+        let fresh = Sampler::with_prompt(params.clone(), &[1]);
+        assert_eq!(fresh.device_row(0, 2, []).uniform, r.uniform);
+        assert_ne!(fresh.device_row(0, 3, []).uniform, r.uniform);
+        let other = Sampler::new(SamplingParams {
+            seed: Some(10),
+            ..params
+        });
+        assert_ne!(other.device_row(0, 2, []).uniform, r.uniform);
+        assert!((0.0..1.0).contains(&r.uniform));
+        // Greedy rows sample at temperature 0 (the kernel's argmax).
+        assert_eq!(
+            Sampler::new(SamplingParams::default()).device_row(0, 0, []).temperature,
+            0.0
+        );
     }
 
     #[test]

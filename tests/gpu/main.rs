@@ -20,6 +20,7 @@ mod batch_invariant;
 mod elementwise;
 mod kv_attention;
 mod model;
+mod sampling;
 mod tensor_parallel;
 mod training;
 

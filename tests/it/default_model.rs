@@ -85,13 +85,7 @@ fn default_model_chat_template_renders_chatml() {
     let m = default_model(None);
     let text = m
         .tokenizer
-        .apply_chat_template(
-            &[ChatMessage {
-                role: "user".into(),
-                content: "Hi there".into(),
-            }],
-            true,
-        )
+        .apply_chat_template(&[ChatMessage::new("user", "Hi there")], true)
         .unwrap();
     assert!(text.contains("<|im_start|>user\nHi there<|im_end|>\n"), "{text}");
     assert!(text.ends_with("<|im_start|>assistant\n"), "{text}");

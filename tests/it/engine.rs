@@ -344,8 +344,8 @@ fn prompt_logprobs_match_a_full_forward() {
 /// Async scheduling on CUDA (a decode step launched before the previous one's picks
 /// are read) gives every request the tokens of the synchronous engine: requests of
 /// different lengths ending by length and by a stop token (a step launched past the
-/// end, whose row is dropped), one aborted mid-way, and a KV budget that forces
-/// preemption. Every block comes back. f32, so the picks do not hang on rounding.
+/// end, whose row is dropped), one aborted mid-way, two sampled on the device, and a
+/// KV budget that forces preemption. Every block comes back. f32, so the picks do not hang on rounding.
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
@@ -386,8 +386,29 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
     let reference = start(false);
     let (probe, _, _) = run(&reference, &prompts[2], greedy(40));
     let stop_token = probe[17];
+    // Requests 6 and 7 sample on the device: seeded, one with a logit bias (carried
+    // into launched steps), one with a penalty (never carried: its pick reads the token
+    // before).
+    let sampling = |i: usize| match i {
+        6 => SamplingParams {
+            temperature: 0.9,
+            top_p: 0.9,
+            seed: Some(6),
+            logit_bias: vec![(5, 2.0)],
+            ..Default::default()
+        },
+        7 => SamplingParams {
+            temperature: 1.0,
+            top_k: 20,
+            seed: Some(7),
+            repetition_penalty: 1.1,
+            ..Default::default()
+        },
+        _ => SamplingParams::default(),
+    };
     let options = |i: usize| GenerateOptions {
         stop_token_ids: if i == 3 { vec![stop_token] } else { Vec::new() },
+        sampling: sampling(i),
         ..greedy(max_tokens[i])
     };
     let serve = |h: &EngineHandle| -> Vec<(Vec<u32>, FinishReason)> {
@@ -442,4 +463,96 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
     assert_eq!(want[3].1, FinishReason::Stop, "request 3 ends on its stop token");
     assert!(want[3].0.len() <= 18);
     assert_eq!(want[2].0.len(), 40);
+}
+
+/// Sampling on the device (CUDA): seeded requests repeat their tokens, two requests of
+/// one prompt and seed in one batch agree, a logit bias forces its token, and min_tokens
+/// holds a stop token back until it is met.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
+    use crosskv::model::LoadOptions;
+    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(21).write();
+    let model = ckpt.load_with(&LoadOptions {
+        dtype: Some(candle_core::DType::F32),
+        device: crosskv::device::cuda(0).expect("a CUDA device"),
+        ..Default::default()
+    });
+    let layout = model.layout().clone();
+    let config = EngineConfig {
+        kv_cache_bytes: 64 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
+        block_size: 16,
+        max_model_len: 128,
+        max_num_seqs: 16,
+        max_num_batched_tokens: 256,
+        max_queued_requests: 64,
+        prefix_caching: true,
+        cuda_graphs: true,
+        async_scheduling: false,
+    };
+    let h = EngineHandle::start(model, tokenizer(), config).unwrap();
+    let sampled = |seed: u64| GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 50,
+            seed: Some(seed),
+            repetition_penalty: 1.2,
+            ..Default::default()
+        },
+        ..greedy(16)
+    };
+    let batch = |opts: Vec<GenerateOptions>| -> Vec<(Vec<u32>, FinishReason)> {
+        let streams: Vec<_> = opts
+            .into_iter()
+            .map(|o| {
+                h.submit(GenerateRequest {
+                    prompt_ids: vec![11, 12, 13, 14],
+                    options: o,
+                })
+                .unwrap()
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|mut s| {
+                let (ids, _, r) = collect(&mut s);
+                (ids, r)
+            })
+            .collect()
+    };
+    let a = batch(vec![sampled(3), sampled(4), sampled(3)]);
+    assert_eq!(a[0], a[2], "one prompt, one seed, one batch: one answer");
+    assert_ne!(a[0].0, a[1].0, "another seed, another answer");
+    assert_eq!(
+        batch(vec![sampled(3), sampled(4), sampled(3)]),
+        a,
+        "a repeated batch repeats"
+    );
+    let distinct: std::collections::HashSet<_> = a[0].0.iter().collect();
+    assert!(distinct.len() > 3, "temperature 1 samples: {:?}", a[0].0);
+    let forced = 777u32;
+    let biased = |min_tokens: usize, stop: bool| GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(1),
+            logit_bias: vec![(forced, 100.0)],
+            ..Default::default()
+        },
+        min_tokens,
+        stop_token_ids: if stop { vec![forced] } else { Vec::new() },
+        ..greedy(12)
+    };
+    let b = batch(vec![biased(0, false), biased(5, true), sampled(9)]);
+    assert_eq!(
+        b[0],
+        (vec![forced; 12], FinishReason::Length),
+        "the bias forces its token"
+    );
+    assert_eq!(b[1].1, FinishReason::Stop);
+    assert_eq!(b[1].0.len(), 6, "held back for 5 tokens, then met: {:?}", b[1].0);
+    assert!(b[1].0[..5].iter().all(|&t| t != forced));
+    assert_eq!(b[1].0[5], forced);
+    assert_eq!(wait_for_free_blocks(&h), 0);
+    h.shutdown();
 }

@@ -307,7 +307,7 @@ fn fuzz_grpc_generate_requests() {
                 ignore_eos,
                 ..Default::default()
             };
-            if let Err(status) = grpc::validate(&f.handle, req, 4096) {
+            if let Err(status) = grpc::validate(&f.handle, req, 4096, Default::default()) {
                 prop_assert_eq!(status.code(), tonic::Code::InvalidArgument, "{:?}", status);
             }
             Ok(())

@@ -6,6 +6,7 @@ use crate::common::{dense_logits, Checkpoint, Rng, Tiny};
 use candle_core::quantized::gguf_file;
 use crosskv::api::http::{self, AppState, HttpConfig};
 use crosskv::api::listener::ConnectionLimits;
+use crosskv::api::tool_calls::ToolCallParser;
 use crosskv::engine::{EngineConfig, EngineHandle};
 use crosskv::model::{self, ModelSource, Tok};
 use serde_json::{json, Value};
@@ -49,6 +50,9 @@ pub(crate) struct Setup {
     pub vocab: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
+    /// Replaces the tokenizer's chat template.
+    pub chat_template: Option<String>,
+    pub tool_call_parser: ToolCallParser,
 }
 
 impl Default for Setup {
@@ -64,6 +68,8 @@ impl Default for Setup {
             vocab: VOCAB,
             max_num_seqs: 64,
             max_num_batched_tokens: 512,
+            chat_template: None,
+            tool_call_parser: ToolCallParser::Auto,
         }
     }
 }
@@ -90,9 +96,13 @@ pub(crate) async fn start(s: Setup) -> Server {
 
 /// `start` with a model of the caller's (`ck` is kept alive with the server).
 pub(crate) async fn start_model(s: Setup, ck: Checkpoint, m: crosskv::model::Model) -> Server {
+    let mut tok = tokenizer();
+    if let Some(t) = s.chat_template {
+        tok.chat_template = Some(t);
+    }
     let handle = EngineHandle::start(
         m,
-        tokenizer(),
+        tok,
         EngineConfig {
             kv_cache_bytes: s.kv_cache_bytes,
             block_size: 16,
@@ -113,6 +123,7 @@ pub(crate) async fn start_model(s: Setup, ck: Checkpoint, m: crosskv::model::Mod
             max_body_bytes: s.max_body_bytes,
             request_timeout: Duration::from_secs(60),
             max_prompt_bytes: s.max_prompt_bytes,
+            tool_call_parser: s.tool_call_parser,
         },
         handle.clone(),
     );

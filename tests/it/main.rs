@@ -29,5 +29,7 @@ mod sources;
 mod structured;
 mod tensor_parallel;
 mod tokenizer;
+mod tool_calls;
+mod tool_calls_forced;
 mod training;
 mod training_batch;

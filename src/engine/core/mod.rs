@@ -74,6 +74,21 @@ impl Live {
             && generated >= self.options.min_tokens
             && self.constraint.is_none()
     }
+
+    /// The device may pick this request's tokens: nothing of its row is needed on the
+    /// host (no log-probs) and no grammar masks it (a constrained row comes to the host
+    /// whole, where its mask is applied).
+    fn device_may_sample(&self) -> bool {
+        self.options.logprobs.is_none() && self.constraint.is_none()
+    }
+
+    /// Once `generated` tokens are out, the device can pick the next token without the
+    /// host reading the one before: nothing of the row comes to the host, and nothing
+    /// of the pick depends on the tokens so far (no penalty, no min_tokens mask, no
+    /// grammar).
+    fn device_pick_suffices_after(&self, generated: usize) -> bool {
+        self.device_may_sample() && !self.sampler.has_penalties() && generated >= self.options.min_tokens
+    }
 }
 
 pub(super) struct Engine {
@@ -97,6 +112,8 @@ pub(super) struct Engine {
     /// Live requests with a structured-output constraint: with none, a step looks for
     /// no masks to compute.
     num_constrained: usize,
+    /// Sampled rows are picked where the logits are (CUDA), not copied to the host.
+    device_sampling: bool,
 }
 
 /// The text of a caught panic's payload.
@@ -105,6 +122,14 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| p.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// How a step's sampling rows reach their tokens, besides the device's argmax of each.
+pub(super) struct RowPlan {
+    /// Per logits row: copied to the host whole (log-probs, host sampling).
+    full: Vec<bool>,
+    /// Logits rows sampled where the logits are, and whose.
+    on_device: Vec<(u32, RequestId)>,
 }
 
 /// What [`Engine::execute`] hands [`Engine::update`]: the step's sequences, the
@@ -130,7 +155,6 @@ impl Engine {
         async_scheduling: bool,
     ) -> Self {
         Engine {
-            runner,
             scheduler,
             requests: FxHashMap::default(),
             tokenizer,
@@ -144,6 +168,8 @@ impl Engine {
             async_scheduling,
             in_flight: None,
             num_constrained: 0,
+            device_sampling: runner.model().device().is_cuda(),
+            runner,
         }
     }
 
@@ -348,12 +374,12 @@ impl Engine {
             .add_step_phase(StepPhase::Schedule, t.elapsed().as_secs_f64());
         let out = out?;
         let tokens = out.scheduled.iter().map(|s| s.tokens.len()).sum();
-        let (steps, full) = self.prepare(&out);
-        let (out, steps) = match self.launch(out, steps, &full) {
+        let (steps, plan) = self.prepare(&out);
+        let (out, steps) = match self.launch(out, steps, &plan) {
             Ok(()) => return Some(tokens),
             Err(not_launched) => not_launched,
         };
-        let ex = self.execute(&out, steps, full)?;
+        let ex = self.execute(&out, steps, plan)?;
         let t = Instant::now();
         self.update(&out, ex);
         self.metrics
@@ -389,8 +415,8 @@ impl Engine {
     }
 
     /// Prepare: the step's sequences for the runner (first scheduling recorded), and
-    /// which logits rows must come to the host whole.
-    fn prepare(&mut self, out: &SchedulerOutput) -> (Vec<SeqStep>, Vec<bool>) {
+    /// how each sampling row is picked.
+    fn prepare(&mut self, out: &SchedulerOutput) -> (Vec<SeqStep>, RowPlan) {
         let now = Instant::now();
         let steps: Vec<SeqStep> = out
             .scheduled
@@ -417,37 +443,62 @@ impl Engine {
                 }
             })
             .collect();
-        // Which output rows must come to the host whole: prompt log-probs, and sampling
-        // rows that are not plain greedy picks (temperature, log-probs, min_tokens masking).
-        // Prompt rows are scored where they are (`collect_prompt_logprobs`), never copied.
-        let mut full = Vec::new();
+        // Sampling rows that are not plain greedy picks (temperature, bias, penalties,
+        // min_tokens masking) are sampled on the device where there is one; rows whose
+        // log-probs are reported, and constrained rows (masked on the host), come to the
+        // host whole. Prompt rows are scored where they are (`collect_prompt_logprobs`),
+        // never copied.
+        let mut plan = RowPlan {
+            full: Vec::new(),
+            on_device: Vec::new(),
+        };
         for (s, step) in out.scheduled.iter().zip(&steps) {
             if step.all_logits {
-                full.extend(std::iter::repeat_n(false, step.tokens.len() - 1));
+                plan.full.extend(std::iter::repeat_n(false, step.tokens.len() - 1));
             }
-            full.push(s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices()));
+            let row = plan.full.len() as u32;
+            let needs_row = s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices());
+            let on_device =
+                needs_row && self.device_sampling && self.requests.get(&s.id).is_some_and(Live::device_may_sample);
+            if on_device {
+                plan.on_device.push((row, s.id));
+            }
+            plan.full.push(needs_row && !on_device);
         }
         self.metrics
             .add_step_phase(StepPhase::Prepare, now.elapsed().as_secs_f64());
-        (steps, full)
+        (steps, plan)
     }
 
     /// Execute: one batched forward over the scheduled sequences, and the logits rows
     /// sampling needs fetched to the host. `None`: the forward failed, and the step's
     /// requests were failed and freed.
-    fn execute(&mut self, out: &SchedulerOutput, steps: Vec<SeqStep>, full: Vec<bool>) -> Option<Executed> {
+    fn execute(&mut self, out: &SchedulerOutput, steps: Vec<SeqStep>, plan: RowPlan) -> Option<Executed> {
         let forward = Instant::now();
         let queued = self.runner.step(self.scheduler.kv(), &steps);
+        // The device samples while the host goes on: queued behind the forward, read
+        // with the argmax picks.
+        let queued = queued.and_then(|t| {
+            let picks = self.queue_device_sampling(&t, &plan.on_device)?;
+            Ok((t, picks))
+        });
         let masking = Instant::now();
         self.metrics
             .add_step_phase(StepPhase::Forward, (masking - forward).as_secs_f64());
-        // On CUDA the forward is only queued: the masks are computed while it runs.
+        // On CUDA the forward (and the device's sampling) is only queued: the masks are
+        // computed while it runs. Constrained rows are never sampled on the device
+        // (`prepare`): they come to the host whole and are masked there.
         let masks = self.compute_masks(out);
         let fetch = Instant::now();
         self.metrics
             .add_step_phase(StepPhase::Masks, (fetch - masking).as_secs_f64());
-        let logits = queued.and_then(|t| {
-            let fetched = crate::runner::fetch_logits(&t, &full)?;
+        let logits = queued.and_then(|(t, picks)| {
+            let mut fetched = crate::runner::fetch_logits(&t, &plan.full)?;
+            if let Some(picks) = picks {
+                for (&(row, _), pick) in plan.on_device.iter().zip(picks.to_vec1::<u32>()?) {
+                    fetched.sampled[row as usize] = Some(pick);
+                }
+            }
             Ok((t, fetched))
         });
         self.metrics
@@ -492,6 +543,83 @@ impl Engine {
         }
     }
 
+    /// The rows of `on_device` sampled on the device, queued: their picks, one a row.
+    fn queue_device_sampling(
+        &mut self,
+        logits: &candle_core::Tensor,
+        on_device: &[(u32, RequestId)],
+    ) -> candle_core::Result<Option<candle_core::Tensor>> {
+        if on_device.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.device_rows(on_device, 0)?;
+        crate::ops::sample_rows(logits, &rows).map(Some)
+    }
+
+    /// How the device samples each of these rows: each request's parameters, the draw
+    /// of its pick (`ahead` picks after the next: 1 for a step launched behind one in
+    /// flight), its bias and penalties, and (before its min_tokens) its stop tokens banned.
+    fn device_rows(
+        &self,
+        on_device: &[(u32, RequestId)],
+        ahead: usize,
+    ) -> candle_core::Result<Vec<crate::ops::RowSample>> {
+        let tokenizer = &self.tokenizer;
+        let rows: Vec<crate::ops::RowSample> = on_device
+            .iter()
+            .filter_map(|&(row, id)| {
+                let l = self.requests.get(&id)?;
+                let o = &l.options;
+                let pick = l.generated.len() + ahead;
+                // Before min_tokens, EOS and stop tokens cannot be picked.
+                let banned: Vec<u32> = if pick < o.min_tokens {
+                    let eos = (!o.ignore_eos).then_some(&tokenizer.eos_ids);
+                    o.stop_token_ids
+                        .iter()
+                        .chain(eos.into_iter().flatten())
+                        .copied()
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Some(l.sampler.device_row(row, pick, banned))
+            })
+            .collect();
+        if rows.len() != on_device.len() {
+            candle_core::bail!("a sampled request is gone mid-step");
+        }
+        Ok(rows)
+    }
+
+    /// A launched step's picks for `rows` rows, when some are sampled (`on_device`, the
+    /// others greedy): every row's [`crate::ops::RowSample`]. `None`: all are argmax picks.
+    fn launch_rows(
+        &self,
+        rows: usize,
+        on_device: &[(u32, RequestId)],
+        ahead: usize,
+    ) -> candle_core::Result<Option<Vec<crate::ops::RowSample>>> {
+        if on_device.is_empty() {
+            return Ok(None);
+        }
+        let mut all: Vec<crate::ops::RowSample> = (0..rows as u32)
+            .map(|row| crate::ops::RowSample {
+                row,
+                temperature: 0.0,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+                uniform: 0.0,
+                adjust: Vec::new(),
+            })
+            .collect();
+        for r in self.device_rows(on_device, ahead)? {
+            let i = r.row as usize;
+            all[i] = r;
+        }
+        Ok(Some(all))
+    }
+
     /// Update: each sequence's progress recorded, prompt log-probs scored, and a token
     /// sampled where the step ends a sequence's known tokens (stop checks, events out,
     /// finished requests freed).
@@ -517,7 +645,8 @@ impl Engine {
             if s.samples {
                 let last = range.end - 1;
                 let mask = ex.masks.remove(&s.id);
-                self.sample(s.id, ex.logits.rows[last].as_deref(), ex.logits.argmax[last], mask);
+                let pick = ex.logits.sampled[last].unwrap_or(ex.logits.argmax[last]);
+                self.sample(s.id, ex.logits.rows[last].as_deref(), pick, mask);
             }
         }
     }
@@ -566,14 +695,15 @@ impl Engine {
         Ok(())
     }
 
-    /// The token a request picks from its row (or the device's greedy pick) and its
-    /// log-prob; a constrained request's grammar is advanced by it. `Ok(None)`: the
-    /// request is gone. `Err`: its grammar failed, and the request must end.
+    /// The token a request picks from its row (or the device's pick: its argmax, or
+    /// its sampled token) and its log-prob; a constrained request's grammar is advanced
+    /// by it. `Ok(None)`: the request is gone. `Err`: its grammar failed, and the
+    /// request must end.
     fn pick(
         &mut self,
         id: RequestId,
         logits: Option<&[f32]>,
-        greedy: u32,
+        picked: u32,
         mask: Option<Result<TokenMask, String>>,
     ) -> Result<Option<(u32, Option<TokenLogprob>)>, String> {
         let Some(l) = self.requests.get_mut(&id) else {
@@ -587,7 +717,7 @@ impl Engine {
         };
         let o = &l.options;
         let (token, logprob) = match logits {
-            None => (greedy, None),
+            None => (picked, None),
             Some(logits) => {
                 let adjusted;
                 let mut scores = logits;
@@ -634,11 +764,11 @@ impl Engine {
         Ok(Some((token, logprob)))
     }
 
-    /// `logits`: the row, when the request needs more than a greedy pick
-    /// ([`Live::greedy_pick_suffices`]); else `greedy` (the device's argmax) is the token.
-    /// `mask`: a constrained request's allowed tokens, computed during the forward.
-    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, greedy: u32, mask: Option<Result<TokenMask, String>>) {
-        let picked = self.pick(id, logits, greedy, mask);
+    /// `logits`: the row, when the host samples the request; else `picked` (the
+    /// device's argmax, or its sampled pick) is the token. `mask`: a constrained
+    /// request's allowed tokens, computed during the forward.
+    fn sample(&mut self, id: RequestId, logits: Option<&[f32]>, picked: u32, mask: Option<Result<TokenMask, String>>) {
+        let picked = self.pick(id, logits, picked, mask);
         let (token, logprob) = match picked {
             Ok(Some(p)) => p,
             Ok(None) => return,

@@ -5,16 +5,18 @@
 //! behind the device's work on the next.
 //!
 //! The next step can be launched before its tokens are known when it is the same decode
-//! batch one position further: every request greedy with nothing to read from its logits
-//! row (no sampler, log-probs, `min_tokens` mask, logit bias or penalty), nobody waiting
-//! to be admitted, and a block for every next position without preempting. A request whose picked token
+//! batch one position further: every request picked on the device with nothing read
+//! from its logits row on the host (no log-probs, no grammar mask) and nothing of the
+//! pick depending on the token before (no penalty, no `min_tokens` mask left), nobody waiting to be
+//! admitted, and a block for every next position without preempting. A request whose picked token
 //! turns out to end it (EOS, a stop token) was launched one step too far: that row's
 //! result is dropped, as vLLM does; its blocks are freed when it finishes, and anything
 //! that reuses them runs after the step on the device's one stream. A request that ends
 //! by length is known in advance and is not carried on.
 
-use super::{Engine, Executed};
+use super::{Engine, Executed, RowPlan};
 use crate::engine::scheduler::SchedulerOutput;
+use crate::engine::RequestId;
 use crate::metrics::StepPhase;
 use crate::runner::{LaunchedDecode, SeqStep, StepLogits};
 use std::sync::atomic::Ordering;
@@ -29,22 +31,25 @@ pub(super) struct InFlight {
 
 impl Engine {
     /// Launches the step without waiting for it, when async scheduling is on and it is a
-    /// decode step the runner can launch so (a CUDA graph, every row a plain greedy
-    /// pick); else hands `out` and `steps` back to run synchronously.
+    /// decode step the runner can launch so (a CUDA graph, every row picked on the
+    /// device); else hands `out` and `steps` back to run synchronously.
     pub(super) fn launch(
         &mut self,
         out: SchedulerOutput,
         steps: Vec<SeqStep>,
-        full: &[bool],
+        plan: &RowPlan,
     ) -> Result<(), (SchedulerOutput, Vec<SeqStep>)> {
         let decode = steps.iter().all(|s| s.tokens.len() == 1 && !s.all_logits)
             && out.scheduled.iter().all(|s| s.samples)
-            && !full.iter().any(|&f| f);
+            && !plan.full.iter().any(|&f| f);
         if !self.async_scheduling || !decode {
             return Err((out, steps));
         }
         let t = Instant::now();
-        let launched = self.runner.launch_decode(self.scheduler.kv(), &steps, None);
+        let launched = self.launch_rows(steps.len(), &plan.on_device, 0).and_then(|rows| {
+            self.runner
+                .launch_decode(self.scheduler.kv(), &steps, None, rows.as_deref())
+        });
         self.metrics
             .add_step_phase(StepPhase::Forward, t.elapsed().as_secs_f64());
         match launched {
@@ -70,9 +75,12 @@ impl Engine {
         let next = self.next_decode(&f);
         self.metrics
             .add_step_phase(StepPhase::Schedule, t.elapsed().as_secs_f64());
-        let next = next.and_then(|(out, steps, ids)| {
+        let next = next.and_then(|(out, steps, ids, on_device)| {
             let t = Instant::now();
-            let launched = self.runner.launch_decode(self.scheduler.kv(), &steps, Some(&ids));
+            let launched = self.launch_rows(steps.len(), &on_device, 1).and_then(|rows| {
+                self.runner
+                    .launch_decode(self.scheduler.kv(), &steps, Some(&ids), rows.as_deref())
+            });
             self.metrics
                 .add_step_phase(StepPhase::Forward, t.elapsed().as_secs_f64());
             match launched {
@@ -98,8 +106,10 @@ impl Engine {
                     logits: StepLogits {
                         argmax: picks,
                         rows: vec![None; n],
+                        sampled: vec![None; n],
                     },
-                    // A constrained request is never launched ahead (`greedy_pick_suffices`).
+                    // A constrained request is never launched ahead: neither
+                    // `greedy_pick_suffices` nor `device_pick_suffices_after` holds for it.
                     masks: Default::default(),
                 };
                 self.update(&f.out, ex);
@@ -119,20 +129,36 @@ impl Engine {
 
     /// The step after `f`, when it can be launched before `f`'s picks are read: the same
     /// decode batch one position further, less the requests `f` ends by length. Its
-    /// blocks are allocated here; its token ids are `f`'s picks, rows chosen.
-    fn next_decode(&mut self, f: &InFlight) -> Option<(SchedulerOutput, Vec<SeqStep>, candle_core::Tensor)> {
+    /// blocks are allocated here; its token ids are `f`'s picks, rows chosen; and the
+    /// rows the device samples.
+    #[allow(clippy::type_complexity)]
+    fn next_decode(
+        &mut self,
+        f: &InFlight,
+    ) -> Option<(
+        SchedulerOutput,
+        Vec<SeqStep>,
+        candle_core::Tensor,
+        Vec<(u32, RequestId)>,
+    )> {
         if self.scheduler.num_waiting() > 0 || self.pending_adds.load(Ordering::Relaxed) > 0 || self.fault.is_some() {
             return None;
         }
         let mut rows = Vec::new();
         let mut carried = Vec::new();
+        let mut on_device = Vec::new();
         for (row, s) in f.out.scheduled.iter().enumerate() {
             let Some(l) = self.requests.get(&s.id) else { continue };
             // Counting the token `f` picks for it.
             let generated = l.generated.len() + 1;
             let ends_by_length = generated >= l.options.max_tokens || l.prompt_len + generated >= self.max_model_len;
-            if ends_by_length || !l.greedy_pick_suffices_after(generated) {
+            let greedy = l.greedy_pick_suffices_after(generated);
+            let sampled = !greedy && self.device_sampling && l.device_pick_suffices_after(generated);
+            if ends_by_length || !(greedy || sampled) {
                 continue;
+            }
+            if sampled {
+                on_device.push((carried.len() as u32, s.id));
             }
             rows.push(row as u32);
             carried.push(s);
@@ -158,6 +184,6 @@ impl Engine {
             let rows = candle_core::Tensor::new(rows.as_slice(), picks.device()).ok()?;
             picks.index_select(&rows, 0).ok()?
         };
-        Some((out, steps, ids))
+        Some((out, steps, ids, on_device))
     }
 }
