@@ -556,3 +556,79 @@ fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
     assert_eq!(wait_for_free_blocks(&h), 0);
     h.shutdown();
 }
+
+/// Structured outputs beside sampling on the device (CUDA, async scheduling on): a
+/// constrained request is never sampled on the device nor launched ahead of its
+/// mask, so its text follows its constraint, sampled or greedy, while the sampled
+/// requests batched with it are picked on the device and carried ahead. Every block
+/// comes back.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_constrained_requests_are_masked_beside_device_sampling() {
+    use crosskv::engine::Constraint;
+    use crosskv::model::LoadOptions;
+    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(23).write();
+    let model = ckpt.load_with(&LoadOptions {
+        dtype: Some(candle_core::DType::F32),
+        device: crosskv::device::cuda(0).expect("a CUDA device"),
+        ..Default::default()
+    });
+    let layout = model.layout().clone();
+    let config = EngineConfig {
+        kv_cache_bytes: 64 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
+        block_size: 16,
+        max_model_len: 128,
+        max_num_seqs: 16,
+        max_num_batched_tokens: 256,
+        max_queued_requests: 64,
+        prefix_caching: true,
+        cuda_graphs: true,
+        async_scheduling: true,
+    };
+    let h = EngineHandle::start(model, tokenizer(), config).unwrap();
+    let sampled = |seed: u64| GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            seed: Some(seed),
+            ..Default::default()
+        },
+        ..greedy(24)
+    };
+    let word = regex::Regex::new("^[a-z]{8}$").unwrap();
+    let choices = ["alpha", "beta", "gamma"].map(String::from);
+    let constrained = |o: GenerateOptions, c: Constraint| GenerateOptions {
+        constraint: Some(c),
+        ..o
+    };
+    let opts = vec![
+        sampled(1),
+        constrained(sampled(2), Constraint::Regex("[a-z]{8}".into())),
+        sampled(3),
+        constrained(sampled(4), Constraint::Choice(choices.to_vec())),
+        constrained(greedy(24), Constraint::Regex("[a-z]{8}".into())),
+    ];
+    let streams: Vec<_> = opts
+        .into_iter()
+        .map(|o| {
+            h.submit(GenerateRequest {
+                prompt_ids: vec![11, 12, 13, 14],
+                options: o,
+            })
+            .unwrap()
+        })
+        .collect();
+    let out: Vec<_> = streams.into_iter().map(|mut s| collect(&mut s)).collect();
+    for i in [0, 2] {
+        assert_eq!(out[i].0.len(), 24, "request {i}");
+        assert_eq!(out[i].2, FinishReason::Length);
+    }
+    for i in [1, 4] {
+        assert!(word.is_match(&out[i].1), "request {i}: {:?}", out[i].1);
+        assert_eq!(out[i].2, FinishReason::Stop, "request {i}");
+    }
+    assert!(choices.contains(&out[3].1), "{:?}", out[3].1);
+    assert_eq!(out[3].2, FinishReason::Stop);
+    assert_eq!(wait_for_free_blocks(&h), 0);
+    h.shutdown();
+}

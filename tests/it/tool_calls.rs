@@ -168,7 +168,7 @@ async fn auto_answers_without_a_call_are_text_streamed_or_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forced_calls_on_an_unconstrained_model_answer_without_failing() {
+async fn forced_calls_answer_well_formed_streamed_or_not() {
     // Whatever the model writes, a forced call's reply is well formed: the call when the
     // output parses, else the text as content.
     let s = start_hermes().await;
@@ -198,6 +198,12 @@ async fn malformed_tool_fields_are_400_naming_them() {
     let s = start_hermes().await;
     let user = json!([{"role": "user", "content": "hi"}]);
     let f = |name: &str| json!({"type": "function", "function": {"name": name}});
+    let unresolved = json!({"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}});
+    // Tools whose `$defs` name one definition two ways.
+    let defines = |name: &str, ty: &str| {
+        json!({"type": "function", "function": {"name": name, "parameters": {"type": "object",
+            "properties": {"x": {"$ref": "#/$defs/x"}}, "$defs": {"x": {"type": ty}}}}})
+    };
     let cases: Vec<(Value, &str)> = vec![
         (json!({"tools": {"type": "function"}}), "tools"),
         (json!({"tools": [f("a b")]}), "tools[0].function.name"),
@@ -223,6 +229,30 @@ async fn malformed_tool_fields_are_400_naming_them() {
         (
             json!({"tools": [f("a")], "parallel_tool_calls": "yes"}),
             "parallel_tool_calls",
+        ),
+        // A forced call's schema is compiled: one that cannot be is named.
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "a", "parameters": unresolved}}],
+                "tool_choice": "required"}),
+            "tools[0].function.parameters",
+        ),
+        (
+            json!({"tools": [f("a"), {"type": "function", "function": {"name": "b", "parameters": unresolved}}],
+                "tool_choice": f("b")}),
+            "tools[1].function.parameters",
+        ),
+        (
+            json!({"tools": [defines("a", "string"), defines("b", "integer")], "tool_choice": "required"}),
+            "tools[1].function.parameters",
+        ),
+        // A forced call and a structured-output field: the output cannot follow both.
+        (
+            json!({"tools": [f("a")], "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (
+            json!({"tools": [f("a")], "tool_choice": f("a"), "structured_outputs": {"regex": "a+"}}),
+            "structured_outputs",
         ),
         (json!({"functions": [{"name": "a"}]}), "functions"),
         (json!({"function_call": {"name": "a"}}), "function_call"),
@@ -370,19 +400,40 @@ mod grpc {
         }
         assert_eq!(text, none.text);
         assert_eq!(finish, none.finish_reason);
-        // A forced call never fails, whatever the unconstrained model writes.
+        // A forced call follows its function's schema: `get_time` takes no arguments.
         let named = c
             .generate(chat(r#"{"type": "function", "function": {"name": "get_time"}}"#))
             .await
             .unwrap()
             .into_inner();
-        assert!(!named.text.is_empty() || named.tool_calls.len() == 1);
+        assert_eq!(named.tool_calls.len(), 1, "{named:?}");
+        assert_eq!(named.tool_calls[0].name, "get_time");
+        assert_eq!(named.tool_calls[0].arguments, "{}");
+        assert_eq!(named.finish_reason, "stop");
+        let unresolved = json!([{"type": "function", "function": {"name": "a",
+            "parameters": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}}}}]);
         for (req, field) in [
             (
                 chat(r#"{"type": "function", "function": {"name": "nope"}}"#),
                 "tool_choice",
             ),
             (chat("sometimes"), "tool_choice"),
+            (
+                pb::GenerateRequest {
+                    tools_json: unresolved.to_string(),
+                    ..chat("required")
+                },
+                "tools_json[0].function.parameters",
+            ),
+            (
+                pb::GenerateRequest {
+                    constraint: Some(pb::OutputConstraint {
+                        kind: Some(pb::output_constraint::Kind::Regex("a+".into())),
+                    }),
+                    ..chat("required")
+                },
+                "constraint",
+            ),
             (
                 pb::GenerateRequest {
                     tools_json: "[1]".into(),

@@ -1,8 +1,7 @@
 //! Forced tool calls (`tool_choice: "required"` or a named function): the output is held
 //! to a JSON schema, so even the tiny random llama answers with well-formed calls whose
-//! arguments follow each tool's `parameters`. These need the output constraint enforced
-//! by the engine (`GenerateOptions::constraint`); without it the random model writes
-//! junk, which is returned as content.
+//! arguments follow each tool's `parameters`: the engine masks every pick with the
+//! schema's grammar (`GenerateOptions::constraint`), as it does for structured outputs.
 
 use crate::http::{Server, MODEL};
 use crate::tool_calls::{start_hermes, weather_tools};
@@ -92,14 +91,13 @@ async fn streamed_calls(s: &Server, b: Value) -> (Vec<Value>, String) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the engine to enforce GenerateOptions::constraint"]
 async fn a_named_function_is_called_with_arguments_following_its_schema() {
     let s = start_hermes().await;
     let named = json!({"type": "function", "function": {"name": "get_weather"}});
     let (st, r) = s.post(CHAT, body(named.clone(), json!({}))).await;
     assert_eq!(st, 200, "{r}");
     let m = &r["choices"][0]["message"];
-    let calls = m["tool_calls"].as_array().expect("a tool call");
+    let calls = m["tool_calls"].as_array().unwrap_or_else(|| panic!("a tool call: {r}"));
     assert_eq!(calls.len(), 1, "{r}");
     check_call(&calls[0], Some("get_weather"));
     assert!(m["content"].is_null(), "{r}");
@@ -113,7 +111,6 @@ async fn a_named_function_is_called_with_arguments_following_its_schema() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the engine to enforce GenerateOptions::constraint"]
 async fn required_calls_a_tool_with_valid_arguments() {
     // One call (`parallel_tool_calls: false`: the array holds one item), so the random
     // model's output is bounded by the schema.
@@ -134,4 +131,33 @@ async fn required_calls_a_tool_with_valid_arguments() {
     assert_eq!(calls.len(), 1);
     check_call(&calls[0], None);
     assert_eq!(finish, "tool_calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_resolves_each_tools_own_definitions() {
+    // `$ref`s into a tool's `$defs` resolve inside the combined `required` schema.
+    let s = start_hermes().await;
+    let tools = json!([
+        {"type": "function", "function": {"name": "paint", "parameters": {"type": "object",
+            "properties": {"color": {"$ref": "#/$defs/color"}}, "required": ["color"],
+            "$defs": {"color": {"type": "string", "enum": ["red", "blue"]}}}}},
+        {"type": "function", "function": {"name": "get_time"}}
+    ]);
+    let b = json!({"model": MODEL, "messages": [{"role": "user", "content": "Paint it"}], "tools": tools,
+        "tool_choice": "required", "parallel_tool_calls": false, "max_tokens": 64, "temperature": 0});
+    let (st, r) = s.post(CHAT, b).await;
+    assert_eq!(st, 200, "{r}");
+    let calls = r["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a tool call: {r}"));
+    assert_eq!(calls.len(), 1, "{r}");
+    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    match calls[0]["function"]["name"].as_str().unwrap() {
+        "paint" => assert!(
+            args == json!({"color": "red"}) || args == json!({"color": "blue"}),
+            "{args}"
+        ),
+        "get_time" => assert_eq!(args, json!({})),
+        other => panic!("{other}"),
+    }
 }
