@@ -231,6 +231,35 @@ fn fp8_cache_log_probs_stay_near_the_f32_cache() {
     }
 }
 
+/// The golden fixtures (HF transformers checkpoints with initializer_range 0.02, so
+/// small K/V: mostly in e4m3's normal range at scale 1.0, some subnormal).
+#[test]
+fn fp8_cache_log_probs_on_the_golden_fixtures() {
+    for name in ["llama_gqa", "llama_headdim_rope3", "qwen2_bias"] {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
+        let load = |kv: KvDtype| {
+            let mut m = model::load_model_dir(&dir, &LoadOptions::default()).unwrap();
+            m.set_kv_cache_dtype(kv);
+            m
+        };
+        let vocab = load(KvDtype::F32).config().vocab_size;
+        let tokens = Rng::new(12).tokens(48, vocab);
+        let want = next_token_logprobs(&paged_logits(&load(KvDtype::F32), &tokens), &tokens);
+        let deltas = |kv: KvDtype| {
+            let got = next_token_logprobs(&paged_logits(&load(kv), &tokens), &tokens);
+            let d: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
+            (d.iter().sum::<f32>() / d.len() as f32, d.iter().fold(0f32, |a, &b| a.max(b)))
+        };
+        let (mean, max) = deltas(KvDtype::Fp8E4m3);
+        let (mean16, max16) = deltas(KvDtype::BF16);
+        eprintln!(
+            "golden {name}: |Δ log-prob| against an f32 cache over {} tokens: fp8 mean {mean:.2e} max {max:.2e}; bf16 mean {mean16:.2e} max {max16:.2e}",
+            want.len()
+        );
+        assert!(mean <= 32.0 * mean16 && max <= 32.0 * max16, "{name}: mean {mean} max {max}");
+    }
+}
+
 #[test]
 fn tensor_parallel_ranks_with_an_fp8_cache_give_the_logits_of_one() {
     let tiny = Tiny::new(4, 4, 2, 8, 32, 61).cla("cla_share_factor", json!(2)).seed(4);
