@@ -110,12 +110,7 @@ fn capacity_layouts(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayou
         .split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
         .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {}: {e}", args.tensor_parallel_size))?;
     let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, kv.bytes());
-    Ok((
-        cfg,
-        layout.clone().with_dtype(kv),
-        layout.with_dtype(other),
-        seq_len,
-    ))
+    Ok((cfg, layout.clone().with_dtype(kv), layout.with_dtype(other), seq_len))
 }
 
 /// `capacity --json`: the report, and the same figures in the dtype it is compared with.
@@ -183,7 +178,11 @@ pub fn capacity_comparison_rows(o: &CapacityReport) -> String {
             o.kv_bytes_per_token,
             o.non_cla_kv_bytes_per_token,
         ),
-        ("  capacity (tokens)".to_string(), o.capacity_tokens, o.non_cla_capacity_tokens),
+        (
+            "  capacity (tokens)".to_string(),
+            o.capacity_tokens,
+            o.non_cla_capacity_tokens,
+        ),
         (
             format!("  max concurrency @ {} tokens", o.seq_len),
             o.max_concurrency,
@@ -205,11 +204,7 @@ pub fn capacity_table(r: &CapacityReport) -> String {
             format!("{} / {}", r.layers, r.kv_layers),
             format!("{} / {}", r.layers, r.layers),
         ),
-        (
-            "KV cache dtype",
-            r.kv_cache_dtype.clone(),
-            r.kv_cache_dtype.clone(),
-        ),
+        ("KV cache dtype", r.kv_cache_dtype.clone(), r.kv_cache_dtype.clone()),
         (
             "KV heads × head_dim × bytes",
             format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),

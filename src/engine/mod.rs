@@ -15,7 +15,9 @@ pub mod scheduler;
 /// Moved to the sampler; kept here for callers of the old path.
 pub use crate::runner::sampler::token_logprob;
 pub use handle::{EngineHandle, RequestStream};
-pub use request::{Constraint, EngineEvent, FinishReason, GenerateOptions, GenerateRequest, RequestId, TokenLogprob, Usage};
+pub use request::{
+    Constraint, EngineEvent, FinishReason, GenerateOptions, GenerateRequest, RequestId, TokenLogprob, Usage,
+};
 pub use scheduler::{AdmitError, Scheduled, Scheduler, SchedulerConfig};
 
 use crate::kv::CapacityReport;

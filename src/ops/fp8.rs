@@ -113,9 +113,9 @@ mod tests {
         let table: [(u8, f32); 15] = [
             (0x00, 0.0),
             (0x80, -0.0),
-            (0x01, 1.0 / 512.0),   // smallest subnormal
-            (0x07, 7.0 / 512.0),   // largest subnormal
-            (0x08, 1.0 / 64.0),    // smallest normal
+            (0x01, 1.0 / 512.0), // smallest subnormal
+            (0x07, 7.0 / 512.0), // largest subnormal
+            (0x08, 1.0 / 64.0),  // smallest normal
             (0x38, 1.0),
             (0x39, 1.125),
             (0x3F, 1.875),
@@ -200,7 +200,10 @@ mod tests {
         for code in 0..=255u8 {
             let ours = e4m3_to_f32(code);
             let theirs = float8::F8E4M3::from_bits(code).to_f32();
-            assert!(ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()), "{code:#04x}");
+            assert!(
+                ours.to_bits() == theirs.to_bits() || (ours.is_nan() && theirs.is_nan()),
+                "{code:#04x}"
+            );
         }
         let mut x = 1.0f32 / 4096.0;
         while x < E4M3_MAX {

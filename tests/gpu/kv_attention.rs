@@ -179,7 +179,10 @@ fn run_scenario_kv(
     }
     if fp8.is_some() {
         // The GPU wrote the step's rows as the CPU did: the same codes everywhere.
-        assert!(flat(&kc_g) == flat(&kc_c) && flat(&vc_g) == flat(&vc_c), "{name}: fp8 cache writes differ");
+        assert!(
+            flat(&kc_g) == flat(&kc_c) && flat(&vc_g) == flat(&vc_c),
+            "{name}: fp8 cache writes differ"
+        );
     }
     let scale = 1.0 / (d as f32).sqrt();
     let mut worst = 0f32;
@@ -269,24 +272,49 @@ fn fp8_reshape_and_cache_matches_cpu_bit_for_bit() {
         let skip = crosskv::ops::reshape_and_cache::SKIP_ROW;
         let mut pos: Vec<u32> = vec![0, 15, skip, 16, (nb * bs - 1) as u32];
         let fixed = pos.clone();
-        pos.extend(shuffled(&mut rng, nb * bs).into_iter().filter(|p| !fixed.contains(p)).take(30));
+        pos.extend(
+            shuffled(&mut rng, nb * bs)
+                .into_iter()
+                .filter(|p| !fixed.contains(p))
+                .take(30),
+        );
         let t = pos.len();
         // From subnormal to saturated at this scale (|x| > 448 × scale).
-        let mut vals = rng.tensor(&[t, kvh, d], 200.0 * scale, 0.0).flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut vals = rng
+            .tensor(&[t, kvh, d], 200.0 * scale, 0.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (i, v) in vals.iter_mut().enumerate().step_by(7) {
             *v *= [1e-4f32, 1e-2, 10.0][i % 3];
         }
-        let new_c = Tensor::from_vec(vals, (t, kvh, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+        let new_c = Tensor::from_vec(vals, (t, kvh, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
         let new_g = new_c.to_device(&dev).unwrap();
         let pos_c = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
         let pos_g = pos_c.to_device(&dev).unwrap();
         reshape_and_cache_scaled(&cache_c, &new_c, &pos_c, scale).unwrap();
         reshape_and_cache_scaled(&cache_g, &new_g, &pos_g, scale).unwrap();
-        let got = cache_g.to_device(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let got = cache_g
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
         let want = cache_c.flatten_all().unwrap().to_vec1::<u8>().unwrap();
         let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(differ, 0, "{dtype:?} kvh {kvh} d {d} scale {scale}: {differ} fp8 codes differ from CPU");
-        assert!(want.iter().any(|&c| c & 0x7F == 0x7E), "{dtype:?} d {d}: no saturated element was tested");
+        assert_eq!(
+            differ, 0,
+            "{dtype:?} kvh {kvh} d {d} scale {scale}: {differ} fp8 codes differ from CPU"
+        );
+        assert!(
+            want.iter().any(|&c| c & 0x7F == 0x7E),
+            "{dtype:?} d {d}: no saturated element was tested"
+        );
         eprintln!("fp8 reshape_and_cache {dtype:?} kv_heads {kvh} d {d} scale {scale}: {t} rows, exact");
     }
 }

@@ -36,16 +36,27 @@ fn fp8_cache_write_quantizes_each_element_with_the_slot_scale() {
     let got = codes(&cache);
     let row = kvh * d;
     for (t, p) in [(0usize, 5usize), (2, 14)] {
-        let want: Vec<u8> = new[t].iter().flatten().map(|&x| f32_to_e4m3(x * (1.0 / scale))).collect();
+        let want: Vec<u8> = new[t]
+            .iter()
+            .flatten()
+            .map(|&x| f32_to_e4m3(x * (1.0 / scale)))
+            .collect();
         assert_eq!(&got[p * row..(p + 1) * row], want.as_slice(), "token {t} at row {p}");
     }
     assert_eq!(got[5 * row], 0x7E, "1000 / 0.5 saturates to +448");
     assert_eq!(got[5 * row + 1], 0xFE, "-1000 / 0.5 saturates to -448");
-    assert_eq!(got[5 * row + d], 0x01, "0.0007 / 0.5 rounds to the smallest subnormal, 2^-9");
+    assert_eq!(
+        got[5 * row + d],
+        0x01,
+        "0.0007 / 0.5 rounds to the smallest subnormal, 2^-9"
+    );
     // The skipped token and every other row are untouched.
     let written = [5, 14];
     for r in (0..nb * bs).filter(|r| !written.contains(r)) {
-        assert!(got[r * row..(r + 1) * row].iter().all(|&c| c == 0), "row {r} was written");
+        assert!(
+            got[r * row..(r + 1) * row].iter().all(|&c| c == 0),
+            "row {r} was written"
+        );
     }
     let err = reshape_and_cache_scaled(&cache, &new_t, &pos, 0.0).unwrap_err();
     assert!(err.to_string().contains("scale"), "{err}");
@@ -147,7 +158,10 @@ fn paged_attention_on_fp8_pages_equals_dense_attention_on_their_values() {
         }
         // f32 out: only summation order differs; bf16 out: one rounding of the result.
         let tol = if q_dtype == DType::F32 { 1e-5 } else { 8e-3 };
-        assert!(worst <= tol, "{q_dtype:?}: paged fp8 attention off dense by {worst} (relative)");
+        assert!(
+            worst <= tol,
+            "{q_dtype:?}: paged fp8 attention off dense by {worst} (relative)"
+        );
     }
 }
 
@@ -206,7 +220,10 @@ fn kv_deltas(ck: &crate::common::Checkpoint, tokens: &[u32], kv: KvDtype) -> (f3
     assert_eq!(m.layout().dtype_bytes, kv.bytes());
     let got = next_token_logprobs(&paged_logits(&m, tokens), tokens);
     let d: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
-    (d.iter().sum::<f32>() / d.len() as f32, d.iter().fold(0f32, |a, &b| a.max(b)))
+    (
+        d.iter().sum::<f32>() / d.len() as f32,
+        d.iter().fold(0f32, |a, &b| a.max(b)),
+    )
 }
 
 #[test]
@@ -214,8 +231,18 @@ fn fp8_cache_log_probs_stay_near_the_f32_cache() {
     // MHA, GQA with CLA2, MQA with a non-uniform kv_source.
     let cases = [
         ("mha", Tiny::new(3, 4, 4, 16, 64, 97).seed(31)),
-        ("gqa-cla2", Tiny::new(4, 4, 2, 16, 64, 97).cla("cla_share_factor", json!(2)).seed(32)),
-        ("mqa-0,0,2,2,2", Tiny::new(5, 4, 1, 16, 64, 97).cla("kv_source", json!([0, 0, 2, 2, 2])).seed(33)),
+        (
+            "gqa-cla2",
+            Tiny::new(4, 4, 2, 16, 64, 97)
+                .cla("cla_share_factor", json!(2))
+                .seed(32),
+        ),
+        (
+            "mqa-0,0,2,2,2",
+            Tiny::new(5, 4, 1, 16, 64, 97)
+                .cla("kv_source", json!([0, 0, 2, 2, 2]))
+                .seed(33),
+        ),
     ];
     for (name, tiny) in cases {
         let ck = tiny.write();
@@ -226,8 +253,14 @@ fn fp8_cache_log_probs_stay_near_the_f32_cache() {
         // e4m3 keeps 3 mantissa bits, bf16 7: its rounding error is 16 times bf16's, and so
         // (to first order) is the log-probs' move. These random models are sensitive
         // (bf16 alone moves them by about 1e-2), so the bound is relative: at most 32×.
-        assert!(mean <= 32.0 * mean16 && max <= 32.0 * max16, "{name}: mean {mean} max {max}");
-        assert!(mean > 2.0 * mean16, "{name}: an fp8 cache that changes so little was not used");
+        assert!(
+            mean <= 32.0 * mean16 && max <= 32.0 * max16,
+            "{name}: mean {mean} max {max}"
+        );
+        assert!(
+            mean > 2.0 * mean16,
+            "{name}: an fp8 cache that changes so little was not used"
+        );
     }
 }
 
@@ -236,7 +269,9 @@ fn fp8_cache_log_probs_stay_near_the_f32_cache() {
 #[test]
 fn fp8_cache_log_probs_on_the_golden_fixtures() {
     for name in ["llama_gqa", "llama_headdim_rope3", "qwen2_bias"] {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/golden")
+            .join(name);
         let load = |kv: KvDtype| {
             let mut m = model::load_model_dir(&dir, &LoadOptions::default()).unwrap();
             m.set_kv_cache_dtype(kv);
@@ -248,7 +283,10 @@ fn fp8_cache_log_probs_on_the_golden_fixtures() {
         let deltas = |kv: KvDtype| {
             let got = next_token_logprobs(&paged_logits(&load(kv), &tokens), &tokens);
             let d: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
-            (d.iter().sum::<f32>() / d.len() as f32, d.iter().fold(0f32, |a, &b| a.max(b)))
+            (
+                d.iter().sum::<f32>() / d.len() as f32,
+                d.iter().fold(0f32, |a, &b| a.max(b)),
+            )
         };
         let (mean, max) = deltas(KvDtype::Fp8E4m3);
         let (mean16, max16) = deltas(KvDtype::BF16);
@@ -256,7 +294,10 @@ fn fp8_cache_log_probs_on_the_golden_fixtures() {
             "golden {name}: |Δ log-prob| against an f32 cache over {} tokens: fp8 mean {mean:.2e} max {max:.2e}; bf16 mean {mean16:.2e} max {max16:.2e}",
             want.len()
         );
-        assert!(mean <= 32.0 * mean16 && max <= 32.0 * max16, "{name}: mean {mean} max {max}");
+        assert!(
+            mean <= 32.0 * mean16 && max <= 32.0 * max16,
+            "{name}: mean {mean} max {max}"
+        );
     }
 }
 
@@ -281,7 +322,9 @@ fn tensor_parallel_ranks_with_an_fp8_cache_give_the_logits_of_one() {
     let block = 4;
     let n = tokens.len().div_ceil(block) * layout.kv_layers();
     let runner = Runner::tensor_parallel(ranks, n, block).unwrap();
-    assert!(runner.rank_caches().all(|c| c.dtype() == KvDtype::Fp8E4m3 && c.k().dtype() == DType::U8));
+    assert!(runner
+        .rank_caches()
+        .all(|c| c.dtype() == KvDtype::Fp8E4m3 && c.k().dtype() == DType::U8));
     let mut mgr = KvManager::new(layout, n, block);
     mgr.allocate(0, 7).unwrap();
     let mk = |start: usize, toks: &[u32], all: bool| SeqStep {
@@ -303,24 +346,38 @@ fn tensor_parallel_ranks_with_an_fp8_cache_give_the_logits_of_one() {
         .zip(next_token_logprobs(&one, &tokens))
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
-    assert!(d <= fp8_effect.max(1e-4), "2 ranks off one by {d} (fp8 alone: {fp8_effect})");
+    assert!(
+        d <= fp8_effect.max(1e-4),
+        "2 ranks off one by {d} (fp8 alone: {fp8_effect})"
+    );
 }
 
 #[test]
 fn checkpoint_kv_scales_are_read_per_producer_layer() {
-    let mut ck = Tiny::new(4, 4, 2, 8, 32, 61).cla("cla_share_factor", json!(2)).seed(9).write();
+    let mut ck = Tiny::new(4, 4, 2, 8, 32, 61)
+        .cla("cla_share_factor", json!(2))
+        .seed(9)
+        .write();
     let scalar = |v: f32| Tensor::new(v, &Device::Cpu).unwrap();
     // vLLM's names: layer 0 per tensor, layer 2 one kv_scale for both; layer 1 is a
     // consumer, whose scale (were there one) nothing reads.
-    ck.tensors.insert("model.layers.0.self_attn.k_scale".into(), scalar(0.25));
-    ck.tensors.insert("model.layers.0.self_attn.v_scale".into(), Tensor::new(&[0.5f32], &Device::Cpu).unwrap());
-    ck.tensors.insert("model.layers.2.self_attn.kv_scale".into(), scalar(2.0));
+    ck.tensors
+        .insert("model.layers.0.self_attn.k_scale".into(), scalar(0.25));
+    ck.tensors.insert(
+        "model.layers.0.self_attn.v_scale".into(),
+        Tensor::new(&[0.5f32], &Device::Cpu).unwrap(),
+    );
+    ck.tensors
+        .insert("model.layers.2.self_attn.kv_scale".into(), scalar(2.0));
     ck.save();
     let mut m = ck.load();
     assert_eq!(m.kv_scales(), &[KvScale::default(); 2], "a float cache uses no scale");
     let defaulted = m.set_kv_cache_dtype(KvDtype::Fp8E4m3);
     assert!(defaulted.is_empty(), "{defaulted:?}");
-    assert_eq!(m.kv_scales(), &[KvScale { k: 0.25, v: 0.5 }, KvScale { k: 2.0, v: 2.0 }]);
+    assert_eq!(
+        m.kv_scales(),
+        &[KvScale { k: 0.25, v: 0.5 }, KvScale { k: 2.0, v: 2.0 }]
+    );
     // The scales are used: the logits differ from those at scale 1.0, and stay close to
     // the f32 cache's.
     let tokens = Rng::new(1).tokens(12, 61);
@@ -328,13 +385,23 @@ fn checkpoint_kv_scales_are_read_per_producer_layer() {
     ck.tensors.retain(|k, _| !k.ends_with("scale"));
     ck.save();
     let mut plain = ck.load();
-    assert_eq!(plain.set_kv_cache_dtype(KvDtype::Fp8E4m3), vec![0, 1], "no scales: both slots at 1.0");
+    assert_eq!(
+        plain.set_kv_cache_dtype(KvDtype::Fp8E4m3),
+        vec![0, 1],
+        "no scales: both slots at 1.0"
+    );
     assert_ne!(scaled, paged_logits(&plain, &tokens));
     // A scale that is not positive is refused at load, naming it.
-    ck.tensors.insert("model.layers.2.self_attn.k_scale".into(), scalar(-1.0));
+    ck.tensors
+        .insert("model.layers.2.self_attn.k_scale".into(), scalar(-1.0));
     ck.save();
-    let err = model::load_model_dir(ck.path(), &LoadOptions::default()).unwrap_err().to_string();
-    assert!(err.contains("model.layers.2.self_attn") && err.contains("positive"), "{err}");
+    let err = model::load_model_dir(ck.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.layers.2.self_attn") && err.contains("positive"),
+        "{err}"
+    );
 }
 
 fn json_of(o: &std::process::Output) -> Value {
@@ -377,7 +444,10 @@ fn capacity_counts_one_byte_an_element_for_fp8() {
     let cla2_bf16 = run("h128-mqa-cla2", "bf16");
     assert_eq!(cla2_bf16["block_bytes"], 8_192);
     assert_eq!(cla2_fp8["block_bytes"], 4_096);
-    assert_eq!(cla2_fp8["num_blocks"], json!(2 * cla2_bf16["num_blocks"].as_u64().unwrap()));
+    assert_eq!(
+        cla2_fp8["num_blocks"],
+        json!(2 * cla2_bf16["num_blocks"].as_u64().unwrap())
+    );
     // 4 GiB / 4096-byte blocks = 1 048 576 blocks; 10 slots × 128 blocks a sequence:
     // 819 sequences of 2048 tokens, against 204 for MQA in bf16 (20 slots, 8192-byte blocks).
     assert_eq!(cla2_fp8["num_blocks"], 1_048_576);
@@ -435,7 +505,10 @@ async fn fp8_server_echo_log_probs_are_within_tolerance_of_the_f32_server() {
     let want = echo_logprobs(&f32_server, &prompt).await;
     let deltas = |got: &[f32]| {
         let d: Vec<f32> = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).collect();
-        (d.iter().sum::<f32>() / d.len() as f32, d.iter().fold(0f32, |a, &b| a.max(b)))
+        (
+            d.iter().sum::<f32>() / d.len() as f32,
+            d.iter().fold(0f32, |a, &b| a.max(b)),
+        )
     };
     let got = echo_logprobs(&fp8_server, &prompt).await;
     let (mean, max) = deltas(&got);
@@ -464,7 +537,10 @@ async fn fp8_server_echo_log_probs_are_within_tolerance_of_the_f32_server() {
         kv32["kv_bytes_per_token"].as_u64().unwrap(),
         4 * kv["kv_bytes_per_token"].as_u64().unwrap()
     );
-    assert_eq!(kv["block_bytes"].as_u64().unwrap() * 4, kv32["block_bytes"].as_u64().unwrap());
+    assert_eq!(
+        kv["block_bytes"].as_u64().unwrap() * 4,
+        kv32["block_bytes"].as_u64().unwrap()
+    );
     let (_, metrics) = fp8_server.get("/metrics").await;
     assert!(
         metrics.lines().any(|l| l.starts_with("crosskv_kv_cache_info{")

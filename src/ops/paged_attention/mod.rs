@@ -344,7 +344,10 @@ impl PagedAttention<'_> {
                     .zip(&v[off..off + d])
                     .for_each(|(a, b)| *a += w * b.load());
             }
-            out_h.iter_mut().zip(&acc).for_each(|(o, a)| *o = T::from_f32(*a * v_scale));
+            out_h
+                .iter_mut()
+                .zip(&acc)
+                .for_each(|(o, a)| *o = T::from_f32(*a * v_scale));
         });
         Ok(out)
     }
@@ -466,7 +469,16 @@ pub fn paged_attention(
     max_blocks: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    paged_attention_scaled(q, k_cache, v_cache, seqs, block_table, max_blocks, scale, KvScale::default())
+    paged_attention_scaled(
+        q,
+        k_cache,
+        v_cache,
+        seqs,
+        block_table,
+        max_blocks,
+        scale,
+        KvScale::default(),
+    )
 }
 
 /// [`paged_attention`] over caches that may be fp8 (`u8` e4m3 codes) written with

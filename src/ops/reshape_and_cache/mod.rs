@@ -44,7 +44,10 @@ fn write_rows_as<T: Copy, C>(
         if p >= rows {
             candle_core::bail!("reshape_and_cache: position {p} is outside the cache ({rows} rows)");
         }
-        for (c, &x) in cache[p * row..(p + 1) * row].iter_mut().zip(&new[t * row..(t + 1) * row]) {
+        for (c, &x) in cache[p * row..(p + 1) * row]
+            .iter_mut()
+            .zip(&new[t * row..(t + 1) * row])
+        {
             *c = convert(x);
         }
     }
