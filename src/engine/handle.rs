@@ -170,7 +170,7 @@ impl EngineHandle {
         let cap = config.validate(&model)?;
         let layout = model.layout().clone();
         tracing::info!(
-            "KV cache ({}): {} blocks of {} tokens, {} tokens ({} bytes); {} bytes/token with sharing ({} of {} layers produce K/V), {} without; max concurrency at max_model_len {}: {} (without sharing: {})",
+            "KV cache: {} elements, {} blocks of {} tokens, {} tokens ({} bytes); {} bytes/token with sharing ({} of {} layers produce K/V), {} without; max concurrency at max_model_len {}: {} (without sharing: {})",
             cap.kv_cache_dtype,
             cap.num_blocks,
             cap.block_size,

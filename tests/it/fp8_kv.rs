@@ -549,3 +549,51 @@ async fn fp8_server_echo_log_probs_are_within_tolerance_of_the_f32_server() {
         "{metrics}"
     );
 }
+
+#[test]
+fn generate_and_bench_take_the_flag_and_eval_refuses_it() {
+    let ck = crate::common::tiny_with_default_tokenizer();
+    let dir = ck.path().to_str().unwrap();
+    let o = crosskv(&[
+        "generate",
+        "--model",
+        dir,
+        "--kv-cache-dtype",
+        "fp8_e4m3",
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "3",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // This checkpoint has no scales: the warning names what was assumed.
+    assert!(err.contains("k_scale/v_scale") && err.contains("scale 1.0"), "{err}");
+    let o = crosskv(&[
+        "bench",
+        "--model",
+        dir,
+        "--kv-cache-dtype",
+        "fp8",
+        "--prompt-tokens",
+        "8",
+        "--decode-tokens",
+        "4",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let tmp = tempfile::tempdir().unwrap();
+    let text = tmp.path().join("text.txt");
+    std::fs::write(&text, "one two three four five six seven eight nine ten").unwrap();
+    let o = crosskv(&[
+        "eval",
+        "--model",
+        dir,
+        "--kv-cache-dtype",
+        "fp8",
+        "--data",
+        text.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--kv-cache-dtype"));
+}
