@@ -79,6 +79,7 @@ fn main() -> anyhow::Result<()> {
             head_dim: d,
             block_size: bs,
             dtype: DType::BF16,
+            fp8_cache: false,
         };
         let plan = PagedAttentionPlan::new(&dev, &seqs, &tables, nb, scale, dims)?;
         let mut out = None;

@@ -121,6 +121,7 @@ fn main() -> Result<()> {
         head_dim: HEAD_DIM,
         block_size,
         dtype: q.dtype(),
+        fp8_cache: false,
     };
     let plan = || PagedAttentionPlan::new(&dev, &spans, tables, blocks_per_seq, scale, dims);
 

@@ -19,8 +19,13 @@
 // online softmax in f32. When contexts are long the keys are split into partitions of
 // `part_size`; each partition writes its unnormalised accumulator with its running max
 // and sum, and paged_attention_reduce combines them.
+//
+// An fp8 e4m3 cache (paged_attention_<q type>_kvfp8_d*, any q type): each 16-byte load
+// brings 16 codes, converted to f32 as the tile is staged; the slot's scales are applied
+// once, k_scale to the staged Q rows and v_scale to the accumulator, not per element.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 #include <math.h>
 
@@ -46,6 +51,16 @@ __device__ __forceinline__ void unpack(const uint4& u, float* o, __nv_bfloat16*)
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
 #pragma unroll
   for (int i = 0; i < 4; i++) { float2 f = __bfloat1622float2(h[i]); o[2 * i] = f.x; o[2 * i + 1] = f.y; }
+}
+
+// 16 e4m3 codes → f32 (exact: every e4m3 value is an f16 value).
+__device__ __forceinline__ void unpack(const uint4& u, float* o, uint8_t*) {
+  const __nv_fp8x2_storage_t* h = reinterpret_cast<const __nv_fp8x2_storage_t*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; i++) {
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(h[i], __NV_E4M3)));
+    o[2 * i] = f.x; o[2 * i + 1] = f.y;
+  }
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -87,15 +102,18 @@ __device__ __forceinline__ Item item(const uint32_t* seqs, const uint32_t* work,
   return it;
 }
 
-template <typename T, int D>
+// KV: the cache's element type (T, or uint8_t for fp8 e4m3 codes, read with k_scale and
+// v_scale; 1 for a float cache).
+template <typename T, typename KV, int D>
 __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tmp_acc,
                                      float* __restrict__ tmp_ml, const T* __restrict__ q,
-                                     const T* __restrict__ kc, const T* __restrict__ vc,
+                                     const KV* __restrict__ kc, const KV* __restrict__ vc,
                                      const uint32_t* __restrict__ seqs, const uint32_t* __restrict__ work,
-                                     const uint32_t* __restrict__ block_table, Params p) {
+                                     const uint32_t* __restrict__ block_table, Params p, float k_scale,
+                                     float v_scale) {
   using C = Cfg<D>;
   constexpr int ROWS = C::ROWS, TK = C::TK, ACC = C::ACC;
-  constexpr int VEC = 16 / sizeof(T);
+  constexpr int VEC = 16 / sizeof(KV);
   __shared__ float Qs[ROWS][D];
   __shared__ float Ks[TK][D + 1];
   __shared__ float Vs[TK][D];
@@ -126,7 +144,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tm
     const uint32_t r = i / D, d = i % D;
     const uint64_t tok = it.q_start + it.tok0 + r / p.hpc;
     const uint32_t h = head0 + r % p.hpc;
-    Qs[r][d] = to_f32(q[(tok * p.heads + h) * D + d]) * p.scale;
+    Qs[r][d] = to_f32(q[(tok * p.heads + h) * D + d]) * p.scale * k_scale;
   }
   if (tid < ROWS) { Ms[tid] = -INFINITY; Ls[tid] = 0.f; As[tid] = 0.f; }
   float acc[ACC];
@@ -143,8 +161,8 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tm
       if (key < kend) {
         const uint64_t row = (uint64_t)table[key / p.block_size] * p.block_size + key % p.block_size;
         const uint64_t off = (row * p.kv_heads + kvh) * D + c * VEC;
-        unpack(*reinterpret_cast<const uint4*>(kc + off), kf, (T*)nullptr);
-        unpack(*reinterpret_cast<const uint4*>(vc + off), vf, (T*)nullptr);
+        unpack(*reinterpret_cast<const uint4*>(kc + off), kf, (KV*)nullptr);
+        unpack(*reinterpret_cast<const uint4*>(vc + off), vf, (KV*)nullptr);
       } else {
 #pragma unroll
         for (int e = 0; e < VEC; e++) { kf[e] = 0.f; vf[e] = 0.f; }
@@ -201,7 +219,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tm
       if (r < (int)nrows) {
         const uint64_t tok = it.q_start + it.tok0 + r / p.hpc;
         const uint32_t h = head0 + r % p.hpc;
-        out[(tok * p.heads + h) * D + d] = from_f32<T>(acc[k] / Ls[r]);
+        out[(tok * p.heads + h) * D + d] = from_f32<T>(acc[k] * v_scale / Ls[r]);
       }
     }
   } else {
@@ -209,7 +227,7 @@ __device__ void paged_attention_impl(T* __restrict__ out, float* __restrict__ tm
 #pragma unroll
     for (int k = 0; k < ACC; k++) {
       const int i = tid + k * NT, r = i / D;
-      if (r < (int)nrows) tmp_acc[base * ROWS * D + i] = acc[k];
+      if (r < (int)nrows) tmp_acc[base * ROWS * D + i] = acc[k] * v_scale;
     }
     if (tid < (int)nrows) {
       tmp_ml[(base * 2) * ROWS + tid] = Ms[tid];
@@ -267,7 +285,15 @@ __device__ void paged_attention_reduce_impl(T* __restrict__ out, const float* __
   extern "C" __global__ void __launch_bounds__(NT) paged_attention_##TY##_d##DD(               \
       T* out, float* tmp_acc, float* tmp_ml, const T* q, const T* kc, const T* vc,             \
       const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p) {     \
-    paged_attention_impl<T, DD>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, p);  \
+    paged_attention_impl<T, T, DD>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, p, 1.f, 1.f); \
+  }
+#define PAF8(TY, T, DD)                                                                        \
+  extern "C" __global__ void __launch_bounds__(NT) paged_attention_##TY##_kvfp8_d##DD(         \
+      T* out, float* tmp_acc, float* tmp_ml, const T* q, const uint8_t* kc, const uint8_t* vc, \
+      const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p,        \
+      float k_scale, float v_scale) {                                                          \
+    paged_attention_impl<T, uint8_t, DD>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, p, \
+                                         k_scale, v_scale);                                   \
   }
 #define PAR(TY, T)                                                                             \
   extern "C" __global__ void paged_attention_reduce_##TY(T* out, const float* tmp_acc,         \
@@ -282,6 +308,9 @@ PA(f32, float, 64) PA(f32, float, 128) PA(f32, float, 256)
 PA(f16, __half, 64) PA(f16, __half, 128) PA(f16, __half, 256)
 PA(bf16, __nv_bfloat16, 64) PA(bf16, __nv_bfloat16, 128) PA(bf16, __nv_bfloat16, 256)
 PAR(f32, float) PAR(f16, __half) PAR(bf16, __nv_bfloat16)
+PAF8(f32, float, 64) PAF8(f32, float, 128) PAF8(f32, float, 256)
+PAF8(f16, __half, 64) PAF8(f16, __half, 128) PAF8(f16, __half, 256)
+PAF8(bf16, __nv_bfloat16, 64) PAF8(bf16, __nv_bfloat16, 128) PAF8(bf16, __nv_bfloat16, 256)
 
 // Fills n bytes with 0xFF (NaN in f32/f16/bf16): tests poison outputs before a kernel runs.
 extern "C" __global__ void poison_bytes(uint8_t* p, uint64_t n) {

@@ -7,7 +7,10 @@
 // CPU reference: src/ops/reshape_and_cache/mod.rs; launch: its cuda.rs.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
+
+#include "convert.cuh"
 
 template <typename T>
 __device__ __forceinline__ void reshape_and_cache_impl(
@@ -40,3 +43,32 @@ __device__ __forceinline__ void reshape_and_cache_impl(
 RAC(reshape_and_cache_f32, float)
 RAC(reshape_and_cache_f16, __half)
 RAC(reshape_and_cache_bf16, __nv_bfloat16)
+
+// An fp8 e4m3 cache: each element written as x × inv_scale (inv_scale = 1 / the slot's
+// scale), rounded to nearest-even and saturated to ±448 by the hardware conversion (as
+// the CPU reference, src/ops/fp8.rs, does). One thread block per token row.
+template <typename T>
+__device__ __forceinline__ void reshape_and_cache_fp8_impl(
+    uint8_t* __restrict__ cache, const T* __restrict__ rows, const uint32_t* __restrict__ pos,
+    uint32_t row, uint64_t cache_rows, uint64_t src_stride, float inv_scale) {
+  const uint32_t t = blockIdx.x;
+  const uint64_t p = pos[t];
+  if (p >= cache_rows || p == 0xffffffffu) return;
+  uint8_t* dst = cache + p * row;
+  const T* src = rows + (uint64_t)t * src_stride;
+  for (uint32_t i = threadIdx.x; i < row; i += blockDim.x) {
+    const __nv_fp8_e4m3 q(to_f32(src[i]) * inv_scale);  // satfinite, round to nearest even
+    dst[i] = q.__x;
+  }
+}
+
+#define RACF8(NAME, T)                                                                     \
+  extern "C" __global__ void NAME(uint8_t* cache, const T* rows, const uint32_t* pos,       \
+                                  uint32_t row, uint64_t cache_rows, uint64_t src_stride,   \
+                                  float inv_scale) {                                        \
+    reshape_and_cache_fp8_impl<T>(cache, rows, pos, row, cache_rows, src_stride, inv_scale); \
+  }
+
+RACF8(reshape_and_cache_fp8_f32, float)
+RACF8(reshape_and_cache_fp8_f16, __half)
+RACF8(reshape_and_cache_fp8_bf16, __nv_bfloat16)

@@ -29,6 +29,34 @@ impl DtypeArg {
     }
 }
 
+/// `--kv-cache-dtype` (vLLM's flag): what the KV cache stores.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Default)]
+pub enum KvCacheDtypeArg {
+    /// The model's compute dtype.
+    #[default]
+    Auto,
+    Bf16,
+    F16,
+    F32,
+    /// fp8 e4m3: one byte an element, half a 16-bit cache.
+    #[value(alias = "fp8_e4m3", alias = "fp8-e4m3")]
+    Fp8,
+}
+
+impl KvCacheDtypeArg {
+    /// The cache's element type for a model computing in `model_dtype`.
+    pub fn resolve(self, model_dtype: DType) -> crate::kv::KvDtype {
+        use crate::kv::KvDtype;
+        match self {
+            KvCacheDtypeArg::Auto => KvDtype::of_model(model_dtype),
+            KvCacheDtypeArg::Bf16 => KvDtype::BF16,
+            KvCacheDtypeArg::F16 => KvDtype::F16,
+            KvCacheDtypeArg::F32 => KvDtype::F32,
+            KvCacheDtypeArg::Fp8 => KvDtype::Fp8E4m3,
+        }
+    }
+}
+
 /// `--device cpu | cuda[:N]`.
 pub fn parse_device(d: &str) -> anyhow::Result<Device> {
     match d {

@@ -4,8 +4,8 @@
 use super::capacity_plot::{capacity_series, plot_lengths, write_capacity_plot};
 use super::{check_block_size, SharingArgs};
 use crate::config::ModelConfig;
-use crate::device::DtypeArg;
-use crate::kv::{CapacityReport, KvLayout};
+use crate::device::{DtypeArg, KvCacheDtypeArg};
+use crate::kv::{CapacityReport, KvDtype, KvLayout};
 use crate::model::{self, ModelSource};
 use crate::units::{format_bytes, parse_size};
 use anyhow::{bail, Context};
@@ -30,9 +30,15 @@ pub struct CapacityArgs {
     /// Sequence length for max concurrency (default: the model's context length).
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// KV dtype (default: the checkpoint's torch_dtype, else f16).
+    /// Compute dtype, which `--kv-cache-dtype auto` stores (default: the checkpoint's
+    /// torch_dtype, else f16).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// What the KV cache stores: auto (the compute dtype), bf16, f16, f32 or fp8 (e4m3,
+    /// alias fp8_e4m3). The figures are also shown for fp8 (for a 16-bit or f32 cache)
+    /// or for the compute dtype (for an fp8 one), side by side.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtypeArg,
     #[arg(long, default_value_t = 16)]
     pub block_size: usize,
     #[command(flatten)]
@@ -62,6 +68,13 @@ fn config_only(src: &str) -> anyhow::Result<ModelConfig> {
 /// The config (re-shared as asked), its KV layout on one rank, and the sequence length
 /// the figures are computed at.
 fn capacity_layout(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayout, usize)> {
+    let (cfg, layout, _, seq_len) = capacity_layouts(args)?;
+    Ok((cfg, layout, seq_len))
+}
+
+/// [`capacity_layout`], and the same layout in the dtype it is compared with: fp8 for a
+/// float cache, the compute dtype for an fp8 one (bf16 when that is f32).
+fn capacity_layouts(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayout, KvLayout, usize)> {
     check_block_size(args.block_size)?;
     let mut cfg = match (&args.model, &args.config) {
         (_, Some(path)) => ModelConfig::from_file(path)?,
@@ -71,12 +84,19 @@ fn capacity_layout(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayout
     if let Some(s) = args.sharing.sharing()? {
         cfg.reshare(&s)?;
     }
-    let dtype_bytes = match args.dtype {
-        Some(d) => d.dtype().size_in_bytes(),
+    let compute = match args.dtype {
+        Some(d) => d.dtype(),
         None => match cfg.torch_dtype.as_deref() {
-            Some("float32") => 4,
-            _ => 2,
+            Some("float32") => candle_core::DType::F32,
+            Some("bfloat16") => candle_core::DType::BF16,
+            _ => candle_core::DType::F16,
         },
+    };
+    let kv = args.kv_cache_dtype.resolve(compute);
+    let other = match (kv, KvDtype::of_model(compute)) {
+        (KvDtype::Fp8E4m3, KvDtype::F32) => KvDtype::BF16,
+        (KvDtype::Fp8E4m3, d) => d,
+        _ => KvDtype::Fp8E4m3,
     };
     let seq_len = args.seq_len.unwrap_or(cfg.max_position_embeddings);
     if seq_len == 0 {
@@ -89,8 +109,16 @@ fn capacity_layout(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, KvLayout
     let split = shard
         .split(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size)
         .map_err(|e| anyhow::anyhow!("--tensor-parallel-size {}: {e}", args.tensor_parallel_size))?;
-    let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, dtype_bytes);
-    Ok((cfg, layout, seq_len))
+    let layout = KvLayout::new(cfg.kv_source.clone(), split.kv_heads.len(), cfg.head_dim, kv.bytes());
+    Ok((cfg, layout.clone().with_dtype(kv), layout.with_dtype(other), seq_len))
+}
+
+/// `capacity --json`: the report, and the same figures in the dtype it is compared with.
+#[derive(serde::Serialize)]
+struct CapacityJson<'a> {
+    #[serde(flatten)]
+    report: &'a CapacityReport,
+    compared_kv_dtype: &'a CapacityReport,
 }
 
 pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, CapacityReport)> {
@@ -122,18 +150,49 @@ fn plot_title(args: &CapacityArgs, layout: &KvLayout) -> String {
 }
 
 pub fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
-    let (_, layout, seq_len) = capacity_layout(args)?;
+    let (_, layout, other, seq_len) = capacity_layouts(args)?;
     // The chart first: a path that cannot be written fails before anything is printed.
     if let Some(path) = &args.plot {
         plot_capacity(args, &layout, seq_len, path)?;
     }
     let r = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
+    let o = other.capacity(args.kv_cache_memory, args.block_size, seq_len);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let json = CapacityJson {
+            report: &r,
+            compared_kv_dtype: &o,
+        };
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print!("{}", capacity_table(&r));
+        print!("{}{}", capacity_table(&r), capacity_comparison_rows(&o));
     }
     Ok(())
+}
+
+/// The rows that depend on the KV dtype, for the dtype the table is compared with.
+pub fn capacity_comparison_rows(o: &CapacityReport) -> String {
+    let mut s = format!("as {} ({} bytes an element):\n", o.kv_cache_dtype, o.dtype_bytes);
+    let rows = [
+        (
+            "  KV bytes per token".to_string(),
+            o.kv_bytes_per_token,
+            o.non_cla_kv_bytes_per_token,
+        ),
+        (
+            "  capacity (tokens)".to_string(),
+            o.capacity_tokens,
+            o.non_cla_capacity_tokens,
+        ),
+        (
+            format!("  max concurrency @ {} tokens", o.seq_len),
+            o.max_concurrency,
+            o.non_cla_max_concurrency,
+        ),
+    ];
+    for (a, b, c) in rows {
+        s += &format!("{a:<34}{b:>18}{c:>18}\n");
+    }
+    s
 }
 
 pub fn capacity_table(r: &CapacityReport) -> String {
@@ -145,6 +204,7 @@ pub fn capacity_table(r: &CapacityReport) -> String {
             format!("{} / {}", r.layers, r.kv_layers),
             format!("{} / {}", r.layers, r.layers),
         ),
+        ("KV cache dtype", r.kv_cache_dtype.clone(), r.kv_cache_dtype.clone()),
         (
             "KV heads × head_dim × bytes",
             format!("{} × {} × {}", r.num_key_value_heads, r.head_dim, r.dtype_bytes),

@@ -30,6 +30,10 @@ pub fn eval(args: &EvalArgs) -> anyhow::Result<()> {
     if args.max_windows == Some(0) {
         bail!("--max-windows must be at least 1");
     }
+    if args.model.kv_cache_dtype != crate::device::KvCacheDtypeArg::Auto {
+        // Perplexity runs one dense forward a window: there is no KV cache to store.
+        bail!("--kv-cache-dtype: `crosskv eval` keeps no KV cache (a dense forward a window); measure a KV dtype with `crosskv serve` and echo log-probs");
+    }
     if args.model.tensor_parallel_size > 1 {
         bail!("--tensor-parallel-size: `crosskv eval` runs on one device (give 1)");
     }

@@ -3,7 +3,7 @@
 //! flags and its body; here, the command enum and the flags several commands share.
 
 use crate::config::KvSharing;
-use crate::device::{parse_device, DtypeArg};
+use crate::device::{parse_device, DtypeArg, KvCacheDtypeArg};
 use crate::kv::KvManager;
 use crate::model::{self, LoadOptions};
 use crate::runner::Runner;
@@ -91,9 +91,14 @@ pub struct ModelArgs {
     /// Device: cpu, or cuda[:N] (needs the `cuda` build feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Compute and KV dtype (default: f32 on CPU; on CUDA the checkpoint's f16, else bf16).
+    /// Compute dtype (default: f32 on CPU; on CUDA the checkpoint's f16, else bf16).
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// What the KV cache stores: `auto` (the compute dtype), bf16, f16, f32, or fp8
+    /// (e4m3, alias fp8_e4m3: one byte an element, with the checkpoint's per-layer
+    /// k_scale/v_scale, else 1.0).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache_dtype: KvCacheDtypeArg,
     #[command(flatten)]
     pub sharing: SharingArgs,
     /// GGUF: dequantize weights to dense f32 at load (exact f32 arithmetic; more memory).
@@ -158,6 +163,18 @@ impl ModelArgs {
             ),
         };
         loaded.model.set_batch_invariant(self.batch_invariant);
+        let kv = self.kv_cache_dtype.resolve(loaded.model.dtype());
+        let defaulted = loaded.model.set_kv_cache_dtype(kv);
+        for peer in &mut loaded.peers {
+            peer.set_kv_cache_dtype(kv);
+        }
+        if !defaulted.is_empty() {
+            tracing::warn!(
+                "fp8 KV cache: the checkpoint has no k_scale/v_scale for {} of {} KV layers; they use scale 1.0 (e4m3 holds ±448, well past typical K/V magnitudes; see docs/cla-and-kv.md)",
+                defaulted.len(),
+                loaded.model.layout().kv_layers()
+            );
+        }
         Ok(loaded)
     }
 }

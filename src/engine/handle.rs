@@ -172,7 +172,8 @@ impl EngineHandle {
         let cap = config.validate(&model)?;
         let layout = model.layout().clone();
         tracing::info!(
-            "KV cache: {} blocks of {} tokens, {} tokens ({} bytes); {} bytes/token with sharing ({} of {} layers produce K/V), {} without; max concurrency at max_model_len {}: {} (without sharing: {})",
+            "KV cache: {} elements, {} blocks of {} tokens, {} tokens ({} bytes); {} bytes/token with sharing ({} of {} layers produce K/V), {} without; max concurrency at max_model_len {}: {} (without sharing: {})",
+            cap.kv_cache_dtype,
             cap.num_blocks,
             cap.block_size,
             cap.capacity_tokens,
@@ -190,7 +191,7 @@ impl EngineHandle {
             kv_layers: cap.kv_layers,
             cla_share_factor: cap.cla_share_factor,
             block_size: cap.block_size,
-            dtype: format!("{:?}", model.dtype()).to_lowercase(),
+            dtype: cap.kv_cache_dtype.clone(),
             kv_bytes_per_token: cap.kv_bytes_per_token,
             non_cla_kv_bytes_per_token: cap.non_cla_kv_bytes_per_token,
             num_blocks: cap.num_blocks,

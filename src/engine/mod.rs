@@ -56,6 +56,27 @@ impl EngineConfig {
                 supported: crate::ops::paged_attention::CUDA_HEAD_DIMS.to_vec(),
             });
         }
+        let kv = model.kv_cache_dtype();
+        if model.device().is_cuda() {
+            // The CUDA kernels read a cache of q's own type, or fp8; the CPU reads any.
+            if !kv.is_fp8() && kv != crate::kv::KvDtype::of_model(model.dtype()) {
+                return Err(EngineConfigError::KvDtypeNotOnCuda {
+                    kv_dtype: kv.name(),
+                    missing: format!(
+                        "CUDA kernels for a {} cache under a {:?} model (use auto, fp8, or --dtype {})",
+                        kv.name(),
+                        model.dtype(),
+                        kv.name()
+                    ),
+                });
+            }
+            if kv.is_fp8() && model.batch_invariant() {
+                return Err(EngineConfigError::KvDtypeNotOnCuda {
+                    kv_dtype: kv.name(),
+                    missing: "an fp8 reader in the batch-invariant attention kernel (drop --batch-invariant)".into(),
+                });
+            }
+        }
         let layout = model.layout();
         let cap = layout.capacity(self.kv_cache_bytes, self.block_size, self.max_model_len);
         let need_blocks = self.max_model_len.div_ceil(self.block_size) * layout.kv_layers();
@@ -77,6 +98,8 @@ impl EngineConfig {
 pub enum EngineConfigError {
     #[error("head_dim {head_dim} is not supported on CUDA (paged attention is built for {supported:?}); serve this model on the CPU")]
     HeadDimNotOnCuda { head_dim: usize, supported: Vec<usize> },
+    #[error("--kv-cache-dtype {kv_dtype} is not supported on CUDA here: missing {missing}")]
+    KvDtypeNotOnCuda { kv_dtype: &'static str, missing: String },
     #[error(
         "max_model_len {max_model_len} needs {need_bytes} bytes of KV cache ({need_blocks} blocks), but the budget of {have_bytes} bytes holds {have_blocks} blocks; raise --kv-cache-memory or lower --max-model-len"
     )]

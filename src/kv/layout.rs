@@ -1,6 +1,7 @@
 //! The KV layout: which layers produce K/V, the layer → KV-slot map, and the exact
 //! accounting of docs/cla-and-kv.md that operators compare with and without sharing.
 
+use super::KvDtype;
 use serde::Serialize;
 
 /// The sharing scheme of one model, normalised: built once from a checked `kv_source`.
@@ -14,6 +15,8 @@ pub struct KvLayout {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub dtype_bytes: usize,
+    /// The cache's element type, when known (`with_dtype`); else only its size is.
+    dtype: Option<KvDtype>,
 }
 
 impl KvLayout {
@@ -32,6 +35,22 @@ impl KvLayout {
             num_kv_heads,
             head_dim,
             dtype_bytes,
+            dtype: None,
+        }
+    }
+
+    /// The same layout with elements of `dtype` (its bytes replace `dtype_bytes`).
+    pub fn with_dtype(mut self, dtype: KvDtype) -> Self {
+        self.dtype_bytes = dtype.bytes();
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// The element type's name (`KvDtype::name`), or its size when only that is known.
+    pub fn dtype_name(&self) -> String {
+        match self.dtype {
+            Some(d) => d.name().to_string(),
+            None => format!("{}-byte", self.dtype_bytes),
         }
     }
 
@@ -87,6 +106,7 @@ impl KvLayout {
             cla_share_factor: self.uniform_share_factor(),
             num_key_value_heads: self.num_kv_heads,
             head_dim: self.head_dim,
+            kv_cache_dtype: self.dtype_name(),
             dtype_bytes: self.dtype_bytes,
             kv_bytes_per_token: self.kv_bytes_per_token(),
             non_cla_kv_bytes_per_token: self.non_cla_kv_bytes_per_token(),
@@ -117,6 +137,8 @@ pub struct CapacityReport {
     pub cla_share_factor: Option<usize>,
     pub num_key_value_heads: usize,
     pub head_dim: usize,
+    /// The element type K and V are stored in (`--kv-cache-dtype`).
+    pub kv_cache_dtype: String,
     pub dtype_bytes: usize,
     pub kv_bytes_per_token: usize,
     pub non_cla_kv_bytes_per_token: usize,

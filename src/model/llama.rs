@@ -7,9 +7,9 @@
 use super::rope::Rope;
 use super::weights::{Linear, Part, Weights, WeightsError};
 use crate::config::ModelConfig;
-use crate::kv::{KvCache, KvLayout};
+use crate::kv::{KvCache, KvDtype, KvLayout, KvScale};
 use crate::ops::{
-    add_rms_norm, fixed_paged_attention_run, paged_attention_run, reshape_and_cache, rms_norm, AttentionDims,
+    add_rms_norm, fixed_paged_attention_run, paged_attention_run, reshape_and_cache_scaled, rms_norm, AttentionDims,
     PagedAttentionPlan, SeqSpan,
 };
 use crate::tp::{AllReduce, Shard};
@@ -104,6 +104,13 @@ pub struct Model {
     all_reduce: Option<std::sync::Arc<dyn AllReduce>>,
     /// Every row's result independent of the rest of the step (`set_batch_invariant`).
     batch_invariant: bool,
+    /// What the KV cache stores (`set_kv_cache_dtype`; the model dtype by default).
+    kv_dtype: KvDtype,
+    /// Each KV slot's fp8 scales in use (1.0 unless the cache is fp8).
+    kv_scales: Vec<KvScale>,
+    /// Each KV slot's scales as the checkpoint gives them (`k_scale`/`v_scale` of the
+    /// producer layer), if it does.
+    checkpoint_kv_scales: Vec<Option<KvScale>>,
 }
 
 impl Layer {
@@ -267,6 +274,37 @@ impl Attention {
     }
 }
 
+/// A producer's fp8 KV scales from the checkpoint, under the names vLLM reads:
+/// `<attn>.k_scale` / `<attn>.v_scale`, `<attn>.attn.k_scale` / `…v_scale`, or one
+/// `<attn>.kv_scale` for both. `None` when it has neither.
+fn checkpoint_kv_scale(w: &Weights, attn: &str) -> std::result::Result<Option<KvScale>, WeightsError> {
+    for prefix in [attn.to_string(), format!("{attn}.attn")] {
+        let k = w.scalar_f32(&format!("{prefix}.k_scale"))?;
+        let v = w.scalar_f32(&format!("{prefix}.v_scale"))?;
+        if k.is_some() || v.is_some() {
+            let scale = KvScale {
+                k: k.unwrap_or(1.0),
+                v: v.unwrap_or(1.0),
+            };
+            return check_kv_scale(&prefix, scale).map(Some);
+        }
+    }
+    match w.scalar_f32(&format!("{attn}.kv_scale"))? {
+        Some(s) => check_kv_scale(attn, KvScale { k: s, v: s }).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn check_kv_scale(prefix: &str, s: KvScale) -> std::result::Result<KvScale, WeightsError> {
+    if [s.k, s.v].iter().all(|x| x.is_finite() && *x > 0.0) {
+        return Ok(s);
+    }
+    Err(WeightsError::Load {
+        name: format!("{prefix}.k_scale/v_scale"),
+        reason: format!("fp8 KV scales must be positive and finite, found k {} v {}", s.k, s.v),
+    })
+}
+
 impl Model {
     pub fn load(cfg: &ModelConfig, w: &Weights, rope_interleaved: bool) -> std::result::Result<Self, WeightsError> {
         Self::load_shard(cfg, w, rope_interleaved, Shard::single())
@@ -311,9 +349,13 @@ impl Model {
             w.dtype().size_in_bytes(),
         ));
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut checkpoint_kv_scales = Vec::with_capacity(layout.kv_layers());
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let a = format!("{p}.self_attn");
+            if layout.is_producer(i) {
+                checkpoint_kv_scales.push(checkpoint_kv_scale(w, &a)?);
+            }
             let kv = if layout.is_producer(i) {
                 let missing = |e: WeightsError| match e {
                     WeightsError::Missing { name, .. } => WeightsError::Missing {
@@ -410,7 +452,41 @@ impl Model {
             shard,
             all_reduce: None,
             batch_invariant: false,
+            kv_dtype: KvDtype::of_model(w.dtype()),
+            kv_scales: vec![KvScale::default(); checkpoint_kv_scales.len()],
+            checkpoint_kv_scales,
         })
+    }
+
+    /// The KV cache's element type (`--kv-cache-dtype`); set it before the runner is
+    /// made. The layout's accounting follows it. An fp8 cache takes each slot's scales
+    /// from the checkpoint; slots it has none for get 1.0, and their names are returned
+    /// (the caller warns).
+    pub fn set_kv_cache_dtype(&mut self, dtype: KvDtype) -> Vec<usize> {
+        self.kv_dtype = dtype;
+        self.layout = std::sync::Arc::new((*self.layout).clone().with_dtype(dtype));
+        let mut defaulted = Vec::new();
+        self.kv_scales = self
+            .checkpoint_kv_scales
+            .iter()
+            .enumerate()
+            .map(|(slot, s)| match (dtype.is_fp8(), s) {
+                (false, _) => KvScale::default(),
+                (true, Some(s)) => *s,
+                (true, None) => {
+                    defaulted.push(slot);
+                    KvScale::default()
+                }
+            })
+            .collect();
+        defaulted
+    }
+    pub fn kv_cache_dtype(&self) -> KvDtype {
+        self.kv_dtype
+    }
+    /// Each KV slot's fp8 scales (1.0 for a float cache).
+    pub fn kv_scales(&self) -> &[KvScale] {
+        &self.kv_scales
     }
 
     /// For serving on CUDA (the runner calls it; a no-op elsewhere): a producer's q/k/v
@@ -536,12 +612,10 @@ impl Model {
     pub fn attention_plan<'a>(&self, step: &'a StepInput, cache: &KvCache) -> Result<PagedAttentionPlan<'a>> {
         let scale = self.attention_scale();
         if self.batch_invariant {
-            return Ok(PagedAttentionPlan::unplanned(
-                &step.seqs,
-                &step.block_tables,
-                step.max_blocks,
-                scale,
-            ));
+            return Ok(
+                PagedAttentionPlan::unplanned(&step.seqs, &step.block_tables, step.max_blocks, scale)
+                    .with_kv_scales(self.kv_scales.clone()),
+            );
         }
         let (_, block_size, kv_heads, head_dim) = cache.k().dims4()?;
         let dims = AttentionDims {
@@ -550,16 +624,18 @@ impl Model {
             kv_heads,
             head_dim,
             block_size,
-            dtype: cache.k().dtype(),
+            dtype: self.dtype,
+            fp8_cache: cache.dtype().is_fp8(),
         };
-        PagedAttentionPlan::new(
+        Ok(PagedAttentionPlan::new(
             &self.device,
             &step.seqs,
             &step.block_tables,
             step.max_blocks,
             scale,
             dims,
-        )
+        )?
+        .with_kv_scales(self.kv_scales.clone()))
     }
 
     /// 1/√head_dim, the attention scale.
@@ -582,13 +658,21 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.attn;
             let rows = &step.cache_rows[a.slot];
-            let q = match a.project_into_cache(&normed, &self.rope, &step.positions, cache, rows)? {
+            // The fused RoPE-and-write kernel writes float caches only: an fp8 cache is
+            // written by `reshape_and_cache`, which quantizes.
+            let fused = if cache.dtype().is_fp8() {
+                None
+            } else {
+                a.project_into_cache(&normed, &self.rope, &step.positions, cache, rows)?
+            };
+            let q = match fused {
                 Some(q) => q,
                 None => {
                     let (q, kv) = a.project(&normed, &x, &self.rope, &step.positions)?;
                     if let Some((k, v)) = kv {
-                        reshape_and_cache(cache.k(), &k, rows)?;
-                        reshape_and_cache(cache.v(), &v, rows)?;
+                        let s = self.kv_scales.get(a.slot).copied().unwrap_or_default();
+                        reshape_and_cache_scaled(cache.k(), &k, rows, s.k)?;
+                        reshape_and_cache_scaled(cache.v(), &v, rows, s.v)?;
                     }
                     q
                 }

@@ -457,6 +457,35 @@ impl Weights {
         })
     }
 
+    /// A one-element tensor (shape `[]` or `[1]`) as f32, not rounded to the model dtype
+    /// (fp8 KV scales); `None` when the checkpoint has no tensor `name`.
+    pub fn scalar_f32(&self, name: &str) -> Result<Option<f32>, WeightsError> {
+        if !self.contains(name) {
+            return Ok(None);
+        }
+        let load = |e: candle_core::Error| WeightsError::Load {
+            name: name.into(),
+            reason: e.to_string(),
+        };
+        let t = match self {
+            Weights::Safetensors { st, .. } => st.load(name, &Device::Cpu).map_err(load)?,
+            Weights::Gguf { .. } => self.qtensor(name)?.dequantize(&Device::Cpu).map_err(load)?,
+            Weights::Tensors { tensors, .. } => tensors.get(name).ok_or_else(|| Self::missing(name))?.clone(),
+        };
+        if t.elem_count() != 1 {
+            return Err(WeightsError::Load {
+                name: name.into(),
+                reason: format!("expected one value, found shape {:?}", t.dims()),
+            });
+        }
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(load)?[0];
+        Ok(Some(v))
+    }
+
     /// A dense tensor in the model dtype. GGUF stores dims reversed (ggml order);
     /// candle's reader already gives them in row-major order.
     pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor, WeightsError> {

@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod dense_matmul;
 pub mod embedding;
 pub mod flash_attention;
+pub mod fp8;
 pub mod paged_attention;
 pub mod parallel;
 pub mod qmatmul;
@@ -35,11 +36,13 @@ pub use flash_attention::{
     causal_attention, causal_attention_composite, causal_attention_packed, causal_attention_shared_kv,
     causal_attention_with_grads,
 };
-pub use paged_attention::{paged_attention, paged_attention_run, AttentionDims, PagedAttentionPlan, SeqSpan};
+pub use paged_attention::{
+    paged_attention, paged_attention_run, paged_attention_scaled, AttentionDims, PagedAttentionPlan, SeqSpan,
+};
 #[cfg(feature = "cuda")]
 pub use paged_attention::{DecodeGraphAttention, DeviceTables};
 pub use qmatmul::{qmatmul, qmatmul_many, Isa, QFormat, QMatrix};
-pub use reshape_and_cache::reshape_and_cache;
+pub use reshape_and_cache::{reshape_and_cache, reshape_and_cache_scaled};
 pub use rms_norm::{add_rms_norm, rms_norm};
 pub use rope::{rope, rope_and_cache, rope_packed};
 pub use sample_rows::{sample_rows, LogitAdjust, RowSample};

@@ -125,7 +125,7 @@ impl Buffers {
             max_blocks,
             (model.config().num_attention_heads, kv_heads, d),
             block_size,
-            model.dtype(),
+            (model.dtype(), cache.dtype().is_fp8()),
             model.attention_scale(),
         )?;
         let tables = GraphBlockTables::new(cuda, batch, max_blocks, slots, block_size)?;
@@ -265,7 +265,8 @@ impl Buffers {
     /// The step the graph holds, issued on the stream: the forward, its logits copied
     /// into [`Buffers::logits`].
     fn forward(&self, model: &Model, cache: &KvCache) -> Result<()> {
-        let plan = PagedAttentionPlan::for_decode_graph(&self.step.seqs, &self.attention, self.tables.device_tables());
+        let plan = PagedAttentionPlan::for_decode_graph(&self.step.seqs, &self.attention, self.tables.device_tables())
+            .with_kv_scales(model.kv_scales().to_vec());
         let out = model
             .forward_planned(&self.step, cache, &plan, true)?
             .ok_or_else(|| candle_core::Error::Msg("no logits".into()))?;

@@ -137,7 +137,7 @@ impl Runner {
                 block_size,
                 model.kv_heads(),
                 model.config().head_dim,
-                model.dtype(),
+                model.kv_cache_dtype(),
                 model.device(),
             )?;
             Ok((model, cache))

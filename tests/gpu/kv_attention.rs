@@ -97,6 +97,36 @@ fn run_scenario(
     d: usize,
     seed: u64,
 ) -> f32 {
+    run_scenario_kv(dev, name, sc, dtype, None, (heads, kv_heads, d), seed)
+}
+
+/// A cache of `[num_blocks, bs, kv_heads, d]` on the CPU and the same on the GPU: random
+/// values of `dtype`, or with `fp8` Some(scale) the e4m3 codes of random values written
+/// with that scale (some past the range, so saturated).
+fn cache_pair(rng: &mut Rng, shape: &[usize], dtype: DType, fp8: Option<f32>, dev: &Device) -> (Tensor, Tensor) {
+    let Some(scale) = fp8 else {
+        return pair(rng, shape, dtype, dev);
+    };
+    let rows = shape[0] * shape[1];
+    let c = Tensor::zeros(shape, DType::U8, &Device::Cpu).unwrap();
+    let values = rng.tensor(&[rows, shape[2], shape[3]], 150.0 * scale, 0.0);
+    let all: Vec<u32> = (0..rows as u32).collect();
+    reshape_and_cache_scaled(&c, &values, &Tensor::new(all.as_slice(), &Device::Cpu).unwrap(), scale).unwrap();
+    let g = c.to_device(dev).unwrap();
+    (c, g)
+}
+
+/// [`run_scenario`] over float caches of `dtype` (`fp8` None) or fp8 ones written with
+/// the scales `fp8`.
+fn run_scenario_kv(
+    dev: &Device,
+    name: &str,
+    sc: &Scenario,
+    dtype: DType,
+    fp8: Option<KvScale>,
+    (heads, kv_heads, d): (usize, usize, usize),
+    seed: u64,
+) -> f32 {
     let bs = 16;
     let mut rng = Rng::new(seed);
     // Flat query layout with the padding tokens.
@@ -126,8 +156,9 @@ fn run_scenario(
             }
         }
     }
-    let (kc_c, kc_g) = pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, dev);
-    let (vc_c, vc_g) = pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, dev);
+    let (kc_c, kc_g) = cache_pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, fp8.map(|s| s.k), dev);
+    let (vc_c, vc_g) = cache_pair(&mut rng, &[num_blocks, bs, kv_heads, d], dtype, fp8.map(|s| s.v), dev);
+    let kv_scale = fp8.unwrap_or_default();
     // The step's own K/V: written into both slots first, as producers do.
     for table in &tables {
         let mut rows = Vec::with_capacity(tokens);
@@ -141,23 +172,30 @@ fn run_scenario(
         let rows_g = rows_c.to_device(dev).unwrap();
         let (k_c, k_g) = pair(&mut rng, &[n, kv_heads, d], dtype, dev);
         let (v_c, v_g) = pair(&mut rng, &[n, kv_heads, d], dtype, dev);
-        reshape_and_cache(&kc_c, &k_c, &rows_c).unwrap();
-        reshape_and_cache(&kc_g, &k_g, &rows_g).unwrap();
-        reshape_and_cache(&vc_c, &v_c, &rows_c).unwrap();
-        reshape_and_cache(&vc_g, &v_g, &rows_g).unwrap();
+        reshape_and_cache_scaled(&kc_c, &k_c, &rows_c, kv_scale.k).unwrap();
+        reshape_and_cache_scaled(&kc_g, &k_g, &rows_g, kv_scale.k).unwrap();
+        reshape_and_cache_scaled(&vc_c, &v_c, &rows_c, kv_scale.v).unwrap();
+        reshape_and_cache_scaled(&vc_g, &v_g, &rows_g, kv_scale.v).unwrap();
+    }
+    if fp8.is_some() {
+        // The GPU wrote the step's rows as the CPU did: the same codes everywhere.
+        assert!(
+            flat(&kc_g) == flat(&kc_c) && flat(&vc_g) == flat(&vc_c),
+            "{name}: fp8 cache writes differ"
+        );
     }
     let scale = 1.0 / (d as f32).sqrt();
     let mut worst = 0f32;
     for (layer, slot) in [(0, 0), (1, 0), (2, 1)] {
         let (q_c, q_g) = pair(&mut rng, &[tokens, heads, d], dtype, dev);
         let t = &tables[slot];
-        let want = paged_attention(&q_c, &kc_c, &vc_c, &seqs, t, max_blocks, scale).unwrap();
-        let got = paged_attention(&q_g, &kc_g, &vc_g, &seqs, t, max_blocks, scale).unwrap();
+        let want = paged_attention_scaled(&q_c, &kc_c, &vc_c, &seqs, t, max_blocks, scale, kv_scale).unwrap();
+        let got = paged_attention_scaled(&q_g, &kc_g, &vc_g, &seqs, t, max_blocks, scale, kv_scale).unwrap();
         assert_eq!(got.dims(), want.dims());
         let e = rel_err(&flat(&got), &flat(&want));
         assert!(
             e <= tol(dtype),
-            "{name} {dtype:?} heads {heads}/{kv_heads} d {d} layer {layer} (slot {slot}): relative error {e}"
+            "{name} {dtype:?} fp8 {fp8:?} heads {heads}/{kv_heads} d {d} layer {layer} (slot {slot}): relative error {e}"
         );
         worst = worst.max(e);
     }
@@ -214,4 +252,95 @@ fn paged_attention_rejects_unsupported_head_dim_on_cuda() {
     }];
     let err = paged_attention(&q, &kc, &kc, &seqs, &[0], 1, 1.0).unwrap_err();
     assert!(err.to_string().contains("head_dim 48"), "{err}");
+}
+
+#[test]
+fn fp8_reshape_and_cache_matches_cpu_bit_for_bit() {
+    let dev = gpu();
+    for (dtype, kvh, d, scale) in [
+        (DType::F32, 2, 64, 1.0f32),
+        (DType::F16, 1, 128, 0.05),
+        (DType::BF16, 4, 128, 0.5),
+        (DType::BF16, 8, 64, 2.0),
+        (DType::F32, 1, 256, 0.013),
+        (DType::F32, 3, 20, 0.3), // a row that is not a multiple of 16 bytes
+    ] {
+        let mut rng = Rng::new(17 + d as u64 + kvh as u64);
+        let (nb, bs) = (9, 16);
+        let cache_c = Tensor::zeros((nb, bs, kvh, d), DType::U8, &Device::Cpu).unwrap();
+        let cache_g = cache_c.to_device(&dev).unwrap();
+        let skip = crosskv::ops::reshape_and_cache::SKIP_ROW;
+        let mut pos: Vec<u32> = vec![0, 15, skip, 16, (nb * bs - 1) as u32];
+        let fixed = pos.clone();
+        pos.extend(
+            shuffled(&mut rng, nb * bs)
+                .into_iter()
+                .filter(|p| !fixed.contains(p))
+                .take(30),
+        );
+        let t = pos.len();
+        // From subnormal to saturated at this scale (|x| > 448 × scale).
+        let mut vals = rng
+            .tensor(&[t, kvh, d], 200.0 * scale, 0.0)
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, v) in vals.iter_mut().enumerate().step_by(7) {
+            *v *= [1e-4f32, 1e-2, 10.0][i % 3];
+        }
+        let new_c = Tensor::from_vec(vals, (t, kvh, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let new_g = new_c.to_device(&dev).unwrap();
+        let pos_c = Tensor::new(pos.as_slice(), &Device::Cpu).unwrap();
+        let pos_g = pos_c.to_device(&dev).unwrap();
+        reshape_and_cache_scaled(&cache_c, &new_c, &pos_c, scale).unwrap();
+        reshape_and_cache_scaled(&cache_g, &new_g, &pos_g, scale).unwrap();
+        let got = cache_g
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        let want = cache_c.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            differ, 0,
+            "{dtype:?} kvh {kvh} d {d} scale {scale}: {differ} fp8 codes differ from CPU"
+        );
+        assert!(
+            want.iter().any(|&c| c & 0x7F == 0x7E),
+            "{dtype:?} d {d}: no saturated element was tested"
+        );
+        eprintln!("fp8 reshape_and_cache {dtype:?} kv_heads {kvh} d {d} scale {scale}: {t} rows, exact");
+    }
+}
+
+#[test]
+fn fp8_paged_attention_matches_cpu() {
+    let dev = gpu();
+    let ratios = [(8, 8), (8, 2), (16, 1), (32, 1), (12, 4)];
+    let scales = KvScale { k: 0.02, v: 0.3 };
+    let mut seed = 5000;
+    let mut summary = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for d in [64, 128, 256] {
+            for &(heads, kv_heads) in &ratios {
+                for (name, sc) in scenarios() {
+                    seed += 1;
+                    let e = run_scenario_kv(&dev, name, &sc, dtype, Some(scales), (heads, kv_heads, d), seed);
+                    summary.push(format!(
+                        "fp8 paged_attention {name:6} q {:4} d{d:<3} heads {heads:2}/{kv_heads}: max rel err {e:.2e}",
+                        format!("{dtype:?}")
+                    ));
+                }
+            }
+        }
+    }
+    for s in summary {
+        eprintln!("{s}");
+    }
 }

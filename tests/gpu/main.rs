@@ -10,9 +10,12 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{flat, grads_of, Rng, Tiny};
-use crosskv::kv::KvManager;
+use crosskv::kv::{KvDtype, KvManager, KvScale};
 use crosskv::model::LoadOptions;
-use crosskv::ops::{add_rms_norm, paged_attention, reshape_and_cache, rms_norm, rope, SeqSpan};
+use crosskv::ops::{
+    add_rms_norm, paged_attention, paged_attention_scaled, reshape_and_cache, reshape_and_cache_scaled, rms_norm, rope,
+    SeqSpan,
+};
 use crosskv::runner::{Runner, SeqStep};
 use serde_json::json;
 

@@ -33,6 +33,68 @@ fn tiny_cla_model_logits_match_cpu() {
     }
 }
 
+/// The fp8 KV cache on CUDA (its write, and the CUDA-core attention kernel reading fp8
+/// pages under f32 and bf16 queries) over the mixed schedule, against the same model
+/// with an fp8 cache on the CPU. CUDA's K/V differ from the CPU's by rounding, which can
+/// move an element to the neighbouring e4m3 code: the CPU's own fp8 effect (f32 cache
+/// against fp8 cache) is the yardstick, halved for f32; bf16 adds its own.
+#[test]
+fn tiny_cla_model_fp8_kv_logits_match_cpu() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .seed(42);
+    let ck = tiny.write();
+    let cpu = ck.load();
+    let mut cpu_fp8 = ck.load();
+    cpu_fp8.set_kv_cache_dtype(KvDtype::Fp8E4m3);
+    let fp8_alone = tiny_model_schedule(&cpu, &cpu_fp8, &tiny, DType::F32, f32::INFINITY);
+    let cpu_bf16 = ck.load_with(&LoadOptions {
+        dtype: Some(DType::BF16),
+        device: Device::Cpu,
+        ..LoadOptions::default()
+    });
+    let bf16_alone = tiny_model_schedule(&cpu, &cpu_bf16, &tiny, DType::BF16, f32::INFINITY);
+    for (dtype, tol) in [
+        (DType::F32, (fp8_alone / 2.0).max(1e-3)),
+        (DType::BF16, 2.0 * bf16_alone + fp8_alone),
+    ] {
+        let mut cuda = ck.load_with(&LoadOptions {
+            dtype: Some(dtype),
+            device: dev.clone(),
+            ..LoadOptions::default()
+        });
+        cuda.set_kv_cache_dtype(KvDtype::Fp8E4m3);
+        let e = tiny_model_schedule(&cpu_fp8, &cuda, &tiny, dtype, tol);
+        eprintln!("fp8 KV {dtype:?} on CUDA: worst logits rel err {e:.2e} (fp8 alone on the CPU {fp8_alone:.2e})");
+    }
+}
+
+/// Decode graphs over an fp8 cache give the eager steps' logits (the scales are
+/// captured with each layer's launch).
+#[test]
+fn fp8_kv_decode_graphs_match_eager() {
+    let dev = gpu();
+    let tiny = Tiny::new(4, 4, 2, 64, 128, 97)
+        .cla("cla_share_factor", json!(2))
+        .max_positions(1024)
+        .seed(7);
+    let ck = tiny.write();
+    let mut cpu = ck.load();
+    cpu.set_kv_cache_dtype(KvDtype::Fp8E4m3);
+    for dtype in [DType::F32, DType::BF16] {
+        let mut model = ck.load_with(&LoadOptions {
+            dtype: Some(dtype),
+            device: dev.clone(),
+            ..LoadOptions::default()
+        });
+        model.set_kv_cache_dtype(KvDtype::Fp8E4m3);
+        for (block, first, stride, blocks, graphs) in [(4, 25, 1, 64, (4, None)), (16, 600, 97, 400, (3, None))] {
+            decode_graph_case(&model, &cpu, &tiny, dtype, block, (first, stride), blocks, graphs);
+        }
+    }
+}
+
 /// Runs the mixed prefill/decode schedule on both models; the worst relative error of
 /// `got`'s logits against `want`'s, each step within `tol`.
 pub(super) fn tiny_model_schedule(

@@ -10,6 +10,7 @@ mod dtypes;
 mod engine;
 mod eval;
 mod flash_attention;
+mod fp8_kv;
 mod fused_ops;
 mod fuzz;
 mod gguf;

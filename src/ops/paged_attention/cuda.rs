@@ -1,7 +1,7 @@
 //! The CUDA launches of paged attention (feature `cuda`): `kernels/paged_attention.cu`
-//! (f32, CUDA cores, and the partition reduction) and `kernels/paged_attention_tc.cu`
-//! (f16/bf16, tensor cores, decode and prefill kernels, partitions combined in the
-//! kernel or in thread-block clusters). The planner (`plan.rs`) decides the work items
+//! (f32, and an fp8 cache under any q type, on CUDA cores; the partition reduction) and
+//! `kernels/paged_attention_tc.cu` (f16/bf16, tensor cores, decode and prefill kernels,
+//! partitions combined in the kernel or in thread-block clusters). The planner (`plan.rs`) decides the work items
 //! and partitions; this file uploads the plan, sizes the scratch, asks the driver how
 //! many CTAs and clusters fit, and launches.
 //!
@@ -10,7 +10,7 @@
 //! need the others' invariants.
 
 use super::plan::{plan, Kernel, Params, MAX_CLUSTER_PARTS, TC_TILE_KEYS, THREADS};
-use super::{AttentionDims, PagedAttentionPlan, SeqSpan};
+use super::{AttentionDims, KvScale, PagedAttentionPlan, SeqSpan};
 use crate::ops::cuda::{contiguous, poison, ptx, suffix, POISON};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
@@ -74,6 +74,7 @@ impl StepLaunch<'_> {
             head_dim: d,
             block_size,
             dtype,
+            fp8_cache,
         } = dims;
         let runnable = tokens > 0
             && kv_heads > 0
@@ -83,7 +84,18 @@ impl StepLaunch<'_> {
         let mut memo = StepMemo::default();
         if runnable {
             memo.prepared = Some(prepare(
-                dev, None, seqs, max_blocks, scale, tokens, heads, kv_heads, d, block_size, dtype, true,
+                dev,
+                None,
+                seqs,
+                max_blocks,
+                scale,
+                tokens,
+                heads,
+                kv_heads,
+                d,
+                block_size,
+                (dtype, fp8_cache),
+                true,
             )?);
         }
         Ok(StepLaunch::Step(Mutex::new(memo)))
@@ -122,7 +134,7 @@ impl DecodeGraphAttention {
         max_blocks: usize,
         (heads, kv_heads, d): (usize, usize, usize),
         block_size: usize,
-        dtype: DType,
+        (dtype, fp8_cache): (DType, bool),
         scale: f32,
     ) -> Result<Self> {
         let cuda = dev.as_cuda_device()?;
@@ -142,7 +154,7 @@ impl DecodeGraphAttention {
             kv_heads,
             d,
             block_size,
-            dtype,
+            (dtype, fp8_cache),
             false,
         )?;
         if prepared.kernel == Kernel::TensorCore && prepared.num_parts > 1 {
@@ -203,14 +215,15 @@ pub(super) fn run(
     if !super::CUDA_HEAD_DIMS.contains(&d) {
         candle_core::bail!("{OP}: head_dim {d} is not supported on CUDA (64, 128, 256)");
     }
-    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
-        candle_core::bail!("{OP}: q and cache must share one of f32/f16/bf16");
+    let fp8 = k.dtype() == DType::U8;
+    if k.dtype() != v.dtype() || (q.dtype() != k.dtype() && !fp8) {
+        candle_core::bail!("{OP}: on CUDA the caches must be q's f32/f16/bf16, or fp8 (u8)");
     }
     suffix(q.dtype(), OP)?;
     let (q0, q1) = contiguous(ql, OP, "q")?;
     let (k0, k1) = contiguous(kl, OP, "k cache")?;
     let (v0, v1) = contiguous(vl, OP, "v cache")?;
-    let esize = q.dtype().size_in_bytes();
+    let esize = k.dtype().size_in_bytes();
     if !(k0 * esize).is_multiple_of(16) || !(v0 * esize).is_multiple_of(16) {
         candle_core::bail!("{OP}: the caches must start 16-byte aligned");
     }
@@ -219,7 +232,8 @@ pub(super) fn run(
     if tokens == 0 {
         return Ok((shape_storage(&dev, q.dtype(), 0)?, shape));
     }
-    let key = (tokens, heads, kv_heads, d, q.dtype());
+    let key = (tokens, heads, kv_heads, d, q.dtype(), fp8);
+    let kv_scale = plan.kv_scale(slot);
     // The step's launch, shared by every KV slot (they all see the same spans: only
     // their block tables differ, uploaded once per slot).
     let mut step_memo;
@@ -240,7 +254,7 @@ pub(super) fn run(
                     kv_heads,
                     d,
                     block_size,
-                    q.dtype(),
+                    (q.dtype(), fp8),
                     true,
                 )?);
                 memo.tables = None;
@@ -282,13 +296,19 @@ pub(super) fn run(
     macro_rules! go {
         ($t:ty) => {{
             let qv = q.as_cuda_slice::<$t>()?.slice(q0..q1);
-            let kv = k.as_cuda_slice::<$t>()?.slice(k0..k1);
-            let vv = v.as_cuda_slice::<$t>()?.slice(v0..v1);
             let mut out = unsafe { dev.alloc::<$t>(tokens * heads * d)? };
             if POISON.load(Ordering::Relaxed) {
                 poison(&dev, &mut out)?;
             }
-            launch(&dev, pr, spans, &table, &mut out, &qv, &kv, &vv)?;
+            if fp8 {
+                let kv = k.as_cuda_slice::<u8>()?.slice(k0..k1);
+                let vv = v.as_cuda_slice::<u8>()?.slice(v0..v1);
+                launch(&dev, pr, spans, &table, &mut out, &qv, (&kv, &vv), kv_scale)?;
+            } else {
+                let kv = k.as_cuda_slice::<$t>()?.slice(k0..k1);
+                let vv = v.as_cuda_slice::<$t>()?.slice(v0..v1);
+                launch(&dev, pr, spans, &table, &mut out, &qv, (&kv, &vv), kv_scale)?;
+            }
             CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
@@ -315,8 +335,8 @@ fn upload_table(dev: &CudaDevice, block_table: &[u32]) -> Result<Slice<u32>> {
 /// kernels. Launches on one stream run in order, so every layer of a step can reuse
 /// the scratch (and the tensor-core kernels leave their partition counters at zero).
 struct Prepared {
-    /// (tokens, heads, kv_heads, head_dim, dtype) it was made for.
-    key: (usize, usize, usize, usize, DType),
+    /// (tokens, heads, kv_heads, head_dim, q dtype, fp8 cache) it was made for.
+    key: (usize, usize, usize, usize, DType, bool),
     params: Params,
     num_work: usize,
     num_small: usize,
@@ -355,11 +375,17 @@ fn prepare(
     kv_heads: usize,
     d: usize,
     block_size: usize,
-    dtype: DType,
+    (dtype, fp8_cache): (DType, bool),
     upload_spans: bool,
 ) -> Result<Prepared> {
     let sfx = suffix(dtype, "paged_attention")?;
-    let kernel = Kernel::for_dtype(dtype);
+    // An fp8 cache is read on CUDA cores: the tensor-core kernels stage K/V tiles with
+    // cp.async straight into the layout ldmatrix reads, with no step to convert them.
+    let kernel = if fp8_cache {
+        Kernel::CudaCore
+    } else {
+        Kernel::for_dtype(dtype)
+    };
     let p = plan(
         part_ctx,
         seqs,
@@ -398,7 +424,7 @@ fn prepare(
         dev.alloc_zeros::<u32>(1)?
     };
     Ok(Prepared {
-        key: (tokens, heads, kv_heads, d, dtype),
+        key: (tokens, heads, kv_heads, d, dtype, fp8_cache),
         params,
         num_work,
         num_small: p.num_small,
@@ -418,6 +444,7 @@ fn prepare(
         kernel,
         attn: match kernel {
             Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}_d{d}"),
+            Kernel::CudaCore if fp8_cache => format!("paged_attention_{sfx}_kvfp8_d{d}"),
             Kernel::CudaCore => format!("paged_attention_{sfx}_d{d}"),
         },
         attn_cluster: format!("paged_attention_tc_decode_cluster_{sfx}_d{d}"),
@@ -634,14 +661,14 @@ unsafe fn launch_in_clusters(
 /// items from `base` (`smem` bytes of dynamic shared memory), the plan's keys split over
 /// `parts`.
 #[allow(clippy::too_many_arguments)]
-fn launch_decode_in_clusters<T>(
+fn launch_decode_in_clusters<T, C>(
     dev: &CudaDevice,
     pr: &Prepared,
     seqs: &Slice<u32>,
     parts: usize,
     (base, n, smem): (u32, usize, usize),
     out: &mut Slice<T>,
-    (q, k, v): (&View<'_, T>, &View<'_, T>, &View<'_, T>),
+    (q, k, v): (&View<'_, T>, &View<'_, C>, &View<'_, C>),
     table: &View<'_, u32>,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
@@ -690,17 +717,18 @@ fn launch_decode_in_clusters<T>(
     unsafe { launch_in_clusters(&f, &stream, cfg, (1, 1, parts as u32), &mut args) }
 }
 
-/// The launches of one layer: `seqs` the spans on the device (None: the plan's own).
+/// The launches of one layer: `seqs` the spans on the device (None: the plan's own); the
+/// caches of q's type `T`, or fp8 codes (`C` = u8) read with `kv_scale`.
 #[allow(clippy::too_many_arguments)]
-fn launch<T: DeviceRepr>(
+fn launch<T: DeviceRepr, C: DeviceRepr>(
     dev: &CudaDevice,
     pr: &mut Prepared,
     seqs: Option<&Slice<u32>>,
     table: &View<'_, u32>,
     out: &mut Slice<T>,
     q: &View<'_, T>,
-    k: &View<'_, T>,
-    v: &View<'_, T>,
+    (k, v): (&View<'_, C>, &View<'_, C>),
+    kv_scale: KvScale,
 ) -> Result<()> {
     let seqs = match seqs {
         Some(s) => s,
@@ -738,6 +766,9 @@ fn launch<T: DeviceRepr>(
                 .arg(&pr.work_d)
                 .arg(table)
                 .arg(&pr.params);
+            if pr.key.5 {
+                b.arg(&kv_scale.k).arg(&kv_scale.v);
+            }
             unsafe { b.launch(grid(pr.num_work, 0)) }.w()?;
         }
         Kernel::TensorCore => {

@@ -4,8 +4,11 @@
 //! the cache through the block table of the layer's KV slot. A query at absolute
 //! position `p` attends causally to cached positions `0..=p`, so the step's own K/V
 //! must have been written with `reshape_and_cache` first. GQA/MQA: query head `h`
-//! reads KV head `h / (heads / kv_heads)`.
+//! reads KV head `h / (heads / kv_heads)`. An fp8 cache (`u8` e4m3 codes) is read with
+//! its slot's scales ([`KvScale`]), applied to the scores and the output, not per
+//! element; the CPU path also reads a float cache of another type than q.
 
+use super::fp8::{KvScale, E4M3_TABLE};
 use super::parallel::for_each_chunk_mut;
 use super::{contiguous, Elem};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
@@ -33,8 +36,8 @@ pub struct SeqSpan {
     pub ctx_len: u32,
 }
 
-/// The shapes a step's attention runs at: `q` `[tokens, heads, head_dim]`, caches
-/// `[_, block_size, kv_heads, head_dim]` of `dtype`.
+/// The shapes a step's attention runs at: `q` `[tokens, heads, head_dim]` of `dtype`,
+/// caches `[_, block_size, kv_heads, head_dim]` of `dtype`, or of fp8 codes (`fp8_cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionDims {
     pub tokens: usize,
@@ -43,6 +46,7 @@ pub struct AttentionDims {
     pub head_dim: usize,
     pub block_size: usize,
     pub dtype: DType,
+    pub fp8_cache: bool,
 }
 
 /// Where a step's layers find their block tables.
@@ -75,6 +79,8 @@ pub struct PagedAttentionPlan<'a> {
     checked: Mutex<HashSet<usize>>,
     /// The caller checked every slot's table (a decode graph's runner does as it stages them).
     tables_checked: bool,
+    /// Each KV slot's fp8 scales (none: 1.0), [`PagedAttentionPlan::with_kv_scales`].
+    kv_scales: Vec<KvScale>,
     #[cfg(feature = "cuda")]
     cuda: cuda::StepLaunch<'a>,
     /// The batch-invariant kernel's device copies of the step's token owners and tables.
@@ -128,6 +134,7 @@ impl<'a> PagedAttentionPlan<'a> {
             scale,
             checked: Mutex::default(),
             tables_checked: false,
+            kv_scales: Vec::new(),
             #[cfg(feature = "cuda")]
             cuda: cuda::StepLaunch::default(),
             #[cfg(feature = "cuda")]
@@ -147,7 +154,17 @@ impl<'a> PagedAttentionPlan<'a> {
         }
     }
 
-    /// Slot `slot`'s host table (empty for a decode graph's).
+    /// The plan reading an fp8 cache: slot `s` was written with `scales[s]`.
+    pub fn with_kv_scales(mut self, scales: Vec<KvScale>) -> Self {
+        self.kv_scales = scales;
+        self
+    }
+
+    /// Slot `slot`'s fp8 scales (1.0 when none were given).
+    pub(crate) fn kv_scale(&self, slot: usize) -> KvScale {
+        self.kv_scales.get(slot).copied().unwrap_or_default()
+    }
+
     /// Every KV slot's table, when the plan holds them on the host by slot.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn slot_tables(&self) -> Option<&'a [Vec<u32>]> {
@@ -223,21 +240,41 @@ struct PagedAttention<'a> {
     block_table: &'a [u32],
     max_blocks: usize,
     scale: f32,
+    /// The slot's fp8 scales (1.0 for a float cache).
+    kv_scale: KvScale,
+}
+
+/// An element of the cache as the reference reads it: a float, or an fp8 e4m3 code
+/// (`u8`) before its scale.
+trait CacheElem: Copy + Send + Sync + 'static {
+    fn load(self) -> f32;
+}
+impl<T: Elem> CacheElem for T {
+    #[inline]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+}
+impl CacheElem for u8 {
+    #[inline]
+    fn load(self) -> f32 {
+        E4M3_TABLE[self as usize]
+    }
 }
 
 /// `a · b` with eight independent partial sums, so the compiler can vectorise the
 /// reduction (a plain float sum must stay in order and runs scalar).
 #[inline]
-fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
+fn dot<T: CacheElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
+            acc[i] += x[i] * y[i].load();
         }
     }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y.to_f32()).sum();
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y.load()).sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -252,7 +289,7 @@ struct Dims {
 }
 
 impl PagedAttention<'_> {
-    fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T], dims: &Dims) -> Result<Vec<T>> {
+    fn run<T: Elem, C: CacheElem>(&self, q: &[T], k: &[C], v: &[C], dims: &Dims) -> Result<Vec<T>> {
         let Dims {
             tokens,
             heads,
@@ -270,6 +307,9 @@ impl PagedAttention<'_> {
             }
         }
         let group = heads / kv_heads;
+        // The stored K is k / k_scale: q·k = (q·stored) × k_scale. V likewise, after the sum.
+        let score_scale = self.scale * self.kv_scale.k;
+        let v_scale = self.kv_scale.v;
         let mut out = vec![T::from_f32(0.0); tokens * heads * d];
         // One task per (token, query head): decode steps have one token, so the
         // parallelism has to come from the heads.
@@ -288,7 +328,7 @@ impl PagedAttention<'_> {
                 (row * kv_heads + kvh) * d
             };
             let mut scores: Vec<f32> = (0..n)
-                .map(|j| dot(&qv, &k[kv_row(j)..kv_row(j) + d]) * self.scale)
+                .map(|j| dot(&qv, &k[kv_row(j)..kv_row(j) + d]) * score_scale)
                 .collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let mut sum = 0f32;
@@ -302,9 +342,12 @@ impl PagedAttention<'_> {
                 let off = kv_row(j);
                 acc.iter_mut()
                     .zip(&v[off..off + d])
-                    .for_each(|(a, b)| *a += w * b.to_f32());
+                    .for_each(|(a, b)| *a += w * b.load());
             }
-            out_h.iter_mut().zip(&acc).for_each(|(o, a)| *o = T::from_f32(*a));
+            out_h
+                .iter_mut()
+                .zip(&acc)
+                .for_each(|(o, a)| *o = T::from_f32(*a * v_scale));
         });
         Ok(out)
     }
@@ -341,22 +384,29 @@ impl CustomOp3 for PagedAttention<'_> {
             d,
             block_size,
         };
-        // The same reference for each element type.
+        // The same reference for each element type of q and of the cache.
         macro_rules! run {
-            ($variant:ident, $q:ident, $k:ident, $v:ident) => {
-                CpuStorage::$variant(self.run(
-                    contiguous($q, ql, n, "q")?,
-                    contiguous($k, kl, n, "k cache")?,
-                    contiguous($v, vl, n, "v cache")?,
-                    &dims,
-                )?)
-            };
+            ($variant:ident, $q:ident) => {{
+                let q = contiguous($q, ql, n, "q")?;
+                CpuStorage::$variant(match (ks, vs) {
+                    (CpuStorage::F32(k), CpuStorage::F32(v)) => self.run(q, k_of(k, kl)?, k_of(v, vl)?, &dims)?,
+                    (CpuStorage::F16(k), CpuStorage::F16(v)) => self.run(q, k_of(k, kl)?, k_of(v, vl)?, &dims)?,
+                    (CpuStorage::BF16(k), CpuStorage::BF16(v)) => self.run(q, k_of(k, kl)?, k_of(v, vl)?, &dims)?,
+                    (CpuStorage::U8(k), CpuStorage::U8(v)) => self.run(q, k_of(k, kl)?, k_of(v, vl)?, &dims)?,
+                    _ => candle_core::bail!(
+                        "paged_attention: the K and V caches must share one of f32/f16/bf16/fp8 (u8)"
+                    ),
+                })
+            }};
         }
-        let out = match (qs, ks, vs) {
-            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => run!(F32, q, k, v),
-            (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => run!(F16, q, k, v),
-            (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => run!(BF16, q, k, v),
-            _ => candle_core::bail!("paged_attention: q and cache must share one of f32/f16/bf16"),
+        fn k_of<'s, C>(c: &'s [C], l: &Layout) -> Result<&'s [C]> {
+            contiguous(c, l, "paged_attention", "cache")
+        }
+        let out = match qs {
+            CpuStorage::F32(q) => run!(F32, q),
+            CpuStorage::F16(q) => run!(F16, q),
+            CpuStorage::BF16(q) => run!(BF16, q),
+            _ => candle_core::bail!("paged_attention: q must be f32, f16 or bf16"),
         };
         Ok((out, ql.shape().clone()))
     }
@@ -419,7 +469,32 @@ pub fn paged_attention(
     max_blocks: usize,
     scale: f32,
 ) -> Result<Tensor> {
-    let plan = PagedAttentionPlan::single(seqs, block_table, max_blocks, scale);
+    paged_attention_scaled(
+        q,
+        k_cache,
+        v_cache,
+        seqs,
+        block_table,
+        max_blocks,
+        scale,
+        KvScale::default(),
+    )
+}
+
+/// [`paged_attention`] over caches that may be fp8 (`u8` e4m3 codes) written with
+/// `kv_scale`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_scaled(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    seqs: &[SeqSpan],
+    block_table: &[u32],
+    max_blocks: usize,
+    scale: f32,
+    kv_scale: KvScale,
+) -> Result<Tensor> {
+    let plan = PagedAttentionPlan::single(seqs, block_table, max_blocks, scale).with_kv_scales(vec![kv_scale]);
     paged_attention_run(&plan, 0, q, k_cache, v_cache)
 }
 
@@ -441,6 +516,7 @@ pub fn paged_attention_run(
         block_table,
         max_blocks: plan.max_blocks,
         scale: plan.scale,
+        kv_scale: plan.kv_scale(slot),
     };
     q.contiguous()?.apply_op3_no_bwd(k_cache, v_cache, &op)
 }
