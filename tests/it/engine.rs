@@ -465,14 +465,12 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
     assert_eq!(want[2].0.len(), 40);
 }
 
-/// Sampling on the device (CUDA): seeded requests repeat their tokens, two requests of
-/// one prompt and seed in one batch agree, a logit bias forces its token, and min_tokens
-/// holds a stop token back until it is met.
+/// A CUDA engine (f32, decode graphs) over a tiny random model made with `seed`: room
+/// for 64 blocks of 16 per slot. The checkpoint lives as long as the handle is used.
 #[cfg(feature = "cuda")]
-#[test]
-fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
+fn cuda_engine(seed: u64, async_scheduling: bool) -> (EngineHandle, crate::common::Checkpoint) {
     use crosskv::model::LoadOptions;
-    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(21).write();
+    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(seed).write();
     let model = ckpt.load_with(&LoadOptions {
         dtype: Some(candle_core::DType::F32),
         device: crosskv::device::cuda(0).expect("a CUDA device"),
@@ -488,9 +486,18 @@ fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
         max_queued_requests: 64,
         prefix_caching: true,
         cuda_graphs: true,
-        async_scheduling: false,
+        async_scheduling,
     };
-    let h = EngineHandle::start(model, tokenizer(), config).unwrap();
+    (EngineHandle::start(model, tokenizer(), config).unwrap(), ckpt)
+}
+
+/// Sampling on the device (CUDA): seeded requests repeat their tokens, two requests of
+/// one prompt and seed in one batch agree, a logit bias forces its token, and min_tokens
+/// holds a stop token back until it is met.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
+    let (h, _ckpt) = cuda_engine(21, false);
     let sampled = |seed: u64| GenerateOptions {
         sampling: SamplingParams {
             temperature: 1.0,
@@ -566,26 +573,7 @@ fn cuda_device_sampling_is_seeded_and_honours_bias_penalties_and_min_tokens() {
 #[test]
 fn cuda_constrained_requests_are_masked_beside_device_sampling() {
     use crosskv::engine::Constraint;
-    use crosskv::model::LoadOptions;
-    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(23).write();
-    let model = ckpt.load_with(&LoadOptions {
-        dtype: Some(candle_core::DType::F32),
-        device: crosskv::device::cuda(0).expect("a CUDA device"),
-        ..Default::default()
-    });
-    let layout = model.layout().clone();
-    let config = EngineConfig {
-        kv_cache_bytes: 64 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
-        block_size: 16,
-        max_model_len: 128,
-        max_num_seqs: 16,
-        max_num_batched_tokens: 256,
-        max_queued_requests: 64,
-        prefix_caching: true,
-        cuda_graphs: true,
-        async_scheduling: true,
-    };
-    let h = EngineHandle::start(model, tokenizer(), config).unwrap();
+    let (h, _ckpt) = cuda_engine(23, true);
     let sampled = |seed: u64| GenerateOptions {
         sampling: SamplingParams {
             temperature: 1.0,
