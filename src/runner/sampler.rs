@@ -192,37 +192,31 @@ impl Sampler {
     pub fn device_row(&self, row: u32, pick: usize, banned: impl IntoIterator<Item = u32>) -> RowSample {
         let p = &self.params;
         let mut adjust: FxHashMap<u32, LogitAdjust> = FxHashMap::default();
-        let mut adjust_of = |t: u32, f: &mut dyn FnMut(&mut LogitAdjust)| {
-            f(adjust.entry(t).or_insert(LogitAdjust {
-                token: t,
-                bias: 0.0,
-                rep: 1.0,
-                sub: 0.0,
-            }))
-        };
+        fn of(adjust: &mut FxHashMap<u32, LogitAdjust>, t: u32) -> &mut LogitAdjust {
+            adjust.entry(t).or_insert_with(|| LogitAdjust::none(t))
+        }
         for &(t, b) in &p.logit_bias {
-            adjust_of(t, &mut |a| a.bias += b);
+            of(&mut adjust, t).bias += b;
         }
         if let Some(h) = &self.history {
             if p.repetition_penalty != 1.0 {
                 for &t in &h.seen {
-                    adjust_of(t, &mut |a| a.rep = p.repetition_penalty);
+                    of(&mut adjust, t).rep = p.repetition_penalty;
                 }
             }
             if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
                 for (&t, &n) in &h.output {
-                    adjust_of(t, &mut |a| a.sub += p.frequency_penalty * n as f32 + p.presence_penalty);
+                    of(&mut adjust, t).sub += p.frequency_penalty * n as f32 + p.presence_penalty;
                 }
             }
         }
         for t in banned {
-            adjust_of(t, &mut |a| a.sub = f32::INFINITY);
+            of(&mut adjust, t).sub = f32::INFINITY;
         }
         let greedy = self.is_greedy();
         // 24 random bits: every value exact in an f32 below 1.
         let uniform = (splitmix64(self.draw_key ^ (pick as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 40) as f32
             / (1u64 << 24) as f32;
-        let p = &self.params;
         RowSample {
             row,
             temperature: if greedy { 0.0 } else { p.temperature },

@@ -457,9 +457,9 @@ impl Engine {
                 plan.full.extend(std::iter::repeat_n(false, step.tokens.len() - 1));
             }
             let row = plan.full.len() as u32;
-            let needs_row = s.samples && self.requests.get(&s.id).is_some_and(|l| !l.greedy_pick_suffices());
-            let on_device =
-                needs_row && self.device_sampling && self.requests.get(&s.id).is_some_and(Live::device_may_sample);
+            let live = self.requests.get(&s.id);
+            let needs_row = s.samples && live.is_some_and(|l| !l.greedy_pick_suffices());
+            let on_device = needs_row && self.device_sampling && live.is_some_and(Live::device_may_sample);
             if on_device {
                 plan.on_device.push((row, s.id));
             }
@@ -602,17 +602,7 @@ impl Engine {
         if on_device.is_empty() {
             return Ok(None);
         }
-        let mut all: Vec<crate::ops::RowSample> = (0..rows as u32)
-            .map(|row| crate::ops::RowSample {
-                row,
-                temperature: 0.0,
-                top_k: 0,
-                top_p: 1.0,
-                min_p: 0.0,
-                uniform: 0.0,
-                adjust: Vec::new(),
-            })
-            .collect();
+        let mut all: Vec<crate::ops::RowSample> = (0..rows as u32).map(crate::ops::RowSample::greedy).collect();
         for r in self.device_rows(on_device, ahead)? {
             let i = r.row as usize;
             all[i] = r;

@@ -30,6 +30,16 @@ pub struct LogitAdjust {
 }
 
 impl LogitAdjust {
+    /// No change to `token`'s logit: the start an adjustment is built up from.
+    pub fn none(token: u32) -> Self {
+        LogitAdjust {
+            token,
+            bias: 0.0,
+            rep: 1.0,
+            sub: 0.0,
+        }
+    }
+
     fn apply(&self, x: f32) -> f32 {
         let v = x + self.bias;
         let v = if self.rep != 1.0 {
@@ -62,6 +72,21 @@ pub struct RowSample {
     pub uniform: f32,
     /// At most one per token.
     pub adjust: Vec<LogitAdjust>,
+}
+
+impl RowSample {
+    /// Row `row`'s first maximum, unadjusted: the device's argmax pick.
+    pub fn greedy(row: u32) -> Self {
+        RowSample {
+            row,
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            uniform: 0.0,
+            adjust: Vec::new(),
+        }
+    }
 }
 
 /// Floats ordered as unsigned integers: a larger logit has a larger key.
@@ -325,7 +350,8 @@ pub fn sample_rows(logits: &Tensor, rows: &[RowSample]) -> Result<Tensor> {
         return Tensor::zeros(0, candle_core::DType::U32, dev);
     }
     let specs = Tensor::from_vec(p.specs, (rows.len(), SPEC_WORDS), dev)?;
-    let entries = Tensor::from_vec(p.entries.clone(), (p.entries.len() / 4, 4), dev)?;
+    let num_entries = p.entries.len() / 4;
+    let entries = Tensor::from_vec(p.entries, (num_entries, 4), dev)?;
     logits.contiguous()?.apply_op3_no_bwd(
         &specs,
         &entries,
@@ -341,13 +367,9 @@ mod tests {
 
     fn spec(t: f32) -> RowSample {
         RowSample {
-            row: 0,
             temperature: t,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
             uniform: 0.5,
-            adjust: Vec::new(),
+            ..RowSample::greedy(0)
         }
     }
 
