@@ -170,6 +170,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/kv", get(kv))
+        .route("/server_info", get(server_info))
+        .route("/model_info", get(model_info))
         .route("/tokenizer_info", get(tokenizer_info))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
@@ -307,6 +309,34 @@ async fn kv(State(st): State<AppState>) -> Result<Response, ApiError> {
         kv_cache_usage_perc: usage,
     })
     .into_response())
+}
+
+/// What a cache-aware router (sglang-router) reads when it registers this server as a
+/// worker: the model name it routes by and the engine's sizes, under SGLang's field
+/// names. Every figure is this server's own; fields it has no counterpart for are left
+/// out rather than guessed.
+async fn server_info(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let e = st.engine()?;
+    let c = e.config();
+    Ok(Json(serde_json::json!({
+        "served_model_name": st.config().served_model_name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "max_model_len": c.max_model_len,
+        "max_running_requests": c.max_num_seqs,
+        "max_prefill_tokens": c.max_num_batched_tokens,
+        "max_total_tokens": e.capacity().capacity_tokens,
+        "prefix_caching": c.prefix_caching,
+    })))
+}
+
+/// The model facts a router reads next to `/server_info`: crosskv serves generative
+/// models only.
+async fn model_info(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    st.engine()?;
+    Ok(Json(serde_json::json!({
+        "served_model_name": st.config().served_model_name,
+        "is_generation": true,
+    })))
 }
 
 async fn tokenizer_info(State(st): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -283,3 +283,19 @@ pub fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
     let scale = w.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
     g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale
 }
+
+/// The Python that runs the deployment tools of the tests (the chart check, the
+/// router): `CROSSKV_TEST_PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("CROSSKV_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Whether that Python imports every one of `modules`.
+pub fn python_imports(modules: &[&str]) -> bool {
+    std::process::Command::new(python())
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -293,6 +293,31 @@ async fn every_get_endpoint_and_tokenize_round_trip() {
 
 /// `promtool check metrics` on a live /metrics (after a request, so histograms have
 /// samples) reports no problem. Where promtool is not installed the test says so and passes.
+/// The worker metadata a cache-aware router reads: the served name it routes by and the
+/// engine's own sizes, matching `/v1/kv` and the setup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_model_info_report_this_engine() {
+    let s = start(Setup {
+        max_num_seqs: 7,
+        max_num_batched_tokens: 96,
+        ..Setup::default()
+    })
+    .await;
+    let info = s.get_json("/server_info").await;
+    let kv = s.get_json("/v1/kv").await;
+    assert_eq!(info["served_model_name"], MODEL);
+    assert_eq!(info["max_running_requests"], 7);
+    assert_eq!(info["max_prefill_tokens"], 96);
+    assert_eq!(info["max_model_len"], 256);
+    assert_eq!(info["max_total_tokens"], kv["capacity_tokens"]);
+    assert!(info["max_total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(info["prefix_caching"], true);
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+    let model = s.get_json("/model_info").await;
+    assert_eq!(model["served_model_name"], MODEL);
+    assert_eq!(model["is_generation"], true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check() {
     use std::io::Write;
@@ -726,6 +751,7 @@ async fn api_key_body_limit_and_full_queue() {
     assert_eq!(s.get("/health").await.0, 200);
     assert_eq!(s.get("/metrics").await.0, 200);
     assert_eq!(s.get("/v1/models").await.0, 401);
+    assert_eq!(s.get("/server_info").await.0, 401);
     let ok = s
         .client
         .post(&url)
