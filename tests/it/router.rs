@@ -1,6 +1,6 @@
 //! Two `crosskv serve` replicas behind sglang-router's cache-aware policy, all on
 //! loopback (docs/deployment.md): the router registers both as workers under the served
-//! model name, spreads unrelated prompts over both, and sends prompts that share a long
+//! model name, spreads unrelated prompts sent together over both, and sends prompts that share a long
 //! prefix to one replica, whose prefix-cache hit counter rises while the other's does not.
 //! Skipped, saying so, where the `sglang_router` Python package is not installed.
 
@@ -137,10 +137,13 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     })
     .await;
 
-    let complete = |prompt: String| {
+    let complete = |prompt: String, max_tokens: u32| {
         let (http, url) = (http.clone(), format!("{router}/v1/completions"));
         async move {
-            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0});
+            let body = json!({
+                "model": MODEL, "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": 0, "ignore_eos": true,
+            });
             let r = http.post(&url).json(&body).send().await.unwrap();
             let status = r.status();
             let v: Value = r.json().await.unwrap();
@@ -160,10 +163,15 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
         out
     };
 
-    // Unrelated prompts (no common prefix): the router balances them over both replicas.
+    // Unrelated prompts (no common prefix) sent together: each goes to the replica with
+    // the fewest requests in flight, so both get some.
     let topics = ["apples", "boats", "clouds", "dogs", "engines", "forests"];
-    for t in topics {
-        complete(format!("{t} are the subject of this short note about {t}.")).await;
+    let together: Vec<_> = topics
+        .iter()
+        .map(|t| tokio::spawn(complete(format!("{t} are the subject of this short note about {t}."), 64)))
+        .collect();
+    for r in together {
+        r.await.unwrap();
     }
     let spread = scrape().await;
     assert!(
@@ -173,17 +181,18 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     );
     assert_eq!(spread.iter().map(|&(r, _)| r).sum::<f64>(), topics.len() as f64);
 
-    // Prompts sharing a prefix of several KV blocks: the first lands somewhere, the rest
-    // follow it, and only that replica finds the prefix in its cache.
+    // Prompts sharing a prefix of several KV blocks, one after another: the first goes to
+    // either replica (both idle), the rest follow it, and only that replica finds the
+    // prefix in its cache.
     let prefix = "The quarterly report of the northern lighthouse keepers, read aloud at the \
                   harbour meeting, described the storms of the season, the state of the lamps, \
                   the oil delivered by the supply boat, and the names of every ship that passed. "
         .repeat(2);
-    complete(format!("{prefix}Question one: how many ships?")).await;
+    complete(format!("{prefix}Question one: how many ships?"), 2).await;
     let before = scrape().await;
     let first = if before[0].0 > spread[0].0 { 0 } else { 1 };
     for q in ["two: which storms?", "three: how much oil?", "four: who read it?"] {
-        complete(format!("{prefix}Question {q}")).await;
+        complete(format!("{prefix}Question {q}"), 2).await;
     }
     let after = scrape().await;
     let other = 1 - first;
