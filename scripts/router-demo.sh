@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Two `crosskv serve` replicas on the CPU behind sglang-router's cache-aware policy, all
-# on loopback (docs/deployment.md): sends unrelated prompts, then prompts sharing a long
-# prefix, and prints each replica's request count and prefix-cache hits after each part.
+# on loopback (docs/deployment.md): sends unrelated prompts together, then prompts sharing
+# a long prefix one after another, and prints each replica's request count and prefix-cache hits after each part.
 #
 #   pip install sglang-router==0.3.2
 #   bash scripts/router-demo.sh
 #
 # Environment knobs (defaults in brackets):
 #   MODEL [crosskv's default model]  PORT [8000, the router]  WORKER_PORTS [8001 8002]
+#   POLICY [cache_aware; round_robin for comparison]
 #   PYTHON [python3]  CROSSKV_BIN [unset: `cargo build --release`, ./target/release/crosskv]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${PORT:-8000}
+POLICY=${POLICY:-cache_aware}
 read -r -a WORKER_PORTS <<<"${WORKER_PORTS:-8001 8002}"
 PYTHON=${PYTHON:-python3}
 if [ -z "${CROSSKV_BIN:-}" ]; then
@@ -46,7 +48,7 @@ for p in "${WORKER_PORTS[@]}"; do
     done
     curl -sf "127.0.0.1:$p/health" >/dev/null || { echo "replica on $p did not start: $logs/replica-$p.log" >&2; exit 1; }
 done
-"$PYTHON" -m sglang_router.launch_router --host 127.0.0.1 --port "$PORT" --policy cache_aware \
+"$PYTHON" -m sglang_router.launch_router --host 127.0.0.1 --port "$PORT" --policy "$POLICY" \
     --prometheus-port $((PORT + 100)) --log-level warn --worker-urls "${urls[@]}" >"$logs/router.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do
@@ -55,11 +57,11 @@ for _ in $(seq 100); do
     [ "$n" = "${#urls[@]}" ] && break
     sleep 0.3
 done
-echo "router on 127.0.0.1:$PORT, replicas: ${urls[*]} (logs in $logs)"
+echo "router ($POLICY) on 127.0.0.1:$PORT, replicas: ${urls[*]} (logs in $logs)"
 
 complete() {
     local body
-    body=$("$PYTHON" -c 'import json,sys; print(json.dumps({"model": "demo", "prompt": sys.argv[1], "max_tokens": 4, "temperature": 0}))' "$1")
+    body=$("$PYTHON" -c 'import json,sys; print(json.dumps({"model": "demo", "prompt": sys.argv[1], "max_tokens": 16, "temperature": 0}))' "$1")
     curl -sf "127.0.0.1:$PORT/v1/completions" -H 'content-type: application/json' -d "$body" >/dev/null
 }
 report() {
@@ -72,10 +74,15 @@ report() {
     done
 }
 
+# Sent together: the router sends a prompt that matches no replica's history to the one
+# with the fewest requests in flight.
+together=()
 for t in apples boats clouds dogs engines forests; do
-    complete "$t are the subject of this short note about $t."
+    complete "$t are the subject of this short note about $t." &
+    together+=($!)
 done
-report "after 6 unrelated prompts:"
+wait "${together[@]}"
+report "after 6 unrelated prompts sent together:"
 
 prefix=$(printf 'The quarterly report of the northern lighthouse keepers, read aloud at the harbour meeting, described the storms of the season, the state of the lamps, the oil delivered by the supply boat, and the names of every ship that passed. %.0s' 1 2 3)
 for q in "one: how many ships?" "two: which storms?" "three: how much oil?" "four: who read it?"; do
