@@ -19,7 +19,11 @@ fn helm_chart_lints_renders_the_committed_manifests_and_validates() {
         .arg("check")
         .output()
         .expect("python runs");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("every option: flags, GPU count"), "{text}");
 }

@@ -44,7 +44,15 @@ fn model_dir() -> Checkpoint {
 /// Starts `crosskv serve` on an ephemeral port; returns the child and its port.
 fn serve(model: &Path) -> (Child, u16) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_crosskv"))
-        .args(["serve", "--port", "0", "--kv-cache-memory", "16MiB", "--max-model-len", "512"])
+        .args([
+            "serve",
+            "--port",
+            "0",
+            "--kv-cache-memory",
+            "16MiB",
+            "--max-model-len",
+            "512",
+        ])
         .args(["--served-model-name", MODEL, "--model"])
         .arg(model)
         .env("CROSSKV_LOG", "warn")
@@ -95,7 +103,10 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
         return;
     }
     let ckpt = model_dir();
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
     let (a, port_a) = serve(ckpt.path());
     let (b, port_b) = serve(ckpt.path());
     let mut procs = Procs(vec![a, b]);
@@ -112,7 +123,14 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     let log = tempfile::NamedTempFile::new().unwrap();
     procs.0.push(
         Command::new(python())
-            .args(["-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--policy", "cache_aware"])
+            .args([
+                "-m",
+                "sglang_router.launch_router",
+                "--host",
+                "127.0.0.1",
+                "--policy",
+                "cache_aware",
+            ])
             .args(["--port", &router_port.to_string()])
             .args(["--prometheus-port", &free_port().to_string()])
             .args(["--log-level", "warn", "--worker-urls"])
@@ -154,7 +172,14 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     let scrape = || async {
         let mut out = Vec::new();
         for w in &workers {
-            let page = http.get(format!("{w}/metrics")).send().await.unwrap().text().await.unwrap();
+            let page = http
+                .get(format!("{w}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
             out.push((
                 counter(&page, "crosskv_e2e_request_latency_seconds_count"),
                 counter(&page, "crosskv_prefix_cache_hits_total"),
@@ -168,7 +193,12 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     let topics = ["apples", "boats", "clouds", "dogs", "engines", "forests"];
     let together: Vec<_> = topics
         .iter()
-        .map(|t| tokio::spawn(complete(format!("{t} are the subject of this short note about {t}."), 64)))
+        .map(|t| {
+            tokio::spawn(complete(
+                format!("{t} are the subject of this short note about {t}."),
+                64,
+            ))
+        })
         .collect();
     for r in together {
         r.await.unwrap();
@@ -196,11 +226,18 @@ async fn cache_aware_router_spreads_requests_and_keeps_a_shared_prefix_on_one_re
     }
     let after = scrape().await;
     let other = 1 - first;
-    assert_eq!(after[first].0 - before[first].0, 3.0, "all shared-prefix requests on one replica: {after:?}");
+    assert_eq!(
+        after[first].0 - before[first].0,
+        3.0,
+        "all shared-prefix requests on one replica: {after:?}"
+    );
     assert_eq!(after[other].0, before[other].0, "none on the other: {after:?}");
     assert!(
         after[first].1 >= before[first].1 + 3.0 * 32.0,
         "its prefix-cache hits rose by at least two blocks a request: {before:?} -> {after:?}"
     );
-    assert_eq!(after[other].1, before[other].1, "the other's did not: {before:?} -> {after:?}");
+    assert_eq!(
+        after[other].1, before[other].1,
+        "the other's did not: {before:?} -> {after:?}"
+    );
 }
