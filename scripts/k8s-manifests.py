@@ -11,7 +11,7 @@ helm-python-sdk), so no helm binary is needed. `check`:
   2. the default rendering equals deploy/kubernetes/crosskv.yaml (run `render` after
      changing the chart);
   3. every manifest of the default rendering, and of one with every option on (PVC,
-     API key, gRPC, ServiceMonitor, autoscaling, tensor parallelism), is checked by
+     API key, gRPC, ServiceMonitor, autoscaling, tensor parallelism, the router), is checked by
      kubernetes-validate against the Kubernetes API schemas (strict: unknown fields are
      errors); the ServiceMonitor, a Prometheus Operator custom resource with no schema
      there, is checked for its shape here instead.
@@ -51,6 +51,7 @@ EVERY_OPTION = {
     "modelCache": {"persistentVolumeClaim": {"enabled": True, "storageClassName": "fast"}},
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
     "autoscaling": {"enabled": True},
+    "router": {"enabled": True, "image": {"repository": "registry.example/sglang-router", "tag": "0.3.2"}},
 }
 
 
@@ -123,7 +124,22 @@ def check():
         "crosskv_num_requests_waiting",
         "crosskv_kv_cache_usage_perc",
     ]
-    print("every option: flags, GPU count, API key Secret and autoscaling metrics as set")
+    # The router discovers exactly the replicas' pods, and the replicas' Service does
+    # not select the router's.
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    replica_labels = deployments["crosskv"]["spec"]["template"]["metadata"]["labels"]
+    router_pod = deployments["crosskv-router"]["spec"]["template"]
+    rargs = router_pod["spec"]["containers"][0]["args"]
+    selector = dict(a.split("=", 1) for a in rargs[rargs.index("--selector") + 1 :] if "=" in a)
+    assert selector and selector.items() <= replica_labels.items(), (selector, replica_labels)
+    assert rargs[rargs.index("--service-discovery-port") + 1] == "8000", rargs
+    assert rargs[rargs.index("--api-key") + 1] == "$(CROSSKV_API_KEY)", rargs
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    replica_selector = services["crosskv"]["spec"]["selector"]
+    assert not replica_selector.items() <= router_pod["metadata"]["labels"].items(), replica_selector
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}], role
+    print("every option: flags, GPU count, API key Secret, autoscaling metrics and router discovery as set")
 
 
 def main():

@@ -12,6 +12,11 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- define "crosskv.routerSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}-router
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "crosskv.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{ include "crosskv.selectorLabels" . }}
@@ -24,4 +29,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.modelCache.persistentVolumeClaim -}}
 {{- .existingClaim | default (printf "%s-model-cache" (include "crosskv.fullname" $)) -}}
 {{- end -}}
+{{- end -}}
+
+{{- define "crosskv.routerLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{ include "crosskv.routerSelectorLabels" . }}
+app.kubernetes.io/component: router
+app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
