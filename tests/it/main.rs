@@ -31,6 +31,7 @@ mod structured;
 mod tensor_parallel;
 mod tokenizer;
 mod tool_calls;
+mod tool_calls_auto;
 mod tool_calls_forced;
 mod training;
 mod training_batch;
