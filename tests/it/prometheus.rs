@@ -194,7 +194,11 @@ impl Prometheus {
             process: Killed(child),
             api: PrometheusApi {
                 base: format!("http://{listen}"),
-                client: reqwest::Client::new(),
+                // Every call to Prometheus bounded, so a stuck one fails the test.
+                client: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .unwrap(),
             },
             dir,
         };
