@@ -22,6 +22,7 @@ mod http;
 mod kv;
 mod operators_page;
 mod paged_vs_dense;
+mod prometheus;
 mod random_weights;
 mod sampling;
 mod scheduler;
