@@ -3,7 +3,11 @@
 //! against the device-to-device copy bandwidth measured in the same process.
 //!
 //!   cargo bench --features cuda --bench decode_attention        (on a CUDA machine)
+//!   cargo bench --features cuda --bench decode_attention -- --kv-cache-dtype fp8
 //!
+//! With `--kv-cache-dtype fp8` the pages hold e4m3 codes (random finite codes, scales
+//! 0.5 for K and 0.25 for V): half the bytes of each K/V read, and the reference reads
+//! the same codes dequantized.
 //! Each shape: 5 warm-up runs, then `ITERS` runs back to back, one CUDA event pair per
 //! run; the median is reported. Every shape's K/V (≥ 128 MiB) is larger than the H100's
 //! 50 MB L2. Bytes moved = K + V read once per KV head + q + out. The output is checked
@@ -18,6 +22,17 @@ fn main() -> anyhow::Result<()> {
     use crosskv::ops::{AttentionDims, PagedAttentionPlan, SeqSpan};
 
     const ITERS: usize = 30;
+    let args: Vec<String> = std::env::args().collect();
+    let fp8 = match args
+        .iter()
+        .position(|a| a == "--kv-cache-dtype")
+        .map(|i| args.get(i + 1).map(String::as_str))
+    {
+        None | Some(Some("bf16")) => false,
+        Some(Some("fp8")) => true,
+        Some(other) => anyhow::bail!("--kv-cache-dtype: bf16 or fp8, not {other:?}"),
+    };
+    let kv_scale = crosskv::kv::KvScale { k: 0.5, v: 0.25 };
     let dev = crosskv::device::cuda(0)?;
     // CUDA event times are f32; widening keeps their order, so the median is the same.
     let median = |v: Vec<f32>| common::median(v.into_iter().map(f64::from).collect());
@@ -34,6 +49,7 @@ fn main() -> anyhow::Result<()> {
     let part =
         std::env::var("CROSSKV_PA_PART_SIZE").unwrap_or_else(|_| "auto (the default: sized to fill the GPU)".into());
     println!("partition size: {part}");
+    println!("KV cache: {}", if fp8 { "fp8 e4m3 codes" } else { "bf16" });
     println!("| shape | q heads / kv heads | batch | context | median µs | GB/s | % of copy | rel err |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let (d, bs) = (128usize, 16usize);
@@ -58,8 +74,30 @@ fn main() -> anyhow::Result<()> {
         for i in (1..blocks).rev() {
             perm.swap(i, (next() % (i as u64 + 1)) as usize);
         }
-        let k = Tensor::randn(0f32, 1.0, (blocks, bs, hkv, d), &dev)?.to_dtype(DType::BF16)?;
-        let v = Tensor::randn(0f32, 1.0, (blocks, bs, hkv, d), &dev)?.to_dtype(DType::BF16)?;
+        // fp8: random finite codes (0x7f and 0xff are NaN), and their values times the
+        // scale as the reference's K/V.
+        let mut codes = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| match (next() >> 24) as u8 {
+                    c @ (0x7f | 0xff) => c - 1,
+                    c => c,
+                })
+                .collect()
+        };
+        let mut cache = |scale: f32| -> anyhow::Result<(Tensor, Tensor)> {
+            if !fp8 {
+                let x = Tensor::randn(0f32, 1.0, (blocks, bs, hkv, d), &dev)?.to_dtype(DType::BF16)?;
+                return Ok((x.clone(), x));
+            }
+            let c = codes(blocks * bs * hkv * d);
+            let values: Vec<f32> = c.iter().map(|&c| crosskv::ops::fp8::e4m3_to_f32(c) * scale).collect();
+            Ok((
+                Tensor::from_vec(c, (blocks, bs, hkv, d), &dev)?,
+                Tensor::from_vec(values, (blocks, bs, hkv, d), &dev)?,
+            ))
+        };
+        let (k, k_ref) = cache(kv_scale.k)?;
+        let (v, v_ref) = cache(kv_scale.v)?;
         let q = Tensor::randn(0f32, 1.0, (b, hq, d), &dev)?.to_dtype(DType::BF16)?;
         let seqs: Vec<SeqSpan> = (0..b)
             .map(|s| SeqSpan {
@@ -79,9 +117,9 @@ fn main() -> anyhow::Result<()> {
             head_dim: d,
             block_size: bs,
             dtype: DType::BF16,
-            fp8_cache: false,
+            fp8_cache: fp8,
         };
-        let plan = PagedAttentionPlan::new(&dev, &seqs, &tables, nb, scale, dims)?;
+        let plan = PagedAttentionPlan::new(&dev, &seqs, &tables, nb, scale, dims)?.with_kv_scales(vec![kv_scale]);
         let mut out = None;
         let mut run = |iters| {
             common::gpu_times(&dev, iters, || {
@@ -109,7 +147,8 @@ fn main() -> anyhow::Result<()> {
                 .contiguous()?
                 .to_dtype(DType::F32)
         };
-        let (kg, vg) = (gather(&k)?, gather(&v)?);
+        let (kg, vg) = (gather(&k_ref)?, gather(&v_ref)?);
+        drop((k_ref, v_ref));
         let qf = q.to_dtype(DType::F32)?.reshape((b, hkv, hq / hkv, d))?;
         let s = (qf.matmul(&kg.transpose(2, 3)?.contiguous()?)? * scale as f64)?;
         let p = candle_nn::ops::softmax_last_dim(&s)?;
@@ -122,7 +161,7 @@ fn main() -> anyhow::Result<()> {
             .max(D::Minus1)?
             .to_scalar::<f32>()?
             / want.abs()?.flatten_all()?.max(D::Minus1)?.to_scalar::<f32>()?;
-        let bytes = (2 * b * l * hkv * d + 2 * b * hq * d) * 2;
+        let bytes = 2 * b * l * hkv * d * if fp8 { 1 } else { 2 } + 2 * b * hq * d * 2;
         let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
         println!(
             "| {name} d{d} | {hq}/{hkv} | {b} | {l} | {:.1} | {:.0} | {:.1} % | {:.1e} |",

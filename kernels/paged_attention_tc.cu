@@ -27,8 +27,15 @@
 // CMAX partitions. part_size 0 (a captured decode graph, whose
 // contexts change from launch to launch) splits each item's own keys evenly over the
 // num_parts partitions, in whole tiles.
+//
+// An fp8 e4m3 cache (the *_kvfp8_* kernels): tiles stream in as codes, half the bytes,
+// one stage deeper; once a tile has landed the CTA converts it into one 16-bit K/V tile
+// pair in the swizzled layout ldmatrix reads (exact: every e4m3 value is an f16 and a
+// bf16 value), so the mma loop is the 16-bit one. The slot's scales are applied once,
+// k_scale to the scores' scale and v_scale to the final output, not per element.
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 #include <stdint.h>
 #include <math.h>
 #include <cooperative_groups.h>
@@ -44,13 +51,17 @@
 // 16 Q rows, and its stages are as deep as shared memory allows: a decode CTA streams
 // about (STAGES - 1) tiles per memory latency, and MQA decode has only 2-3 CTAs per SM.
 // Else the kernel for prefill items of up to 64 rows, a warp per 16 rows.
-template <int D, bool SPLIT> struct TcCfg {
-  static constexpr int CH = D / 8;                // 16-byte chunks per row
+// FP8: the cache holds e4m3 codes; its stages hold codes (a byte per element), one
+// stage more than 16-bit ones in no more shared memory, and one converted 16-bit K/V
+// tile pair follows them.
+template <int D, bool SPLIT, bool FP8> struct TcCfg {
+  static constexpr int CH = D / 8;                // 16-byte chunks of a 16-bit row
   static constexpr int Q_ROWS = SPLIT ? 16 : ROWS;
-  static constexpr int STAGES = SPLIT ? (D <= 64 ? 4 : 3) : (D <= 128 ? 3 : 2);
-  static constexpr int TILE_BYTES = TK * D * 2;   // one of K or V, one stage
+  static constexpr int STAGES = (SPLIT ? (D <= 64 ? 4 : 3) : (D <= 128 ? 3 : 2)) + (FP8 ? 1 : 0);
+  static constexpr int TILE_BYTES = TK * D * 2;   // one 16-bit tile of K or V
+  static constexpr int STAGE_TILE_BYTES = FP8 ? TK * D : TILE_BYTES;  // one of K or V, one stage
   static constexpr int Q_BYTES = Q_ROWS * D * 2;
-  static constexpr int KV_BYTES = STAGES * 2 * TILE_BYTES;
+  static constexpr int KV_BYTES = STAGES * 2 * STAGE_TILE_BYTES + (FP8 ? 2 * TILE_BYTES : 0);
   static constexpr int SMEM = Q_BYTES + KV_BYTES + STAGES * TK * 4;  // + the tiles' cache rows
   // The warps' partial results reuse the K/V stages at the end.
   // (+ 16 merged rows for a cluster's combination)
@@ -58,6 +69,23 @@ template <int D, bool SPLIT> struct TcCfg {
 };
 
 #include "mma.cuh"
+
+// 16 e4m3 codes → 16 values of T as two 16-byte chunks (exact).
+template <typename T> __device__ __forceinline__ uint32_t e4m3x2_to(__nv_fp8x2_storage_t c);
+template <> __device__ __forceinline__ uint32_t e4m3x2_to<__half>(__nv_fp8x2_storage_t c) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(c, __NV_E4M3);
+  return (uint32_t)h.x | ((uint32_t)h.y << 16);
+}
+template <> __device__ __forceinline__ uint32_t e4m3x2_to<__nv_bfloat16>(__nv_fp8x2_storage_t c) {
+  const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(c, __NV_E4M3)));
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+template <typename T> __device__ __forceinline__ void e4m3x16_to(const uint4& u, uint4& lo, uint4& hi) {
+  const __nv_fp8x2_storage_t* c = reinterpret_cast<const __nv_fp8x2_storage_t*>(&u);
+  lo = make_uint4(e4m3x2_to<T>(c[0]), e4m3x2_to<T>(c[1]), e4m3x2_to<T>(c[2]), e4m3x2_to<T>(c[3]));
+  hi = make_uint4(e4m3x2_to<T>(c[4]), e4m3x2_to<T>(c[5]), e4m3x2_to<T>(c[6]), e4m3x2_to<T>(c[7]));
+}
 
 // One warp's share of one tile: its 16 rows against KW keys starting at tile key `koff`.
 // s: scores; acc: O rows (t/4, t/4 + 8) in m16n8 accumulator layout; m, l: row max (log2
@@ -176,14 +204,17 @@ __device__ __forceinline__ float4 combine_partials(const float (&m)[CP], const f
   return o;
 }
 
-template <typename T, int D, bool SPLIT, bool CLUSTER>
+// KV: the cache's element type, T or uint8_t (e4m3 codes, read with k_scale and v_scale).
+template <typename T, typename KV, int D, bool SPLIT, bool CLUSTER>
 __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__ tmp_acc,
                                         float* __restrict__ tmp_ml, const T* __restrict__ q,
-                                        const T* __restrict__ kc, const T* __restrict__ vc,
+                                        const KV* __restrict__ kc, const KV* __restrict__ vc,
                                         const uint32_t* __restrict__ seqs, const uint32_t* __restrict__ work,
                                         const uint32_t* __restrict__ block_table, const Params p,
-                                        const uint32_t work_base, uint32_t* __restrict__ counters) {
-  using C = TcCfg<D, SPLIT>;
+                                        const uint32_t work_base, uint32_t* __restrict__ counters,
+                                        const float k_scale, const float v_scale) {
+  constexpr bool FP8 = sizeof(KV) == 1;
+  using C = TcCfg<D, SPLIT, FP8>;
   constexpr int CH = C::CH, STAGES = C::STAGES;
   extern __shared__ __align__(128) uint8_t smem[];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -220,13 +251,15 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
     const uint64_t tok = q_start + tok0 + r / p.hpc;
     const uint32_t h = head0 + r % p.hpc;
     T* dst = out + (tok * p.heads + h) * D + d;
-    const float inv = 1.f / l;
+    const float inv = v_scale / l;
     dst[0] = from_f32<T>(o.x * inv); dst[1] = from_f32<T>(o.y * inv);
     dst[2] = from_f32<T>(o.z * inv); dst[3] = from_f32<T>(o.w * inv);
   };
 
   const uint32_t q_s = (uint32_t)__cvta_generic_to_shared(smem);
-  const uint32_t kv_s = q_s + C::Q_BYTES;  // stage st: K at kv_s + st*2*TILE, V after it
+  const uint32_t kv_s = q_s + C::Q_BYTES;  // stage st: K at kv_s + st*2*STAGE_TILE, V after it
+  // fp8: the converted tile pair after the stages (K, then V), which the mma loop reads.
+  const uint32_t conv_s = kv_s + STAGES * 2 * C::STAGE_TILE_BYTES;
   uint32_t* rows_s = reinterpret_cast<uint32_t*>(smem + C::Q_BYTES + C::KV_BYTES);  // [STAGES][TK]
 
   // K/V tiles: thread tid copies 16-byte chunk tid % CH of keys tid / CH + i·(NT / CH).
@@ -245,7 +278,22 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   auto issue = [&](int tile) {
     const int st = tile % STAGES;
     const uint32_t k0 = kbeg + tile * TK;
-    const uint32_t k_dst = kv_s + st * 2 * C::TILE_BYTES, v_dst = k_dst + C::TILE_BYTES;
+    const uint32_t k_dst = kv_s + st * 2 * C::STAGE_TILE_BYTES, v_dst = k_dst + C::STAGE_TILE_BYTES;
+    if constexpr (FP8) {
+      // Codes, row-major (the conversion reads them linearly): 16-byte chunk tid % CH8 of
+      // keys tid / CH8 + i·(NT / CH8).
+      constexpr int CH8 = D / 16, KPT8 = TK * CH8 / NT;
+      const int c8 = tid % CH8, j8 = tid / CH8;
+#pragma unroll
+      for (int i = 0; i < KPT8; i++) {
+        const int j = j8 + i * (NT / CH8);
+        const uint32_t n = k0 + j < kend ? 16u : 0u;  // 0: zero-fill (code 0 is +0)
+        const uint64_t off = ((uint64_t)rows_s[st * TK + j] * p.kv_heads + kvh) * D + c8 * 16;
+        cp_async16(k_dst + j * D + c8 * 16, kc + off, n);
+        cp_async16(v_dst + j * D + c8 * 16, vc + off, n);
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < KPT; i++) {
       const int j = key_in + i * (NT / CH);
@@ -253,6 +301,26 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       const uint64_t off = ((uint64_t)rows_s[st * TK + j] * p.kv_heads + kvh) * D + chunk * 8;
       cp_async16(k_dst + swz<CH>(j, chunk), kc + off, n);
       cp_async16(v_dst + swz<CH>(j, chunk), vc + off, n);
+    }
+  };
+
+  // fp8: stage st's codes → the converted 16-bit tile pair, swizzled as issue() lays out
+  // 16-bit tiles.
+  auto convert = [&](int st) {
+    constexpr int CH8 = D / 16;
+    const uint8_t* codes = smem + C::Q_BYTES + st * 2 * C::STAGE_TILE_BYTES;
+    uint8_t* conv = smem + (conv_s - q_s);
+#pragma unroll
+    for (int i = tid; i < TK * CH8; i += NT) {
+      const int j = i / CH8, c = i % CH8;
+#pragma unroll
+      for (int kv = 0; kv < 2; kv++) {
+        const uint4 u = *reinterpret_cast<const uint4*>(codes + kv * C::STAGE_TILE_BYTES + j * D + c * 16);
+        uint4 lo, hi;
+        e4m3x16_to<T>(u, lo, hi);
+        *reinterpret_cast<uint4*>(conv + kv * C::TILE_BYTES + swz<CH>(j, 2 * c)) = lo;
+        *reinterpret_cast<uint4*>(conv + kv * C::TILE_BYTES + swz<CH>(j, 2 * c + 1)) = hi;
+      }
     }
   };
 
@@ -290,7 +358,7 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   const uint32_t pos1 = first_pos + min((uint32_t)r1, nrows - 1) / p.hpc;
   const uint32_t warp_last_pos = first_pos + min((uint32_t)(qrow0 + 15), nrows - 1) / p.hpc;
   const bool warp_has_rows = (uint32_t)qrow0 < nrows;
-  const float sl2 = p.scale * 1.4426950408889634f;
+  const float sl2 = p.scale * k_scale * 1.4426950408889634f;
 
   float acc[D / 8][4];
 #pragma unroll
@@ -307,7 +375,15 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       next_block = load_block(t + STAGES + 1);
     }
     const uint32_t key0 = kbeg + t * TK;
-    const uint32_t k_s = kv_s + (t % STAGES) * 2 * C::TILE_BYTES, v_s = k_s + C::TILE_BYTES;
+    uint32_t k_s = kv_s + (t % STAGES) * 2 * C::TILE_BYTES, v_s = k_s + C::TILE_BYTES;
+    if constexpr (FP8) {
+      // The barrier at the top of this iteration also freed the converted pair: every
+      // warp is past tile t-1's mma.
+      convert(t % STAGES);
+      __syncthreads();
+      k_s = conv_s;
+      v_s = conv_s + C::TILE_BYTES;
+    }
     // Every key of the tile visible to every row of the warp: no mask.
     const bool need_mask = key0 + TK > kend || key0 + TK - 1 > first_pos + (uint32_t)qrow0 / p.hpc;
     if (split_keys) {
@@ -519,8 +595,18 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
       T* out, float* tmp_acc, float* tmp_ml, const T* q, const T* kc, const T* vc,                \
       const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p,          \
       uint32_t work_base, uint32_t* counters) {                                                  \
-    paged_attention_tc_impl<T, DD, SPLIT, CLUSTER>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, \
-                                                   p, work_base, counters);                     \
+    paged_attention_tc_impl<T, T, DD, SPLIT, CLUSTER>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, block_table, \
+                                                      p, work_base, counters, 1.f, 1.f);        \
+  }
+// The same over an fp8 e4m3 cache, with the slot's scales.
+#define PATC8(TY, T, DD, SPLIT, CLUSTER, NAME, MINB)                                            \
+  extern "C" __global__ void __launch_bounds__(NT, MINB) paged_attention_tc_##NAME##_##TY##_kvfp8_d##DD( \
+      T* out, float* tmp_acc, float* tmp_ml, const T* q, const uint8_t* kc, const uint8_t* vc,    \
+      const uint32_t* seqs, const uint32_t* work, const uint32_t* block_table, Params p,          \
+      uint32_t work_base, uint32_t* counters, float k_scale, float v_scale) {                   \
+    paged_attention_tc_impl<T, uint8_t, DD, SPLIT, CLUSTER>(out, tmp_acc, tmp_ml, q, kc, vc, seqs, work, \
+                                                            block_table, p, work_base, counters, \
+                                                            k_scale, v_scale);                  \
   }
 #define PATC_ALL(TY, T)                                                                         \
   PATC(TY, T, 64, true, false, decode, 3) PATC(TY, T, 128, true, false, decode, 2)              \
@@ -530,5 +616,15 @@ __device__ void paged_attention_tc_impl(T* __restrict__ out, float* __restrict__
   PATC(TY, T, 64, false, false, prefill, 2) PATC(TY, T, 128, false, false, prefill, 2)          \
   PATC(TY, T, 256, false, false, prefill, 1)
 
+#define PATC8_ALL(TY, T)                                                                        \
+  PATC8(TY, T, 64, true, false, decode, 3) PATC8(TY, T, 128, true, false, decode, 2)            \
+  PATC8(TY, T, 256, true, false, decode, 1)                                                     \
+  PATC8(TY, T, 64, true, true, decode_cluster, 3) PATC8(TY, T, 128, true, true, decode_cluster, 2) \
+  PATC8(TY, T, 256, true, true, decode_cluster, 1)                                              \
+  PATC8(TY, T, 64, false, false, prefill, 2) PATC8(TY, T, 128, false, false, prefill, 2)        \
+  PATC8(TY, T, 256, false, false, prefill, 1)
+
 PATC_ALL(f16, __half)
 PATC_ALL(bf16, __nv_bfloat16)
+PATC8_ALL(f16, __half)
+PATC8_ALL(bf16, __nv_bfloat16)

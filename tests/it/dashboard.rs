@@ -350,7 +350,21 @@ fn dockerfiles_copy_from_stages_they_define() {
             text.contains("target-cpu=${RUST_TARGET_CPU}"),
             "{dockerfile}: portable target-cpu"
         );
-        assert!(text.contains("USER crosskv"), "{dockerfile}: non-root");
+        // Non-root by number (a runtime checks runAsNonRoot without /etc/passwd), the
+        // uid the image's `useradd` gives user crosskv.
+        let user = text
+            .lines()
+            .find_map(|l| l.strip_prefix("USER "))
+            .unwrap_or_else(|| panic!("{dockerfile}: no USER"));
+        let uid: u32 = user
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{dockerfile}: USER {user} is not a uid"));
+        assert_ne!(uid, 0, "{dockerfile}: runs as root");
+        assert!(
+            text.contains(&format!("useradd --create-home --uid {uid} ")),
+            "{dockerfile}: USER {uid} is not the uid of user crosskv"
+        );
     }
     assert!(docker_file("Dockerfile.cuda").contains(r#""--device", "cuda"]"#));
 }

@@ -1,7 +1,8 @@
 //! The CUDA launches of paged attention (feature `cuda`): `kernels/paged_attention.cu`
-//! (f32, and an fp8 cache under any q type, on CUDA cores; the partition reduction) and
-//! `kernels/paged_attention_tc.cu` (f16/bf16, tensor cores, decode and prefill kernels,
-//! partitions combined in the kernel or in thread-block clusters). The planner (`plan.rs`) decides the work items
+//! (f32 q on CUDA cores, over an f32 or fp8 cache; the partition reduction) and
+//! `kernels/paged_attention_tc.cu` (f16/bf16 q on tensor cores, over a cache of q's type
+//! or fp8; decode and prefill kernels, partitions combined in the kernel or in
+//! thread-block clusters). The planner (`plan.rs`) decides the work items
 //! and partitions; this file uploads the plan, sizes the scratch, asks the driver how
 //! many CTAs and clusters fit, and launches.
 //!
@@ -379,13 +380,9 @@ fn prepare(
     upload_spans: bool,
 ) -> Result<Prepared> {
     let sfx = suffix(dtype, "paged_attention")?;
-    // An fp8 cache is read on CUDA cores: the tensor-core kernels stage K/V tiles with
-    // cp.async straight into the layout ldmatrix reads, with no step to convert them.
-    let kernel = if fp8_cache {
-        Kernel::CudaCore
-    } else {
-        Kernel::for_dtype(dtype)
-    };
+    // An fp8 cache's kernels: the same names, `_kvfp8` before the head dim.
+    let f8 = if fp8_cache { "_kvfp8" } else { "" };
+    let kernel = Kernel::for_dtype(dtype);
     let p = plan(
         part_ctx,
         seqs,
@@ -394,7 +391,7 @@ fn prepare(
         kv_heads,
         d,
         kernel,
-        slots(dev, kernel, d, dtype)?,
+        slots(dev, kernel, d, (dtype, fp8_cache))?,
     );
     let rows = kernel.rows(d);
     let num_work = p.work.len() / 3;
@@ -443,26 +440,25 @@ fn prepare(
         counters,
         kernel,
         attn: match kernel {
-            Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}_d{d}"),
-            Kernel::CudaCore if fp8_cache => format!("paged_attention_{sfx}_kvfp8_d{d}"),
-            Kernel::CudaCore => format!("paged_attention_{sfx}_d{d}"),
+            Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}{f8}_d{d}"),
+            Kernel::CudaCore => format!("paged_attention_{sfx}{f8}_d{d}"),
         },
-        attn_cluster: format!("paged_attention_tc_decode_cluster_{sfx}_d{d}"),
-        attn_prefill: format!("paged_attention_tc_prefill_{sfx}_d{d}"),
+        attn_cluster: format!("paged_attention_tc_decode_cluster_{sfx}{f8}_d{d}"),
+        attn_prefill: format!("paged_attention_tc_prefill_{sfx}{f8}_d{d}"),
         reduce: format!("paged_attention_reduce_{sfx}"),
     })
 }
 
 /// How many CTAs of the kernel that runs decode items fit the GPU at once: SMs × the
 /// occupancy the driver computes for its registers and shared memory (cached per kernel).
-fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usize> {
+fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType, bool)) -> Result<usize> {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use std::collections::HashMap;
     use std::sync::Mutex;
-    /// (head_dim, tensor cores, dtype) → slots.
-    type SlotCache = Mutex<HashMap<(usize, bool, DType), usize>>;
+    /// (head_dim, tensor cores, dtype, fp8 cache) → slots.
+    type SlotCache = Mutex<HashMap<(usize, bool, DType, bool), usize>>;
     static CACHE: std::sync::OnceLock<SlotCache> = std::sync::OnceLock::new();
-    let key = (d, kernel == Kernel::TensorCore, dtype);
+    let key = (d, kernel == Kernel::TensorCore, dtype, fp8_cache);
     let cache = CACHE.get_or_init(Default::default);
     if let Some(&n) = cache.lock().expect("slots cache").get(&key) {
         return Ok(n);
@@ -470,9 +466,10 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, dtype: DType) -> Result<usi
     let sfx = suffix(dtype, "paged_attention")?;
     let (f, smem) = match kernel {
         Kernel::TensorCore => {
-            let name = format!("paged_attention_tc_decode_{sfx}_d{d}");
+            let f8 = if fp8_cache { "_kvfp8" } else { "" };
+            let name = format!("paged_attention_tc_decode_{sfx}{f8}_d{d}");
             let f = dev.get_or_load_custom_func(&name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
-            let smem = kernel.smem_bytes(d, true);
+            let smem = kernel.smem_bytes(d, true, fp8_cache);
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -526,8 +523,9 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
     {
         return Ok(None);
     }
-    /// (head_dim, dtype, partitions, dynamic shared memory) → clusters that fit at once.
-    type FitCache = Mutex<HashMap<(usize, DType, usize, u32), u32>>;
+    /// (head_dim, dtype, fp8 cache, partitions, dynamic shared memory) → clusters that
+    /// fit at once.
+    type FitCache = Mutex<HashMap<(usize, DType, bool, usize, u32), u32>>;
     static FITS: std::sync::OnceLock<FitCache> = std::sync::OnceLock::new();
     let clusters = cfg.grid_dim.0 * cfg.grid_dim.1;
     // The keys the partitions cover: the plan's, or a decode graph's widest table.
@@ -539,7 +537,7 @@ fn cluster_parts(dev: &CudaDevice, pr: &Prepared, cfg: LaunchConfig) -> Result<O
         if parts < pr.num_parts && span.div_ceil(parts) > MAX_SHRUNK_PART_KEYS {
             break;
         }
-        let key = (pr.d, pr.key.4, parts, cfg.shared_mem_bytes);
+        let key = (pr.d, pr.key.4, pr.key.5, parts, cfg.shared_mem_bytes);
         let cached = FITS
             .get_or_init(Default::default)
             .lock()
@@ -670,6 +668,7 @@ fn launch_decode_in_clusters<T, C>(
     out: &mut Slice<T>,
     (q, k, v): (&View<'_, T>, &View<'_, C>, &View<'_, C>),
     table: &View<'_, u32>,
+    kv_scale: KvScale,
 ) -> Result<()> {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     let f = dev.get_or_load_custom_func(&pr.attn_cluster, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
@@ -689,7 +688,7 @@ fn launch_decode_in_clusters<T, C>(
     let mut base = base;
     let stream = dev.cuda_stream();
     // The parameters in the kernel's order: out, tmp_acc, tmp_ml, q, k, v, seqs, work,
-    // block_table, (params, work_base), counters.
+    // block_table, (params, work_base), counters, and over an fp8 cache (k_scale, v_scale).
     let mut ptrs = [
         out.device_ptr_mut(&stream).0,
         // The partition scratch and counters, unused by this kernel.
@@ -707,6 +706,11 @@ fn launch_decode_in_clusters<T, C>(
     args.push(&mut params as *mut Params as *mut _);
     args.push(&mut base as *mut u32 as *mut _);
     args.push(&mut ptrs[9] as *mut u64 as *mut _);
+    let (mut k_scale, mut v_scale) = (kv_scale.k, kv_scale.v);
+    if pr.key.5 {
+        args.push(&mut k_scale as *mut f32 as *mut _);
+        args.push(&mut v_scale as *mut f32 as *mut _);
+    }
     let cfg = LaunchConfig {
         grid_dim: (n as u32, pr.kv_heads as u32, parts as u32),
         block_dim: (THREADS, 1, 1),
@@ -781,7 +785,7 @@ fn launch<T: DeviceRepr, C: DeviceRepr>(
                 if n == 0 {
                     continue;
                 }
-                let smem = pr.kernel.smem_bytes(pr.d, split);
+                let smem = pr.kernel.smem_bytes(pr.d, split, pr.key.5);
                 let base = base as u32;
                 let parts = if split {
                     cluster_parts(dev, pr, grid(n, smem))?
@@ -789,7 +793,7 @@ fn launch<T: DeviceRepr, C: DeviceRepr>(
                     None
                 };
                 if let Some(parts) = parts {
-                    launch_decode_in_clusters(dev, pr, seqs, parts, (base, n, smem), out, (q, k, v), table)?;
+                    launch_decode_in_clusters(dev, pr, seqs, parts, (base, n, smem), out, (q, k, v), table, kv_scale)?;
                     continue;
                 }
                 let f = dev.get_or_load_custom_func(name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
@@ -812,6 +816,9 @@ fn launch<T: DeviceRepr, C: DeviceRepr>(
                     .arg(&pr.params)
                     .arg(&base)
                     .arg(&mut pr.counters);
+                if pr.key.5 {
+                    b.arg(&kv_scale.k).arg(&kv_scale.v);
+                }
                 unsafe { b.launch(grid(n, smem)) }.w()?;
             }
         }

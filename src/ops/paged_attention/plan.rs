@@ -136,10 +136,11 @@ impl Kernel {
             Kernel::CudaCore => self.rows(d),
         }
     }
-    /// Dynamic shared memory: `TcCfg<D, SPLIT>::SMEM` of kernels/paged_attention_tc.cu (Q
-    /// rows, `STAGES` of K/V tiles, the stages' cache rows) for the tensor-core decode
-    /// (`split`) or prefill kernel; none for CUDA cores.
-    pub(super) fn smem_bytes(self, d: usize, split: bool) -> usize {
+    /// Dynamic shared memory: `TcCfg<D, SPLIT, FP8>::SMEM` of
+    /// kernels/paged_attention_tc.cu (Q rows, `STAGES` of K/V tiles, the stages' cache
+    /// rows; over an fp8 cache, stages of codes, one more, and the converted 16-bit tile
+    /// pair) for the tensor-core decode (`split`) or prefill kernel; none for CUDA cores.
+    pub(super) fn smem_bytes(self, d: usize, split: bool, fp8: bool) -> usize {
         match self {
             Kernel::TensorCore => {
                 let (q_rows, stages) = match (split, d) {
@@ -148,7 +149,13 @@ impl Kernel {
                     (false, 256) => (64, 2),
                     (false, _) => (64, 3),
                 };
-                q_rows * d * 2 + stages * 2 * TC_TILE_KEYS * d * 2 + stages * TC_TILE_KEYS * 4
+                let tile = TC_TILE_KEYS * d * 2;
+                let (stages, stage_tile, converted) = if fp8 {
+                    (stages + 1, TC_TILE_KEYS * d, 2 * tile)
+                } else {
+                    (stages, tile, 0)
+                };
+                q_rows * d * 2 + stages * 2 * stage_tile + converted + stages * TC_TILE_KEYS * 4
             }
             Kernel::CudaCore => 0,
         }
