@@ -124,7 +124,8 @@ __device__ uint32_t radix_select(const float* __restrict__ x, uint32_t n, uint32
   return prefix;
 }
 
-extern "C" __global__ void sample_rows_f32(const float* __restrict__ logits, uint32_t vocab,
+// NT threads a CTA: the bound caps registers at 64 a thread, or the launch is refused.
+extern "C" __global__ void __launch_bounds__(NT) sample_rows_f32(const float* __restrict__ logits, uint32_t vocab,
                                            const RowSpec* __restrict__ specs, const Entry* __restrict__ entries,
                                            float* __restrict__ scratch, uint32_t* __restrict__ out) {
   const RowSpec s = specs[blockIdx.x];

@@ -465,12 +465,13 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
     assert_eq!(want[2].0.len(), 40);
 }
 
-/// A CUDA engine (f32, decode graphs) over a tiny random model made with `seed`: room
-/// for 64 blocks of 16 per slot. The checkpoint lives as long as the handle is used.
+/// A CUDA engine (f32, decode graphs) over a tiny random model made with `seed` (head
+/// dim 64, the smallest the CUDA kernels take): room for 64 blocks of 16 per slot. The
+/// checkpoint lives as long as the handle is used.
 #[cfg(feature = "cuda")]
 fn cuda_engine(seed: u64, async_scheduling: bool) -> (EngineHandle, crate::common::Checkpoint) {
     use crosskv::model::LoadOptions;
-    let ckpt = Tiny::new(2, 4, 2, 16, 64, VOCAB).max_positions(128).seed(seed).write();
+    let ckpt = Tiny::new(2, 4, 2, 64, 128, VOCAB).max_positions(128).seed(seed).write();
     let model = ckpt.load_with(&LoadOptions {
         dtype: Some(candle_core::DType::F32),
         device: crosskv::device::cuda(0).expect("a CUDA device"),
