@@ -228,9 +228,15 @@ pub fn dense_logits(model: &Model, tokens: &[u32]) -> Vec<Vec<f32>> {
 /// A tiny random llama (2 layers, vocab 49152) with the default model's real tokenizer,
 /// as a HF directory.
 pub fn tiny_with_default_tokenizer() -> Checkpoint {
+    with_default_tokenizer(Tiny::new(2, 4, 2, 8, 32, 49152).seed(7))
+}
+
+/// `tiny` (whose vocabulary must be the tokenizer's 49152) with the default model's real
+/// tokenizer, as a HF directory.
+pub fn with_default_tokenizer(tiny: Tiny) -> Checkpoint {
     use candle_core::quantized::gguf_file;
     use crosskv::model::{resolve_source, ModelSource, Tok};
-    let ckpt = Tiny::new(2, 4, 2, 8, 32, 49152).seed(7).write();
+    let ckpt = tiny.write();
     let ModelSource::Gguf(path) = resolve_source(None).unwrap() else {
         panic!("default model is a GGUF")
     };

@@ -88,6 +88,17 @@ impl Drop for Server {
     }
 }
 
+/// A 4-layer model whose layers share KV in pairs (2 KV slots), positions up to 4096.
+pub(crate) fn small_cla_checkpoint() -> Checkpoint {
+    let mut ck = Tiny::new(4, 4, 2, 8, 32, VOCAB)
+        .cla("cla_share_factor", json!(2))
+        .seed(7)
+        .write();
+    ck.config["max_position_embeddings"] = json!(4096);
+    ck.save();
+    ck
+}
+
 pub(crate) async fn start(s: Setup) -> Server {
     let ck = tiny_checkpoint(s.vocab);
     let m = ck.load();

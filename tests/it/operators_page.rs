@@ -3,9 +3,7 @@
 //! browser against a live server: both chart series drawn, the live numbers equal to
 //! `/v1/kv`'s, and a plain 401 message when the server wants a key.
 
-use crate::common::Tiny;
-use crate::http::{start_model, Server, Setup, VOCAB};
-use serde_json::json;
+use crate::http::{start_model, Server, Setup};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -14,12 +12,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// A 4-layer model whose layers share KV in pairs (2 slots), so the two chart series differ.
 async fn start_cla(api_key: Option<&str>) -> Server {
-    let mut ck = Tiny::new(4, 4, 2, 8, 32, VOCAB)
-        .cla("cla_share_factor", json!(2))
-        .seed(7)
-        .write();
-    ck.config["max_position_embeddings"] = json!(4096);
-    ck.save();
+    let ck = crate::http::small_cla_checkpoint();
     let m = ck.load();
     start_model(
         Setup {

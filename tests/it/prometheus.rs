@@ -5,7 +5,7 @@
 //! (`docker/grafana/dashboards/*.json`) returns data once real traffic has been
 //! scraped: counters' rates positive, latency quantiles finite.
 
-use crate::common::{Rng, Tiny};
+use crate::common::Rng;
 use crate::http::{start_model, Server, Setup, VOCAB};
 use crosskv::engine::Fault;
 use serde_json::{json, Value};
@@ -68,12 +68,7 @@ fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
 /// (64 tokens): a few requests of 15-token prompts run out of blocks two tokens in, so
 /// some are preempted, and the dashboard's preemption rate has something to show.
 async fn start_small_cla() -> Server {
-    let mut ck = Tiny::new(4, 4, 2, 8, 32, VOCAB)
-        .cla("cla_share_factor", json!(2))
-        .seed(7)
-        .write();
-    ck.config["max_position_embeddings"] = json!(4096);
-    ck.save();
+    let ck = crate::http::small_cla_checkpoint();
     let m = ck.load();
     let setup = Setup {
         max_model_len: 64,

@@ -29,16 +29,7 @@ impl Drop for Procs {
 /// A tiny random llama with the default model's tokenizer and room for prompts of a few
 /// hundred tokens, so a shared prefix spans several KV blocks.
 fn model_dir() -> Checkpoint {
-    use candle_core::quantized::gguf_file;
-    use crosskv::model::{resolve_source, ModelSource, Tok};
-    let ckpt = Tiny::new(2, 4, 2, 8, 32, 49152).seed(7).max_positions(512).write();
-    let ModelSource::Gguf(path) = resolve_source(None).unwrap() else {
-        panic!("default model is a GGUF")
-    };
-    let content = gguf_file::Content::read(&mut std::fs::File::open(path).unwrap()).unwrap();
-    let tok = Tok::from_gguf(&content).unwrap();
-    tok.inner().save(ckpt.path().join("tokenizer.json"), false).unwrap();
-    ckpt
+    crate::common::with_default_tokenizer(Tiny::new(2, 4, 2, 8, 32, 49152).seed(7).max_positions(512))
 }
 
 /// Starts `crosskv serve` on an ephemeral port; returns the child and its port.
