@@ -46,9 +46,11 @@ fn text_of_id<'a>(html: &'a str, id: &str) -> Option<&'a str> {
     Some(&html[after..after + html[after..].find('<')?])
 }
 
-const IDS: [&str; 8] = [
+const IDS: [&str; 10] = [
     "series-shared",
     "series-unshared",
+    "series-shared-alt",
+    "series-unshared-alt",
     "running",
     "waiting",
     "blocks-used",
@@ -74,7 +76,12 @@ async fn page_is_open_self_contained_html() {
         for id in IDS {
             assert!(tag_with_id(&page, id).is_some(), "no element #{id}");
         }
-        for series in ["series-shared", "series-unshared"] {
+        for series in [
+            "series-shared",
+            "series-unshared",
+            "series-shared-alt",
+            "series-unshared-alt",
+        ] {
             let tag = tag_with_id(&page, series).unwrap();
             assert!(tag.starts_with("<path"), "{tag}");
             assert_eq!(attr(tag, "d"), None, "{series} is drawn only once data arrives: {tag}");
@@ -158,16 +165,22 @@ async fn chromium_renders_chart_and_live_numbers() {
     let s = start_cla(None).await;
     let dom = dump_dom(&s).await;
     let kv = s.wait_idle().await;
-    for series in ["series-shared", "series-unshared"] {
+    let all = [
+        "series-shared",
+        "series-unshared",
+        "series-shared-alt",
+        "series-unshared-alt",
+    ];
+    for series in all {
         let tag = tag_with_id(&dom, series).unwrap_or_else(|| panic!("no #{series} in\n{dom}"));
         let d = attr(tag, "d").unwrap_or_default();
         assert!(d.starts_with('M') && d.len() > 10, "{series} not drawn: {tag}");
     }
-    // Sharing halves the KV per token here, so the two series differ.
-    assert_ne!(
-        attr(tag_with_id(&dom, "series-shared").unwrap(), "d"),
-        attr(tag_with_id(&dom, "series-unshared").unwrap(), "d")
-    );
+    // Sharing halves the KV per token here, and the other dtype (fp8 beside this f32
+    // cache) quarters it: four different series.
+    let drawn: std::collections::HashSet<_> = all.iter().map(|s| attr(tag_with_id(&dom, s).unwrap(), "d")).collect();
+    assert_eq!(drawn.len(), 4, "the series coincide");
+    assert!(dom.contains("with sharing, fp8"), "the legend names the other dtype");
     for (id, field) in [
         ("running", "num_running"),
         ("waiting", "num_waiting"),
