@@ -1,7 +1,7 @@
 //! `crosskv capacity`: a model's KV layout and capacity with and without sharing, from
 //! its config alone.
 
-use super::capacity_plot::{capacity_series, plot_lengths, write_capacity_plot};
+use super::capacity_plot::{capacity_series, plot_lengths, write_capacity_plot, DtypeSeries};
 use super::{check_block_size, SharingArgs};
 use crate::config::ModelConfig;
 use crate::device::{DtypeArg, KvCacheDtypeArg};
@@ -126,11 +126,23 @@ pub fn capacity_report(args: &CapacityArgs) -> anyhow::Result<(ModelConfig, Capa
     Ok((cfg, layout.capacity(args.kv_cache_memory, args.block_size, seq_len)))
 }
 
-/// Writes the `--plot` chart for `args` to `path`.
-fn plot_capacity(args: &CapacityArgs, layout: &KvLayout, seq_len: usize, path: &Path) -> anyhow::Result<()> {
+/// Writes the `--plot` chart for `args` to `path`: `layout`'s series, and `other`'s (the
+/// same layout in the dtype the table compares it with) beside them.
+fn plot_capacity(
+    args: &CapacityArgs,
+    (layout, other): (&KvLayout, &KvLayout),
+    seq_len: usize,
+    path: &Path,
+) -> anyhow::Result<()> {
     let lengths = plot_lengths(args.block_size, seq_len);
-    let points = capacity_series(layout, args.kv_cache_memory, args.block_size, &lengths);
-    write_capacity_plot(path, &plot_title(args, layout), &points)
+    let dtypes: Vec<DtypeSeries> = [layout, other]
+        .into_iter()
+        .map(|l| DtypeSeries {
+            dtype: l.dtype_name(),
+            points: capacity_series(l, args.kv_cache_memory, args.block_size, &lengths),
+        })
+        .collect();
+    write_capacity_plot(path, &plot_title(args, layout), &dtypes)
 }
 
 /// The chart's title: the model or config as given, its KV layers, the budget per GPU.
@@ -153,7 +165,7 @@ pub fn capacity(args: &CapacityArgs) -> anyhow::Result<()> {
     let (_, layout, other, seq_len) = capacity_layouts(args)?;
     // The chart first: a path that cannot be written fails before anything is printed.
     if let Some(path) = &args.plot {
-        plot_capacity(args, &layout, seq_len, path)?;
+        plot_capacity(args, (&layout, &other), seq_len, path)?;
     }
     let r = layout.capacity(args.kv_cache_memory, args.block_size, seq_len);
     let o = other.capacity(args.kv_cache_memory, args.block_size, seq_len);

@@ -50,11 +50,18 @@ pub fn capacity_series(
 pub const WITH_SHARING_LABEL: &str = "with CLA sharing";
 pub const WITHOUT_SHARING_LABEL: &str = "without sharing";
 
-/// Renders the chart as an SVG document. Both axes are logarithmic (x in powers of two);
-/// a series stops where not one sequence of that length fits, as a log axis has no zero.
-pub fn capacity_svg(title: &str, points: &[CapacityPoint]) -> anyhow::Result<String> {
+/// One KV dtype's two series: its name and its points.
+pub struct DtypeSeries {
+    pub dtype: String,
+    pub points: Vec<CapacityPoint>,
+}
+
+/// Renders the chart as an SVG document: each dtype's two series, the first in full
+/// colour and the others paler. Both axes are logarithmic (x in powers of two); a series
+/// stops where not one sequence of that length fits, as a log axis has no zero.
+pub fn capacity_svg(title: &str, dtypes: &[DtypeSeries]) -> anyhow::Result<String> {
     let mut svg = String::new();
-    draw_chart(SVGBackend::with_string(&mut svg, (900, 600)), title, points)
+    draw_chart(SVGBackend::with_string(&mut svg, (900, 600)), title, dtypes)
         .map_err(|e| anyhow::anyhow!("drawing the capacity chart: {e}"))?;
     Ok(svg)
 }
@@ -65,14 +72,16 @@ type SequencesOf = fn(&CapacityPoint) -> usize;
 fn draw_chart(
     backend: SVGBackend<'_>,
     title: &str,
-    points: &[CapacityPoint],
+    dtypes: &[DtypeSeries],
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let root = backend.into_drawing_area();
     root.fill(&WHITE)?;
+    let points = dtypes.first().map_or(&[][..], |d| &d.points[..]);
     let first = points.first().map_or(1, |p| p.seq_len.max(1));
     let last = points.last().map_or(2, |p| p.seq_len).max(2 * first);
-    let top = points
+    let top = dtypes
         .iter()
+        .flat_map(|d| &d.points)
         .map(|p| p.with_sharing.max(p.without_sharing))
         .max()
         .unwrap_or(1);
@@ -92,17 +101,22 @@ fn draw_chart(
         (WITH_SHARING_LABEL, BLUE, |p| p.with_sharing),
         (WITHOUT_SHARING_LABEL, RED, |p| p.without_sharing),
     ];
-    for (label, color, sequences) in series {
-        let fitting: Vec<(usize, usize)> = points
-            .iter()
-            .map(|p| (p.seq_len, sequences(p)))
-            .filter(|&(_, n)| n > 0)
-            .collect();
-        chart.draw_series(fitting.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
-        chart
-            .draw_series(LineSeries::new(fitting, color.stroke_width(2)))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    for (i, d) in dtypes.iter().enumerate() {
+        let opacity = if i == 0 { 1.0 } else { 0.4 };
+        for (label, color, sequences) in series {
+            let color = color.mix(opacity);
+            let fitting: Vec<(usize, usize)> = d
+                .points
+                .iter()
+                .map(|p| (p.seq_len, sequences(p)))
+                .filter(|&(_, n)| n > 0)
+                .collect();
+            chart.draw_series(fitting.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            chart
+                .draw_series(LineSeries::new(fitting, color.stroke_width(2)))?
+                .label(format!("{label}, {}", d.dtype))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        }
     }
     chart
         .configure_series_labels()
@@ -114,8 +128,8 @@ fn draw_chart(
 }
 
 /// Writes the chart to `path`, naming the path in any error.
-pub fn write_capacity_plot(path: &Path, title: &str, points: &[CapacityPoint]) -> anyhow::Result<()> {
-    let svg = capacity_svg(title, points)?;
+pub fn write_capacity_plot(path: &Path, title: &str, dtypes: &[DtypeSeries]) -> anyhow::Result<()> {
+    let svg = capacity_svg(title, dtypes)?;
     std::fs::write(path, svg).with_context(|| format!("--plot {}: cannot write the chart", path.display()))
 }
 
@@ -156,23 +170,41 @@ mod tests {
     }
 
     #[test]
-    fn the_svg_has_both_series_and_the_title() {
-        let points = [
-            CapacityPoint {
-                seq_len: 16,
-                with_sharing: 8,
-                without_sharing: 4,
+    fn the_svg_has_each_dtypes_series_and_the_title() {
+        let points = |n: usize| {
+            vec![
+                CapacityPoint {
+                    seq_len: 16,
+                    with_sharing: 8 * n,
+                    without_sharing: 4 * n,
+                },
+                CapacityPoint {
+                    seq_len: 32,
+                    with_sharing: 4 * n,
+                    without_sharing: 0,
+                },
+            ]
+        };
+        let dtypes = [
+            DtypeSeries {
+                dtype: "bf16".into(),
+                points: points(1),
             },
-            CapacityPoint {
-                seq_len: 32,
-                with_sharing: 4,
-                without_sharing: 0,
+            DtypeSeries {
+                dtype: "fp8".into(),
+                points: points(2),
             },
         ];
-        let svg = capacity_svg("tiny model, KV budget 1 MiB", &points).unwrap();
+        let svg = capacity_svg("tiny model, KV budget 1 MiB", &dtypes).unwrap();
         assert!(svg.trim_start().starts_with("<svg"), "{svg}");
         assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
-        for text in [WITH_SHARING_LABEL, WITHOUT_SHARING_LABEL, "tiny model, KV budget 1 MiB"] {
+        for text in [
+            "with CLA sharing, bf16",
+            "without sharing, bf16",
+            "with CLA sharing, fp8",
+            "without sharing, fp8",
+            "tiny model, KV budget 1 MiB",
+        ] {
             assert!(svg.contains(text), "no `{text}` in the chart");
         }
     }

@@ -22,7 +22,7 @@ mod training;
 
 pub use bench::{bench, BenchArgs};
 pub use capacity::{capacity, capacity_report, capacity_table, CapacityArgs};
-pub use capacity_plot::{capacity_series, capacity_svg, plot_lengths, CapacityPoint};
+pub use capacity_plot::{capacity_series, capacity_svg, plot_lengths, CapacityPoint, DtypeSeries};
 pub use convert::{convert, ConvertArgs};
 pub use eval::{eval, EvalArgs};
 pub use generate::{generate, GenerateArgs};

@@ -203,7 +203,7 @@ fn bad_capacity_inputs_fail_cleanly_naming_the_problem() {
 }
 
 #[test]
-fn capacity_plot_writes_an_svg_chart_with_both_series() {
+fn capacity_plot_writes_an_svg_chart_with_each_dtypes_series() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), json!({"cla_share_factor": 2}));
     let svg_path = dir.path().join("capacity.svg");
@@ -223,9 +223,12 @@ fn capacity_plot_writes_an_svg_chart_with_both_series() {
     let svg = std::fs::read_to_string(&svg_path).expect("the chart was written");
     assert!(svg.trim_start().starts_with("<svg"), "{svg}");
     assert!(svg.trim_end().ends_with("</svg>"), "{svg}");
+    // The config's dtype (f16 without `torch_dtype`) and fp8, which the table sets beside it.
     for text in [
-        "with CLA sharing",
-        "without sharing",
+        "with CLA sharing, f16",
+        "without sharing, f16",
+        "with CLA sharing, fp8",
+        "without sharing, fp8",
         "1.00 MiB",
         "config.json",
         "2 of 4 layers",
