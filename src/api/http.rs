@@ -117,7 +117,7 @@ impl AppState {
 /// naming the field.
 pub struct OaiJson<T>(pub T);
 
-impl<T: DeserializeOwned + Send + 'static> FromRequest<AppState> for OaiJson<T> {
+impl<T: DeserializeOwned + UndeclaredFields + Send + 'static> FromRequest<AppState> for OaiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
@@ -143,21 +143,45 @@ impl<T: DeserializeOwned + Send + 'static> FromRequest<AppState> for OaiJson<T> 
     }
 }
 
-/// A JSON body as `T`; errors name the field.
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+/// A JSON body as `T`; errors name the field. A top-level field `T` does not declare is
+/// refused unless `T` accepts it ([`UndeclaredFields`]).
+fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T, ApiError> {
     {
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            ValidationError::Json {
-                param: (path != ".").then_some(path),
-                message: e.inner().to_string(),
+        let mut undeclared: Vec<String> = Vec::new();
+        let mut note = |path: serde_ignored::Path| {
+            if let serde_ignored::Path::Map { parent, key } = path {
+                if matches!(parent, serde_ignored::Path::Root) {
+                    undeclared.push(key);
+                }
             }
-        })?;
+        };
+        let value =
+            serde_path_to_error::deserialize(serde_ignored::Deserializer::new(&mut de, &mut note)).map_err(|e| {
+                let path = e.path().to_string();
+                ValidationError::Json {
+                    param: (path != ".").then_some(path),
+                    message: e.inner().to_string(),
+                }
+            })?;
         de.end().map_err(|e| ValidationError::Json {
             param: None,
             message: e.to_string(),
         })?;
+        if !undeclared.is_empty() {
+            // Rare: read the body again for the fields' values.
+            let body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).unwrap_or_default();
+            if let Some(name) = undeclared
+                .iter()
+                .find(|k| !T::accepts(k, body.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
+            {
+                return Err(super::validate::field(
+                    name.as_str(),
+                    "unrecognized request argument: this server does not honour it",
+                )
+                .into());
+            }
+        }
         Ok(value)
     }
 }

@@ -46,8 +46,38 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// `POST /v1/completions`. Unknown fields are ignored (clients send metadata such as
-/// `user`). The sampling `Value` fields (`logit_bias` to `min_p`) are checked, with the
+/// How a request body treats a top-level field its type does not declare.
+pub trait UndeclaredFields {
+    /// Whether an undeclared top-level field `name` set to `value` is accepted, with no
+    /// effect; otherwise the request is a 400 naming it. By default every one is.
+    fn accepts(_name: &str, _value: &Value) -> bool {
+        true
+    }
+}
+
+/// The undeclared fields a generation request may carry: metadata about the caller, and
+/// fields other servers define whose value asks for what this server does anyway (as a
+/// router such as sglang-router sends them, at their defaults). Any other value, or any
+/// other field, asks for something this server would not do, so it is refused rather
+/// than ignored.
+fn neutral_generation_field(name: &str, value: &Value) -> bool {
+    let is = |v: Value| value.is_null() || *value == v;
+    match name {
+        "user" | "metadata" | "safety_identifier" | "prompt_cache_key" | "request_id" => true,
+        "store" | "no_stop_trim" | "include_stop_str_in_output" | "return_hidden_states" | "continue_final_message" => {
+            is(Value::Bool(false))
+        }
+        "skip_special_tokens" | "spaces_between_special_tokens" => is(Value::Bool(true)),
+        // SGLang's: split reasoning out when a reasoning parser is set; there is none here.
+        "separate_reasoning" | "stream_reasoning" => is(Value::Bool(true)),
+        "service_tier" => is("auto".into()) || is("default".into()),
+        "modalities" => is(serde_json::json!(["text"])),
+        _ => false,
+    }
+}
+
+/// `POST /v1/completions`. A top-level field it does not declare is a 400 naming it,
+/// unless it is metadata or neutral (`neutral_generation_field`). The sampling `Value` fields (`logit_bias` to `min_p`) are checked, with the
 /// field named, in `validate`; the `Value` fields after them are OpenAI/vLLM features
 /// this server does not honour yet: read only so that setting one is a 400 naming it
 /// (`validate::not_honoured`), never an answer that silently ignores it.
@@ -88,6 +118,18 @@ pub struct CompletionRequest {
     pub best_of: Option<Value>,
 }
 
+impl UndeclaredFields for CompletionRequest {
+    fn accepts(name: &str, value: &Value) -> bool {
+        neutral_generation_field(name, value)
+    }
+}
+
+impl UndeclaredFields for ChatCompletionRequest {
+    fn accepts(name: &str, value: &Value) -> bool {
+        neutral_generation_field(name, value)
+    }
+}
+
 /// One chat message as sent; `content` is a string, a list of text parts, or null.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatMessageIn {
@@ -124,8 +166,8 @@ fn object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::
     Ok(ObjectOnly::<T>::deserialize(d)?.0)
 }
 
-/// `POST /v1/chat/completions` (the `Value` fields after `min_p`: as for completions,
-/// refused unless neutral).
+/// `POST /v1/chat/completions` (the `Value` fields after `min_p`, and undeclared fields:
+/// as for completions, refused unless neutral).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
@@ -404,3 +446,6 @@ pub struct DetokenizeRequest {
 pub struct DetokenizeResponse {
     pub prompt: String,
 }
+
+impl UndeclaredFields for TokenizeRequest {}
+impl UndeclaredFields for DetokenizeRequest {}

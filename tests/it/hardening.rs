@@ -567,3 +567,66 @@ async fn fields_the_server_does_not_honour_are_400_unless_neutral() {
     assert_eq!(st, 200, "{r}");
     s.still_serves("not honoured").await;
 }
+
+/// A top-level field the server does not declare is refused, naming it, as OpenAI
+/// refuses an unrecognized argument, unless it is metadata about the caller or a field
+/// other servers define at the value that asks for what this server does anyway (what a
+/// router such as sglang-router adds); a value asking for more is refused too. Fields
+/// inside messages are left alone (clients echo an assistant message's own fields).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undeclared_fields_are_refused_unless_metadata_or_neutral() {
+    let s = start(Setup::default()).await;
+    let completion = |extra: Value| {
+        let mut b = json!({"model": MODEL, "prompt": "hello", "max_tokens": 2, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let chat = |extra: Value| {
+        let mut b = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "refusal": null}, {"role": "user", "content": "again"}],
+            "max_tokens": 2, "temperature": 0});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (path, body) in [
+        ("/v1/completions", completion(json!({"frobnicate": true}))),
+        ("/v1/chat/completions", chat(json!({"frobnicate": 1}))),
+    ] {
+        let (st, r) = s.post(path, body).await;
+        assert_error(st, &r, 400, Some("frobnicate"), "an unknown field");
+    }
+    // Metadata, and the neutral values sglang-router sends.
+    let neutral = json!({"user": "u-1", "metadata": {"k": "v"}, "store": false, "no_stop_trim": false,
+        "skip_special_tokens": true, "return_hidden_states": false, "service_tier": "auto"});
+    let (st, r) = s.post("/v1/completions", completion(neutral.clone())).await;
+    assert_eq!(st, 200, "{r}");
+    let mut chat_neutral = neutral;
+    for (k, v) in [
+        ("continue_final_message", json!(false)),
+        ("separate_reasoning", json!(true)),
+        ("stream_reasoning", json!(true)),
+    ] {
+        chat_neutral[k] = v;
+    }
+    let (st, r) = s.post("/v1/chat/completions", chat(chat_neutral)).await;
+    assert_eq!(st, 200, "{r}");
+    // The same fields asking for something this server does not do.
+    for (name, value) in [
+        ("store", json!(true)),
+        ("skip_special_tokens", json!(false)),
+        ("no_stop_trim", json!(true)),
+        ("service_tier", json!("priority")),
+        ("return_hidden_states", json!(true)),
+    ] {
+        let (st, r) = s.post("/v1/completions", completion(json!({ name: value }))).await;
+        assert_error(st, &r, 400, Some(name), "a non-neutral value");
+    }
+    let (st, r) = s
+        .post("/v1/chat/completions", chat(json!({"continue_final_message": true})))
+        .await;
+    assert_error(st, &r, 400, Some("continue_final_message"), "a non-neutral value");
+}
