@@ -146,13 +146,7 @@ fn capacity_table_prints_both_columns() {
     let out = stdout(&o);
     assert!(out.contains("with sharing") && out.contains("without sharing"), "{out}");
     assert!(out.contains("kv_source: [0, 0, 2, 2]"), "{out}");
-    let row = |label: &str| -> Vec<String> {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(label))
-            .unwrap_or_else(|| panic!("no `{label}` row in\n{out}"));
-        line[label.len()..].split_whitespace().map(String::from).collect()
-    };
+    let row = |label: &str| crate::common::table_row(&out, label);
     assert_eq!(row("KV bytes per token"), ["128", "256"]);
     assert_eq!(row("capacity (tokens)"), ["8388608", "4194304"]);
     assert_eq!(row("max concurrency @ 1024 tokens"), ["8192", "4096"]);

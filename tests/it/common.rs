@@ -305,3 +305,12 @@ pub fn python_imports(modules: &[&str]) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// The cells after `label` on the first line of a printed table that starts with it.
+pub fn table_row(out: &str, label: &str) -> Vec<String> {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` row in\n{out}"));
+    line[label.len()..].split_whitespace().map(String::from).collect()
+}

@@ -349,33 +349,13 @@ fn prompt_logprobs_match_a_full_forward() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
-    use crosskv::model::LoadOptions;
     let ckpt = Tiny::new(4, 4, 2, 64, 128, VOCAB)
         .cla("cla_share_factor", serde_json::json!(2))
         .max_positions(256)
         .seed(9)
         .write();
-    let start = |async_scheduling: bool| {
-        let model = ckpt.load_with(&LoadOptions {
-            dtype: Some(candle_core::DType::F32),
-            device: crosskv::device::cuda(0).expect("a CUDA device"),
-            ..Default::default()
-        });
-        let layout = model.layout().clone();
-        let config = EngineConfig {
-            // 40 blocks of 16 per slot: the 8 requests at their longest need 48.
-            kv_cache_bytes: 40 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
-            block_size: 16,
-            max_model_len: 128,
-            max_num_seqs: 16,
-            max_num_batched_tokens: 512,
-            max_queued_requests: 64,
-            prefix_caching: true,
-            cuda_graphs: true,
-            async_scheduling,
-        };
-        EngineHandle::start(model, tokenizer(), config).unwrap()
-    };
+    // 40 blocks of 16 per slot: the 8 requests at their longest need 48.
+    let start = |async_scheduling: bool| start_cuda_engine(&ckpt, 40, 512, async_scheduling);
     let mut rng = crate::common::Rng::new(5);
     let mut prompts: Vec<Vec<u32>> = (0..8).map(|i| rng.tokens(5 + 6 * i, VOCAB)).collect();
     // Request 3 repeats request 2's prompt, so its greedy tokens are request 2's and its
@@ -470,8 +450,20 @@ fn cuda_async_scheduling_gives_the_tokens_of_the_synchronous_engine() {
 /// checkpoint lives as long as the handle is used.
 #[cfg(feature = "cuda")]
 fn cuda_engine(seed: u64, async_scheduling: bool) -> (EngineHandle, crate::common::Checkpoint) {
-    use crosskv::model::LoadOptions;
     let ckpt = Tiny::new(2, 4, 2, 64, 128, VOCAB).max_positions(128).seed(seed).write();
+    (start_cuda_engine(&ckpt, 64, 256, async_scheduling), ckpt)
+}
+
+/// A CUDA engine (f32, decode graphs, blocks of 16, up to 16 sequences of 128 tokens)
+/// over `ckpt`, with room for `blocks` blocks per KV slot.
+#[cfg(feature = "cuda")]
+fn start_cuda_engine(
+    ckpt: &crate::common::Checkpoint,
+    blocks: u64,
+    max_num_batched_tokens: usize,
+    async_scheduling: bool,
+) -> EngineHandle {
+    use crosskv::model::LoadOptions;
     let model = ckpt.load_with(&LoadOptions {
         dtype: Some(candle_core::DType::F32),
         device: crosskv::device::cuda(0).expect("a CUDA device"),
@@ -479,17 +471,17 @@ fn cuda_engine(seed: u64, async_scheduling: bool) -> (EngineHandle, crate::commo
     });
     let layout = model.layout().clone();
     let config = EngineConfig {
-        kv_cache_bytes: 64 * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
+        kv_cache_bytes: blocks * layout.kv_layers() as u64 * layout.block_bytes(16) as u64,
         block_size: 16,
         max_model_len: 128,
         max_num_seqs: 16,
-        max_num_batched_tokens: 256,
+        max_num_batched_tokens,
         max_queued_requests: 64,
         prefix_caching: true,
         cuda_graphs: true,
         async_scheduling,
     };
-    (EngineHandle::start(model, tokenizer(), config).unwrap(), ckpt)
+    EngineHandle::start(model, tokenizer(), config).unwrap()
 }
 
 /// Sampling on the device (CUDA): seeded requests repeat their tokens, two requests of

@@ -457,13 +457,7 @@ fn capacity_counts_one_byte_an_element_for_fp8() {
     assert_eq!(run("h128-mqa-cla2", "fp8_e4m3")["kv_bytes_per_token"], 2_560);
     let o = crosskv(&["capacity", "--config", &cfg("h128-mqa-cla2"), "--kv-cache-dtype", "fp8"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
-    let row = |label: &str| -> Vec<String> {
-        let line = out
-            .lines()
-            .find(|l| l.starts_with(label))
-            .unwrap_or_else(|| panic!("no `{label}` row in\n{out}"));
-        line[label.len()..].split_whitespace().map(String::from).collect()
-    };
+    let row = |label: &str| crate::common::table_row(&out, label);
     assert_eq!(row("KV cache dtype"), ["fp8_e4m3", "fp8_e4m3"]);
     assert_eq!(row("KV bytes per token"), ["2560", "5120"]);
     assert!(out.contains("as bf16 (2 bytes an element):"), "{out}");

@@ -71,7 +71,7 @@ fn history() -> Value {
 }
 
 /// The prompt text the server renders for `body` (`/tokenize`, then `/detokenize`).
-async fn rendered(s: &Server, body: Value) -> (String, usize) {
+pub(crate) async fn rendered(s: &Server, body: Value) -> (String, usize) {
     let (st, t) = s.post("/tokenize", body).await;
     assert_eq!(st, 200, "{t}");
     let (st, d) = s.post("/detokenize", json!({"tokens": t["tokens"]})).await;

@@ -6,7 +6,7 @@
 //! OpenAI tool calls, streamed or not, with the text around them as content.
 
 use crate::http::{start, Server, Setup, MODEL};
-use crate::tool_calls::{weather_tools, HERMES_TEMPLATE};
+use crate::tool_calls::{rendered, weather_tools, HERMES_TEMPLATE};
 use serde_json::{json, Value};
 
 const CHAT: &str = "/v1/chat/completions";
@@ -208,7 +208,7 @@ async fn llama3_json_calls_are_read_from_the_output() {
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}
     ]);
-    let text = rendered(&s, json!({"messages": history, "tools": weather_tools()})).await;
+    let (text, _) = rendered(&s, json!({"messages": history, "tools": weather_tools()})).await;
     assert!(
         text.contains("{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}<|eot_id|>"),
         "{text}"
@@ -239,32 +239,23 @@ async fn mistral_calls_are_read_from_the_output() {
         {"role": "tool", "tool_call_id": calls[0]["id"], "content": "18 degrees, sunny"},
         {"role": "user", "content": "And tomorrow?"}
     ]);
-    let rendered = rendered(&s, json!({"messages": history, "tools": weather_tools()})).await;
+    let (prompt, _) = rendered(&s, json!({"messages": history, "tools": weather_tools()})).await;
     let id = calls[0]["id"].as_str().unwrap();
     assert!(
-        rendered.contains(&format!(
+        prompt.contains(&format!(
             "[TOOL_CALLS][{{\"name\": \"get_weather\", \"arguments\": {{\"city\": \"Paris\"}}, \"id\": \"{id}\"}}]"
         )),
-        "{rendered}"
+        "{prompt}"
     );
     assert!(
-        rendered.contains(&format!(
+        prompt.contains(&format!(
             "[TOOL_RESULTS]{{\"call_id\": \"{id}\", \"content\": \"18 degrees, sunny\"}}[/TOOL_RESULTS]"
         )),
-        "{rendered}"
+        "{prompt}"
     );
     // The tools come before the last user turn only.
     assert!(
-        rendered.contains("[AVAILABLE_TOOLS]") && rendered.ends_with("[INST]And tomorrow?[/INST]"),
-        "{rendered}"
+        prompt.contains("[AVAILABLE_TOOLS]") && prompt.ends_with("[INST]And tomorrow?[/INST]"),
+        "{prompt}"
     );
-}
-
-/// The prompt text the server renders for `body` (`/tokenize`, then `/detokenize`).
-async fn rendered(s: &Server, body: Value) -> String {
-    let (st, t) = s.post("/tokenize", body).await;
-    assert_eq!(st, 200, "{t}");
-    let (st, d) = s.post("/detokenize", json!({"tokens": t["tokens"]})).await;
-    assert_eq!(st, 200, "{d}");
-    d["prompt"].as_str().unwrap().to_string()
 }

@@ -380,8 +380,7 @@ fn prepare(
     upload_spans: bool,
 ) -> Result<Prepared> {
     let sfx = suffix(dtype, "paged_attention")?;
-    // An fp8 cache's kernels: the same names, `_kvfp8` before the head dim.
-    let f8 = if fp8_cache { "_kvfp8" } else { "" };
+    let f8 = fp8_infix(fp8_cache);
     let kernel = Kernel::for_dtype(dtype);
     let p = plan(
         part_ctx,
@@ -449,6 +448,16 @@ fn prepare(
     })
 }
 
+/// An fp8 cache's kernels have the names of the 16-bit ones with `_kvfp8` before the
+/// head dim.
+fn fp8_infix(fp8_cache: bool) -> &'static str {
+    if fp8_cache {
+        "_kvfp8"
+    } else {
+        ""
+    }
+}
+
 /// How many CTAs of the kernel that runs decode items fit the GPU at once: SMs × the
 /// occupancy the driver computes for its registers and shared memory (cached per kernel).
 fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType, bool)) -> Result<usize> {
@@ -466,7 +475,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType,
     let sfx = suffix(dtype, "paged_attention")?;
     let (f, smem) = match kernel {
         Kernel::TensorCore => {
-            let f8 = if fp8_cache { "_kvfp8" } else { "" };
+            let f8 = fp8_infix(fp8_cache);
             let name = format!("paged_attention_tc_decode_{sfx}{f8}_d{d}");
             let f = dev.get_or_load_custom_func(&name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
             let smem = kernel.smem_bytes(d, true, fp8_cache);
