@@ -169,12 +169,11 @@ fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T,
             message: e.to_string(),
         })?;
         if !undeclared.is_empty() {
-            // Rare: read the body again for the fields' values.
-            let body: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).unwrap_or_default();
-            if let Some(name) = undeclared
-                .iter()
-                .find(|k| !T::accepts(k, body.get(k.as_str()).unwrap_or(&serde_json::Value::Null)))
-            {
+            // The undeclared fields' values, read again from the body (a router adds some
+            // to every request): only theirs are built, the rest is skipped unread.
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let values = serde::de::DeserializeSeed::deserialize(FieldsNamed(&undeclared), &mut de).unwrap_or_default();
+            if let Some((name, _)) = values.iter().find(|(k, v)| !T::accepts(k, v)) {
                 return Err(super::validate::field(
                     name.as_str(),
                     "unrecognized request argument: this server does not honour it",
@@ -183,6 +182,35 @@ fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T,
             }
         }
         Ok(value)
+    }
+}
+
+/// The values of the named top-level fields of a JSON object, in body order; the other
+/// fields are skipped without being built.
+struct FieldsNamed<'a>(&'a [String]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for FieldsNamed<'_> {
+    type Value = Vec<(String, serde_json::Value)>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for FieldsNamed<'_> {
+    type Value = Vec<(String, serde_json::Value)>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if self.0.contains(&key) {
+                found.push((key, map.next_value::<serde_json::Value>()?));
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
     }
 }
 
