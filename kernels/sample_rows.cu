@@ -13,6 +13,7 @@
 // tokens do not depend on the batch or on the run.
 #include <stdint.h>
 #include <math.h>
+#include "block_argmax.cuh"
 
 #define NT 1024
 #define NWARP (NT / 32)
@@ -49,41 +50,6 @@ __device__ __forceinline__ bool usable(float x) { return isfinite(x); }
 __device__ __forceinline__ uint64_t mass_of(float x, float best_scaled, float inv_t) {
   const float w = expf(x * inv_t - best_scaled);
   return (uint64_t)((double)w * MASS_ONE);
-}
-
-__device__ __forceinline__ bool better(float v, uint32_t i, float bv, uint32_t bi) {
-  return v > bv || (v == bv && i < bi);
-}
-
-// Block-wide argmax of the finite-or-not values (NaN never wins, -inf rows give 0).
-__device__ uint32_t block_argmax(const float* __restrict__ x, uint32_t n, float* best_out) {
-  __shared__ float sv[NWARP];
-  __shared__ uint32_t si[NWARP];
-  __shared__ uint32_t res;
-  __shared__ float resv;
-  float best = -INFINITY;
-  uint32_t bi = 0xFFFFFFFFu;
-  for (uint32_t i = threadIdx.x; i < n; i += NT) {
-    const float v = x[i];
-    if (v > best) { best = v; bi = i; }
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, best, o);
-    const uint32_t i = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (better(v, i, best, bi)) { best = v; bi = i; }
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) { sv[warp] = best; si[warp] = bi; }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < NWARP; w++)
-      if (better(sv[w], si[w], best, bi)) { best = sv[w]; bi = si[w]; }
-    res = bi == 0xFFFFFFFFu ? 0u : bi;
-    resv = best;
-  }
-  __syncthreads();
-  *best_out = resv;
-  return res;
 }
 
 // The largest key t with (sum over kept elements with key >= t of weight) >= target,
@@ -145,7 +111,7 @@ extern "C" __global__ void __launch_bounds__(NT) sample_rows_f32(const float* __
     x = w;
   }
   float best;
-  const uint32_t first_best = block_argmax(x, vocab, &best);
+  const uint32_t first_best = block_argmax<NT>(x, vocab, &best);
   if (s.temperature <= 1e-5f || s.top_k == 1 || !usable(best)) {
     if (threadIdx.x == 0) out[blockIdx.x] = first_best;
     return;
