@@ -2,8 +2,9 @@
 // cores: the f32 path of src/ops/paged_attention/ (whose CPU path is the reference it
 // must match); f16/bf16 run on tensor cores (paged_attention_tc.cu). The launcher
 // (src/ops/paged_attention/cuda.rs) runs paged_attention_f32_d* and, when the keys are
-// split, paged_attention_reduce_f32; the f16/bf16 instantiations below are built but
-// not launched. Also poison_bytes, which the GPU tests use on every op's outputs.
+// split, paged_attention_reduce_f32; the f16/bf16 instantiations below run only when
+// CROSSKV_PA_KERNEL=cuda-core asks for them, to measure one kernel family against the
+// other. Also poison_bytes, which the GPU tests use on every op's outputs.
 //
 // q: [tokens, heads, D]; K/V caches: [num_blocks, block_size, kv_heads, D]; one block
 // table per sequence (the layer's KV slot). A query at absolute position

@@ -29,6 +29,10 @@ pub const PA_CLUSTER: Knob = Knob {
     name: "CROSSKV_PA_CLUSTER",
     doc: "`0` turns off combining CUDA decode-attention partitions in thread-block clusters",
 };
+pub const PA_KERNEL: Knob = Knob {
+    name: "CROSSKV_PA_KERNEL",
+    doc: "`cuda-core` runs 16-bit CUDA attention (and an fp8 cache's) on the CUDA-core kernel instead of the tensor-core ones",
+};
 pub const CANDLE_NUM_THREADS: Knob = Knob {
     name: "CANDLE_NUM_THREADS",
     doc: "candle's own thread pool; set to 1 at start unless given, so it does not compete with ours",
@@ -61,6 +65,7 @@ pub const KNOBS: &[&Knob] = &[
     &ISA,
     &PA_PART_SIZE,
     &PA_CLUSTER,
+    &PA_KERNEL,
     &CANDLE_NUM_THREADS,
     &RAYON_NUM_THREADS,
     &HOME,

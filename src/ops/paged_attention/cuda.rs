@@ -487,7 +487,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType,
             (f, smem)
         }
         Kernel::CudaCore => {
-            let name = format!("paged_attention_{sfx}_d{d}");
+            let name = format!("paged_attention_{sfx}{}_d{d}", fp8_infix(fp8_cache));
             (
                 dev.get_or_load_custom_func(&name, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?,
                 0,

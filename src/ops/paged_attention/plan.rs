@@ -114,7 +114,11 @@ pub(super) enum Kernel {
 
 impl Kernel {
     pub(super) fn for_dtype(dtype: DType) -> Self {
-        if dtype == DType::F32 {
+        // `CROSSKV_PA_KERNEL=cuda-core`: the CUDA-core kernel for every dtype (it has 16-bit
+        // and fp8-cache instantiations too), for measuring one against the other.
+        static CUDA_CORE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let forced = *CUDA_CORE.get_or_init(|| crate::env::PA_KERNEL.get().is_some_and(|v| v == "cuda-core"));
+        if dtype == DType::F32 || forced {
             Kernel::CudaCore
         } else {
             Kernel::TensorCore
