@@ -221,7 +221,7 @@ fn chat_prompt(
     let tools_bytes = template_tools.map_or(0, validate::tools_json_bytes);
     validate::check_prompt_bytes("tools_json", tools_bytes, max_prompt_bytes).map_err(invalid)?;
     validate::check_chat_bytes(&messages, max_prompt_bytes - tools_bytes).map_err(invalid_chat)?;
-    let ids = validate::chat_prompt(tok, &messages, template_tools, true).map_err(invalid_chat)?;
+    let ids = validate::chat_prompt(tok, &messages, template_tools, true, None).map_err(invalid_chat)?;
     if ids.is_empty() {
         return Err(Status::invalid_argument("messages_json: the rendered prompt is empty"));
     }

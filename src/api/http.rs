@@ -149,10 +149,18 @@ fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T,
     {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let mut undeclared: Vec<String> = Vec::new();
+        // Undeclared keys of `stream_options`: refused whatever their value.
+        let mut nested: Option<String> = None;
         let mut note = |path: serde_ignored::Path| {
             if let serde_ignored::Path::Map { parent, key } = path {
-                if matches!(parent, serde_ignored::Path::Root) {
-                    undeclared.push(key);
+                match unwrapped(parent) {
+                    serde_ignored::Path::Root => undeclared.push(key),
+                    serde_ignored::Path::Map { parent, key: outer }
+                        if outer == "stream_options" && matches!(unwrapped(parent), serde_ignored::Path::Root) =>
+                    {
+                        nested.get_or_insert(format!("stream_options.{key}"));
+                    }
+                    _ => {}
                 }
             }
         };
@@ -168,6 +176,11 @@ fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T,
             param: None,
             message: e.to_string(),
         })?;
+        if let Some(name) = nested {
+            return Err(
+                super::validate::field(name, "unrecognized stream option: this server does not honour it").into(),
+            );
+        }
         if !undeclared.is_empty() {
             // The undeclared fields' values, read again from the body (a router adds some
             // to every request): only theirs are built, the rest is skipped unread.
@@ -182,6 +195,16 @@ fn parse_json<T: DeserializeOwned + UndeclaredFields>(bytes: &[u8]) -> Result<T,
             }
         }
         Ok(value)
+    }
+}
+
+/// The path past `Option` and newtype wrappers.
+fn unwrapped<'a>(p: &'a serde_ignored::Path<'a>) -> &'a serde_ignored::Path<'a> {
+    match p {
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => unwrapped(parent),
+        p => p,
     }
 }
 
@@ -423,6 +446,9 @@ async fn tokenize(
         if r.prompt.is_some() && r.tools.as_ref().is_some_and(|t| !t.is_null()) {
             return Err(validate::field("tools", "only with `messages`"));
         }
+        if r.prompt.is_some() && r.chat_template_kwargs.as_ref().is_some_and(|t| !t.is_null()) {
+            return Err(validate::field("chat_template_kwargs", "only with `messages`"));
+        }
         let tokens = match (&r.prompt, &r.messages) {
             (Some(p), None) => {
                 validate::check_prompt_bytes("prompt", p.len(), lim.max_prompt_bytes)?;
@@ -443,9 +469,11 @@ async fn tokenize(
                 .unwrap_or_default();
                 let tools_bytes = validate::tools_json_bytes(&tools);
                 validate::check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
-                validate::check_chat_bytes(m, lim.max_prompt_bytes - tools_bytes)?;
+                let (kwargs, kwargs_bytes) = validate::template_kwargs(r.chat_template_kwargs.as_ref())?;
+                validate::check_prompt_bytes("chat_template_kwargs", kwargs_bytes, lim.max_prompt_bytes - tools_bytes)?;
+                validate::check_chat_bytes(m, lim.max_prompt_bytes - tools_bytes - kwargs_bytes)?;
                 let tools = (!tools.is_empty()).then_some(tools.as_slice());
-                validate::chat_prompt(tok, m, tools, r.add_generation_prompt.unwrap_or(true))
+                validate::chat_prompt(tok, m, tools, r.add_generation_prompt.unwrap_or(true), kwargs)
             }
             _ => Err(validate::field("prompt", "give exactly one of `prompt` and `messages`")),
         }?;

@@ -44,6 +44,9 @@ fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Resu
 pub struct StreamOptions {
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's usage on every chunk: not honoured, so `true` is a 400.
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
 }
 
 /// How a request body treats a top-level field its type does not declare.
@@ -204,6 +207,8 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<bool>,
+    /// More variables for the chat template (vLLM's field), e.g. `enable_thinking`.
+    pub chat_template_kwargs: Option<Value>,
     pub functions: Option<Value>,
     pub function_call: Option<Value>,
 }
@@ -421,6 +426,8 @@ pub struct TokenizeRequest {
     pub tools: Option<Value>,
     pub add_special_tokens: Option<bool>,
     pub add_generation_prompt: Option<bool>,
+    /// As for a chat request.
+    pub chat_template_kwargs: Option<Value>,
     /// Also return each token's vocabulary string (`token_strs`).
     pub return_token_strs: Option<bool>,
 }
@@ -431,8 +438,8 @@ pub struct TokenizeResponse {
     pub max_model_len: usize,
     pub tokens: Vec<u32>,
     /// With `return_token_strs`: the tokenizer's string of each token (as vLLM's
-    /// `convert_ids_to_tokens`: vocabulary entries, not decoded text).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `convert_ids_to_tokens`: vocabulary entries, not decoded text); `null` without it,
+    /// as vLLM answers.
     pub token_strs: Option<Vec<String>>,
 }
 

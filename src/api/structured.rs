@@ -30,9 +30,12 @@ impl ConstraintFields<'_> {
         Ok(Some(c))
     }
 
-    /// The constraint of a chat request: a forced tool call's or the fields'. Both is a
-    /// 400 naming the structured-output field, since a forced call's output is already
-    /// held to the tool's `parameters` schema and cannot follow a second constraint.
+    /// The constraint of a chat request: a forced tool call's or the fields'. A forced
+    /// call's output is already held to the tool's `parameters` schema and cannot follow
+    /// a second constraint, so vLLM's fields with one are a 400 naming the field.
+    /// OpenAI's `response_format` is accepted (checked, as always): it shapes the
+    /// message's content, and a forced call's answer has none, only the call, as with
+    /// OpenAI and vLLM.
     pub fn with_tools(
         &self,
         tools: Option<&ToolPlan>,
@@ -42,8 +45,10 @@ impl ConstraintFields<'_> {
         if !forced {
             return self.constraint(structured);
         }
-        if let Some((name, _)) = self.read()? {
-            return Err(field(name, FORCED_CALL_CONFLICT));
+        match self.read()? {
+            Some(("response_format", c)) => structured.check(&c).map_err(|m| field("response_format", m))?,
+            Some((name, _)) => return Err(field(name, FORCED_CALL_CONFLICT)),
+            None => {}
         }
         tools.map_or(Ok(None), |t| t.checked_constraint(structured))
     }

@@ -442,7 +442,7 @@ pub struct ParsedCall {
 
 /// An output read for tool calls: the text outside them (`None` when there is none) and
 /// the calls.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Parsed {
     pub content: Option<String>,
     pub calls: Vec<ParsedCall>,
@@ -567,17 +567,23 @@ fn parse_mistral(text: &str) -> Parsed {
     }
 }
 
-/// A forced call's output: the arguments object of `name`.
+/// A forced call's output: the arguments object of `name`. Output cut off before the
+/// object closes (`max_tokens`) is still the call, its arguments as far as they got,
+/// as they stream and as vLLM answers it.
 fn parse_named(name: &str, text: &str) -> Parsed {
-    match serde_json::from_str::<Value>(text.trim()) {
-        Ok(v @ Value::Object(_)) => Parsed {
-            content: None,
-            calls: vec![ParsedCall {
-                name: name.to_string(),
-                arguments: v.to_string(),
-            }],
-        },
-        _ => Parsed::text(text),
+    if text.trim().is_empty() {
+        return Parsed::default();
+    }
+    let arguments = match serde_json::from_str::<Value>(text.trim()) {
+        Ok(v @ Value::Object(_)) => v.to_string(),
+        _ => text.to_string(),
+    };
+    Parsed {
+        content: None,
+        calls: vec![ParsedCall {
+            name: name.to_string(),
+            arguments,
+        }],
     }
 }
 
@@ -587,9 +593,11 @@ fn parse_required(text: &str) -> Parsed {
         Ok(Value::Array(a)) if !a.is_empty() => a.iter().map(call_from).collect::<Option<Vec<_>>>(),
         _ => None,
     };
-    match calls {
-        Some(calls) => Parsed { content: None, calls },
-        None => Parsed::text(text),
+    // Output that is no list of calls was cut off (`max_tokens`) before the list closed:
+    // neither calls nor content, as OpenAI and vLLM answer it.
+    Parsed {
+        content: None,
+        calls: calls.unwrap_or_default(),
     }
 }
 
@@ -923,21 +931,28 @@ mod tests {
     }
 
     #[test]
-    fn forced_outputs_parse_and_fall_back_to_content() {
+    fn forced_outputs_parse_and_keep_a_cut_off_call() {
         let named = plan(OutputMode::Named("f".into()));
         assert_eq!(
             parse_output(&named, " {\"a\": 1} ").calls,
             vec![call("f", r#"{"a":1}"#)]
         );
-        assert_eq!(parse_output(&named, "{\"a\": ").content.as_deref(), Some("{\"a\": "));
+        // Cut off by max_tokens: the call so far, not content.
+        let cut = parse_output(&named, "{\"a\": ");
+        assert_eq!((cut.content, cut.calls), (None, vec![call("f", "{\"a\": ")]));
         let req = plan(OutputMode::Required);
         let r = parse_output(
             &req,
             "[{\"name\": \"f\", \"parameters\": {\"a\": 1}}, {\"name\": \"g\", \"parameters\": {}}]",
         );
         assert_eq!(r.calls, vec![call("f", r#"{"a":1}"#), call("g", "{}")]);
-        for text in ["[]", "junk", "[{\"name\": 1}]", "{\"name\": \"f\"}"] {
-            assert_eq!(parse_output(&req, text), Parsed::text(text), "{text}");
+        for text in [
+            "[]",
+            "[{\"name\": \"f\", \"param",
+            "[{\"name\": 1}]",
+            "{\"name\": \"f\"}",
+        ] {
+            assert_eq!(parse_output(&req, text), Parsed::default(), "{text}");
         }
         let one = OutputPlan { max_calls: 1, ..req };
         assert_eq!(
@@ -1140,11 +1155,14 @@ mod tests {
                 OutputMode::Required,
                 OutputMode::Named("f".into()),
             ][mode].clone();
+            let named = matches!(mode, OutputMode::Named(_));
             let whole = parse_output(&plan(mode.clone()), &text);
             for c in &whole.calls {
-                proptest::prop_assert!(serde_json::from_str::<Value>(&c.arguments).is_ok_and(|v| v.is_object()));
+                // A named call cut off keeps its arguments as far as they got.
+                if !named {
+                    proptest::prop_assert!(serde_json::from_str::<Value>(&c.arguments).is_ok_and(|v| v.is_object()));
+                }
             }
-            let named = matches!(mode, OutputMode::Named(_));
             let (_, calls, _) = stream(plan(mode), &text, step);
             for (_, args) in calls {
                 // A named call's arguments stream raw, before they can be checked.

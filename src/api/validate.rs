@@ -3,7 +3,7 @@
 //! Over 600 lines on purpose: the completion and chat checks share private helpers
 //! (prompts, options, stop strings, lengths); split by endpoint they would be exported.
 
-use super::openai::{ChatCompletionRequest, ChatMessageIn, CompletionRequest};
+use super::openai::{ChatCompletionRequest, ChatMessageIn, CompletionRequest, StreamOptions};
 use super::structured::ConstraintFields;
 use super::tool_calls::{self, OutputPlan, ToolCallParser};
 use crate::engine::structured::StructuredOutputs;
@@ -493,12 +493,28 @@ fn logit_bias(v: Option<&Value>, vocab: usize) -> Result<Vec<(u32, f32)>, Valida
     if m.len() > MAX_LOGIT_BIAS {
         return Err(field("logit_bias", format!("at most {MAX_LOGIT_BIAS} entries")));
     }
+    // Every key that is no integer, named in one error.
+    let bad: Vec<String> = m
+        .keys()
+        .filter(|k| k.trim().parse::<i64>().is_err())
+        .map(|k| format!("`{k}`"))
+        .collect();
+    match bad.len() {
+        0 => {}
+        1 => return Err(field("logit_bias", format!("key {} is not a token id", bad[0]))),
+        _ => {
+            return Err(field(
+                "logit_bias",
+                format!("keys {} are not token ids", bad.join(", ")),
+            ))
+        }
+    }
     let mut entries = Vec::with_capacity(m.len());
     for (k, b) in m {
-        let t = match k.trim().parse::<i64>() {
-            Ok(t) => u32::try_from(t).unwrap_or(u32::MAX),
-            Err(_) => return Err(field("logit_bias", format!("key `{k}` is not a token id"))),
-        };
+        let t = k
+            .trim()
+            .parse::<i64>()
+            .map_or(u32::MAX, |t| u32::try_from(t).unwrap_or(u32::MAX));
         let b = b.as_f64().ok_or_else(|| {
             field(
                 "logit_bias",
@@ -579,11 +595,19 @@ fn options(c: &Common, lim: &Limits, max_tokens: usize) -> Result<(GenerateOptio
 }
 
 /// `stream_options` only with `stream: true` (OpenAI's rule and wording).
-fn check_stream_options(stream: Option<bool>, has_options: bool) -> Result<(), ValidationError> {
-    if has_options && !stream.unwrap_or(false) {
+/// vLLM's `continuous_usage_stats` (usage on every chunk) is not honoured: `true` is a 400.
+fn check_stream_options(stream: Option<bool>, options: Option<&StreamOptions>) -> Result<(), ValidationError> {
+    let Some(options) = options else { return Ok(()) };
+    if !stream.unwrap_or(false) {
         return Err(field(
             "stream_options",
             "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+        ));
+    }
+    if options.continuous_usage_stats == Some(true) {
+        return Err(field(
+            "stream_options.continuous_usage_stats",
+            "usage on every chunk is not supported; `include_usage` sends it once, after the last chunk",
         ));
     }
     Ok(())
@@ -648,7 +672,7 @@ pub fn completion(r: &CompletionRequest, lim: &Limits) -> Result<ValidCompletion
     // max_tokens 0 (echo only): the engine generates one token that is dropped.
     options.max_tokens = max_tokens.max(1);
     options.constraint = constraint_fields!(r).constraint(lim.structured)?;
-    check_stream_options(r.stream, r.stream_options.is_some())?;
+    check_stream_options(r.stream, r.stream_options.as_ref())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidCompletion {
         model,
@@ -806,17 +830,41 @@ pub fn tools_json_bytes(tools: &[Value]) -> usize {
         .fold(0usize, usize::saturating_add)
 }
 
+/// The variables a template gets from the request itself, which
+/// `chat_template_kwargs` may not set.
+const TEMPLATE_OWN_VARIABLES: [&str; 5] = ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
+
+/// `chat_template_kwargs`: an object of more template variables (`null`: none). Its
+/// JSON is counted against the prompt limit with the messages; returns its bytes.
+pub fn template_kwargs(v: Option<&Value>) -> Result<(Option<&serde_json::Map<String, Value>>, usize), ValidationError> {
+    const PARAM: &str = "chat_template_kwargs";
+    let map = match v {
+        None | Some(Value::Null) => return Ok((None, 0)),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(field(PARAM, "must be an object of template variables")),
+    };
+    if let Some(k) = map.keys().find(|k| TEMPLATE_OWN_VARIABLES.contains(&k.as_str())) {
+        return Err(field(
+            format!("{PARAM}.{k}"),
+            "is set by the request itself, not by chat_template_kwargs",
+        ));
+    }
+    Ok((Some(map), Value::Object(map.clone()).to_string().len()))
+}
+
 /// Renders chat messages (and the tools the model may call) through the template and
-/// tokenizes them (the template writes the special tokens itself).
+/// tokenizes them (the template writes the special tokens itself). `extra`: the
+/// request's `chat_template_kwargs` ([`template_kwargs`]).
 pub fn chat_prompt(
     tok: &Tok,
     messages: &[ChatMessageIn],
     tools: Option<&[Value]>,
     add_generation_prompt: bool,
+    extra: Option<&serde_json::Map<String, Value>>,
 ) -> Result<Vec<u32>, ValidationError> {
     let msgs = chat_messages(messages)?;
     let text = tok
-        .apply_chat_template_with_tools(&msgs, tools, add_generation_prompt)
+        .apply_chat_template_with_tools(&msgs, tools, add_generation_prompt, extra)
         .map_err(|e| field("messages", e.to_string()))?;
     tok.encode(&text, false).map_err(|e| field("messages", e.to_string()))
 }
@@ -834,9 +882,11 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     )?;
     let tools_bytes = tools.as_ref().map_or(0, |t| tools_json_bytes(&t.template_tools));
     check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
-    check_chat_bytes(&r.messages, lim.max_prompt_bytes - tools_bytes)?;
+    let (kwargs, kwargs_bytes) = template_kwargs(r.chat_template_kwargs.as_ref())?;
+    check_prompt_bytes("chat_template_kwargs", kwargs_bytes, lim.max_prompt_bytes - tools_bytes)?;
+    check_chat_bytes(&r.messages, lim.max_prompt_bytes - tools_bytes - kwargs_bytes)?;
     let template_tools = tools.as_ref().map(|t| t.template_tools.as_slice());
-    let prompt_ids = chat_prompt(lim.tok, &r.messages, template_tools, true)?;
+    let prompt_ids = chat_prompt(lim.tok, &r.messages, template_tools, true, kwargs)?;
     if prompt_ids.is_empty() {
         return Err(field("messages", "the rendered prompt is empty"));
     }
@@ -862,7 +912,7 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
     let logprobs = r.logprobs.unwrap_or(false).then_some(top_logprobs as usize);
     options.logprobs = logprobs;
     options.constraint = constraint_fields!(r).with_tools(tools.as_ref(), lim.structured)?;
-    check_stream_options(r.stream, r.stream_options.is_some())?;
+    check_stream_options(r.stream, r.stream_options.as_ref())?;
     let stream_options = r.stream_options.clone().unwrap_or_default();
     Ok(ValidChat {
         tool_output: tools.as_ref().and_then(|t| t.output()),

@@ -269,17 +269,19 @@ impl Tok {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt, None)
     }
 
     /// Renders `messages` and the `tools` the model may call (OpenAI's list of
     /// `{"type": "function", "function": {…}}`, as transformers passes it; `none` when
-    /// absent).
+    /// absent). `extra`: more variables for the template (a request's
+    /// `chat_template_kwargs`, e.g. `enable_thinking`); the ones set here win over them.
     pub fn apply_chat_template_with_tools(
         &self,
         messages: &[ChatMessage],
         tools: Option<&[Value]>,
         add_generation_prompt: bool,
+        extra: Option<&serde_json::Map<String, Value>>,
     ) -> Result<String, TokenizerError> {
         let tpl = self
             .chat_template
@@ -292,17 +294,30 @@ impl Tok {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_filter("tojson", python_tojson);
+        // Jinja2's `iterable` is `iter(x)` succeeding: false for none. minijinja iterates
+        // none as empty, which breaks templates that guard `tools | length` with
+        // `tools is iterable` when a request has no tools.
+        env.add_test("iterable", |v: minijinja::Value| {
+            !v.is_none() && !v.is_undefined() && v.try_iter().is_ok()
+        });
         env.add_template("chat", tpl)
             .map_err(|e| TokenizerError::Template(e.to_string()))?;
         env.get_template("chat")
             .and_then(|t| {
-                t.render(minijinja::context! {
+                let own = minijinja::context! {
                     messages => messages,
                     tools => tools,
                     add_generation_prompt => add_generation_prompt,
                     bos_token => self.bos_token.clone().unwrap_or_default(),
                     eos_token => self.eos_token.clone().unwrap_or_default(),
-                })
+                };
+                match extra {
+                    Some(extra) => t.render(minijinja::value::merge_maps([
+                        own,
+                        minijinja::Value::from_serialize(extra),
+                    ])),
+                    None => t.render(own),
+                }
             })
             .map_err(|e| TokenizerError::Template(e.to_string()))
     }

@@ -629,4 +629,34 @@ async fn undeclared_fields_are_refused_unless_metadata_or_neutral() {
         .post("/v1/chat/completions", chat(json!({"continue_final_message": true})))
         .await;
     assert_error(st, &r, 400, Some("continue_final_message"), "a non-neutral value");
+    // Inside `stream_options`: an unknown key, and vLLM's usage on every chunk, which is
+    // not honoured, are refused; `continuous_usage_stats: false` asks for nothing.
+    let streamed = |opts: Value| completion(json!({"stream": true, "stream_options": opts}));
+    for (opts, param) in [
+        (json!({"include_usage": true, "bogus": 1}), "stream_options.bogus"),
+        (
+            json!({"continuous_usage_stats": true}),
+            "stream_options.continuous_usage_stats",
+        ),
+    ] {
+        let (st, r) = s.post("/v1/completions", streamed(opts.clone())).await;
+        assert_error(st, &r, 400, Some(param), "a stream option");
+        let (st, r) = s
+            .post(
+                "/v1/chat/completions",
+                chat(json!({"stream": true, "stream_options": opts})),
+            )
+            .await;
+        assert_error(st, &r, 400, Some(param), "a chat stream option");
+    }
+    let events = s
+        .stream(
+            "/v1/completions",
+            streamed(json!({"include_usage": true, "continuous_usage_stats": false})),
+        )
+        .await;
+    assert!(
+        events.iter().any(|e| e["usage"]["completion_tokens"] == 2),
+        "{events:?}"
+    );
 }

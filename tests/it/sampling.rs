@@ -239,6 +239,12 @@ async fn out_of_range_sampling_fields_are_400_naming_them() {
             let (st, r) = s.post(path, body.clone()).await;
             assert_error(st, &r, 400, Some(name), &format!("{path} {body}"));
         }
+        // Every key that is no token id is named in the one error.
+        let body = json!({"prompt": "Hi", "max_tokens": 2, "logit_bias": {"bad1": 50, "7": 1, "bad2": 20}});
+        let (st, r) = s.post(C, body).await;
+        assert_error(st, &r, 400, Some("logit_bias"), "two bad keys");
+        let msg = r["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("`bad1`") && msg.contains("`bad2`"), "{msg}");
         // stream_options needs stream: true (OpenAI's check and message).
         for stream in [json!(false), Value::Null] {
             let mut body = if path == C {
@@ -314,7 +320,7 @@ async fn tokenize_returns_token_strings_when_asked() {
     let s = start(Setup::default()).await;
     let (st, plain) = s.post("/tokenize", json!({"prompt": "Hello world"})).await;
     assert_eq!(st, 200, "{plain}");
-    assert!(plain.get("token_strs").is_none(), "{plain}");
+    assert_eq!(plain.get("token_strs"), Some(&serde_json::Value::Null), "{plain}");
     let (st, r) = s
         .post("/tokenize", json!({"prompt": "Hello world", "return_token_strs": true}))
         .await;

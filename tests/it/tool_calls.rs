@@ -169,8 +169,8 @@ async fn auto_answers_without_a_call_are_text_streamed_or_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forced_calls_answer_well_formed_streamed_or_not() {
-    // Whatever the model writes, a forced call's reply is well formed: the call when the
-    // output parses, else the text as content.
+    // Whatever the model writes, a forced call's reply is well formed: the call, or,
+    // for a `required` list cut off by `max_tokens`, neither calls nor content.
     let s = start_hermes().await;
     let named = json!({"type": "function", "function": {"name": "get_weather"}});
     for choice in [named, json!("required")] {
@@ -186,7 +186,8 @@ async fn forced_calls_answer_well_formed_streamed_or_not() {
                 let (st, r) = s.post(CHAT, body).await;
                 assert_eq!(st, 200, "{r}");
                 let m = &r["choices"][0]["message"];
-                assert!(m["content"].is_string() || m["tool_calls"].is_array(), "{r}");
+                let cut = r["choices"][0]["finish_reason"] == "length";
+                assert!(m["tool_calls"].is_array() || (cut && m["content"].is_null()), "{r}");
             }
         }
     }
@@ -246,8 +247,9 @@ async fn malformed_tool_fields_are_400_naming_them() {
             "tools[1].function.parameters",
         ),
         // A forced call and a structured-output field: the output cannot follow both.
+        // `response_format` is accepted with one, but still checked.
         (
-            json!({"tools": [f("a")], "tool_choice": "required", "response_format": {"type": "json_object"}}),
+            json!({"tools": [f("a")], "tool_choice": "required", "response_format": {"type": "xml"}}),
             "response_format",
         ),
         (
@@ -481,4 +483,63 @@ mod grpc {
         }
         handle.shutdown();
     }
+}
+
+/// A template guarding its tools as vLLM's Hermes example does, and reading a variable
+/// the request sets through `chat_template_kwargs`.
+const KWARGS_TEMPLATE: &str =
+    "{%- if tools is iterable and tools | length > 0 %}[{{ tools | length }} tools]{% endif %}\
+{%- for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}\
+{%- if enable_thinking is defined and enable_thinking is false %}<no-think>{% endif %}\
+{%- if add_generation_prompt %}<assistant>{% endif %}";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn templates_see_jinja2_tests_and_the_requests_template_kwargs() {
+    let s = start(Setup {
+        chat_template: Some(KWARGS_TEMPLATE.into()),
+        ..Default::default()
+    })
+    .await;
+    let user = json!([{"role": "user", "content": "hi"}]);
+    // No tools: `none is iterable` is false, as in Jinja2, so the guard holds.
+    let (text, _) = rendered(&s, json!({"messages": user})).await;
+    assert_eq!(text, "<user>hi<assistant>");
+    let (text, _) = rendered(
+        &s,
+        json!({"messages": user, "chat_template_kwargs": {"enable_thinking": false}}),
+    )
+    .await;
+    assert_eq!(text, "<user>hi<no-think><assistant>");
+    let (text, _) = rendered(
+        &s,
+        json!({"messages": user, "chat_template_kwargs": {"enable_thinking": true}}),
+    )
+    .await;
+    assert_eq!(text, "<user>hi<assistant>");
+    // A chat request renders the same prompt: its usage counts the extra tokens.
+    let chat =
+        |kwargs: Value| json!({"model": MODEL, "messages": user, "max_tokens": 1, "chat_template_kwargs": kwargs});
+    let (st, plain) = s.post(CHAT, chat(Value::Null)).await;
+    assert_eq!(st, 200, "{plain}");
+    let (st, r) = s.post(CHAT, chat(json!({"enable_thinking": false}))).await;
+    assert_eq!(st, 200, "{r}");
+    let prompt = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(&r) > prompt(&plain), "{r} {plain}");
+    // Not an object, or setting what the request itself sets: a 400 naming it.
+    for (kwargs, param) in [
+        (json!("enable_thinking"), "chat_template_kwargs"),
+        (json!({"messages": []}), "chat_template_kwargs.messages"),
+        (
+            json!({"add_generation_prompt": false}),
+            "chat_template_kwargs.add_generation_prompt",
+        ),
+    ] {
+        let (st, r) = s.post(CHAT, chat(kwargs)).await;
+        assert_error(st, &r, 400, Some(param), "chat_template_kwargs");
+    }
+    let (st, r) = s
+        .post("/tokenize", json!({"prompt": "x", "chat_template_kwargs": {"a": 1}}))
+        .await;
+    assert_error(st, &r, 400, Some("chat_template_kwargs"), "tokenize with a prompt");
+    s.wait_idle().await;
 }

@@ -111,6 +111,64 @@ async fn a_named_function_is_called_with_arguments_following_its_schema() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_call_cut_off_by_max_tokens_is_no_content() {
+    let s = start_hermes().await;
+    // A named call cut off: the call, its arguments as far as they got (as streamed).
+    let named = json!({"type": "function", "function": {"name": "get_weather"}});
+    let (st, r) = s.post(CHAT, body(named, json!({"max_tokens": 3}))).await;
+    assert_eq!(st, 200, "{r}");
+    let c = &r["choices"][0];
+    assert_eq!(c["finish_reason"], "length", "{r}");
+    assert!(c["message"]["content"].is_null(), "{r}");
+    let args = c["message"]["tool_calls"][0]["function"]["arguments"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"));
+    assert!(args.trim_start().starts_with('{'), "{r}");
+    assert!(
+        serde_json::from_str::<Value>(args).is_err(),
+        "three tokens close no arguments: {r}"
+    );
+    assert_eq!(c["message"]["tool_calls"][0]["function"]["name"], "get_weather");
+    // `required` cut off: neither calls nor content.
+    for stream in [false, true] {
+        let b = body(json!("required"), json!({"max_tokens": 1, "stream": stream}));
+        if stream {
+            let (calls, finish) = streamed_calls(&s, b).await;
+            assert!(calls.is_empty(), "{calls:?}");
+            assert_eq!(finish, "length");
+        } else {
+            let (st, r) = s.post(CHAT, b).await;
+            assert_eq!(st, 200, "{r}");
+            let c = &r["choices"][0];
+            assert_eq!(c["finish_reason"], "length", "{r}");
+            assert!(
+                c["message"]["content"].is_null() && c["message"]["tool_calls"].is_null(),
+                "{r}"
+            );
+        }
+    }
+    s.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_format_with_a_forced_call_answers_the_call() {
+    // `response_format` shapes the content; a forced call's answer is the call.
+    let s = start_hermes().await;
+    let b = body(
+        json!("required"),
+        json!({"parallel_tool_calls": false, "response_format": {"type": "json_object"}}),
+    );
+    let (st, r) = s.post(CHAT, b).await;
+    assert_eq!(st, 200, "{r}");
+    let calls = r["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{r}"));
+    check_call(&calls[0], None);
+    assert_eq!(r["choices"][0]["finish_reason"], "tool_calls");
+    s.wait_idle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_calls_a_tool_with_valid_arguments() {
     // One call (`parallel_tool_calls: false`: the array holds one item), so the random
     // model's output is bounded by the schema.
