@@ -836,7 +836,10 @@ const TEMPLATE_OWN_VARIABLES: [&str; 5] = ["messages", "tools", "add_generation_
 
 /// `chat_template_kwargs`: an object of more template variables (`null`: none). Its
 /// JSON is counted against the prompt limit with the messages; returns its bytes.
-pub fn template_kwargs(v: Option<&Value>) -> Result<(Option<&serde_json::Map<String, Value>>, usize), ValidationError> {
+/// More template variables, by name.
+pub type TemplateKwargs = serde_json::Map<String, Value>;
+
+pub fn template_kwargs(v: Option<&Value>) -> Result<(Option<&TemplateKwargs>, usize), ValidationError> {
     const PARAM: &str = "chat_template_kwargs";
     let map = match v {
         None | Some(Value::Null) => return Ok((None, 0)),
@@ -860,7 +863,7 @@ pub fn chat_prompt(
     messages: &[ChatMessageIn],
     tools: Option<&[Value]>,
     add_generation_prompt: bool,
-    extra: Option<&serde_json::Map<String, Value>>,
+    extra: Option<&TemplateKwargs>,
 ) -> Result<Vec<u32>, ValidationError> {
     let msgs = chat_messages(messages)?;
     let text = tok
