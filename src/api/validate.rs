@@ -834,11 +834,11 @@ pub fn tools_json_bytes(tools: &[Value]) -> usize {
 /// `chat_template_kwargs` may not set.
 const TEMPLATE_OWN_VARIABLES: [&str; 5] = ["messages", "tools", "add_generation_prompt", "bos_token", "eos_token"];
 
-/// `chat_template_kwargs`: an object of more template variables (`null`: none). Its
-/// JSON is counted against the prompt limit with the messages; returns its bytes.
 /// More template variables, by name.
 pub type TemplateKwargs = serde_json::Map<String, Value>;
 
+/// `chat_template_kwargs`: an object of more template variables (`null`: none). Its
+/// JSON is counted against the prompt limit with the messages; returns its bytes.
 pub fn template_kwargs(v: Option<&Value>) -> Result<(Option<&TemplateKwargs>, usize), ValidationError> {
     const PARAM: &str = "chat_template_kwargs";
     let map = match v {
