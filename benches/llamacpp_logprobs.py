@@ -14,12 +14,13 @@ mean and max |Δ| over all positions for:
   * crosskv with every request alone vs all sent at once (batch invariance: 0);
   * crosskv with CROSSKV_ISA=scalar (the reference kernels) or avx2 vs the default;
   * llama.cpp with an f32 KV cache (crosskv's CPU cache is f32; llama.cpp's default
-    is f16), its own spread and its distance to crosskv.
+    is f16), its own spread and its distance to crosskv;
+  * with --kv-cache-dtypes f16,bf16: crosskv with those caches against llama.cpp.
 
 crosskv is scored through its HTTP API (`echo` + `logprobs`, `max_tokens` 0) on
 servers this script starts and stops (loopback only).
 
-  python3 benches/llamacpp_logprobs.py --binary target/release/crosskv [--model PATH]
+  python3 benches/llamacpp_logprobs.py --binary target/release/crosskv [--model PATH] [--kv-cache-dtypes f16]
 """
 
 import argparse
@@ -125,6 +126,8 @@ def main():
     ap.add_argument("--binary", default="target/release/crosskv")
     ap.add_argument("--model", default=default_model())
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kv-cache-dtypes", default="",
+                    help="comma list (e.g. f16,bf16): also score crosskv with each KV cache dtype")
     a = ap.parse_args()
     from llama_cpp import Llama
 
@@ -153,6 +156,14 @@ def main():
     finally:
         s.stop()
 
+    per_kv = {}
+    for dt in filter(None, a.kv_cache_dtypes.split(",")):
+        s = Server(a.binary, a.model, args=["--kv-cache-dtype", dt])
+        try:
+            per_kv[dt] = [s.score(ids) for ids in texts]
+        finally:
+            s.stop()
+
     def llama(**kv):
         llm = Llama(model_path=a.model, n_ctx=1024, n_batch=512, n_threads=a.threads,
                     n_threads_batch=a.threads, logits_all=True, verbose=False, **kv)
@@ -178,6 +189,9 @@ def main():
         ("crosskv CROSSKV_ISA=scalar vs default kernels", spread(per_isa["scalar"], alone)),
         ("crosskv CROSSKV_ISA=avx2 vs default kernels", spread(per_isa["avx2"], alone)),
     ]
+    for dt, scores in per_kv.items():
+        rows.append((f"crosskv {dt} KV cache vs llama.cpp batched", spread(scores, batched)))
+        rows.append((f"crosskv {dt} KV cache vs llama.cpp token by token", spread(scores, by_token)))
     n = sum(len(x) for x in alone)
     print(f"{len(texts)} texts, {n} scored positions, model {a.model}")
     print("| comparison | mean abs Δ log-prob | max abs Δ log-prob |")
