@@ -443,11 +443,11 @@ async fn tokenize(
     let (tokens, token_strs) = blocking::run(move || -> Result<_, ValidationError> {
         let lim = st.limits(&e);
         let tok = e.tokenizer();
-        if r.prompt.is_some() && r.tools.as_ref().is_some_and(|t| !t.is_null()) {
-            return Err(validate::field("tools", "only with `messages`"));
-        }
-        if r.prompt.is_some() && r.chat_template_kwargs.as_ref().is_some_and(|t| !t.is_null()) {
-            return Err(validate::field("chat_template_kwargs", "only with `messages`"));
+        // What only a chat template reads.
+        for (name, v) in [("tools", &r.tools), ("chat_template_kwargs", &r.chat_template_kwargs)] {
+            if r.prompt.is_some() && v.as_ref().is_some_and(|v| !v.is_null()) {
+                return Err(validate::field(name, "only with `messages`"));
+            }
         }
         let tokens = match (&r.prompt, &r.messages) {
             (Some(p), None) => {
@@ -468,10 +468,8 @@ async fn tokenize(
                 .map(|t| t.template_tools)
                 .unwrap_or_default();
                 let tools_bytes = validate::tools_json_bytes(&tools);
-                validate::check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
                 let (kwargs, kwargs_bytes) = validate::template_kwargs(r.chat_template_kwargs.as_ref())?;
-                validate::check_prompt_bytes("chat_template_kwargs", kwargs_bytes, lim.max_prompt_bytes - tools_bytes)?;
-                validate::check_chat_bytes(m, lim.max_prompt_bytes - tools_bytes - kwargs_bytes)?;
+                validate::check_chat_input_bytes(m, tools_bytes, kwargs_bytes, lim.max_prompt_bytes)?;
                 let tools = (!tools.is_empty()).then_some(tools.as_slice());
                 validate::chat_prompt(tok, m, tools, r.add_generation_prompt.unwrap_or(true), kwargs)
             }

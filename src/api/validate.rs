@@ -852,7 +852,21 @@ pub fn template_kwargs(v: Option<&Value>) -> Result<(Option<&TemplateKwargs>, us
             "is set by the request itself, not by chat_template_kwargs",
         ));
     }
-    Ok((Some(map), Value::Object(map.clone()).to_string().len()))
+    Ok((Some(map), serde_json::to_string(map).map_or(0, |j| j.len())))
+}
+
+/// The prompt-size limit over all a chat prompt is rendered from: the tools' JSON, the
+/// template variables' JSON, then the messages in what is left, each error naming its
+/// own field.
+pub fn check_chat_input_bytes(
+    messages: &[ChatMessageIn],
+    tools_bytes: usize,
+    kwargs_bytes: usize,
+    max: usize,
+) -> Result<(), ValidationError> {
+    check_prompt_bytes("tools", tools_bytes, max)?;
+    check_prompt_bytes("chat_template_kwargs", kwargs_bytes, max - tools_bytes)?;
+    check_chat_bytes(messages, max - tools_bytes - kwargs_bytes)
 }
 
 /// Renders chat messages (and the tools the model may call) through the template and
@@ -884,10 +898,8 @@ pub fn chat(r: &ChatCompletionRequest, lim: &Limits) -> Result<ValidChat, Valida
         lim.tool_call_parser,
     )?;
     let tools_bytes = tools.as_ref().map_or(0, |t| tools_json_bytes(&t.template_tools));
-    check_prompt_bytes("tools", tools_bytes, lim.max_prompt_bytes)?;
     let (kwargs, kwargs_bytes) = template_kwargs(r.chat_template_kwargs.as_ref())?;
-    check_prompt_bytes("chat_template_kwargs", kwargs_bytes, lim.max_prompt_bytes - tools_bytes)?;
-    check_chat_bytes(&r.messages, lim.max_prompt_bytes - tools_bytes - kwargs_bytes)?;
+    check_chat_input_bytes(&r.messages, tools_bytes, kwargs_bytes, lim.max_prompt_bytes)?;
     let template_tools = tools.as_ref().map(|t| t.template_tools.as_slice());
     let prompt_ids = chat_prompt(lim.tok, &r.messages, template_tools, true, kwargs)?;
     if prompt_ids.is_empty() {

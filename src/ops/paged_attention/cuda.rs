@@ -438,14 +438,20 @@ fn prepare(
         tmp_ml,
         counters,
         kernel,
-        attn: match kernel {
-            Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}{f8}_d{d}"),
-            Kernel::CudaCore => format!("paged_attention_{sfx}{f8}_d{d}"),
-        },
+        attn: decode_kernel(kernel, sfx, fp8_cache, d),
         attn_cluster: format!("paged_attention_tc_decode_cluster_{sfx}{f8}_d{d}"),
         attn_prefill: format!("paged_attention_tc_prefill_{sfx}{f8}_d{d}"),
         reduce: format!("paged_attention_reduce_{sfx}"),
     })
+}
+
+/// The kernel that runs decode items (the CUDA-core one runs every item).
+fn decode_kernel(kernel: Kernel, sfx: &str, fp8_cache: bool, d: usize) -> String {
+    let f8 = fp8_infix(fp8_cache);
+    match kernel {
+        Kernel::TensorCore => format!("paged_attention_tc_decode_{sfx}{f8}_d{d}"),
+        Kernel::CudaCore => format!("paged_attention_{sfx}{f8}_d{d}"),
+    }
 }
 
 /// An fp8 cache's kernels have the names of the 16-bit ones with `_kvfp8` before the
@@ -475,8 +481,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType,
     let sfx = suffix(dtype, "paged_attention")?;
     let (f, smem) = match kernel {
         Kernel::TensorCore => {
-            let f8 = fp8_infix(fp8_cache);
-            let name = format!("paged_attention_tc_decode_{sfx}{f8}_d{d}");
+            let name = decode_kernel(kernel, sfx, fp8_cache, d);
             let f = dev.get_or_load_custom_func(&name, "crosskv_paged_attention_tc", ptx::PAGED_ATTENTION_TC)?;
             let smem = kernel.smem_bytes(d, true, fp8_cache);
             f.set_attribute(
@@ -487,7 +492,7 @@ fn slots(dev: &CudaDevice, kernel: Kernel, d: usize, (dtype, fp8_cache): (DType,
             (f, smem)
         }
         Kernel::CudaCore => {
-            let name = format!("paged_attention_{sfx}{}_d{d}", fp8_infix(fp8_cache));
+            let name = decode_kernel(kernel, sfx, fp8_cache, d);
             (
                 dev.get_or_load_custom_func(&name, "crosskv_paged_attention", ptx::PAGED_ATTENTION)?,
                 0,
